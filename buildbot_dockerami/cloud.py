@@ -1,0 +1,204 @@
+"""The EC2 operations the plugin needs, and a way to run them off the reactor thread.
+
+``Ec2`` is plain blocking boto3. ``AsyncEc2`` runs each call in a dedicated
+thread pool: every call is short (no waiting for a boot inside a thread), so a
+few threads serve a whole fleet. No buildbot imports here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import boto3
+from botocore.config import Config
+from twisted.internet import threads
+from twisted.python.threadpool import ThreadPool
+
+from buildbot_dockerami.policy import InstanceStatus, tag_specifications
+
+T = TypeVar("T")
+
+#: boto3's standard retry mode backs off on throttling and 5xx by itself.
+BOTO_CONFIG = Config(retries={"mode": "standard", "max_attempts": 8}, user_agent_extra="dockerami")
+#: DescribeInstances accepts at most this many values per filter.
+DESCRIBE_CHUNK = 200
+
+
+class CloudError(Exception):
+    """An EC2 call failed in a way worth showing the operator verbatim."""
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    ami: str
+    instance_type: str
+    user_data: str
+    tags: Mapping[str, str]
+    subnet_id: str | None = None
+    security_group_ids: Sequence[str] | None = None
+    keypair_name: str | None = None
+    instance_profile: str | None = None
+    block_device_mappings: Sequence[Mapping[str, Any]] | None = None
+    metadata_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def run_instances_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {
+            "ImageId": self.ami,
+            "InstanceType": self.instance_type,
+            "MinCount": 1,
+            "MaxCount": 1,
+            "UserData": self.user_data,  # boto3 base64-encodes it
+            "TagSpecifications": tag_specifications(self.tags),
+            "InstanceInitiatedShutdownBehavior": "terminate",
+        }
+        if self.metadata_options:
+            args["MetadataOptions"] = dict(self.metadata_options)
+        if self.subnet_id:
+            args["SubnetId"] = self.subnet_id
+        if self.security_group_ids:
+            args["SecurityGroupIds"] = list(self.security_group_ids)
+        if self.keypair_name:
+            args["KeyName"] = self.keypair_name
+        if self.instance_profile:
+            key = "Arn" if self.instance_profile.startswith("arn:") else "Name"
+            args["IamInstanceProfile"] = {key: self.instance_profile}
+        if self.block_device_mappings:
+            args["BlockDeviceMappings"] = [dict(m) for m in self.block_device_mappings]
+        return args
+
+
+def resolve_region(region: str | None, session: boto3.session.Session | None = None) -> str | None:
+    """Explicit region, then the session chain (AWS_DEFAULT_REGION, config), then AWS_REGION."""
+    if region:
+        return region
+    session = session or boto3.session.Session()
+    return session.region_name or os.environ.get("AWS_REGION") or None
+
+
+def _status(instance: Mapping[str, Any]) -> InstanceStatus:
+    reason = instance.get("StateReason", {}).get("Message") or instance.get(
+        "StateTransitionReason", ""
+    )
+    return InstanceStatus(
+        instance_id=instance["InstanceId"],
+        state=instance["State"]["Name"],
+        reason=reason or "",
+        instance_type=instance.get("InstanceType", ""),
+        availability_zone=instance.get("Placement", {}).get("AvailabilityZone", ""),
+    )
+
+
+class Ec2:
+    """Blocking EC2 calls through one boto3 client. Call only from a worker thread."""
+
+    def __init__(
+        self,
+        region: str | None = None,
+        endpoint_url: str | None = None,
+        session: boto3.session.Session | None = None,
+    ) -> None:
+        session = session or boto3.session.Session()
+        self.region = resolve_region(region, session)
+        if not self.region:
+            raise CloudError(
+                "no AWS region: pass region=..., or set AWS_REGION / AWS_DEFAULT_REGION"
+            )
+        self.client = session.client(
+            "ec2", region_name=self.region, endpoint_url=endpoint_url, config=BOTO_CONFIG
+        )
+
+    def run_instance(self, spec: LaunchSpec) -> InstanceStatus:
+        response = self.client.run_instances(**spec.run_instances_args())
+        return _status(response["Instances"][0])
+
+    def describe(self, instance_ids: Sequence[str]) -> dict[str, InstanceStatus]:
+        """One DescribeInstances per 200 ids; ids EC2 does not know are simply absent.
+
+        A filter is used rather than InstanceIds because InstanceIds fails the whole
+        call when any one id is unknown (eventual consistency right after launch).
+        """
+        found: dict[str, InstanceStatus] = {}
+        ids = list(instance_ids)
+        for start in range(0, len(ids), DESCRIBE_CHUNK):
+            chunk = ids[start : start + DESCRIBE_CHUNK]
+            paginator = self.client.get_paginator("describe_instances")
+            pages = paginator.paginate(Filters=[{"Name": "instance-id", "Values": chunk}])
+            for page in pages:
+                for reservation in page["Reservations"]:
+                    for instance in reservation["Instances"]:
+                        status = _status(instance)
+                        found[status.instance_id] = status
+        return found
+
+    def describe_tagged(self, tag: str, value: str) -> dict[str, InstanceStatus]:
+        found: dict[str, InstanceStatus] = {}
+        paginator = self.client.get_paginator("describe_instances")
+        for page in paginator.paginate(Filters=[{"Name": f"tag:{tag}", "Values": [value]}]):
+            for reservation in page["Reservations"]:
+                for instance in reservation["Instances"]:
+                    status = _status(instance)
+                    found[status.instance_id] = status
+        return found
+
+    def terminate(self, instance_ids: Sequence[str]) -> dict[str, str]:
+        """Terminate and return each instance's state as EC2 reports it afterwards."""
+        response = self.client.terminate_instances(InstanceIds=list(instance_ids))
+        return {
+            item["InstanceId"]: item["CurrentState"]["Name"]
+            for item in response["TerminatingInstances"]
+        }
+
+    def console_output(self, instance_id: str) -> str:
+        response = self.client.get_console_output(InstanceId=instance_id, Latest=True)
+        return response.get("Output") or ""
+
+    def newest_image(
+        self, filters: Sequence[Mapping[str, Any]], owners: Sequence[str] | None
+    ) -> str:
+        args: dict[str, Any] = {
+            "Filters": [dict(f) for f in filters] + [{"Name": "state", "Values": ["available"]}]
+        }
+        if owners:
+            args["Owners"] = list(owners)
+        images = self.client.describe_images(**args)["Images"]
+        if not images:
+            raise CloudError(
+                f"no available AMI matches ami_filters={list(filters)!r} ami_owners={owners!r}"
+            )
+        newest = max(images, key=lambda image: image.get("CreationDate", ""))
+        return newest["ImageId"]
+
+
+class AsyncEc2:
+    """``Ec2`` with every call returning a Deferred, run in a shared thread pool."""
+
+    def __init__(self, ec2: Ec2, pool: ThreadPool, reactor: Any) -> None:
+        self.ec2 = ec2
+        self._pool = pool
+        self._reactor = reactor
+
+    def _call(self, fn: Callable[..., T], *args: Any) -> Any:
+        return threads.deferToThreadPool(self._reactor, self._pool, fn, *args)
+
+    def run_instance(self, spec: LaunchSpec) -> Any:
+        return self._call(self.ec2.run_instance, spec)
+
+    def describe(self, instance_ids: Sequence[str]) -> Any:
+        return self._call(self.ec2.describe, instance_ids)
+
+    def describe_tagged(self, tag: str, value: str) -> Any:
+        return self._call(self.ec2.describe_tagged, tag, value)
+
+    def terminate(self, instance_ids: Sequence[str]) -> Any:
+        return self._call(self.ec2.terminate, instance_ids)
+
+    def console_output(self, instance_id: str) -> Any:
+        return self._call(self.ec2.console_output, instance_id)
+
+    def newest_image(
+        self, filters: Sequence[Mapping[str, Any]], owners: Sequence[str] | None
+    ) -> Any:
+        return self._call(self.ec2.newest_image, filters, owners)

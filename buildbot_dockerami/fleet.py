@@ -1,0 +1,213 @@
+"""Per-master fleet state: EC2 clients, the batched boot monitor, reliable termination.
+
+One ``Fleet`` exists per buildbot master and is shared by all its
+DockerAMILatentWorkers, so that booting instances are checked with one
+DescribeInstances per interval for the whole master, and instances whose
+termination failed are retried in the background instead of forgotten.
+Knows nothing of builds.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from botocore.exceptions import ClientError
+from twisted.internet import defer, task, threads
+from twisted.python import log
+from twisted.python.threadpool import ThreadPool
+
+from buildbot_dockerami import policy
+from buildbot_dockerami.cloud import AsyncEc2, CloudError, Ec2
+from buildbot_dockerami.policy import InstanceStatus
+
+#: How often instances whose termination failed are tried again.
+UNDEAD_RETRY_SECONDS = 60.0
+
+
+def _is_not_found(error: BaseException) -> bool:
+    return isinstance(error, ClientError) and error.response.get("Error", {}).get(
+        "Code", ""
+    ).startswith("InvalidInstanceID")
+
+
+class StateMonitor:
+    """Answers "what state is instance X in?" with at most one DescribeInstances per
+    client per ``max_age`` however many workers ask, and shares in-flight calls."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._watched: dict[str, tuple[AsyncEc2, float]] = {}
+        self._cache: dict[str, InstanceStatus] = {}
+        self._polled_at: dict[AsyncEc2, float] = {}
+        self._waiters: dict[AsyncEc2, list[defer.Deferred]] = {}
+
+    def watch(self, client: AsyncEc2, instance_id: str) -> None:
+        self._watched[instance_id] = (client, self._clock())
+
+    def unwatch(self, instance_id: str) -> None:
+        self._watched.pop(instance_id, None)
+        self._cache.pop(instance_id, None)
+
+    def seconds_since_watch(self, instance_id: str) -> float:
+        _, since = self._watched.get(instance_id, (None, self._clock()))
+        return self._clock() - since
+
+    @defer.inlineCallbacks
+    def status(self, instance_id: str, max_age: float) -> Any:
+        """The instance's latest status, or None if EC2 does not (yet) know it."""
+        if instance_id not in self._watched:
+            return None
+        client, _ = self._watched[instance_id]
+        if self._clock() - self._polled_at.get(client, float("-inf")) > max_age:
+            yield self._poll(client)
+        return self._cache.get(instance_id)
+
+    def _poll(self, client: AsyncEc2) -> defer.Deferred:
+        waiter: defer.Deferred = defer.Deferred()
+        waiting = self._waiters.setdefault(client, [])
+        waiting.append(waiter)
+        if len(waiting) == 1:
+            self._polled_at[client] = self._clock()
+            ids = [iid for iid, (c, _) in self._watched.items() if c is client]
+            d = client.describe(ids)
+            d.addBoth(self._poll_done, client, ids)
+        return waiter
+
+    def _poll_done(self, result: Any, client: AsyncEc2, ids: list[str]) -> None:
+        if isinstance(result, dict):
+            for iid in ids:
+                if iid in result:
+                    self._cache[iid] = result[iid]
+                else:
+                    self._cache.pop(iid, None)
+        else:
+            # A failed poll must be retried by the next caller, not cached as fresh.
+            self._polled_at.pop(client, None)
+            log.msg(f"dockerami: DescribeInstances failed: {result.getErrorMessage()}")
+        for waiter in self._waiters.pop(client, []):
+            if isinstance(result, dict):
+                waiter.callback(None)
+            else:
+                waiter.errback(result)
+
+
+class Fleet:
+    """Everything one master shares across its workers."""
+
+    _by_master: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def for_master(cls, master: Any) -> Fleet:
+        fleet = cls._by_master.get(master)
+        if fleet is None:
+            fleet = cls(master.reactor, master.name)
+            cls._by_master[master] = fleet
+        return fleet
+
+    def __init__(self, reactor: Any, master_name: str) -> None:
+        self.reactor = reactor
+        self.master_id = policy.master_id(master_name)
+        self.monitor = StateMonitor(clock=reactor.seconds)
+        self._pool: ThreadPool | None = None
+        self._clients: dict[Hashable, AsyncEc2] = {}
+        self._undead: dict[str, AsyncEc2] = {}
+        self._undead_loop: task.LoopingCall | None = None
+
+    def _thread_pool(self) -> ThreadPool:
+        if self._pool is None:
+            self._pool = ThreadPool(minthreads=0, maxthreads=8, name="dockerami-ec2")
+            self._pool.start()
+            self.reactor.addSystemEventTrigger("during", "shutdown", self._stop)
+        return self._pool
+
+    def _stop(self) -> None:
+        if self._undead:
+            log.msg(
+                "dockerami: master stopping with instances whose termination failed: "
+                + ", ".join(sorted(self._undead))
+            )
+        if self._undead_loop is not None and self._undead_loop.running:
+            self._undead_loop.stop()
+        if self._pool is not None:
+            self._pool.stop()
+            self._pool = None
+
+    @defer.inlineCallbacks
+    def client(self, region: str | None, endpoint_url: str | None, session: Any) -> Any:
+        """An AsyncEc2 for these settings, shared by every worker that uses them.
+
+        Built in a thread: botocore reads config files and endpoint data when it
+        creates a client.
+        """
+        key = (region, endpoint_url, id(session) if session is not None else None)
+        if key not in self._clients:
+            pool = self._thread_pool()
+            ec2 = yield threads.deferToThreadPool(
+                self.reactor, pool, Ec2, region, endpoint_url, session
+            )
+            # Another worker may have built one meanwhile: keep the first.
+            self._clients.setdefault(key, AsyncEc2(ec2, pool, self.reactor))
+        return self._clients[key]
+
+    @defer.inlineCallbacks
+    def terminate(self, client: AsyncEc2, instance_id: str) -> Any:
+        """Terminate and confirm, retrying with backoff. If it still fails, the instance
+        is kept on a list retried every minute and the error is raised to the caller."""
+        self.monitor.unwatch(instance_id)
+        delays = policy.retry_delays()
+        while True:
+            try:
+                states = yield client.terminate([instance_id])
+                state = states.get(instance_id)
+                if state not in policy.GONE_STATES:
+                    status = (yield client.describe([instance_id])).get(instance_id)
+                    state = status.state if status else "terminated"
+                if state in policy.GONE_STATES:
+                    self._undead.pop(instance_id, None)
+                    return state
+                error = f"instance is still {state} after TerminateInstances"
+            except Exception as e:
+                if _is_not_found(e):
+                    self._undead.pop(instance_id, None)
+                    return "terminated"
+                error = str(e)
+            delay = next(delays, None)
+            if delay is None:
+                self._remember_undead(client, instance_id)
+                raise CloudError(f"could not terminate {instance_id}: {error}")
+            log.msg(
+                f"dockerami: terminating {instance_id} failed ({error}); retrying in {delay:.0f}s"
+            )
+            yield task.deferLater(self.reactor, delay, lambda: None)
+
+    def _remember_undead(self, client: AsyncEc2, instance_id: str) -> None:
+        self._undead[instance_id] = client
+        log.msg(
+            f"dockerami: ERROR: {instance_id} could not be terminated; it stays on the "
+            f"retry list (every {UNDEAD_RETRY_SECONDS:.0f}s) until it is"
+        )
+        if self._undead_loop is None:
+            self._undead_loop = task.LoopingCall(self._retry_undead)
+            self._undead_loop.clock = self.reactor
+            self._undead_loop.start(UNDEAD_RETRY_SECONDS, now=False)
+
+    @defer.inlineCallbacks
+    def _retry_undead(self) -> Any:
+        for instance_id, client in list(self._undead.items()):
+            try:
+                states = yield client.terminate([instance_id])
+                if states.get(instance_id) in policy.GONE_STATES:
+                    log.msg(f"dockerami: {instance_id} finally terminated")
+                    self._undead.pop(instance_id, None)
+            except Exception as e:
+                if _is_not_found(e):
+                    self._undead.pop(instance_id, None)
+                else:
+                    log.msg(f"dockerami: {instance_id} still not terminated: {e}")
+
+    @property
+    def undead(self) -> list[str]:
+        return sorted(self._undead)

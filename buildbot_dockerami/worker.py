@@ -1,0 +1,395 @@
+"""The buildbot glue: DockerAMILatentWorker turns substantiate/insubstantiate into
+EC2 launches and terminations of a plain base AMI whose user data names an image."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from buildbot import config
+from buildbot.interfaces import IRenderable, LatentWorkerFailedToSubstantiate
+from buildbot.process.properties import Properties
+from buildbot.util.latent import CompatibleLatentWorkerMixin
+from buildbot.worker.latent import AbstractLatentWorker
+from twisted.internet import defer
+from twisted.python import log
+
+from buildbot_dockerami import policy, settings, userdata
+from buildbot_dockerami.cloud import AsyncEc2, LaunchSpec, resolve_region
+from buildbot_dockerami.fleet import Fleet
+from buildbot_dockerami.userdata import UserData, UserDataError
+
+#: Longest console output tail logged when an instance never connected.
+CONSOLE_TAIL_CHARS = 4000
+#: Stand-ins for values only known at launch, used to check the size limit early.
+_LONGEST_PASSWORD = "p" * 32
+_LONGEST_MASTER = "m" * 253 + ":65535"
+
+
+@dataclass
+class LaunchedInstance:
+    client: AsyncEc2
+    instance_id: str
+    instance_type: str
+    image: str
+    ami: str
+    connected: bool = False
+
+
+def _is_renderable(value: Any) -> bool:
+    return IRenderable.providedBy(value)
+
+
+def pb_port(port_setting: Any) -> int | None:
+    """The TCP port from buildbot's ``c['protocols']['pb']['port']`` (int or strport)."""
+    if isinstance(port_setting, int):
+        return port_setting
+    if isinstance(port_setting, str):
+        match = re.search(r"(?:^|:)(?:port=)?(\d+)(?::|$)", port_setting)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
+    """A latent worker that boots a base AMI which runs ``image`` as the worker.
+
+    Settings are described in the README; every one of them is applied again on
+    ``buildbot reconfig`` and used from the next launch on.
+    """
+
+    instance: LaunchedInstance | None = None
+    _connected_instance_ids: set[str]
+
+    def checkConfig(
+        self,
+        name: str,
+        password: Any = None,
+        *,
+        image: Any = None,
+        ami: Any = None,
+        ami_filters: Any = None,
+        ami_owners: Any = None,
+        instance_type: Any = None,
+        region: str | None = None,
+        master_address: str | None = None,
+        setup_repo: Any = None,
+        setup_branch: Any = None,
+        subnet_id: str | None = None,
+        security_group_ids: list[str] | None = None,
+        keypair_name: str | None = None,
+        instance_profile: str | None = None,
+        tags: dict[str, str] | None = None,
+        block_device_mappings: list[dict] | None = None,
+        metadata_options: dict[str, Any] | None = None,
+        endpoint_url: str | None = None,
+        session: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().checkConfig(name, password, **kwargs)
+        problems = _config_problems(
+            name,
+            password,
+            image=image,
+            ami=ami,
+            ami_filters=ami_filters,
+            ami_owners=ami_owners,
+            instance_type=instance_type,
+            region=region,
+            master_address=master_address,
+            setup_repo=setup_repo,
+            setup_branch=setup_branch,
+            subnet_id=subnet_id,
+            security_group_ids=security_group_ids,
+            tags=tags,
+            block_device_mappings=block_device_mappings,
+            metadata_options=metadata_options,
+            session=session,
+        )
+        for problem in problems:
+            config.error(f"DockerAMILatentWorker {name!r}: {problem}")
+
+    @defer.inlineCallbacks
+    def reconfigService(
+        self,
+        name: str,
+        password: Any = None,
+        *,
+        image: Any = None,
+        ami: Any = None,
+        ami_filters: Any = None,
+        ami_owners: Any = None,
+        instance_type: Any = None,
+        region: str | None = None,
+        master_address: str | None = None,
+        setup_repo: Any = None,
+        setup_branch: Any = None,
+        subnet_id: str | None = None,
+        security_group_ids: list[str] | None = None,
+        keypair_name: str | None = None,
+        instance_profile: str | None = None,
+        tags: dict[str, str] | None = None,
+        block_device_mappings: list[dict] | None = None,
+        metadata_options: dict[str, Any] | None = None,
+        endpoint_url: str | None = None,
+        session: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        self.image = image
+        self.ami = ami
+        self.ami_filters = ami_filters
+        self.ami_owners = ami_owners
+        self.instance_type = instance_type
+        self.region = region
+        self.master_address = master_address
+        self.setup_repo = setup_repo
+        self.setup_branch = setup_branch
+        self.subnet_id = subnet_id
+        self.security_group_ids = security_group_ids
+        self.keypair_name = keypair_name
+        self.instance_profile = instance_profile
+        self.tags = dict(tags or {})
+        self.block_device_mappings = block_device_mappings
+        self.metadata_options = (
+            settings.DEFAULT_METADATA_OPTIONS if metadata_options is None else metadata_options
+        )
+        self.endpoint_url = endpoint_url
+        self.session = session
+        self.fleet = Fleet.for_master(self.master)
+        # None means a fresh password per instance (see start_instance); until then,
+        # getRandomPass keeps the live one if an instance is booting or connected.
+        self.random_password = password is None
+        if password is None:
+            password = self.getRandomPass()
+        result = yield super().reconfigService(name, password, **kwargs)
+        return result
+
+    # -- launching ---------------------------------------------------------------
+
+    def renderWorkerProps(self, build: Any) -> defer.Deferred:
+        """The per-build values; a build whose values differ from the running
+        instance's is not compatible with it (CompatibleLatentWorkerMixin)."""
+        renderer = build if build is not None else Properties()
+        return renderer.render(
+            {
+                "image": self.image,
+                "instance_type": self.instance_type,
+                "ami": self.ami,
+                "setup_repo": self.setup_repo,
+                "setup_branch": self.setup_branch,
+            }
+        )
+
+    def default_master_address(self) -> str:
+        port = pb_port(self.master.config.protocols.get("pb", {}).get("port"))
+        if port is None:
+            raise LatentWorkerFailedToSubstantiate(
+                self.name,
+                "master_address is not set and this master has no PB port "
+                "(c['protocols']['pb']['port'])",
+            )
+        return f"{socket.getfqdn()}:{port}"
+
+    @defer.inlineCallbacks
+    def start_instance(self, build: Any) -> Any:
+        if self.instance is not None:
+            raise LatentWorkerFailedToSubstantiate(
+                self.name, f"instance {self.instance.instance_id} is still running"
+            )
+        values = yield self.renderWorkerPropsOnStart(build)
+        problems = _rendered_problems(values)
+        if problems:
+            raise LatentWorkerFailedToSubstantiate(self.name, "; ".join(problems))
+        client = yield self.fleet.client(self.region, self.endpoint_url, self.session)
+        ami = values["ami"]
+        if ami is None:
+            ami = yield client.newest_image(self.ami_filters, self.ami_owners)
+        if self.random_password:
+            self.password = secrets.token_hex(16)
+            yield self.registration.update(self, self.master.config)
+        try:
+            text = userdata.render(
+                UserData(
+                    worker_name=self.name,
+                    password=self.password,
+                    master=self.master_address or self.default_master_address(),
+                    image=values["image"],
+                    setup_repo=values["setup_repo"],
+                    setup_branch=values["setup_branch"],
+                )
+            )
+        except UserDataError as e:
+            raise LatentWorkerFailedToSubstantiate(self.name, str(e)) from e
+        spec = LaunchSpec(
+            ami=ami,
+            instance_type=values["instance_type"],
+            user_data=text,
+            tags=policy.instance_tags(self.name, self.fleet.master_id, self.tags),
+            subnet_id=self.subnet_id,
+            security_group_ids=self.security_group_ids,
+            keypair_name=self.keypair_name,
+            instance_profile=self.instance_profile,
+            block_device_mappings=self.block_device_mappings,
+            metadata_options=self.metadata_options,
+        )
+        status = yield client.run_instance(spec)
+        self.instance = LaunchedInstance(
+            client, status.instance_id, values["instance_type"], values["image"], ami
+        )
+        self.fleet.monitor.watch(client, status.instance_id)
+        log.msg(
+            f"{self}: launched {status.instance_id} ({values['instance_type']}, {ami}) "
+            f"running image {values['image']}"
+        )
+        return True
+
+    @defer.inlineCallbacks
+    def check_instance(self) -> Any:
+        """Called by buildbot every check_instance_interval until the worker connects;
+        answered from the fleet's batched DescribeInstances."""
+        instance = self.instance
+        if instance is None:
+            return (True, "")
+        monitor = self.fleet.monitor
+        status = yield monitor.status(instance.instance_id, self.check_instance_interval * 0.8)
+        return policy.boot_verdict(status, monitor.seconds_since_watch(instance.instance_id))
+
+    @defer.inlineCallbacks
+    def attached(self, conn: Any) -> Any:
+        yield super().attached(conn)
+        if self.instance is not None and self.conn is not None:
+            self.instance.connected = True
+            self.fleet.monitor.unwatch(self.instance.instance_id)
+
+    # -- stopping ----------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def stop_instance(self, fast: bool = False) -> Any:
+        instance, self.instance = self.instance, None
+        self.resetWorkerPropsOnStop()
+        if instance is None:
+            return True
+        if not instance.connected:
+            yield self._log_console_output(instance)
+        state = yield self.fleet.terminate(instance.client, instance.instance_id)
+        log.msg(f"{self}: instance {instance.instance_id} is {state}")
+        return True
+
+    @defer.inlineCallbacks
+    def _log_console_output(self, instance: LaunchedInstance) -> Any:
+        """Why did it never connect? The console usually says; logged with the password masked."""
+        try:
+            output = yield instance.client.console_output(instance.instance_id)
+        except Exception as e:
+            log.msg(f"{self}: no console output for {instance.instance_id}: {e}")
+            return
+        tail = userdata.redact(output, self.password)[-CONSOLE_TAIL_CHARS:]
+        log.msg(f"{self}: instance {instance.instance_id} never connected; console output:\n{tail}")
+
+
+def _config_problems(
+    name: str,
+    password: Any,
+    *,
+    image: Any,
+    ami: Any,
+    ami_filters: Any,
+    ami_owners: Any,
+    instance_type: Any,
+    region: Any,
+    master_address: Any,
+    setup_repo: Any,
+    setup_branch: Any,
+    subnet_id: Any,
+    security_group_ids: Any,
+    tags: Any,
+    block_device_mappings: Any,
+    metadata_options: Any,
+    session: Any,
+) -> list[str]:
+    """Every problem checkable before a build exists, as "setting: message" strings."""
+    problems: list[str] = []
+
+    def check(fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except UserDataError as e:
+            problems.append(str(e))
+
+    check(userdata.check_word, "name", name)
+    if password is not None and not _is_renderable(password):
+        check(userdata.check_word, "password", password)
+    if image is None:
+        problems.append("image: is required (the Docker image the instance runs)")
+    elif not _is_renderable(image):
+        check(userdata.check_image, image)
+    if instance_type is None:
+        problems.append("instance_type: is required (e.g. 't3.large')")
+    elif not _is_renderable(instance_type):
+        check(settings.check_instance_type, instance_type)
+    if (ami is None) == (ami_filters is None):
+        problems.append("ami: give exactly one of ami= or ami_filters= (with ami_owners=)")
+    elif ami is not None and not _is_renderable(ami):
+        check(settings.check_ami_id, ami)
+    elif ami_filters is not None:
+        check(settings.check_ami_filters, ami_filters, ami_owners)
+    if ami_owners is not None and ami_filters is None:
+        problems.append("ami_owners: only makes sense with ami_filters")
+    if master_address is not None:
+        check(userdata.check_master_address, master_address)
+    for setting, value in (("setup_repo", setup_repo), ("setup_branch", setup_branch)):
+        if value is not None and not _is_renderable(value):
+            check(userdata.check_word, setting, value)
+    if setup_branch is not None and setup_repo is None:
+        problems.append("setup_branch: needs setup_repo")
+    if subnet_id is not None:
+        check(settings.check_subnet_id, subnet_id)
+    if security_group_ids is not None:
+        check(settings.check_security_group_ids, security_group_ids)
+    if tags is not None:
+        check(settings.check_tags, tags)
+    if block_device_mappings is not None:
+        check(settings.check_block_device_mappings, block_device_mappings)
+    if metadata_options is not None:
+        check(settings.check_metadata_options, metadata_options)
+    if not resolve_region(region, session):
+        problems.append(
+            "region: no AWS region configured; pass region=... or set AWS_REGION / "
+            "AWS_DEFAULT_REGION (or a region in ~/.aws/config)"
+        )
+    if not problems and not any(_is_renderable(v) for v in (image, setup_repo, setup_branch)):
+        check(
+            userdata.render,
+            UserData(
+                name,
+                password if isinstance(password, str) else _LONGEST_PASSWORD,
+                master_address or _LONGEST_MASTER,
+                image,
+                setup_repo,
+                setup_branch,
+            ),
+        )
+    return problems
+
+
+def _rendered_problems(values: dict[str, Any]) -> list[str]:
+    """Checks for values only known once rendered for a build."""
+    problems: list[str] = []
+    checks: list[tuple[Any, tuple]] = [
+        (userdata.check_image, (values["image"],)),
+        (settings.check_instance_type, (values["instance_type"],)),
+    ]
+    if values["ami"] is not None:
+        checks.append((settings.check_ami_id, (values["ami"],)))
+    for setting in ("setup_repo", "setup_branch"):
+        if values[setting] is not None:
+            checks.append((userdata.check_word, (setting, values[setting])))
+    for fn, args in checks:
+        try:
+            fn(*args)
+        except UserDataError as e:
+            problems.append(f"rendered {e}")
+    return problems
