@@ -1,0 +1,84 @@
+"""A stand-in for EC2 and the base AMI on one machine, for the demo and the tests.
+
+``LocalCloud`` = a moto EC2 server on 127.0.0.1 (with fault injection) + a
+hypervisor that boots each running instance's user data with a runtime. A
+master pointed at it through ``AWS_ENDPOINT_URL`` cannot tell it from EC2,
+except that instances are free and start in a blink.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import boto3
+
+from buildbot_dockerami.localcloud.ec2server import Ec2Server
+from buildbot_dockerami.localcloud.hypervisor import Hypervisor, ProcessRuntime
+
+#: Name of the base AMI registered in the local cloud; ami_filters can find it.
+BASE_AMI_NAME = "dockerami-base-local"
+LOCAL_ACCESS_KEY = "AKIDLOCALCLOUD"
+
+__all__ = ["BASE_AMI_NAME", "LocalCloud"]
+
+
+class LocalCloud:
+    def __init__(self, state_dir: Path | str | None = None, port: int = 0,
+                 region: str = "us-east-1", boot_delay: float = 0.0) -> None:
+        self.region = region
+        self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="dockerami-cloud-"))
+        self.server = Ec2Server(port=port)
+        self.hypervisor = Hypervisor(
+            self.server.endpoint_url, region, ProcessRuntime(self.state_dir / "instances"),
+            boot_delay=boot_delay,
+        )
+        self.base_ami_id = ""
+
+    @property
+    def endpoint_url(self) -> str:
+        return self.server.endpoint_url
+
+    @property
+    def faults(self) -> Any:
+        return self.server.faults
+
+    def env(self) -> dict[str, str]:
+        """What a master (or any boto3 program) needs to talk to this cloud."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": LOCAL_ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": "local",
+            "AWS_DEFAULT_REGION": self.region,
+        }
+
+    def client(self, access_key: str = "AKIDINSPECTOR") -> Any:
+        """A boto3 EC2 client for looking at the cloud (counted apart from the master)."""
+        return boto3.client(
+            "ec2", region_name=self.region, endpoint_url=self.endpoint_url,
+            aws_access_key_id=access_key, aws_secret_access_key="local",
+        )
+
+    def start(self) -> LocalCloud:
+        self.server.start()
+        image = self.client().register_image(
+            Name=BASE_AMI_NAME, Description="local stand-in for the dockerami base AMI"
+        )
+        self.base_ami_id = image["ImageId"]
+        self.hypervisor.start()
+        logging.getLogger("dockerami.localcloud").info(
+            "local cloud at %s, base AMI %s", self.endpoint_url, self.base_ami_id
+        )
+        return self
+
+    def stop(self) -> None:
+        self.hypervisor.stop()
+        self.server.stop()
+
+    def __enter__(self) -> LocalCloud:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,127 @@
+"""A moto EC2 server on loopback, behind a WSGI layer that counts calls and injects faults.
+
+moto answers every call instantly and never fails; real EC2 throttles and runs
+out of capacity. The wrapper lets tests and benchmarks ask for exactly that,
+and counts calls per caller so a test can assert how often the master asked.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs
+
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication,
+    MotoRequestHandler,
+    create_backend_app,
+)
+from werkzeug.serving import BaseWSGIServer, make_server
+
+#: Access key the hypervisor uses, so its own polling is not counted as the master's.
+HYPERVISOR_ACCESS_KEY = "AKIDLOCALHYPERVISOR"
+_CREDENTIAL = re.compile(r"Credential=([^/,\s]+)/")
+
+
+@dataclass
+class Fault:
+    action: str
+    code: str
+    message: str
+    remaining: int
+    status: int = 400
+
+
+class FaultInjector:
+    """The WSGI middleware: records ``(access key, action)`` and answers with a queued
+    fault instead of moto when one is due for that action."""
+
+    def __init__(self, app: Callable) -> None:
+        self.app = app
+        self.calls: Counter[tuple[str, str]] = Counter()
+        self._faults: list[Fault] = []
+        self._lock = threading.Lock()
+
+    def inject(self, action: str, code: str, message: str, count: int = 1,
+               status: int = 400) -> None:
+        """The next ``count`` calls of ``action`` (by anyone but the hypervisor) fail."""
+        with self._lock:
+            self._faults.append(Fault(action, code, message, count, status))
+
+    def throttle(self, action: str, count: int = 1) -> None:
+        self.inject(action, "RequestLimitExceeded", "Request limit exceeded.", count, 503)
+
+    def count(self, action: str, access_key: str | None = None) -> int:
+        with self._lock:
+            return sum(
+                n for (key, act), n in self.calls.items()
+                if act == action and (access_key is None or key == access_key)
+                and key != HYPERVISOR_ACCESS_KEY
+            )
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(length) if length else b""
+        environ["wsgi.input"] = io.BytesIO(body)
+        action = parse_qs(body.decode("utf-8", "replace")).get("Action", [""])[0]
+        match = _CREDENTIAL.search(environ.get("HTTP_AUTHORIZATION", ""))
+        key = match.group(1) if match else ""
+        fault = None
+        with self._lock:
+            self.calls[(key, action)] += 1
+            if key != HYPERVISOR_ACCESS_KEY:
+                fault = next((f for f in self._faults if f.action == action and f.remaining), None)
+                if fault is not None:
+                    fault.remaining -= 1
+        if fault is None:
+            return self.app(environ, start_response)
+        payload = (
+            f"<?xml version='1.0' encoding='UTF-8'?><Response><Errors><Error>"
+            f"<Code>{fault.code}</Code><Message>{fault.message}</Message></Error></Errors>"
+            f"<RequestID>{uuid.uuid4()}</RequestID></Response>"
+        ).encode()
+        reason = "Service Unavailable" if fault.status == 503 else "Bad Request"
+        start_response(
+            f"{fault.status} {reason}",
+            [("Content-Type", "text/xml"), ("Content-Length", str(len(payload)))],
+        )
+        return [payload]
+
+
+class Ec2Server:
+    """moto's server app (all services, EC2 is what we use) on 127.0.0.1 in a thread."""
+
+    def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
+        self.faults = FaultInjector(DomainDispatcherApplication(create_backend_app))
+        self._server: BaseWSGIServer = make_server(
+            host, port, self.faults, threaded=True, request_handler=_QuietHandler
+        )
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="moto-ec2", daemon=True
+        )
+
+    @property
+    def endpoint_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+
+class _QuietHandler(MotoRequestHandler):
+    """No access log line per request: the hypervisor polls twice a second."""
+
+    def log_request(self, *args: Any, **kwargs: Any) -> None:
+        pass

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from buildbot_dockerami.localcloud import LocalCloud
+from tests.harness import Master
+
+
+@pytest.fixture
+def cloud(tmp_path: Path) -> Iterator[LocalCloud]:
+    with LocalCloud(state_dir=tmp_path / "cloud") as local_cloud:
+        yield local_cloud
+
+
+@pytest.fixture(scope="session")
+def masters_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("masters")
+
+
+@pytest.fixture
+def make_master(masters_root: Path, cloud: LocalCloud, request: pytest.FixtureRequest):
+    started: list[Master] = []
+
+    def make(config: str, start: bool = True) -> Master:
+        master = Master(masters_root, f"{request.node.name}-{len(started)}", cloud.env())
+        master.write_config(config)
+        started.append(master)
+        return master.start() if start else master
+
+    yield make
+    for master in started:
+        master.stop()

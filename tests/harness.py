@@ -1,0 +1,216 @@
+"""A real buildbot master in a subprocess, driven the way an operator would:
+master.cfg on disk, twistd, SIGHUP for reconfig, the REST API for builds."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import requests
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
+
+SUCCESS, WARNINGS, FAILURE, SKIPPED, EXCEPTION, RETRY, CANCELLED = range(7)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
+             interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+_TEMPLATE_DIR: Path | None = None
+
+
+def _template_basedir(root: Path) -> Path:
+    """``buildbot create-master`` once per session (it builds the DB schema), copied after."""
+    global _TEMPLATE_DIR
+    if _TEMPLATE_DIR is None:
+        _TEMPLATE_DIR = root / "master-template"
+        subprocess.run(
+            [str(BIN / "buildbot"), "create-master", "-q", "-r", str(_TEMPLATE_DIR)],
+            check=True, capture_output=True,
+        )
+    return _TEMPLATE_DIR
+
+
+class Master:
+    def __init__(self, root: Path, name: str, env: dict[str, str]) -> None:
+        self.basedir = root / name
+        shutil.copytree(_template_basedir(root), self.basedir)
+        self.pb_port = free_port()
+        self.www_port = free_port()
+        self.env = {**os.environ, **env,
+                    "BUILDBOT_PB_PORT": str(self.pb_port), "BUILDBOT_WWW_PORT": str(self.www_port),
+                    "DOCKERAMI_MASTER_ADDRESS": f"127.0.0.1:{self.pb_port}"}
+        self.process: subprocess.Popen | None = None
+        self.api = f"http://127.0.0.1:{self.www_port}/api/v2"
+
+    @property
+    def log_path(self) -> Path:
+        return self.basedir / "twistd.log"
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def write_config(self, text: str) -> None:
+        (self.basedir / "master.cfg").write_text(text)
+
+    def checkconfig(self) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "buildbot"), "checkconfig", str(self.basedir)],
+            env=self.env, capture_output=True, text=True, timeout=120,
+        )
+
+    def start(self) -> Master:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c",
+             "import sys; from twisted.scripts.twistd import run; sys.exit(run())",
+             "--nodaemon", "--pidfile=", "--logfile=twistd.log", "--python=buildbot.tac"],
+            cwd=self.basedir, env=self.env, stdin=subprocess.DEVNULL,
+            stdout=open(self.basedir / "stdout.log", "wb"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(lambda: "BuildMaster is running" in self.log() or self.process.poll() is not None,
+                 60, "the master to start")
+        if self.process.poll() is not None:
+            output = (self.basedir / "stdout.log").read_text()
+            raise AssertionError(f"master exited during start-up:\n{self.log()[-3000:]}{output}")
+        return self
+
+    def reconfig(self, text: str) -> None:
+        marker = self.log().count("configuration update complete")
+        self.write_config(text)
+        assert self.process is not None
+        self.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: self.log().count("configuration update complete") > marker, 60,
+                 "the reconfig to complete")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    # -- REST API ----------------------------------------------------------------
+
+    def get(self, path: str, **params: Any) -> list[dict]:
+        response = requests.get(f"{self.api}/{path}", params=params, timeout=10)
+        response.raise_for_status()
+        body = response.json()
+        return body[next(k for k in body if k != "meta")]
+
+    def builder_id(self, name: str) -> int:
+        return wait_for(lambda: next(
+            (b["builderid"] for b in self.get("builders") if b["name"] == name), None
+        ), 30, f"builder {name}")
+
+    def force(self, builder: str = "runtests", scheduler: str = "force") -> int:
+        """Force a build; returns the build request id."""
+        builderid = self.builder_id(builder)
+        response = requests.post(
+            f"{self.api}/forceschedulers/{scheduler}",
+            json={"jsonrpc": "2.0", "method": "force", "id": 1,
+                  "params": {"builderid": str(builderid)}},
+            timeout=10,
+        )
+        response.raise_for_status()
+        body = response.json()
+        assert "error" not in body, body
+        _, brids = body["result"]
+        return int(next(iter(brids.values())))
+
+    def builds_for(self, brid: int) -> list[dict]:
+        return self.get("builds", buildrequestid=brid)
+
+    def wait_request(self, brid: int, timeout: float = 120) -> dict:
+        """Wait until the request is complete; returns its final build."""
+        def done() -> dict | None:
+            request = self.get(f"buildrequests/{brid}")[0]
+            if not request["complete"]:
+                return None
+            return self.builds_for(brid)[-1]
+        return wait_for(done, timeout, f"build request {brid} to complete")
+
+    def step_log(self, buildid: int, step: int = 0) -> str:
+        logs = self.get(f"builds/{buildid}/steps/{step}/logs")
+        text = []
+        for entry in logs:
+            response = requests.get(f"{self.api}/logs/{entry['logid']}/raw", timeout=10)
+            text.append(response.text)
+        return "\n".join(text)
+
+
+MASTER_CFG = """\
+import os
+from buildbot.plugins import schedulers, steps, util, worker
+
+c = BuildmasterConfig = {{}}
+c['title'] = 'dockerami test'
+c['buildbotURL'] = 'http://127.0.0.1:%s/' % os.environ['BUILDBOT_WWW_PORT']
+c['protocols'] = {{'pb': {{'port': 'tcp:%s:interface=127.0.0.1' % os.environ['BUILDBOT_PB_PORT']}}}}
+c['www'] = {{'port': 'tcp:%s:interface=127.0.0.1' % os.environ['BUILDBOT_WWW_PORT'],
+            'plugins': {{}}}}
+c['db'] = {{'db_url': 'sqlite:///state.sqlite'}}
+c['buildbotNetUsageData'] = None
+c['collapseRequests'] = False
+
+c['workers'] = [
+    worker.DockerAMILatentWorker(
+        'w%d' % i,
+        image={image!r},
+        ami_filters=[{{'Name': 'name', 'Values': ['dockerami-base-*']}}],
+        instance_type={instance_type!r},
+        master_address=os.environ['DOCKERAMI_MASTER_ADDRESS'],
+        tags={{'team': 'ci'}},
+        build_wait_timeout={build_wait_timeout!r},
+        missing_timeout={missing_timeout!r},
+        check_instance_interval={check_interval!r},
+        max_builds=1,
+    )
+    for i in range({workers})
+]
+factory = util.BuildFactory([
+    steps.ShellCommand(name='run', command={command!r}),
+])
+c['builders'] = [
+    util.BuilderConfig(name='runtests', workernames=['w%d' % i for i in range({workers})],
+                       factory=factory),
+]
+c['schedulers'] = [schedulers.ForceScheduler(name='force', builderNames=['runtests'])]
+"""
+
+
+def master_cfg(*, image: str = "localhost/dockerami/worker:test", instance_type: str = "t3.micro",
+               build_wait_timeout: float = 2, missing_timeout: float = 120,
+               check_interval: float = 1, workers: int = 1,
+               command: str = "echo hello from $(hostname)") -> str:
+    return MASTER_CFG.format(
+        image=image, instance_type=instance_type, build_wait_timeout=build_wait_timeout,
+        missing_timeout=missing_timeout, check_interval=check_interval, workers=workers,
+        command=["sh", "-c", command],
+    )
