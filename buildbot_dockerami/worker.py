@@ -9,6 +9,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from botocore.exceptions import ClientError
 from buildbot import config
 from buildbot.interfaces import IRenderable, LatentWorkerFailedToSubstantiate
 from buildbot.process.properties import Properties
@@ -235,7 +236,13 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             block_device_mappings=self.block_device_mappings,
             metadata_options=self.metadata_options,
         )
-        status = yield client.run_instance(spec)
+        try:
+            status = yield client.run_instance(spec)
+        except ClientError as e:
+            error = e.response.get("Error", {})
+            raise LatentWorkerFailedToSubstantiate(
+                self.name, f"RunInstances failed: {error.get('Code')}: {error.get('Message')}"
+            ) from e
         self.instance = LaunchedInstance(
             client, status.instance_id, values["instance_type"], values["image"], ami
         )

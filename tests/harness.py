@@ -80,7 +80,7 @@ class Master:
     def checkconfig(self) -> subprocess.CompletedProcess:
         return subprocess.run(
             [str(BIN / "buildbot"), "checkconfig", str(self.basedir)],
-            env=self.env, capture_output=True, text=True, timeout=120,
+            check=False, env=self.env, capture_output=True, text=True, timeout=120,
         )
 
     def start(self) -> Master:
@@ -156,8 +156,10 @@ class Master:
             return self.builds_for(brid)[-1]
         return wait_for(done, timeout, f"build request {brid} to complete")
 
-    def step_log(self, buildid: int, step: int = 0) -> str:
-        logs = self.get(f"builds/{buildid}/steps/{step}/logs")
+    def step_log(self, buildid: int, step: str = "run") -> str:
+        steps = self.get(f"builds/{buildid}/steps")
+        stepid = next(s["stepid"] for s in steps if s["name"] == step)
+        logs = self.get(f"steps/{stepid}/logs")
         text = []
         for entry in logs:
             response = requests.get(f"{self.api}/logs/{entry['logid']}/raw", timeout=10)

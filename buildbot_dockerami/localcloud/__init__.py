@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,16 @@ class LocalCloud:
         )
 
     def start(self) -> LocalCloud:
+        """Start serving, from an empty cloud.
+
+        moto keeps its state per process, so two LocalClouds in one process would
+        share instances: run one at a time (each start resets the state).
+        """
         self.server.start()
+        urllib.request.urlopen(
+            urllib.request.Request(f"{self.endpoint_url}/moto-api/reset", method="POST"),
+            timeout=10,
+        ).close()
         image = self.client().register_image(
             Name=BASE_AMI_NAME, Description="local stand-in for the dockerami base AMI"
         )

@@ -1,0 +1,148 @@
+"""End to end: a real master, moto EC2 on loopback, the local cloud's hypervisor and
+real buildbot-worker processes booted from our user data."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import pytest
+
+from buildbot_dockerami import userdata
+from buildbot_dockerami.localcloud import LocalCloud
+from tests.harness import RETRY, SUCCESS, master_cfg, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def instances(cloud: LocalCloud, **filters: str) -> list[dict]:
+    ec2 = cloud.client()
+    flt = [{"Name": k, "Values": [v]} for k, v in filters.items()]
+    pages = ec2.get_paginator("describe_instances").paginate(Filters=flt)
+    return [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
+
+
+def state_of(cloud: LocalCloud, instance_id: str) -> str:
+    return instances(cloud, **{"instance-id": instance_id})[0]["State"]["Name"]
+
+
+def user_data_of(cloud: LocalCloud, instance_id: str) -> str:
+    value = cloud.client().describe_instance_attribute(
+        InstanceId=instance_id, Attribute="userData")["UserData"]["Value"]
+    return base64.b64decode(value).decode()
+
+
+def test_forced_build_runs_on_a_booted_instance_which_is_terminated_when_idle(
+        make_master, cloud):
+    master = make_master(master_cfg(build_wait_timeout=2, command="echo built-on-$PPID"))
+    brid = master.force()
+    build = master.wait_request(brid, 90)
+    assert build["results"] == SUCCESS, master.log()[-4000:]
+    assert "built-on-" in master.step_log(build["buildid"])
+
+    (instance,) = instances(cloud)
+    tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
+    assert tags["Name"] == "buildbot-w0"
+    assert tags["buildbot:worker"] == "w0"
+    assert tags["buildbot:master"].startswith(master.basedir.name[:0])
+    assert tags["buildbot:master"]
+    assert tags["team"] == "ci"
+    assert instance["InstanceType"] == "t3.micro"
+    assert instance["MetadataOptions"]["HttpTokens"] == "required"
+
+    text = user_data_of(cloud, instance["InstanceId"])
+    lines = text.split("\n")
+    assert len(lines) == 2 and not text.endswith("\n")
+    name, password, address = lines[0].split(" ")
+    assert (name, address) == ("w0", f"127.0.0.1:{master.pb_port}")
+    assert lines[1] == "localhost/dockerami/worker:test"
+    assert password not in master.log(), "the worker password must never be logged"
+
+    wait_for(lambda: state_of(cloud, instance["InstanceId"]) == "terminated", 30,
+             "the idle instance to be terminated")
+    wait_for(lambda: not cloud.hypervisor.runtime.running(), 15, "the worker process to end")
+
+
+def test_each_instance_gets_a_fresh_password(make_master, cloud):
+    master = make_master(master_cfg(build_wait_timeout=0))
+    for _ in range(2):
+        assert master.wait_request(master.force(), 90)["results"] == SUCCESS
+    passwords = {user_data_of(cloud, i["InstanceId"]).split(" ")[1] for i in instances(cloud)}
+    assert len(passwords) == 2
+
+
+def test_instance_terminated_before_its_worker_connects_fails_fast_and_build_is_retried(
+        make_master, cloud):
+    cloud.hypervisor.boot_delay = 3600  # the worker never comes up on its own
+    master = make_master(master_cfg(check_interval=1, missing_timeout=600))
+    brid = master.force()
+    (instance,) = wait_for(lambda: instances(cloud), 30, "an instance to be launched")
+    cloud.client().terminate_instances(InstanceIds=[instance["InstanceId"]])
+    terminated_at = time.monotonic()
+
+    wait_for(lambda: "latent worker crashed before connecting" in master.log(), 15,
+             "the substantiation to fail")
+    failed_after = time.monotonic() - terminated_at
+    assert failed_after < 8, f"took {failed_after:.1f}s to notice (missing_timeout is 600s)"
+    log = master.log()
+    assert f"instance {instance['InstanceId']} is terminated" in log
+    assert "User initiated" in log  # EC2's state reason reaches the operator
+
+    # The request is not lost: once instances boot again, the retry succeeds.
+    cloud.hypervisor.boot_delay = 0
+    final = master.wait_request(brid, 120)
+    assert final["results"] == SUCCESS
+    assert RETRY in [b["results"] for b in master.builds_for(brid)]
+
+
+def test_workers_booting_together_share_one_describe_per_interval(make_master, cloud):
+    workers, boot_delay, interval = 4, 5.0, 1.0
+    cloud.hypervisor.boot_delay = boot_delay
+    master = make_master(master_cfg(workers=workers, check_interval=interval,
+                                    build_wait_timeout=60))
+    requests = [master.force() for _ in range(workers)]
+    builds = [master.wait_request(brid, 120) for brid in requests]
+    assert [b["results"] for b in builds] == [SUCCESS] * workers
+    assert len({b["workerid"] for b in builds}) == workers
+    describes = cloud.faults.count("DescribeInstances")
+    # One worker alone polls about boot_delay/interval times; unbatched, four would
+    # poll four times that (>= 16).
+    assert describes <= boot_delay / interval + 4, describes
+
+
+def test_reconfig_changes_instance_type_for_the_next_launch(make_master, cloud):
+    master = make_master(master_cfg(instance_type="t3.micro", build_wait_timeout=0))
+    assert master.wait_request(master.force(), 90)["results"] == SUCCESS
+    master.reconfig(master_cfg(instance_type="c5.xlarge", build_wait_timeout=0))
+    assert master.wait_request(master.force(), 90)["results"] == SUCCESS
+    launched = sorted(instances(cloud), key=lambda i: i["LaunchTime"])
+    assert [i["InstanceType"] for i in launched] == ["t3.micro", "c5.xlarge"]
+
+
+def test_launch_throttled_then_capacity_error_is_retried_and_nothing_leaks(make_master, cloud):
+    cloud.faults.throttle("RunInstances", count=2)  # boto3's retry absorbs these
+    cloud.faults.inject("RunInstances", "InsufficientInstanceCapacity",
+                        "We currently do not have sufficient t3.micro capacity.", count=2)
+    master = make_master(master_cfg(build_wait_timeout=0))
+    brid = master.force()
+    wait_for(lambda: "InsufficientInstanceCapacity" in master.log(), 60, "the capacity error")
+    assert master.wait_request(brid, 180)["results"] == SUCCESS
+    wait_for(lambda: all(i["State"]["Name"] == "terminated" for i in instances(cloud)), 30,
+             "every instance to be terminated")
+
+
+def test_user_data_boots_on_a_seed_style_reader(cloud):
+    """The seed's base AMI takes line 2 with `tail -n +2 | head -n 1` and word-splits it;
+    its image reads line 1 with `read NAME PASSWORD MASTER`."""
+    import subprocess
+
+    text = userdata.render(userdata.UserData(
+        "linux-1", "s3cret", "master.example.com:9989", "org/worker-linux:2015-10-19b",
+        "https://github.com/org/buildslaves", "main"))
+    script = ('printf %s "$UD" | tail -n +2 | head -n 1 > image;'
+              'printf %s "$UD" | head -n 1 | { read NAME PASSWORD MASTER;'
+              ' echo "$NAME|$PASSWORD|$MASTER"; }; set -- $(cat image); echo "$#:$1"')
+    out = subprocess.run(["sh", "-c", script], env={"UD": text, "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, check=True, cwd=cloud.state_dir).stdout
+    assert out.splitlines() == [
+        "linux-1|s3cret|master.example.com:9989", "1:org/worker-linux:2015-10-19b"]
