@@ -27,7 +27,7 @@ from buildbot_dockerami.userdata import UserData, UserDataError
 CONSOLE_TAIL_CHARS = 4000
 #: Stand-ins for values only known at launch, used to check the size limit early.
 _LONGEST_PASSWORD = "p" * 32
-_LONGEST_MASTER = "m" * 253 + ":65535"
+_LONGEST_MASTER = ".".join(["m" * 63] * 3 + ["m" * 61]) + ":65535"
 
 
 @dataclass
