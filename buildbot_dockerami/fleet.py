@@ -61,7 +61,8 @@ class StateMonitor:
         if instance_id not in self._watched:
             return None
         client, _ = self._watched[instance_id]
-        if self._clock() - self._polled_at.get(client, float("-inf")) > max_age:
+        stale = self._clock() - self._polled_at.get(client, float("-inf")) > max_age
+        if stale or client in self._waiters:
             yield self._poll(client)
         return self._cache.get(instance_id)
 
