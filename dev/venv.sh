@@ -5,4 +5,6 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
     exit 1
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[$1]"
+# (The grep drops pip's notes about unreachable local index mirrors on some machines.)
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[$1]" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
