@@ -4,6 +4,7 @@ real buildbot-worker processes booted from our user data."""
 from __future__ import annotations
 
 import base64
+import subprocess
 import time
 
 import pytest
@@ -131,11 +132,9 @@ def test_launch_throttled_then_capacity_error_is_retried_and_nothing_leaks(make_
              "every instance to be terminated")
 
 
-def test_user_data_boots_on_a_seed_style_reader(cloud):
+def test_user_data_boots_on_a_seed_style_reader(tmp_path):
     """The seed's base AMI takes line 2 with `tail -n +2 | head -n 1` and word-splits it;
     its image reads line 1 with `read NAME PASSWORD MASTER`."""
-    import subprocess
-
     text = userdata.render(userdata.UserData(
         "linux-1", "s3cret", "master.example.com:9989", "org/worker-linux:2015-10-19b",
         "https://github.com/org/buildslaves", "main"))
@@ -143,6 +142,6 @@ def test_user_data_boots_on_a_seed_style_reader(cloud):
               'printf %s "$UD" | head -n 1 | { read NAME PASSWORD MASTER;'
               ' echo "$NAME|$PASSWORD|$MASTER"; }; set -- $(cat image); echo "$#:$1"')
     out = subprocess.run(["sh", "-c", script], env={"UD": text, "PATH": "/usr/bin:/bin"},
-                         capture_output=True, text=True, check=True, cwd=cloud.state_dir).stdout
+                         capture_output=True, text=True, check=True, cwd=tmp_path).stdout
     assert out.splitlines() == [
         "linux-1|s3cret|master.example.com:9989", "1:org/worker-linux:2015-10-19b"]
