@@ -12,13 +12,15 @@ from pathlib import Path
 
 from buildbot_dockerami import __version__
 
+RUNTIMES = ("process", "container", "legacy")
+
 
 def _local_cloud(args: argparse.Namespace) -> int:
     from buildbot_dockerami.localcloud import LocalCloud
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cloud = LocalCloud(state_dir=args.state_dir, port=args.port, region=args.region,
-                       boot_delay=args.boot_delay)
+                       boot_delay=args.boot_delay, runtime=args.runtime)
     try:
         cloud.start()
     except OSError as e:
@@ -36,6 +38,44 @@ def _local_cloud(args: argparse.Namespace) -> int:
     stopped.wait()
     cloud.stop()
     return 0
+
+
+def _image_build(args: argparse.Namespace) -> int:
+    from buildbot_dockerami import images
+
+    context = args.directory.resolve()
+    tag = args.tag or images.default_tag(args.repo or f"dockerami/{context.name}")
+    build_args = dict(_key_value(a) for a in args.build_arg)
+    if args.base:
+        build_args["BASE"] = args.base
+    if args.wheels:
+        version = build_args.get("BUILDBOT_WORKER_VERSION", "4.3.*")
+        images.fetch_wheels(context, f"buildbot-worker=={version}")
+        build_args.setdefault("PIP_OPTIONS", "--no-index")
+    images.build(context, tag, build_args)
+    print(tag)
+    return 0
+
+
+def _image_push(args: argparse.Namespace) -> int:
+    from buildbot_dockerami import images
+
+    images.push(args.tag)
+    return 0
+
+
+def _userdata_show(args: argparse.Namespace) -> int:
+    from buildbot_dockerami.preview import preview_user_data
+
+    print(preview_user_data(args.config, args.worker))
+    return 0
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"buildbot-dockerami: --build-arg wants KEY=VALUE, got {text!r}")
+    return key, value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,13 +100,63 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where instance worker directories go (default: a temp dir)")
     cloud.add_argument("--env-file", type=Path, default=None,
                        help="also write the AWS_* exports for the master to this file")
+    cloud.add_argument("--runtime", choices=RUNTIMES, default="process",
+                       help="process: a worker process per instance (no Docker needed); "
+                            "container: the ami/ bootstrap on the local Docker engine; "
+                            "legacy: the seed's crontab line on the local Docker engine")
     cloud.set_defaults(func=_local_cloud)
+
+    image = commands.add_parser("image", help="build and push worker images")
+    image_commands = image.add_subparsers(dest="image_command", metavar="ACTION", required=True)
+    build = image_commands.add_parser(
+        "build", help="build an image folder, tagged REPO:YYYY-MM-DD (today)",
+        description="Build DIR/Dockerfile with the local Docker engine, never pulling, and tag "
+                    "it with today's date (the seed's convention).",
+    )
+    build.add_argument("directory", type=Path, metavar="DIR", help="image folder, e.g. "
+                       "images/worker-linux")
+    build.add_argument("--repo", help="repository name (default dockerami/<DIR name>); include "
+                       "the registry, e.g. registry.example.com:5000/org/worker-linux")
+    build.add_argument("--tag", help="full tag instead of REPO:YYYY-MM-DD")
+    build.add_argument("--base", help="local base image (build argument BASE)")
+    build.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="extra build argument (repeatable)")
+    build.add_argument("--wheels", action="store_true",
+                       help="download buildbot-worker's wheels with this host's pip first, and "
+                            "build without a package index")
+    build.set_defaults(func=_image_build)
+    push_cmd = image_commands.add_parser(
+        "push", help="push a tag to its registry",
+        description="Push TAG; registry credentials come from the usual Docker config "
+                    "(~/.docker/config.json, docker login).",
+    )
+    push_cmd.add_argument("tag", metavar="TAG")
+    push_cmd.set_defaults(func=_image_push)
+
+    user_data = commands.add_parser("userdata", help="inspect the user data workers send")
+    ud_commands = user_data.add_subparsers(dest="ud_command", metavar="ACTION", required=True)
+    show = ud_commands.add_parser(
+        "show", help="print the user data a worker would send (password redacted)",
+        description="Load master.cfg like `buildbot checkconfig` and print the user data that "
+                    "WORKER would give its next instance, with the password redacted.",
+    )
+    show.add_argument("--config", type=Path, default=Path("master.cfg"),
+                      help="path to master.cfg (default ./master.cfg)")
+    show.add_argument("worker", metavar="WORKER")
+    show.set_defaults(func=_userdata_show)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from buildbot_dockerami.images import ImageError
+    from buildbot_dockerami.preview import PreviewError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ImageError, PreviewError) as e:
+        print(f"buildbot-dockerami: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

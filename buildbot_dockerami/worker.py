@@ -55,6 +55,12 @@ def pb_port(port_setting: Any) -> int | None:
     return None
 
 
+def default_master_address(protocols: dict[str, Any]) -> str | None:
+    """This host's FQDN and the master's PB port: where instances connect by default."""
+    port = pb_port(protocols.get("pb", {}).get("port"))
+    return None if port is None else f"{socket.getfqdn()}:{port}"
+
+
 class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     """A latent worker that boots a base AMI which runs ``image`` as the worker.
 
@@ -184,15 +190,16 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             }
         )
 
-    def default_master_address(self) -> str:
-        port = pb_port(self.master.config.protocols.get("pb", {}).get("port"))
-        if port is None:
+    def _connect_address(self) -> str:
+        """Where this worker's instances connect: master_address, or the default."""
+        address = self.master_address or default_master_address(self.master.config.protocols)
+        if address is None:
             raise LatentWorkerFailedToSubstantiate(
                 self.name,
                 "master_address is not set and this master has no PB port "
                 "(c['protocols']['pb']['port'])",
             )
-        return f"{socket.getfqdn()}:{port}"
+        return address
 
     @defer.inlineCallbacks
     def start_instance(self, build: Any) -> Any:
@@ -216,7 +223,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
                 UserData(
                     worker_name=self.name,
                     password=self.password,
-                    master=self.master_address or self.default_master_address(),
+                    master=self._connect_address(),
                     image=values["image"],
                     setup_repo=values["setup_repo"],
                     setup_branch=values["setup_branch"],

@@ -16,26 +16,44 @@ from typing import Any
 
 import boto3
 
+from buildbot_dockerami.localcloud.containers import ContainerRuntime, LegacyCrontabRuntime
 from buildbot_dockerami.localcloud.ec2server import Ec2Server
-from buildbot_dockerami.localcloud.hypervisor import Hypervisor, ProcessRuntime
+from buildbot_dockerami.localcloud.hypervisor import Hypervisor, ProcessRuntime, Runtime
 
 #: Name of the base AMI registered in the local cloud; ami_filters can find it.
 BASE_AMI_NAME = "dockerami-base-local"
 LOCAL_ACCESS_KEY = "AKIDLOCALCLOUD"
 
-__all__ = ["BASE_AMI_NAME", "LocalCloud"]
+__all__ = ["BASE_AMI_NAME", "LocalCloud", "make_runtime"]
+
+
+def make_runtime(runtime: str | Runtime, directory: Path) -> Runtime:
+    """``process``: a buildbot-worker process per instance (no Docker needed);
+    ``container``: the real bootstrap on the local Docker engine;
+    ``legacy``: the seed's crontab line on the local Docker engine."""
+    if not isinstance(runtime, str):
+        return runtime
+    if runtime == "process":
+        return ProcessRuntime(directory)
+    if runtime == "container":
+        return ContainerRuntime(directory)
+    if runtime == "legacy":
+        return LegacyCrontabRuntime(directory)
+    raise ValueError(f"unknown runtime {runtime!r}; choose process, container or legacy")
 
 
 class LocalCloud:
     def __init__(self, state_dir: Path | str | None = None, port: int = 0,
-                 region: str = "us-east-1", boot_delay: float = 0.0) -> None:
+                 region: str = "us-east-1", boot_delay: float = 0.0,
+                 runtime: str | Runtime = "process") -> None:
         self.region = region
         self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="dockerami-cloud-"))
         self.server = Ec2Server(port=port)
+        self.runtime = make_runtime(runtime, self.state_dir / "instances")
         self.hypervisor = Hypervisor(
-            self.server.endpoint_url, region, ProcessRuntime(self.state_dir / "instances"),
-            boot_delay=boot_delay,
+            self.server.endpoint_url, region, self.runtime, boot_delay=boot_delay
         )
+        self.server.faults.console = self.hypervisor.console_output
         self.base_ami_id = ""
 
     @property

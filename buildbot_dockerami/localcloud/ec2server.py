@@ -7,9 +7,11 @@ and counts calls per caller so a test can assert how often the master asked.
 
 from __future__ import annotations
 
+import base64
 import io
 import re
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -47,6 +49,8 @@ class FaultInjector:
         self.calls: Counter[tuple[str, str]] = Counter()
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
+        #: Serves GetConsoleOutput from what the local machine printed, when set.
+        self.console: Callable[[str], str | None] | None = None
 
     def inject(self, action: str, code: str, message: str, count: int = 1,
                status: int = 400) -> None:
@@ -79,6 +83,11 @@ class FaultInjector:
                 fault = next((f for f in self._faults if f.action == action and f.remaining), None)
                 if fault is not None:
                     fault.remaining -= 1
+        if fault is None and action == "GetConsoleOutput" and self.console is not None:
+            instance_id = parse_qs(body.decode()).get("InstanceId", [""])[0]
+            output = self.console(instance_id)
+            if output is not None:
+                return _console_response(instance_id, output, start_response)
         if fault is None:
             return self.app(environ, start_response)
         payload = (
@@ -92,6 +101,20 @@ class FaultInjector:
             [("Content-Type", "text/xml"), ("Content-Length", str(len(payload)))],
         )
         return [payload]
+
+
+def _console_response(instance_id: str, output: str, start_response: Callable) -> list[bytes]:
+    encoded = base64.b64encode(output[-64 * 1024:].encode()).decode()
+    payload = (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        '<GetConsoleOutputResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">'
+        f"<requestId>{uuid.uuid4()}</requestId><instanceId>{instance_id}</instanceId>"
+        f"<timestamp>{time.strftime('%Y-%m-%dT%H:%M:%S.000Z', time.gmtime())}</timestamp>"
+        f"<output>{encoded}</output></GetConsoleOutputResponse>"
+    ).encode()
+    start_response("200 OK", [("Content-Type", "text/xml"),
+                              ("Content-Length", str(len(payload)))])
+    return [payload]
 
 
 class Ec2Server:

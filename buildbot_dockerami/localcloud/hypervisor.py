@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -46,12 +47,23 @@ worker.setServiceParent(application)
 """
 
 
+@dataclass(frozen=True)
+class Booting:
+    """What a runtime gets to boot an instance, as the base AMI would see it."""
+
+    instance_id: str
+    user_data: str
+    http_tokens: str = "required"
+
+
 class Runtime(Protocol):
     """Plays one booted instance: the base AMI starting line 2's image."""
 
-    def start(self, instance_id: str, user_data: str) -> None: ...
+    def start(self, booting: Booting) -> None: ...
     def stop(self, instance_id: str) -> None: ...
     def running(self) -> list[str]: ...
+    def console(self, instance_id: str) -> str | None: ...
+    def poweroff_requested(self, instance_id: str) -> bool: ...
 
 
 class ProcessRuntime:
@@ -62,8 +74,9 @@ class ProcessRuntime:
         self._processes: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
 
-    def start(self, instance_id: str, user_data: str) -> None:
-        data = userdata.parse(user_data)
+    def start(self, booting: Booting) -> None:
+        instance_id = booting.instance_id
+        data = userdata.parse(booting.user_data)
         basedir = self.state_dir / instance_id
         shutil.rmtree(basedir, ignore_errors=True)
         basedir.mkdir(parents=True)
@@ -108,6 +121,13 @@ class ProcessRuntime:
         with self._lock:
             return [iid for iid, p in self._processes.items() if p.poll() is None]
 
+    def console(self, instance_id: str) -> str | None:
+        path = self.state_dir / instance_id / "twistd.log"
+        return path.read_text(errors="replace") if path.exists() else None
+
+    def poweroff_requested(self, instance_id: str) -> bool:
+        return False
+
 
 class Hypervisor:
     """Polls the EC2 server and boots/stops runtime machines to match instance states."""
@@ -148,14 +168,23 @@ class Hypervisor:
     def tick(self) -> None:
         now = time.monotonic()
         states: dict[str, str] = {}
+        tokens: dict[str, str] = {}
         for page in self._ec2.get_paginator("describe_instances").paginate():
             for reservation in page["Reservations"]:
                 for instance in reservation["Instances"]:
                     states[instance["InstanceId"]] = instance["State"]["Name"]
+                    tokens[instance["InstanceId"]] = instance.get("MetadataOptions", {}).get(
+                        "HttpTokens", "optional")
         for instance_id, state in states.items():
-            if state != "running":
+            if state == "running" and self.runtime.poweroff_requested(instance_id):
+                # Launched with InstanceInitiatedShutdownBehavior=terminate.
+                log.info("%s: powered off by its boot process; terminating", instance_id)
+                self._ec2.terminate_instances(InstanceIds=[instance_id])
+                states[instance_id] = "shutting-down"
+            if states[instance_id] != "running":
                 if instance_id in self.booted:
-                    log.info("%s: instance is %s, stopping its machine", instance_id, state)
+                    log.info("%s: instance is %s, stopping its machine", instance_id,
+                             states[instance_id])
                     self.runtime.stop(instance_id)
                     del self.booted[instance_id]
                 self._first_seen.pop(instance_id, None)
@@ -164,16 +193,19 @@ class Hypervisor:
                 continue
             first_seen = self._first_seen.setdefault(instance_id, now)
             if now - first_seen >= self.boot_delay:
-                self._boot(instance_id)
+                self._boot(instance_id, tokens[instance_id])
 
-    def _boot(self, instance_id: str) -> None:
+    def console_output(self, instance_id: str) -> str | None:
+        return self.runtime.console(instance_id)
+
+    def _boot(self, instance_id: str, http_tokens: str) -> None:
         attribute = self._ec2.describe_instance_attribute(
             InstanceId=instance_id, Attribute="userData"
         )
         encoded = attribute.get("UserData", {}).get("Value", "")
         text = base64.b64decode(encoded).decode() if encoded else ""
         try:
-            self.runtime.start(instance_id, text)
+            self.runtime.start(Booting(instance_id, text, http_tokens))
         except Exception as e:
             # A real base AMI would log this to the console and leave the instance idle.
             self.failed[instance_id] = str(e)

@@ -1,0 +1,94 @@
+"""Building and pushing worker images with the local Docker engine (docker-py).
+
+The seed's conventions: one folder per image with its Dockerfile, tags named by
+date (``repo:YYYY-MM-DD``). The engine is never asked to pull: the base image is
+a local one, given as the BASE build argument.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import docker
+from docker.errors import DockerException
+
+Printer = Callable[[str], None]
+
+
+class ImageError(Exception):
+    """A build or push failed; the message is the engine's own."""
+
+
+def default_tag(repo: str, today: datetime.date | None = None) -> str:
+    return f"{repo}:{(today or datetime.date.today()).isoformat()}"
+
+
+def engine() -> docker.DockerClient:
+    try:
+        client = docker.from_env()
+        client.ping()
+    except DockerException as e:
+        raise ImageError(
+            f"no Docker engine reachable (DOCKER_HOST or /var/run/docker.sock): {e}"
+        ) from e
+    return client
+
+
+def fetch_wheels(context: Path, requirement: str, python_version: str = "3.11",
+                 out: Printer = print) -> None:
+    """Download the worker's wheels into ``context/wheels`` with this host's pip, so the
+    image builds with ``PIP_OPTIONS=--no-index`` where the engine cannot reach PyPI."""
+    target = context / "wheels"
+    target.mkdir(exist_ok=True)
+    arch = platform.machine()
+    out(f"fetching wheels for {requirement} (CPython {python_version}, {arch}) into {target}")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(target),
+         "--only-binary=:all:", "--platform", f"manylinux2014_{arch}",
+         "--python-version", python_version, "--implementation", "cp", requirement],
+        check=True,
+    )
+
+
+def _follow(stream: Iterable[dict[str, Any]], out: Printer) -> None:
+    for chunk in stream:
+        if "error" in chunk:
+            raise ImageError(chunk["error"].strip())
+        if "stream" in chunk and chunk["stream"].strip():
+            out(chunk["stream"].rstrip("\n"))
+        elif "status" in chunk:
+            detail = chunk.get("progress") or ""
+            prefix = f"{chunk['id']}: " if chunk.get("id") else ""
+            out(f"{prefix}{chunk['status']} {detail}".rstrip())
+
+
+def build(context: Path, tag: str, build_args: dict[str, str], out: Printer = print) -> str:
+    if not (context / "Dockerfile").is_file():
+        raise ImageError(f"{context} has no Dockerfile")
+    (context / "wheels").mkdir(exist_ok=True)
+    client = engine()
+    out(f"building {tag} from {context}")
+    stream = client.api.build(
+        path=str(context), tag=tag, buildargs=build_args, decode=True, rm=True,
+        pull=False, network_mode="host",
+    )
+    _follow(stream, out)
+    client.images.get(tag)
+    out(f"built {tag}")
+    return tag
+
+
+def push(tag: str, out: Printer = print) -> None:
+    repository, _, version = tag.rpartition(":")
+    if not repository or "/" in version:
+        raise ImageError(f"{tag!r} has no tag; push a tagged image like repo:2026-11-27")
+    client = engine()
+    out(f"pushing {tag}")
+    _follow(client.api.push(repository, tag=version, stream=True, decode=True), out)
+    out(f"pushed {tag}")

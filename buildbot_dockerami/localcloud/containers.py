@@ -1,0 +1,255 @@
+"""Container runtimes for the local cloud: the real base-AMI bootstrap on a real Docker engine.
+
+Each booted instance gets its own metadata service on 127.0.0.1 (IMDSv2 token
+and user data, like 169.254.169.254 on EC2) and a "machine" thread that runs
+what the base AMI runs at boot:
+
+* ``ContainerRuntime``: ``ami/dockerami-bootstrap.sh``, restarted when it exits
+  as systemd's ``Restart=always`` would;
+* ``LegacyCrontabRuntime``: the seed's crontab command, run once; the container
+  reads the user data from the metadata service itself.
+
+What the machine prints is its console (served to GetConsoleOutput). A
+bootstrap that powers off asks the hypervisor to terminate the instance.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shlex
+import signal
+import subprocess
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from buildbot_dockerami.localcloud.hypervisor import Booting
+
+log = logging.getLogger("dockerami.localcloud")
+
+#: The repository's ami/ folder, which holds the bootstrap the runtime executes.
+AMI_DIR = Path(__file__).resolve().parents[2] / "ami"
+
+
+class MetadataService:
+    """An instance metadata service for one instance, on a loopback port."""
+
+    def __init__(self, booting: Booting) -> None:
+        self.booting = booting
+        self.tokens: set[str] = set()
+        self.requests: list[tuple[str, str, bool]] = []  # (method, path, had token)
+        service = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _reply(self, status: int, body: str = "") -> None:
+                data = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_PUT(self) -> None:
+                service.requests.append(("PUT", self.path, False))
+                if self.path != "/latest/api/token" or not self.headers.get(
+                    "X-aws-ec2-metadata-token-ttl-seconds"
+                ):
+                    self._reply(400)
+                    return
+                token = secrets.token_urlsafe(24)
+                service.tokens.add(token)
+                self._reply(200, token)
+
+            def do_GET(self) -> None:
+                token = self.headers.get("X-aws-ec2-metadata-token")
+                has_token = token in service.tokens
+                service.requests.append(("GET", self.path, has_token))
+                if token is not None and not has_token:
+                    self._reply(401)
+                    return
+                if not has_token and service.booting.http_tokens == "required":
+                    self._reply(401)
+                    return
+                if self.path == "/latest/user-data":
+                    self._reply(200, service.booting.user_data)
+                elif self.path == "/latest/meta-data/instance-id":
+                    self._reply(200, service.booting.instance_id)
+                else:
+                    self._reply(404)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> MetadataService:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@dataclass
+class _Machine:
+    """One instance's boot process, supervised like systemd would (or not, for cron)."""
+
+    instance_id: str
+    directory: Path
+    command: list[str]
+    env: dict[str, str]
+    restart: bool
+    restart_delay: float
+    metadata: MetadataService
+    container: str
+    docker: str
+
+    def __post_init__(self) -> None:
+        self.stopping = threading.Event()
+        self.process: subprocess.Popen | None = None
+        self.thread = threading.Thread(target=self._supervise, daemon=True,
+                                       name=f"machine-{self.instance_id}")
+
+    @property
+    def console_path(self) -> Path:
+        return self.directory / "console.log"
+
+    @property
+    def poweroff_path(self) -> Path:
+        return self.directory / "poweroff"
+
+    def _supervise(self) -> None:
+        with open(self.console_path, "ab", buffering=0) as console:
+            while not self.stopping.is_set():
+                self.process = subprocess.Popen(
+                    self.command, env=self.env, stdin=subprocess.DEVNULL, stdout=console,
+                    stderr=subprocess.STDOUT, start_new_session=True,
+                )
+                code = self.process.wait()
+                if self.stopping.is_set() or not self.restart or self.poweroff_path.exists():
+                    break
+                console.write(f"[local cloud] boot process exited ({code}); "
+                              f"restarting in {self.restart_delay}s\n".encode())
+                self.stopping.wait(self.restart_delay)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        process = self.process
+        if process is not None and process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        # Powering off takes the container with it, whatever the client did.
+        subprocess.run([self.docker, "rm", "-f", self.container], capture_output=True,
+                       check=False)
+        self.thread.join(timeout=15)
+        self.metadata.stop()
+
+
+class ContainerRuntime:
+    """Runs the real ``ami/dockerami-bootstrap.sh`` per instance on the local Docker engine."""
+
+    restart = True
+
+    def __init__(self, state_dir: Path, *, docker: str = "docker",
+                 bootstrap: Path = AMI_DIR / "dockerami-bootstrap.sh",
+                 pull_attempts: int = 12, pull_max_delay: int = 30,
+                 restart_delay: float = 2.0, run_options: str = "") -> None:
+        self.state_dir = state_dir
+        self.docker = docker
+        self.bootstrap = bootstrap
+        self.pull_attempts = pull_attempts
+        self.pull_max_delay = pull_max_delay
+        self.restart_delay = restart_delay
+        self.run_options = run_options
+        self._machines: dict[str, _Machine] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def container_name(instance_id: str) -> str:
+        return f"dockerami-{instance_id}"
+
+    def boot_command(self, metadata: MetadataService, container: str) -> list[str]:
+        return ["sh", str(self.bootstrap)]
+
+    def start(self, booting: Booting) -> None:
+        directory = self.state_dir / booting.instance_id
+        directory.mkdir(parents=True, exist_ok=True)
+        metadata = MetadataService(booting).start()
+        container = self.container_name(booting.instance_id)
+        env = {
+            **os.environ,
+            "DOCKER": self.docker,
+            "DOCKERAMI_IMDS": metadata.url,
+            "DOCKERAMI_STATE_DIR": str(directory / "run"),
+            "DOCKERAMI_CONTAINER": container,
+            "DOCKERAMI_DOCKER_WAIT": "30",
+            "DOCKERAMI_PULL_ATTEMPTS": str(self.pull_attempts),
+            "DOCKERAMI_PULL_MAX_DELAY": str(self.pull_max_delay),
+            "DOCKERAMI_RUN_OPTIONS": self.run_options,
+            "DOCKERAMI_POWEROFF": f"touch {shlex.quote(str(directory / 'poweroff'))}",
+        }
+        machine = _Machine(
+            booting.instance_id, directory, self.boot_command(metadata, container), env,
+            self.restart, self.restart_delay, metadata, container, self.docker,
+        )
+        with self._lock:
+            self._machines[booting.instance_id] = machine
+        machine.thread.start()
+        log.info("%s: booting with %s (metadata at %s)", booting.instance_id,
+                 type(self).__name__, metadata.url)
+
+    def stop(self, instance_id: str) -> None:
+        with self._lock:
+            machine = self._machines.pop(instance_id, None)
+        if machine is not None:
+            machine.stop()
+            log.info("%s: machine stopped, container %s removed", instance_id, machine.container)
+
+    def running(self) -> list[str]:
+        with self._lock:
+            return [iid for iid, m in self._machines.items() if m.thread.is_alive()]
+
+    def console(self, instance_id: str) -> str | None:
+        path = self.state_dir / instance_id / "console.log"
+        return path.read_text(errors="replace") if path.exists() else None
+
+    def poweroff_requested(self, instance_id: str) -> bool:
+        return (self.state_dir / instance_id / "poweroff").exists()
+
+    def metadata_requests(self, instance_id: str) -> list[tuple[str, str, bool]]:
+        with self._lock:
+            machine = self._machines.get(instance_id)
+        return list(machine.metadata.requests) if machine else []
+
+
+class LegacyCrontabRuntime(ContainerRuntime):
+    """The seed's base AMI: its crontab command, run once at boot.
+
+    Differences from the seed's line, all forced by running on one machine: the
+    metadata address is the instance's loopback service (passed to the container
+    as DOCKERAMI_IMDS), the container gets host networking and a name (so it can
+    be removed when the instance goes), and there is no ``sleep 20``.
+    """
+
+    restart = False
+
+    def boot_command(self, metadata: MetadataService, container: str) -> list[str]:
+        url = metadata.url
+        line = (f"{self.docker} run --rm --name {container} --network host "
+                f"-e DOCKERAMI_IMDS={url} "
+                f"`curl -s {url}/latest/user-data | tail -n +2 | head -n 1`")
+        return ["sh", "-c", line]
+

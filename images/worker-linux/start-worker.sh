@@ -1,0 +1,84 @@
+#!/bin/sh
+# Entry script of the worker image: configure the buildbot worker and run it in the
+# foreground. The configuration comes from the first of:
+#   1. DOCKERAMI_USER_DATA_FILE: the instance user data, mounted by the base AMI's bootstrap;
+#   2. WORKERNAME, WORKERPASS, BUILDMASTER[, BUILDMASTER_PORT]: environment variables, as
+#      buildbot's own worker images use (optional SETUP_REPO, SETUP_BRANCH);
+#   3. the instance user data from the metadata service (IMDSv2 token, then v1), as the
+#      seed's images did; DOCKERAMI_IMDS overrides http://169.254.169.254.
+# User-data lines: 1 "name password host:port", 2 image, 3 setup repo, 4 setup branch.
+# When a setup repo is given it is cloned and its setup script run (seed behaviour).
+set -eu
+
+log() { echo "start-worker: $*" >&2; }
+
+user_data_line() { printf '%s\n' "$USER_DATA" | sed -n "${1}p"; }
+
+fetch_user_data() {
+    imds=${DOCKERAMI_IMDS:-http://169.254.169.254}
+    token=$(curl -sf --max-time 5 -X PUT -H "X-aws-ec2-metadata-token-ttl-seconds: 300" \
+        "$imds/latest/api/token") || token=""
+    if [ -n "$token" ]; then
+        curl -sf --max-time 10 -H "X-aws-ec2-metadata-token: $token" "$imds/latest/user-data"
+    else
+        log "no IMDSv2 token; trying IMDSv1"
+        curl -sf --max-time 10 "$imds/latest/user-data"
+    fi
+}
+
+if [ -n "${DOCKERAMI_USER_DATA_FILE:-}" ] || [ -z "${WORKERNAME:-}" ]; then
+    if [ -n "${DOCKERAMI_USER_DATA_FILE:-}" ]; then
+        USER_DATA=$(cat "$DOCKERAMI_USER_DATA_FILE")
+    else
+        USER_DATA=$(fetch_user_data) || { log "cannot read user data from the metadata service"; exit 1; }
+    fi
+    # shellcheck disable=SC2046 # line 1 is three words by protocol
+    set -- $(user_data_line 1)
+    if [ $# -ne 3 ]; then
+        log "user data line 1 must be '<name> <password> <host>:<port>'"
+        exit 1
+    fi
+    WORKERNAME=$1 WORKERPASS=$2 BUILDMASTER=${3%:*} BUILDMASTER_PORT=${3##*:}
+    SETUP_REPO=$(user_data_line 3) SETUP_BRANCH=$(user_data_line 4)
+fi
+: "${WORKERPASS:?WORKERPASS is required}" "${BUILDMASTER:?BUILDMASTER is required}"
+BUILDMASTER_PORT=${BUILDMASTER_PORT:-9989}
+SETUP_REPO=${SETUP_REPO:-} SETUP_BRANCH=${SETUP_BRANCH:-}
+
+if [ -n "$SETUP_REPO" ]; then
+    log "cloning $SETUP_REPO ${SETUP_BRANCH:+(branch $SETUP_BRANCH)}"
+    rm -rf "$HOME/setup"
+    git clone --depth 1 ${SETUP_BRANCH:+--branch "$SETUP_BRANCH"} "$SETUP_REPO" "$HOME/setup"
+    for script in setup-worker.sh setup-slave.sh; do
+        if [ -f "$HOME/setup/$script" ]; then
+            log "running $script"
+            (cd "$HOME/setup" && sh "./$script")
+            break
+        fi
+    done
+fi
+
+BASEDIR=${WORKER_BASEDIR:-$HOME/worker}
+mkdir -p "$BASEDIR"
+# The password goes to a file read by buildbot.tac, never onto a command line.
+umask 077
+printf '%s' "$WORKERPASS" > "$BASEDIR/.password"
+umask 022
+cat > "$BASEDIR/buildbot.tac" <<TAC
+import os
+from buildbot_worker.bot import Worker
+from twisted.application import service
+
+basedir = os.path.abspath(os.path.dirname(__file__))
+application = service.Application('buildbot-worker')
+with open(os.path.join(basedir, ".password")) as f:
+    passwd = f.read()
+Worker("$BUILDMASTER", $BUILDMASTER_PORT, "$WORKERNAME", passwd, basedir,
+       keepalive=60, umask=0o022, maxdelay=10, allow_shutdown="signal",
+       maxRetries=None).setServiceParent(application)
+TAC
+unset WORKERPASS USER_DATA
+log "worker $WORKERNAME connecting to $BUILDMASTER:$BUILDMASTER_PORT"
+cd "$BASEDIR"
+# Foreground, logging to stdout: `docker logs` and the host's journal show the worker.
+exec /opt/buildbot-worker/bin/twistd --nodaemon --pidfile= --logfile=- --python=buildbot.tac
