@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
@@ -68,11 +69,45 @@ def _follow(stream: Iterable[dict[str, Any]], out: Printer) -> None:
             out(f"{prefix}{chunk['status']} {detail}".rstrip())
 
 
+def base_images(dockerfile: str, build_args: dict[str, str]) -> list[str]:
+    """The images a Dockerfile's FROM lines name, with ARG defaults and build args applied
+    (stages and ``scratch`` excluded)."""
+    args: dict[str, str] = {}
+    stages: set[str] = set()
+    bases: list[str] = []
+    for raw in dockerfile.splitlines():
+        words = raw.split()
+        if not words or words[0].startswith("#"):
+            continue
+        keyword = words[0].upper()
+        if keyword == "ARG" and len(words) > 1:
+            name, _, default = words[1].partition("=")
+            args[name] = build_args.get(name, default.strip("\"'"))
+        elif keyword == "FROM":
+            operands = [w for w in words[1:] if not w.startswith("--")]
+            image = re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), ""), operands[0])
+            if len(operands) >= 3 and operands[1].upper() == "AS":
+                stages.add(operands[2])
+            if image != "scratch" and image not in stages:
+                bases.append(image)
+    return bases
+
+
 def build(context: Path, tag: str, build_args: dict[str, str], out: Printer = print) -> str:
-    if not (context / "Dockerfile").is_file():
+    dockerfile = context / "Dockerfile"
+    if not dockerfile.is_file():
         raise ImageError(f"{context} has no Dockerfile")
     (context / "wheels").mkdir(exist_ok=True)
     client = engine()
+    # The engine would try a public registry for a missing base: refuse before it does.
+    for base in base_images(dockerfile.read_text(), build_args):
+        try:
+            client.images.get(base)
+        except docker.errors.ImageNotFound:
+            raise ImageError(
+                f"base image {base!r} is not on this Docker engine; make one (dev/engine "
+                "makes dockerami/base:bookworm) and pass --base, or pull it yourself"
+            ) from None
     out(f"building {tag} from {context}")
     stream = client.api.build(
         path=str(context), tag=tag, buildargs=build_args, decode=True, rm=True,

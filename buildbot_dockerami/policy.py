@@ -81,3 +81,11 @@ def retry_delays(
     for _ in range(attempts - 1):
         yield delay
         delay = min(delay * factor, cap)
+
+
+def last_console_words(output: str) -> str:
+    """The line of a console that best explains a failed boot: the last FATAL line of
+    the bootstrap if there is one, else the last non-empty line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    fatal = [line for line in lines if "FATAL" in line]
+    return (fatal or lines or [""])[-1][:500]

@@ -269,7 +269,14 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             return (True, "")
         monitor = self.fleet.monitor
         status = yield monitor.status(instance.instance_id, self.check_instance_interval * 0.8)
-        return policy.boot_verdict(status, monitor.seconds_since_watch(instance.instance_id))
+        ok, reason = policy.boot_verdict(status, monitor.seconds_since_watch(instance.instance_id))
+        if not ok:
+            # The boot's last words (e.g. the bootstrap's "cannot pull image") say why.
+            output = yield self._console_output(instance)
+            last = policy.last_console_words(output or "")
+            if last:
+                reason += f"; console: {last}"
+        return (ok, reason)
 
     @defer.inlineCallbacks
     def attached(self, conn: Any) -> Any:
@@ -293,15 +300,22 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         return True
 
     @defer.inlineCallbacks
-    def _log_console_output(self, instance: LaunchedInstance) -> Any:
-        """Why did it never connect? The console usually says; logged with the password masked."""
+    def _console_output(self, instance: LaunchedInstance) -> Any:
+        """The instance's console, password masked, or None if EC2 has none for it."""
         try:
             output = yield instance.client.console_output(instance.instance_id)
         except Exception as e:
             log.msg(f"{self}: no console output for {instance.instance_id}: {e}")
-            return
-        tail = userdata.redact(output, self.password)[-CONSOLE_TAIL_CHARS:]
-        log.msg(f"{self}: instance {instance.instance_id} never connected; console output:\n{tail}")
+            return None
+        return userdata.redact(output, self.password)
+
+    @defer.inlineCallbacks
+    def _log_console_output(self, instance: LaunchedInstance) -> Any:
+        """Why did it never connect? The console usually says."""
+        output = yield self._console_output(instance)
+        if output is not None:
+            log.msg(f"{self}: instance {instance.instance_id} never connected; console output:"
+                    f"\n{output[-CONSOLE_TAIL_CHARS:]}")
 
 
 def _config_problems(

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by dev/test and dev/demo: create .venv and install the package with extra "$1".
 PYTHON=${PYTHON:-python3}
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then

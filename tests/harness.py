@@ -193,6 +193,7 @@ c['workers'] = [
         missing_timeout={missing_timeout!r},
         check_instance_interval={check_interval!r},
         max_builds=1,
+        {worker_extra}
     )
     for i in range({workers})
 ]
@@ -210,9 +211,11 @@ c['schedulers'] = [schedulers.ForceScheduler(name='force', builderNames=['runtes
 def master_cfg(*, image: str = "localhost/dockerami/worker:test", instance_type: str = "t3.micro",
                build_wait_timeout: float = 2, missing_timeout: float = 120,
                check_interval: float = 1, workers: int = 1,
-               command: str = "echo hello from $(hostname)") -> str:
+               command: str = "echo hello from $(hostname)", worker_extra: str = "") -> str:
+    """A master.cfg with ``workers`` DockerAMILatentWorkers; ``worker_extra`` is inserted
+    verbatim into each worker's keyword arguments (e.g. "metadata_options={...},")."""
     return MASTER_CFG.format(
         image=image, instance_type=instance_type, build_wait_timeout=build_wait_timeout,
         missing_timeout=missing_timeout, check_interval=check_interval, workers=workers,
-        command=["sh", "-c", command],
+        command=["sh", "-c", command], worker_extra=worker_extra,
     )

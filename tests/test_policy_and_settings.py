@@ -74,3 +74,10 @@ def test_valid_settings_pass() -> None:
 ])
 def test_pb_port(setting, port) -> None:
     assert pb_port(setting) == port
+
+
+def test_last_console_words_prefers_the_bootstrap_fatal_line() -> None:
+    console = "boot\ndockerami-bootstrap: FATAL: cannot pull image x\npowering off\n\n"
+    assert policy.last_console_words(console) == "dockerami-bootstrap: FATAL: cannot pull image x"
+    assert policy.last_console_words("a\nb\n") == "b"
+    assert policy.last_console_words("") == ""

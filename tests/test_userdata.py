@@ -4,6 +4,7 @@ import pytest
 
 from buildbot_dockerami import userdata
 from buildbot_dockerami.userdata import UserData, UserDataError
+from tests.harness import REPO
 
 
 def test_render_is_byte_compatible_with_the_seed() -> None:
@@ -90,3 +91,14 @@ def test_redaction() -> None:
     assert "hunter2" not in userdata.redacted_user_data(text)
     assert userdata.redact("console: hunter2 ok", "hunter2") == "console: ******** ok"
     assert userdata.redact("x", None) == "x"
+
+
+def test_dockerfile_base_images_resolve_args() -> None:
+    from buildbot_dockerami.images import base_images
+
+    dockerfile = (REPO / "images" / "worker-linux" / "Dockerfile").read_text()
+    assert base_images(dockerfile, {}) == ["debian:bookworm-slim"]
+    assert base_images(dockerfile, {"BASE": "dockerami/base:bookworm"}) == [
+        "dockerami/base:bookworm"]
+    multi = "ARG V=1\nFROM --platform=x a/b:${V} AS build\nFROM build\nFROM scratch\n"
+    assert base_images(multi, {}) == ["a/b:1"]

@@ -1,0 +1,185 @@
+"""On a real Docker engine: the worker image, the ami/ bootstrap and a loopback registry.
+
+Full path: `image build` -> `image push` to 127.0.0.1 -> an instance boots -> the
+bootstrap reads user data with IMDSv2 and pulls line 2 -> the container's worker
+connects -> the build runs inside the container.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import docker
+import pytest
+
+from buildbot_dockerami.localcloud import LocalCloud
+from buildbot_dockerami.localcloud.containers import ContainerRuntime, LegacyCrontabRuntime
+from tests.docker_support import BASE_IMAGE, Registry, container_names, docker_client
+from tests.harness import BIN, REPO, RETRY, SUCCESS, master_cfg, wait_for
+
+pytestmark = pytest.mark.integration
+
+WHOAMI = "echo build-user=$(id -un) in-container=$(test -f /.dockerenv && echo yes)"
+
+
+@pytest.fixture(scope="session")
+def engine() -> docker.DockerClient:
+    return docker_client()
+
+
+@pytest.fixture(scope="session")
+def registry(engine: docker.DockerClient,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    registry = Registry(tmp_path_factory.mktemp("registry")).start()
+    yield registry
+    registry.stop()
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "buildbot-dockerami"), *args], capture_output=True,
+                          text=True, timeout=900, check=False)
+
+
+@pytest.fixture(scope="session")
+def worker_image(engine: docker.DockerClient, registry: Registry) -> str:
+    """The project's image, built and pushed with the CLI, then removed locally so that
+    every boot really pulls it from the registry."""
+    repo = f"{registry.address}/dockerami/worker-linux"
+    built = cli("image", "build", str(REPO / "images" / "worker-linux"), "--repo", repo,
+                "--base", BASE_IMAGE, "--wheels")
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    tag = built.stdout.strip().splitlines()[-1]
+    assert tag.startswith(f"{repo}:20"), tag  # dated tag, the seed's convention
+    pushed = cli("image", "push", tag)
+    assert pushed.returncode == 0, pushed.stdout[-3000:] + pushed.stderr[-3000:]
+    assert f"pushed {tag}" in pushed.stdout
+    engine.images.remove(tag)
+    return tag
+
+
+RuntimeFactory = Callable[[Path], ContainerRuntime]
+
+
+@pytest.fixture
+def runtime() -> RuntimeFactory:
+    return lambda directory: ContainerRuntime(directory, pull_attempts=20, pull_max_delay=2)
+
+
+@pytest.fixture
+def cloud(tmp_path: Path, engine: docker.DockerClient,
+          runtime: RuntimeFactory) -> Iterator[LocalCloud]:
+    state = tmp_path / "cloud"
+    with LocalCloud(state_dir=state, runtime=runtime(state / "instances")) as local_cloud:
+        yield local_cloud
+    assert not container_names(engine), "containers left behind after the cloud stopped"
+
+
+def only_instance(cloud: LocalCloud) -> dict:
+    (reservation,) = cloud.client().describe_instances()["Reservations"]
+    (instance,) = reservation["Instances"]
+    return instance
+
+
+def test_build_runs_in_the_pulled_container_and_idle_instance_takes_it_away(
+        make_master, cloud, engine, worker_image):
+    master = make_master(master_cfg(image=worker_image, command=WHOAMI, build_wait_timeout=4))
+    build = master.wait_request(master.force(), 180)
+    assert build["results"] == SUCCESS, master.log()[-3000:]
+    output = master.step_log(build["buildid"])
+    assert "build-user=builder in-container=yes" in output  # never true on the host
+
+    instance_id = only_instance(cloud)["InstanceId"]
+    assert container_names(engine) == [f"dockerami-{instance_id}"]
+    console = cloud.runtime.console(instance_id)
+    assert f"pulling {worker_image}" in console
+    # The bootstrap read the user data with an IMDSv2 token.
+    assert ("GET", "/latest/user-data", True) in cloud.runtime.metadata_requests(instance_id)
+    assert "WORKERPASS" not in str(engine.containers.get(f"dockerami-{instance_id}").attrs)
+
+    wait_for(lambda: only_instance(cloud)["State"]["Name"] == "terminated", 60,
+             "the idle instance to be terminated")
+    wait_for(lambda: not container_names(engine), 30, "its container to be gone")
+
+
+@pytest.fixture
+def registry_down_for_boot(registry: Registry) -> Iterator[Registry]:
+    registry.stop()
+    yield registry
+    if not registry.up():
+        registry.start()
+
+
+def test_bootstrap_retries_the_pull_while_the_registry_is_unreachable(
+        make_master, cloud, worker_image, registry_down_for_boot):
+    master = make_master(master_cfg(image=worker_image, command=WHOAMI))
+    brid = master.force()
+    wait_for(cloud.runtime.running, 30, "an instance to boot")
+    instance_id = cloud.runtime.running()[0]
+    wait_for(lambda: "retrying in" in (cloud.runtime.console(instance_id) or ""), 60,
+             "a failed pull to be retried")
+    registry_down_for_boot.start()
+    build = master.wait_request(brid, 180)
+    assert build["results"] == SUCCESS
+    assert "build-user=builder" in master.step_log(build["buildid"])
+
+
+@pytest.mark.parametrize("runtime", [LegacyCrontabRuntime])
+def test_the_seeds_crontab_line_boots_our_user_data(make_master, cloud, worker_image):
+    master = make_master(master_cfg(
+        image=worker_image, command=WHOAMI,
+        worker_extra="metadata_options={'HttpTokens': 'optional', 'HttpEndpoint': 'enabled'},"))
+    build = master.wait_request(master.force(), 180)
+    assert build["results"] == SUCCESS, master.log()[-3000:]
+    assert "build-user=builder in-container=yes" in master.step_log(build["buildid"])
+    instance_id = only_instance(cloud)["InstanceId"]
+    reads = [r for r in cloud.runtime.metadata_requests(instance_id)
+             if r[:2] == ("GET", "/latest/user-data")]
+    assert len(reads) >= 2  # the crontab's curl, then the container itself
+
+
+@pytest.mark.parametrize("runtime", [
+    lambda d: ContainerRuntime(d, pull_attempts=2, pull_max_delay=1)])
+def test_an_image_that_does_not_exist_fails_with_the_reason_and_is_terminated(
+        make_master, cloud, registry):
+    missing = f"{registry.address}/dockerami/no-such-image:1"
+    master = make_master(master_cfg(image=missing, missing_timeout=600))
+    brid = master.force()
+    wait_for(lambda: "latent worker crashed before connecting" in master.log(), 60,
+             "the substantiation to fail")
+    failure = next(line for line in master.log().splitlines()
+                   if "latent worker crashed before connecting" in line)
+    assert f"FATAL: cannot pull image {missing}" in failure  # the reason, in one line
+    wait_for(lambda: only_instance(cloud)["State"]["Name"] == "terminated", 30,
+             "the instance to be terminated")
+    wait_for(lambda: RETRY in [b["results"] for b in master.builds_for(brid)], 30,
+             "the build to end as RETRY (its request stays queued)")
+
+
+def test_worker_container_stops_fast(engine, worker_image, registry):
+    engine.images.pull(worker_image)
+    container = engine.containers.run(
+        worker_image, detach=True, network_mode="host",
+        environment={"WORKERNAME": "w", "WORKERPASS": "p", "BUILDMASTER": "127.0.0.1",
+                     "BUILDMASTER_PORT": "9"},
+    )
+    try:
+        wait_for(lambda: b"connecting to" in container.logs(), 30, "the worker to start")
+        started = time.monotonic()
+        container.stop(timeout=10)
+        took = time.monotonic() - started
+        assert took < 2, f"docker stop took {took:.1f}s: signals are not reaching the worker"
+    finally:
+        container.remove(force=True)
+        engine.images.remove(worker_image)
+
+
+def test_image_build_errors_are_clear(tmp_path):
+    (tmp_path / "Dockerfile").write_text("FROM dockerami/no-such-base:1\n")
+    result = cli("image", "build", str(tmp_path), "--repo", "dockerami/broken")
+    assert result.returncode == 1
+    assert "base image 'dockerami/no-such-base:1' is not on this Docker engine" in result.stderr
+    missing = cli("image", "build", str(tmp_path / "nowhere"))
+    assert missing.returncode == 1 and "has no Dockerfile" in missing.stderr
