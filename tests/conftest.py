@@ -33,3 +33,13 @@ def make_master(masters_root: Path, cloud: LocalCloud, request: pytest.FixtureRe
     yield make
     for master in started:
         master.stop()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    from tests.docker_support import SKIPPED_FOR_DOCKER
+
+    if SKIPPED_FOR_DOCKER:
+        terminalreporter.write_sep(
+            "!", "DOCKER TESTS SKIPPED: " + SKIPPED_FOR_DOCKER[0] + " (run dev/engine as root)",
+            red=True, bold=True,
+        )
