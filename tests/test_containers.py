@@ -183,3 +183,44 @@ def test_image_build_errors_are_clear(tmp_path):
     assert "base image 'dockerami/no-such-base:1' is not on this Docker engine" in result.stderr
     missing = cli("image", "build", str(tmp_path / "nowhere"))
     assert missing.returncode == 1 and "has no Dockerfile" in missing.stderr
+
+
+@pytest.fixture
+def setup_repo(tmp_path: Path) -> Iterator[str]:
+    """A seed-style config repo served over git's dumb HTTP protocol on 127.0.0.1."""
+    import functools
+    import http.server
+    import threading
+
+    work, served = tmp_path / "work", tmp_path / "served"
+    work.mkdir()
+    (work / "setup-worker.sh").write_text(
+        '#!/bin/sh\necho "setup ran in $(pwd) on branch $(git rev-parse --abbrev-ref HEAD)"'
+        ' > "$HOME/setup-ran"\n')
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    subprocess.run([*git, "init", "-q", "-b", "ci", str(work)], check=True)
+    subprocess.run([*git, "-C", str(work), "add", "."], check=True)
+    subprocess.run([*git, "-C", str(work), "commit", "-qm", "setup"], check=True)
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(served / "buildslaves.git")],
+                   check=True)
+    subprocess.run(["git", "-C", str(served / "buildslaves.git"), "update-server-info"],
+                   check=True)
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/buildslaves.git"
+    server.shutdown()
+
+
+def test_setup_repo_from_user_data_is_cloned_and_its_script_run(
+        make_master, cloud, worker_image, setup_repo):
+    master = make_master(master_cfg(
+        image=worker_image, command="cat $HOME/setup-ran",
+        worker_extra=f"setup_repo={setup_repo!r}, setup_branch='ci',"))
+    build = master.wait_request(master.force(), 180)
+    assert build["results"] == SUCCESS, master.log()[-3000:]
+    assert "setup ran in /home/builder/setup on branch ci" in master.step_log(build["buildid"])

@@ -48,7 +48,11 @@ SETUP_REPO=${SETUP_REPO:-} SETUP_BRANCH=${SETUP_BRANCH:-}
 if [ -n "$SETUP_REPO" ]; then
     log "cloning $SETUP_REPO ${SETUP_BRANCH:+(branch $SETUP_BRANCH)}"
     rm -rf "$HOME/setup"
-    git clone --depth 1 ${SETUP_BRANCH:+--branch "$SETUP_BRANCH"} "$SETUP_REPO" "$HOME/setup"
+    # Shallow first; dumb-HTTP servers cannot do shallow, so then a full clone.
+    git clone --quiet --depth 1 ${SETUP_BRANCH:+--branch "$SETUP_BRANCH"} "$SETUP_REPO" \
+        "$HOME/setup" 2>/dev/null \
+        || { rm -rf "$HOME/setup"
+             git clone --quiet ${SETUP_BRANCH:+--branch "$SETUP_BRANCH"} "$SETUP_REPO" "$HOME/setup"; }
     for script in setup-worker.sh setup-slave.sh; do
         if [ -f "$HOME/setup/$script" ]; then
             log "running $script"
