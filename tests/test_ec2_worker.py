@@ -145,3 +145,51 @@ def test_user_data_boots_on_a_seed_style_reader(tmp_path):
                          capture_output=True, text=True, check=True, cwd=tmp_path).stdout
     assert out.splitlines() == [
         "linux-1|s3cret|master.example.com:9989", "1:org/worker-linux:2015-10-19b"]
+
+
+def test_missing_timeout_logs_console_output_and_terminates(make_master, cloud):
+    cloud.hypervisor.boot_delay = 3600  # running, but the worker never comes
+    master = make_master(master_cfg(missing_timeout=4, check_interval=1))
+    master.force()
+    (instance,) = wait_for(lambda: instances(cloud), 30, "an instance to be launched")
+    wait_for(lambda: "never connected; console output:" in master.log(), 30,
+             "the console output to be logged")
+    wait_for(lambda: state_of(cloud, instance["InstanceId"]) == "terminated", 30,
+             "the instance to be terminated")
+    assert cloud.faults.count("GetConsoleOutput") >= 1
+
+
+def test_refused_terminations_are_retried_until_the_instance_is_gone(make_master, cloud):
+    master = make_master(master_cfg(build_wait_timeout=0))
+    cloud.faults.inject("TerminateInstances", "UnauthorizedOperation",
+                        "You are not authorized to perform this operation.", count=2)
+    assert master.wait_request(master.force(), 90)["results"] == SUCCESS
+    (instance,) = instances(cloud)
+    wait_for(lambda: state_of(cloud, instance["InstanceId"]) == "terminated", 30,
+             "the instance to be terminated after two refusals")
+    assert cloud.faults.count("TerminateInstances") == 3
+    assert f"terminating {instance['InstanceId']} failed" in master.log()
+
+
+RENDERED_BUILDERS = """
+c['builders'] = [
+    util.BuilderConfig(name=name, workernames=['w0'], factory=factory,
+                       properties={'itype': itype})
+    for name, itype in (('small', 't3.micro'), ('big', 'c5.large'))
+]
+c['schedulers'] = [schedulers.ForceScheduler(name='force', builderNames=['small', 'big'])]
+"""
+
+
+def test_renderable_instance_type_and_incompatible_builds(make_master, cloud):
+    config = master_cfg(build_wait_timeout=2).replace(
+        "instance_type='t3.micro'", "instance_type=util.Property('itype')")
+    config = config[:config.index("c['builders']")] + RENDERED_BUILDERS
+    master = make_master(config)
+    small = master.force("small")
+    big = master.force("big")
+    assert master.wait_request(small, 90)["results"] == SUCCESS
+    assert master.wait_request(big, 90)["results"] == SUCCESS
+    # One instance of each type: the build that needed the other type did not run on
+    # the instance that was up (whichever builder went first).
+    assert sorted(i["InstanceType"] for i in instances(cloud)) == ["c5.large", "t3.micro"]
