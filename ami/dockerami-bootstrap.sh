@@ -7,7 +7,8 @@
 #   2. read the user data from the metadata service (IMDSv2 token; v1 if no token);
 #   3. pull the image named on line 2, retrying with backoff, progress in the journal;
 #   4. run it with host networking and the user data mounted read-only, so the
-#      container itself needs no metadata access.
+#      container itself needs no metadata access; one container per slot (user-data
+#      extension slots=N), each replaced by a fresh one whenever it exits.
 # If the image cannot be pulled at all, it says why on the console and powers the
 # instance off (EC2 then terminates it), so the master sees the failure at once.
 #
@@ -39,20 +40,20 @@ until $DOCKER info >/dev/null 2>&1; do
     waited=$((waited + 1))
 done
 
-fetch_user_data() {
+imds_get() {
     token=$(curl -sf --max-time 5 -X PUT -H "X-aws-ec2-metadata-token-ttl-seconds: 21600" \
         "$IMDS/latest/api/token") || token=""
     if [ -n "$token" ]; then
-        curl -sf --max-time 10 -H "X-aws-ec2-metadata-token: $token" "$IMDS/latest/user-data"
+        curl -sf --max-time 10 -H "X-aws-ec2-metadata-token: $token" "$IMDS/latest/$1"
     else
-        curl -sf --max-time 10 "$IMDS/latest/user-data"
+        curl -sf --max-time 10 "$IMDS/latest/$1"
     fi
 }
 
 mkdir -p "$STATE_DIR"
 chmod 700 "$STATE_DIR"
 attempt=1
-until fetch_user_data > "$STATE_DIR/user-data.new"; do
+until imds_get user-data > "$STATE_DIR/user-data.new"; do
     [ "$attempt" -ge 10 ] && give_up "cannot read user data from $IMDS"
     log "metadata service not ready (attempt $attempt); retrying"
     sleep 2
@@ -79,10 +80,66 @@ until $DOCKER pull "$image"; do
     [ "$delay" -gt "$PULL_MAX_DELAY" ] && delay=$PULL_MAX_DELAY
 done
 
-$DOCKER rm -f "$CONTAINER" >/dev/null 2>&1 || true
-log "starting $image as $CONTAINER"
-# shellcheck disable=SC2086 # RUN_OPTIONS is a list of options
-exec $DOCKER run --rm --name "$CONTAINER" --network host $RUN_OPTIONS \
-    --mount "type=bind,source=$STATE_DIR/user-data,target=/run/dockerami/user-data,readonly" \
-    --env DOCKERAMI_USER_DATA_FILE=/run/dockerami/user-data \
-    "$image"
+instance_id=$(imds_get meta-data/instance-id) || instance_id=unknown
+
+# Extensions (lines 5+, ignored by the seed's readers): isolation=container makes each
+# worker serve one build and exit; slots=N runs N workers, slot.K=<name> <password>.
+extension() { sed -n '5,$p' "$STATE_DIR/user-data" | sed -n "s/^$1=//p" | head -n 1; }
+isolation=$(extension isolation)
+slots=$(extension slots)
+slots=${slots:-1}
+case $slots in "" | *[!0-9]* | 0) give_up "bad slots=$slots in user data" ;; esac
+master=$(sed -n 1p "$STATE_DIR/user-data" | cut -d' ' -f3)
+
+slot_container() { if [ "$1" -eq 0 ]; then echo "$CONTAINER"; else echo "$CONTAINER-$1"; fi; }
+
+# Each slot's container sees user data whose line 1 is its own worker.
+slot_user_data() {
+    file="$STATE_DIR/user-data.$1"
+    if [ "$1" -eq 0 ]; then
+        cp "$STATE_DIR/user-data" "$file"
+    else
+        credentials=$(extension "slot.$1")
+        [ -n "$credentials" ] || give_up "user data has slots=$slots but no slot.$1"
+        { printf '%s %s\n' "$credentials" "$master"; sed -n '2,$p' "$STATE_DIR/user-data"; } > "$file"
+    fi
+    chmod 644 "$file"
+}
+
+# A container that exits (a finished isolated build, or a crash) is replaced at once
+# by a fresh one from the same image.
+run_slot() {
+    name=$(slot_container "$1")
+    while :; do
+        $DOCKER rm -f "$name" >/dev/null 2>&1 || true
+        log "starting $image as $name"
+        # shellcheck disable=SC2086 # RUN_OPTIONS is a list of options
+        $DOCKER run --rm --name "$name" --network host $RUN_OPTIONS \
+            --mount "type=bind,source=$STATE_DIR/user-data.$1,target=/run/dockerami/user-data,readonly" \
+            --env DOCKERAMI_USER_DATA_FILE=/run/dockerami/user-data \
+            --env DOCKERAMI_INSTANCE_ID="$instance_id" --env DOCKERAMI_SLOT="$1" \
+            "$image" || log "$name exited with status $?"
+        # A crashing image must not spin; an isolated worker's exit is the normal case.
+        [ "$isolation" = container ] || sleep 2
+    done
+}
+
+stop_slots() {
+    log "stopping"
+    for job in $(jobs -p); do kill "$job" 2>/dev/null || true; done
+    slot=0
+    while [ "$slot" -lt "$slots" ]; do
+        $DOCKER rm -f "$(slot_container "$slot")" >/dev/null 2>&1 || true
+        slot=$((slot + 1))
+    done
+    exit 0
+}
+trap stop_slots TERM INT
+
+slot=0
+while [ "$slot" -lt "$slots" ]; do
+    slot_user_data "$slot"
+    run_slot "$slot" &
+    slot=$((slot + 1))
+done
+wait

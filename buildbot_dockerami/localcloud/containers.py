@@ -151,9 +151,14 @@ class _Machine:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
-        # Powering off takes the container with it, whatever the client did.
-        subprocess.run([self.docker, "rm", "-f", self.container], capture_output=True,
-                       check=False)
+        # Powering off takes the containers (one per slot) with it, whatever the clients did.
+        listed = subprocess.run(
+            [self.docker, "ps", "-aq", "--filter", f"name=^/{self.container}"],
+            capture_output=True, text=True, check=False,
+        )
+        if listed.stdout.split():
+            subprocess.run([self.docker, "rm", "-f", *listed.stdout.split()],
+                           capture_output=True, check=False)
         self.thread.join(timeout=15)
         self.metadata.stop()
 

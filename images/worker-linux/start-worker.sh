@@ -6,6 +6,8 @@
 #      buildbot's own worker images use (optional SETUP_REPO, SETUP_BRANCH);
 #   3. the instance user data from the metadata service (IMDSv2 token, then v1), as the
 #      seed's images did; DOCKERAMI_IMDS overrides http://169.254.169.254.
+# With user-data line "isolation=container" (or DOCKERAMI_ONE_CONNECTION=1) the worker
+# exits when its connection ends, so every build gets a fresh container.
 # User-data lines: 1 "name password host:port", 2 image, 3 setup repo, 4 setup branch.
 # When a setup repo is given it is cloned and its setup script run (seed behaviour).
 set -eu
@@ -40,6 +42,10 @@ if [ -n "${DOCKERAMI_USER_DATA_FILE:-}" ] || [ -z "${WORKERNAME:-}" ]; then
     fi
     WORKERNAME=$1 WORKERPASS=$2 BUILDMASTER=${3%:*} BUILDMASTER_PORT=${3##*:}
     SETUP_REPO=$(user_data_line 3) SETUP_BRANCH=$(user_data_line 4)
+    # isolation=container (line 5+): this container serves one connection, then exits.
+    if printf '%s\n' "$USER_DATA" | sed -n '5,$p' | grep -qx 'isolation=container'; then
+        DOCKERAMI_ONE_CONNECTION=1
+    fi
 fi
 : "${WORKERPASS:?WORKERPASS is required}" "${BUILDMASTER:?BUILDMASTER is required}"
 BUILDMASTER_PORT=${BUILDMASTER_PORT:-9989}
@@ -77,9 +83,23 @@ basedir = os.path.abspath(os.path.dirname(__file__))
 application = service.Application('buildbot-worker')
 with open(os.path.join(basedir, ".password")) as f:
     passwd = f.read()
-Worker("$BUILDMASTER", $BUILDMASTER_PORT, "$WORKERNAME", passwd, basedir,
-       keepalive=60, umask=0o022, maxdelay=10, allow_shutdown="signal",
-       maxRetries=None).setServiceParent(application)
+worker = Worker("$BUILDMASTER", $BUILDMASTER_PORT, "$WORKERNAME", passwd, basedir,
+                keepalive=60, umask=0o022, maxdelay=10, allow_shutdown="signal",
+                maxRetries=None)
+worker.setServiceParent(application)
+
+if "${DOCKERAMI_ONE_CONNECTION:-}" == "1":
+    # Per-build isolation: when the master drops this connection (after the build),
+    # exit instead of reconnecting, so the next build gets a fresh container.
+    from twisted.internet import reactor
+
+    connected = worker.bf.gotPerspective
+
+    def one_connection(perspective):
+        perspective.broker.notifyOnDisconnect(lambda: reactor.callLater(0, reactor.stop))
+        return connected(perspective)
+
+    worker.bf.gotPerspective = one_connection
 TAC
 unset WORKERPASS USER_DATA
 log "worker $WORKERNAME connecting to $BUILDMASTER:$BUILDMASTER_PORT"
