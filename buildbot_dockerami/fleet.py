@@ -12,11 +12,11 @@ from __future__ import annotations
 import time
 import weakref
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, Protocol
 
 from botocore.exceptions import ClientError
 from twisted.internet import defer, task, threads
-from twisted.python import log
+from twisted.python import failure, log
 from twisted.python.threadpool import ThreadPool
 
 from buildbot_dockerami import policy
@@ -40,16 +40,27 @@ class StateMonitor:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._watched: dict[str, tuple[AsyncEc2, float]] = {}
+        self._watchers: dict[str, set[str]] = {}
         self._cache: dict[str, InstanceStatus] = {}
         self._polled_at: dict[AsyncEc2, float] = {}
         self._waiters: dict[AsyncEc2, list[defer.Deferred]] = {}
 
-    def watch(self, client: AsyncEc2, instance_id: str) -> None:
-        self._watched[instance_id] = (client, self._clock())
+    def watch(self, client: AsyncEc2, instance_id: str, watcher: str = "") -> None:
+        """Start checking ``instance_id``; several watchers (slots) may share one instance."""
+        if instance_id not in self._watched:
+            self._watched[instance_id] = (client, self._clock())
+        self._watchers.setdefault(instance_id, set()).add(watcher)
 
-    def unwatch(self, instance_id: str) -> None:
-        self._watched.pop(instance_id, None)
-        self._cache.pop(instance_id, None)
+    def unwatch(self, instance_id: str, watcher: str | None = None) -> None:
+        """Stop checking for ``watcher`` (None: for everyone)."""
+        watchers = self._watchers.get(instance_id, set())
+        if watcher is None:
+            watchers.clear()
+        watchers.discard(watcher or "")
+        if not watchers:
+            self._watchers.pop(instance_id, None)
+            self._watched.pop(instance_id, None)
+            self._cache.pop(instance_id, None)
 
     def seconds_since_watch(self, instance_id: str) -> float:
         _, since = self._watched.get(instance_id, (None, self._clock()))
@@ -116,6 +127,13 @@ class Fleet:
         self._clients: dict[Hashable, AsyncEc2] = {}
         self._undead: dict[str, AsyncEc2] = {}
         self._undead_loop: task.LoopingCall | None = None
+        self.groups: dict[str, InstanceGroup] = {}
+
+    def group(self, name: str) -> InstanceGroup:
+        """The shared instance of the slot workers named for ``name``."""
+        if name not in self.groups:
+            self.groups[name] = InstanceGroup(self, name)
+        return self.groups[name]
 
     def _thread_pool(self) -> ThreadPool:
         if self._pool is None:
@@ -212,3 +230,129 @@ class Fleet:
     @property
     def undead(self) -> list[str]:
         return sorted(self._undead)
+
+
+class GroupMember(Protocol):
+    """What an InstanceGroup needs of a slot worker."""
+
+    name: str
+
+    @property
+    def busy(self) -> bool: ...
+
+    def arm(self) -> None: ...
+
+    def release(self) -> defer.Deferred: ...
+
+
+class InstanceGroup:
+    """One instance whose slots are served by several workers, each build in a fresh
+    container (isolation='container'). The instance lives while any slot is busy, and
+    ``idle_timeout`` seconds after the last build; then every slot is released and the
+    instance terminated."""
+
+    def __init__(self, fleet: Fleet, name: str) -> None:
+        self.fleet = fleet
+        self.name = name
+        self.members: dict[str, GroupMember] = {}
+        self.instance: Any = None
+        self.launch_values: dict[str, Any] | None = None
+        self.idle_timeout = 600.0
+        self.terminating = False
+        self._launch_waiters: list[defer.Deferred] | None = None
+        self._gone_waiters: list[defer.Deferred] = []
+        self._idle_timer: Any = None
+
+    def join(self, member: GroupMember) -> None:
+        self.members[member.name] = member
+
+    def slot_of(self, name: str) -> int:
+        return sorted(self.members).index(name)
+
+    @defer.inlineCallbacks
+    def acquire(self, launch: Callable[[], defer.Deferred]) -> Any:
+        """The group's instance, launched by ``launch()`` (-> (instance, values)) if
+        there is none; concurrent callers share one launch."""
+        while self.terminating:
+            waiter: defer.Deferred = defer.Deferred()
+            self._gone_waiters.append(waiter)
+            yield waiter
+        if self.instance is not None:
+            return self.instance
+        if self._launch_waiters is not None:
+            waiter = defer.Deferred()
+            self._launch_waiters.append(waiter)
+            return (yield waiter)
+        self._launch_waiters = []
+        try:
+            instance, values = yield launch()
+        except Exception:
+            error = failure.Failure()
+            waiters, self._launch_waiters = self._launch_waiters, None
+            for waiter in waiters:
+                waiter.errback(error)
+            raise
+        self.instance, self.launch_values = instance, values
+        waiters, self._launch_waiters = self._launch_waiters, None
+        for waiter in waiters:
+            waiter.callback(instance)
+        self._start_idle_timer()
+        for member in self.members.values():
+            member.arm()
+        return instance
+
+    def build_started(self) -> None:
+        self._cancel_idle_timer()
+
+    def build_finished(self) -> None:
+        if not any(member.busy for member in self.members.values()):
+            self._start_idle_timer()
+
+    def _start_idle_timer(self) -> None:
+        self._cancel_idle_timer()
+        if self.idle_timeout < 0:  # buildbot's convention: never shut down
+            return
+        self._idle_timer = self.fleet.reactor.callLater(self.idle_timeout, self._idle)
+
+    def _cancel_idle_timer(self) -> None:
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        self._idle_timer = None
+
+    def _idle(self) -> None:
+        self._idle_timer = None
+        if any(member.busy for member in self.members.values()):
+            return
+        self.shutdown(f"idle for {self.idle_timeout:.0f}s").addErrback(
+            log.err, f"dockerami: terminating the instance of {self.name}"
+        )
+
+    @defer.inlineCallbacks
+    def shutdown(self, why: str) -> Any:
+        """Release every slot, then terminate the instance. Never wait for this from a
+        member's stop_instance: releasing that member waits for its stop to finish."""
+        instance = self.instance
+        if instance is None or self.terminating:
+            return
+        self.terminating = True
+        self._cancel_idle_timer()
+        log.msg(f"dockerami: {self.name}: terminating {instance.instance_id}: {why}")
+        try:
+            yield defer.DeferredList(
+                [member.release() for member in list(self.members.values())], consumeErrors=True
+            )
+            yield self.fleet.terminate(instance.client, instance.instance_id)
+        finally:
+            self.instance = self.launch_values = None
+            self.terminating = False
+            waiters, self._gone_waiters = self._gone_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    @defer.inlineCallbacks
+    def leave(self, member: GroupMember) -> Any:
+        """A member's service stops (master shutdown, removed by reconfig)."""
+        self.members.pop(member.name, None)
+        if not self.members:
+            self.fleet.groups.pop(self.name, None)
+            yield self.shutdown("no workers left for it")

@@ -3,6 +3,7 @@ EC2 launches and terminations of a plain base AMI whose user data names an image
 
 from __future__ import annotations
 
+import copy
 import re
 import secrets
 import socket
@@ -14,15 +15,19 @@ from buildbot import config
 from buildbot.interfaces import IRenderable, LatentWorkerFailedToSubstantiate
 from buildbot.process.properties import Properties
 from buildbot.util.latent import CompatibleLatentWorkerMixin
-from buildbot.worker.latent import AbstractLatentWorker
+from buildbot.worker.latent import AbstractLatentWorker, States
 from twisted.internet import defer
 from twisted.python import log
 
 from buildbot_dockerami import policy, settings, userdata
 from buildbot_dockerami.cloud import AsyncEc2, LaunchSpec, resolve_region
-from buildbot_dockerami.fleet import Fleet
+from buildbot_dockerami.fleet import Fleet, InstanceGroup
 from buildbot_dockerami.userdata import UserData, UserDataError
 
+#: "none": an instance serves builds until idle; "container": a fresh container per
+#: build on a kept instance; "instance": a fresh instance per build.
+ISOLATION_MODES = ("none", "container", "instance")
+DEFAULT_BUILD_WAIT_TIMEOUT = 10 * 60
 #: Longest console output tail logged when an instance never connected.
 CONSOLE_TAIL_CHARS = 4000
 #: Stand-ins for values only known at launch, used to check the size limit early.
@@ -37,7 +42,6 @@ class LaunchedInstance:
     instance_type: str
     image: str
     ami: str
-    connected: bool = False
 
 
 def _is_renderable(value: Any) -> bool:
@@ -69,7 +73,11 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     """
 
     instance: LaunchedInstance | None = None
-    _connected_instance_ids: set[str]
+    group: InstanceGroup | None = None
+    isolation = "none"
+    #: Whether this substantiation's worker connected (else: log the console).
+    _connected = False
+    _stopping = False
 
     def checkConfig(
         self,
@@ -94,6 +102,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         metadata_options: dict[str, Any] | None = None,
         endpoint_url: str | None = None,
         session: Any = None,
+        isolation: str = "none",
+        instance_group: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().checkConfig(name, password, **kwargs)
@@ -116,6 +126,15 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             metadata_options=metadata_options,
             session=session,
         )
+        if isolation not in ISOLATION_MODES:
+            problems.append(f"isolation: {isolation!r} is not one of {', '.join(ISOLATION_MODES)}")
+        if instance_group is not None:
+            if isolation != "container":
+                problems.append("instance_group: only with isolation='container'")
+            elif not isinstance(instance_group, str) or not instance_group.strip() or any(
+                c.isspace() for c in instance_group
+            ):
+                problems.append(f"instance_group: {instance_group!r} must be a non-empty word")
         for problem in problems:
             config.error(f"DockerAMILatentWorker {name!r}: {problem}")
 
@@ -143,6 +162,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         metadata_options: dict[str, Any] | None = None,
         endpoint_url: str | None = None,
         session: Any = None,
+        isolation: str = "none",
+        instance_group: str | None = None,
         **kwargs: Any,
     ) -> Any:
         self.image = image
@@ -166,6 +187,18 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         self.endpoint_url = endpoint_url
         self.session = session
         self.fleet = Fleet.for_master(self.master)
+        self.isolation = isolation
+        idle_timeout = kwargs.get("build_wait_timeout", DEFAULT_BUILD_WAIT_TIMEOUT)
+        if isolation != "none":
+            # Every build ends its worker's connection: the container or instance is spent.
+            kwargs["build_wait_timeout"] = 0
+        if self.group is not None and self.group.name != (instance_group or name):
+            self.group.members.pop(name, None)
+            self.group = None
+        if isolation == "container":
+            self.group = self.fleet.group(instance_group or name)
+            self.group.join(self)
+            self.group.idle_timeout = idle_timeout
         # None means a fresh password per instance (see start_instance); until then,
         # getRandomPass keeps the live one if an instance is booting or connected.
         self.random_password = password is None
@@ -207,6 +240,29 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             raise LatentWorkerFailedToSubstantiate(
                 self.name, f"instance {self.instance.instance_id} is still running"
             )
+        if self.group is not None:
+            group = self.group
+            instance = yield group.acquire(lambda: self._launch(build, group))
+            # Compatible with builds by what the shared instance was launched with.
+            self._actual_build_props = copy.deepcopy(group.launch_values)
+        else:
+            instance, _ = yield self._launch(build)
+        self.instance = instance
+        self._connected = False
+        self.fleet.monitor.watch(instance.client, instance.instance_id, self.name)
+        return True
+
+    @defer.inlineCallbacks
+    def renew_password(self) -> Any:
+        """A fresh password per instance when none is configured."""
+        if self.random_password:
+            self.password = secrets.token_hex(16)
+            yield self.registration.update(self, self.master.config)
+        return self.password
+
+    @defer.inlineCallbacks
+    def _launch(self, build: Any, group: InstanceGroup | None = None) -> Any:
+        """RunInstances for this worker, or for every slot of its group."""
         values = yield self.renderWorkerPropsOnStart(build)
         problems = _rendered_problems(values)
         if problems:
@@ -215,27 +271,37 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         ami = values["ami"]
         if ami is None:
             ami = yield client.newest_image(self.ami_filters, self.ami_owners)
-        if self.random_password:
-            self.password = secrets.token_hex(16)
-            yield self.registration.update(self, self.master.config)
+        members = [group.members[n] for n in sorted(group.members)] if group else [self]
+        credentials = []
+        for member in members:
+            credentials.append((member.name, (yield member.renew_password())))
+        extensions: dict[str, str] = {}
+        if group is not None:
+            extensions["isolation"] = "container"
+            if len(credentials) > 1:
+                extensions["slots"] = str(len(credentials))
+                for slot, (name, password) in enumerate(credentials[1:], start=1):
+                    extensions[f"slot.{slot}"] = f"{name} {password}"
         try:
             text = userdata.render(
                 UserData(
-                    worker_name=self.name,
-                    password=self.password,
+                    worker_name=credentials[0][0],
+                    password=credentials[0][1],
                     master=self._connect_address(),
                     image=values["image"],
                     setup_repo=values["setup_repo"],
                     setup_branch=values["setup_branch"],
+                    extensions=extensions,
                 )
             )
         except UserDataError as e:
             raise LatentWorkerFailedToSubstantiate(self.name, str(e)) from e
+        owner = group.name if group is not None else self.name
         spec = LaunchSpec(
             ami=ami,
             instance_type=values["instance_type"],
             user_data=text,
-            tags=policy.instance_tags(self.name, self.fleet.master_id, self.tags),
+            tags=policy.instance_tags(owner, self.fleet.master_id, self.tags),
             subnet_id=self.subnet_id,
             security_group_ids=self.security_group_ids,
             keypair_name=self.keypair_name,
@@ -250,15 +316,14 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             raise LatentWorkerFailedToSubstantiate(
                 self.name, f"RunInstances failed: {error.get('Code')}: {error.get('Message')}"
             ) from e
-        self.instance = LaunchedInstance(
-            client, status.instance_id, values["instance_type"], values["image"], ami
-        )
-        self.fleet.monitor.watch(client, status.instance_id)
         log.msg(
             f"{self}: launched {status.instance_id} ({values['instance_type']}, {ami}) "
-            f"running image {values['image']}"
+            f"running image {values['image']} for {', '.join(n for n, _ in credentials)}"
         )
-        return True
+        instance = LaunchedInstance(
+            client, status.instance_id, values["instance_type"], values["image"], ami
+        )
+        return (instance, copy.deepcopy(values))
 
     @defer.inlineCallbacks
     def check_instance(self) -> Any:
@@ -282,8 +347,41 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     def attached(self, conn: Any) -> Any:
         yield super().attached(conn)
         if self.instance is not None and self.conn is not None:
-            self.instance.connected = True
-            self.fleet.monitor.unwatch(self.instance.instance_id)
+            self._connected = True
+            self.fleet.monitor.unwatch(self.instance.instance_id, self.name)
+
+    # -- per-build isolation -------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.building)
+
+    def arm(self) -> None:
+        """Expect this slot's next fresh container: substantiate without a build, as
+        buildbot's latent machines do for workers that start with their machine."""
+        if self._stopping or self.state not in (States.NOT_SUBSTANTIATED, States.INSUBSTANTIATING):
+            return
+        self.substantiate(None, None).addErrback(lambda _: None)  # failures are logged
+
+    def release(self) -> defer.Deferred:
+        return self.insubstantiate()
+
+    def buildStarted(self, wfb: Any) -> None:
+        super().buildStarted(wfb)
+        if self.group is not None:
+            self.group.build_started()
+
+    def buildFinished(self, wfb: Any) -> None:
+        super().buildFinished(wfb)
+        if self.group is not None:
+            self.group.build_finished()
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        self._stopping = True
+        yield super().stopService()
+        if self.group is not None:
+            yield self.group.leave(self)
 
     # -- stopping ----------------------------------------------------------------
 
@@ -293,11 +391,25 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         self.resetWorkerPropsOnStop()
         if instance is None:
             return True
-        if not instance.connected:
+        self.fleet.monitor.unwatch(instance.instance_id, self.name)
+        if not self._connected:
             yield self._log_console_output(instance)
+        if self.group is not None:
+            self._leave_slot(self.group, instance)
+            return True
         state = yield self.fleet.terminate(instance.client, instance.instance_id)
         log.msg(f"{self}: instance {instance.instance_id} is {state}")
         return True
+
+    def _leave_slot(self, group: InstanceGroup, instance: LaunchedInstance) -> None:
+        """This slot's container is spent (build done, container lost) or never came."""
+        if group.instance is not instance or group.terminating or self._stopping:
+            return
+        if not self._connected:
+            # Not waited for: shutting the group down releases this very worker.
+            self._deferwaiter.add(group.shutdown(f"{self.name}'s container never connected"))
+            return
+        self.arm()
 
     @defer.inlineCallbacks
     def _console_output(self, instance: LaunchedInstance) -> Any:
