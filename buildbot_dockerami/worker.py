@@ -3,6 +3,7 @@ EC2 launches and terminations of a plain base AMI whose user data names an image
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import secrets
@@ -14,6 +15,7 @@ from botocore.exceptions import ClientError
 from buildbot import config
 from buildbot.interfaces import IRenderable, LatentWorkerFailedToSubstantiate
 from buildbot.process.properties import Properties
+from buildbot.util import Notifier
 from buildbot.util.latent import CompatibleLatentWorkerMixin
 from buildbot.worker.latent import AbstractLatentWorker, States
 from twisted.internet import defer
@@ -28,6 +30,9 @@ from buildbot_dockerami.userdata import UserData, UserDataError
 #: build on a kept instance; "instance": a fresh instance per build.
 ISOLATION_MODES = ("none", "container", "instance")
 DEFAULT_BUILD_WAIT_TIMEOUT = 10 * 60
+#: States in which a slot worker is on its way to expecting its next container.
+REARMING_STATES = (States.INSUBSTANTIATING_SUBSTANTIATING, States.SUBSTANTIATING)
+CONNECTION_WAIT_SECONDS = 30
 #: Longest console output tail logged when an instance never connected.
 CONSOLE_TAIL_CHARS = 4000
 #: Stand-ins for values only known at launch, used to check the size limit early.
@@ -187,6 +192,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         self.endpoint_url = endpoint_url
         self.session = session
         self.fleet = Fleet.for_master(self.master)
+        self._expecting_connection: Notifier[None] = Notifier()
         self.isolation = isolation
         idle_timeout = kwargs.get("build_wait_timeout", DEFAULT_BUILD_WAIT_TIMEOUT)
         if isolation != "none":
@@ -245,6 +251,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             instance = yield group.acquire(lambda: self._launch(build, group))
             # Compatible with builds by what the shared instance was launched with.
             self._actual_build_props = copy.deepcopy(group.launch_values)
+            self._expecting_connection.notify(None)
         else:
             instance, _ = yield self._launch(build)
         self.instance = instance
@@ -345,6 +352,16 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
 
     @defer.inlineCallbacks
     def attached(self, conn: Any) -> Any:
+        recycling = self.state in REARMING_STATES or (
+            self.state == States.SUBSTANTIATED and self.conn is None  # lost, not yet cleaned up
+        )
+        if self.group is not None and recycling:
+            # A fresh container can connect before buildbot has finished recycling the
+            # last one's substantiation; buildbot would turn it away. Wait for it.
+            with contextlib.suppress(defer.TimeoutError):
+                yield self._expecting_connection.wait().addTimeout(
+                    CONNECTION_WAIT_SECONDS, self.master.reactor
+                )
         yield super().attached(conn)
         if self.instance is not None and self.conn is not None:
             self._connected = True
@@ -533,3 +550,30 @@ def _rendered_problems(values: dict[str, Any]) -> list[str]:
         except UserDataError as e:
             problems.append(f"rendered {e}")
     return problems
+
+
+def worker_pool(name: str, *, count: int = 1, slots: int = 1,
+                **settings: Any) -> list[DockerAMILatentWorker]:
+    """The workers of ``count`` instances with ``slots`` isolated build slots each, for
+    ``c['workers']``. Every slot is its own worker and container; the workers of one
+    instance share it (``instance_group``). Names: ``name-K`` with one slot per
+    instance, ``name-K-S`` with several (K, S from 1)."""
+    if not isinstance(count, int) or count < 1 or not isinstance(slots, int) or slots < 1:
+        config.error(f"worker_pool {name!r}: count and slots must be positive integers")
+        return []
+    if slots > 1:
+        isolation = settings.setdefault("isolation", "container")
+        if isolation != "container":
+            config.error(f"worker_pool {name!r}: slots: several slots need "
+                         f"isolation='container', not {isolation!r}")
+            return []
+    workers = []
+    for k in range(1, count + 1):
+        group = f"{name}-{k}"
+        for s in range(1, slots + 1):
+            worker_name = group if slots == 1 else f"{group}-{s}"
+            kwargs = dict(settings)
+            if settings.get("isolation") == "container":
+                kwargs["instance_group"] = group
+            workers.append(DockerAMILatentWorker(worker_name, **kwargs))
+    return workers

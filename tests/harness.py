@@ -107,14 +107,17 @@ class Master:
         wait_for(lambda: self.log().count("configuration update complete") > marker, 60,
                  "the reconfig to complete")
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 60) -> bool:
+        """SIGTERM, as `buildbot stop` does; False if it had to be killed after ``timeout``."""
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(timeout=60)
+                self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+                return False
+        return True
 
     # -- REST API ----------------------------------------------------------------
 
@@ -157,8 +160,11 @@ class Master:
         return wait_for(done, timeout, f"build request {brid} to complete")
 
     def step_log(self, buildid: int, step: str = "run") -> str:
+        """The step's log so far ("" if the step has not started yet)."""
         steps = self.get(f"builds/{buildid}/steps")
-        stepid = next(s["stepid"] for s in steps if s["name"] == step)
+        stepid = next((s["stepid"] for s in steps if s["name"] == step), None)
+        if stepid is None:
+            return ""
         logs = self.get(f"steps/{stepid}/logs")
         text = []
         for entry in logs:
@@ -170,6 +176,7 @@ class Master:
 MASTER_CFG = """\
 import os
 from buildbot.plugins import schedulers, steps, util, worker
+from buildbot_dockerami import worker_pool
 
 c = BuildmasterConfig = {{}}
 c['title'] = 'dockerami test'
@@ -181,27 +188,24 @@ c['db'] = {{'db_url': 'sqlite:///state.sqlite'}}
 c['buildbotNetUsageData'] = None
 c['collapseRequests'] = False
 
-c['workers'] = [
-    worker.DockerAMILatentWorker(
-        'w%d' % i,
-        image={image!r},
-        ami_filters=[{{'Name': 'name', 'Values': ['dockerami-base-*']}}],
-        instance_type={instance_type!r},
-        master_address=os.environ['DOCKERAMI_MASTER_ADDRESS'],
-        tags={{'team': 'ci'}},
-        build_wait_timeout={build_wait_timeout!r},
-        missing_timeout={missing_timeout!r},
-        check_instance_interval={check_interval!r},
-        max_builds=1,
-        {worker_extra}
-    )
-    for i in range({workers})
-]
+COMMON = dict(
+    image={image!r},
+    ami_filters=[{{'Name': 'name', 'Values': ['dockerami-base-*']}}],
+    instance_type={instance_type!r},
+    master_address=os.environ['DOCKERAMI_MASTER_ADDRESS'],
+    tags={{'team': 'ci'}},
+    build_wait_timeout={build_wait_timeout!r},
+    missing_timeout={missing_timeout!r},
+    check_instance_interval={check_interval!r},
+    max_builds=1,
+    {worker_extra}
+)
+c['workers'] = {workers_expr}
 factory = util.BuildFactory([
     steps.ShellCommand(name='run', command={command!r}),
 ])
 c['builders'] = [
-    util.BuilderConfig(name='runtests', workernames=['w%d' % i for i in range({workers})],
+    util.BuilderConfig(name='runtests', workernames=[w.name for w in c['workers']],
                        factory=factory),
 ]
 c['schedulers'] = [schedulers.ForceScheduler(name='force', builderNames=['runtests'])]
@@ -211,11 +215,17 @@ c['schedulers'] = [schedulers.ForceScheduler(name='force', builderNames=['runtes
 def master_cfg(*, image: str = "localhost/dockerami/worker:test", instance_type: str = "t3.micro",
                build_wait_timeout: float = 2, missing_timeout: float = 120,
                check_interval: float = 1, workers: int = 1,
-               command: str = "echo hello from $(hostname)", worker_extra: str = "") -> str:
-    """A master.cfg with ``workers`` DockerAMILatentWorkers; ``worker_extra`` is inserted
-    verbatim into each worker's keyword arguments (e.g. "metadata_options={...},")."""
+               command: str = "echo hello from $(hostname)", worker_extra: str = "",
+               pool: str | None = None) -> str:
+    """A master.cfg with ``workers`` DockerAMILatentWorkers (or, with ``pool``, the
+    workers of ``worker_pool(pool)``, e.g. "'pool', slots=2"); ``worker_extra`` is
+    inserted verbatim into the workers' keyword arguments ("isolation='container',")."""
+    workers_expr = (
+        f"worker_pool({pool}, **COMMON)" if pool else
+        f"[worker.DockerAMILatentWorker('w%d' % i, **COMMON) for i in range({workers})]"
+    )
     return MASTER_CFG.format(
         image=image, instance_type=instance_type, build_wait_timeout=build_wait_timeout,
-        missing_timeout=missing_timeout, check_interval=check_interval, workers=workers,
-        command=["sh", "-c", command], worker_extra=worker_extra,
+        missing_timeout=missing_timeout, check_interval=check_interval,
+        command=["sh", "-c", command], worker_extra=worker_extra, workers_expr=workers_expr,
     )

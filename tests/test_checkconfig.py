@@ -27,6 +27,8 @@ BAD_WORKERS = {
                 "'user data: ", "EC2 allows at most 16384"),
     "newline": ("image='org/w:1', setup_repo='https://x/\\nrm'", "'setup_repo: ", "whitespace"),
     "badtype": ("image='org/w:1', instance_type='large'", "'instance_type: ", "instance type"),
+    "isol": ("image='org/w:1', isolation='vm'", "'isolation: ", "is not one of"),
+    "grp": ("image='org/w:1', instance_group='g'", "'instance_group: ", "only with"),
     "imds": ("image='org/w:1', metadata_options={'HttpTokens': 'maybe'}", "'metadata_options: ",
              "HttpTokens"),
 }

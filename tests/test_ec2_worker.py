@@ -193,3 +193,13 @@ def test_renderable_instance_type_and_incompatible_builds(make_master, cloud):
     # One instance of each type: the build that needed the other type did not run on
     # the instance that was up (whichever builder went first).
     assert sorted(i["InstanceType"] for i in instances(cloud)) == ["c5.large", "t3.micro"]
+
+
+def test_instance_isolation_gives_every_build_a_fresh_instance(make_master, cloud):
+    master = make_master(master_cfg(build_wait_timeout=600, worker_extra="isolation='instance',"))
+    for _ in range(2):
+        assert master.wait_request(master.force(), 90)["results"] == SUCCESS
+    launched = instances(cloud)
+    assert len(launched) == 2  # despite build_wait_timeout=600
+    wait_for(lambda: all(state_of(cloud, i["InstanceId"]) == "terminated" for i in launched),
+             30, "both instances to be terminated after their build")

@@ -9,78 +9,19 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-import docker
 import pytest
 
-from buildbot_dockerami.localcloud import LocalCloud
 from buildbot_dockerami.localcloud.containers import ContainerRuntime, LegacyCrontabRuntime
-from tests.docker_support import BASE_IMAGE, Registry, container_names, docker_client
-from tests.harness import BIN, REPO, RETRY, SUCCESS, master_cfg, wait_for
+from tests.containers.conftest import cli, only_instance
+from tests.docker_support import Registry, container_names
+from tests.harness import RETRY, SUCCESS, master_cfg, wait_for
 
 pytestmark = pytest.mark.integration
 
 WHOAMI = "echo build-user=$(id -un) in-container=$(test -f /.dockerenv && echo yes)"
-
-
-@pytest.fixture(scope="session")
-def engine() -> docker.DockerClient:
-    return docker_client()
-
-
-@pytest.fixture(scope="session")
-def registry(engine: docker.DockerClient,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    registry = Registry(tmp_path_factory.mktemp("registry")).start()
-    yield registry
-    registry.stop()
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "buildbot-dockerami"), *args], capture_output=True,
-                          text=True, timeout=900, check=False)
-
-
-@pytest.fixture(scope="session")
-def worker_image(engine: docker.DockerClient, registry: Registry) -> str:
-    """The project's image, built and pushed with the CLI, then removed locally so that
-    every boot really pulls it from the registry."""
-    repo = f"{registry.address}/dockerami/worker-linux"
-    built = cli("image", "build", str(REPO / "images" / "worker-linux"), "--repo", repo,
-                "--base", BASE_IMAGE, "--wheels")
-    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
-    tag = built.stdout.strip().splitlines()[-1]
-    assert tag.startswith(f"{repo}:20"), tag  # dated tag, the seed's convention
-    pushed = cli("image", "push", tag)
-    assert pushed.returncode == 0, pushed.stdout[-3000:] + pushed.stderr[-3000:]
-    assert f"pushed {tag}" in pushed.stdout
-    engine.images.remove(tag)
-    return tag
-
-
-RuntimeFactory = Callable[[Path], ContainerRuntime]
-
-
-@pytest.fixture
-def runtime() -> RuntimeFactory:
-    return lambda directory: ContainerRuntime(directory, pull_attempts=20, pull_max_delay=2)
-
-
-@pytest.fixture
-def cloud(tmp_path: Path, engine: docker.DockerClient,
-          runtime: RuntimeFactory) -> Iterator[LocalCloud]:
-    state = tmp_path / "cloud"
-    with LocalCloud(state_dir=state, runtime=runtime(state / "instances")) as local_cloud:
-        yield local_cloud
-    assert not container_names(engine), "containers left behind after the cloud stopped"
-
-
-def only_instance(cloud: LocalCloud) -> dict:
-    (reservation,) = cloud.client().describe_instances()["Reservations"]
-    (instance,) = reservation["Instances"]
-    return instance
 
 
 def test_build_runs_in_the_pulled_container_and_idle_instance_takes_it_away(

@@ -1,0 +1,126 @@
+"""Per-build isolation on a real Docker engine: a fresh container for every build on a
+kept instance (isolation='container'), several slots per instance, lost containers."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from tests.containers.conftest import only_instance
+from tests.docker_support import container_names
+from tests.harness import RETRY, SUCCESS, master_cfg, wait_for
+
+pytestmark = pytest.mark.integration
+
+# Reports what a build can see of earlier builds, then leaves all of that behind. The
+# marker process is found through /proc (no procps in the image); the pattern and the
+# name are spelled so that neither this script nor grep matches itself.
+LEFTOVERS = (
+    "echo container=$(grep -o 'containers/[0-9a-f]*' /proc/self/mountinfo | head -n 1 "
+    "| cut -d/ -f2) instance=$DOCKERAMI_INSTANCE_ID; "
+    "seen() { if [ -e \"$1\" ]; then echo yes; else echo no; fi; }; "
+    "echo leftovers: workspace=$(seen marker-ws) home=$(seen $HOME/marker-home) "
+    "tmp=$(seen /tmp/marker-tmp) process=$(grep -las 'leftover-sleepe[r]' /proc/[0-9]*/cmdline "
+    ">/dev/null && echo yes || echo no); "
+    "touch marker-ws $HOME/marker-home /tmp/marker-tmp; "
+    "m=leftover; setsid nohup sh -c \"sleep 1000 # $m-sleeper\" >/dev/null 2>&1 &"
+)
+
+
+def facts(master, build: dict) -> dict[str, str]:
+    text = master.step_log(build["buildid"])
+    found = dict(re.findall(r"\b(container|instance|workspace|home|tmp|process)=(\S*)", text))
+    assert found.get("container") and found.get("instance"), text
+    return found
+
+
+def run_two_builds(master) -> tuple[dict, dict]:
+    first = master.wait_request(master.force(), 180)
+    second = master.wait_request(master.force(), 180)
+    assert (first["results"], second["results"]) == (SUCCESS, SUCCESS), master.log()[-3000:]
+    assert_no_container_turned_away(master)
+    return facts(master, first), facts(master, second)
+
+
+def assert_no_container_turned_away(master) -> None:
+    """A fresh container is expected, never refused and retried."""
+    assert "while not trying to substantiate" not in master.log()
+
+
+def test_consecutive_builds_on_one_instance_see_nothing_of_each_other(
+        make_master, cloud, engine, worker_image):
+    master = make_master(master_cfg(image=worker_image, command=LEFTOVERS, build_wait_timeout=60,
+                                    worker_extra="isolation='container',"))
+    first, second = run_two_builds(master)
+    assert second["instance"] == first["instance"]  # the instance was kept
+    assert second["container"] != first["container"]  # but the container is new
+    assert {k: second[k] for k in ("workspace", "home", "tmp", "process")} == dict.fromkeys(
+        ("workspace", "home", "tmp", "process"), "no")
+    # The previous container is gone before the next build starts.
+    assert all(first["container"] not in c.id for c in engine.containers.list(all=True))
+
+    assert master.stop(timeout=30), "the master did not stop within 30s"
+    wait_for(lambda: only_instance(cloud)["State"]["Name"] == "terminated", 30,
+             "the master's instance to be terminated when it stops")
+    wait_for(lambda: not container_names(engine), 30, "no container to be left behind")
+
+
+def test_without_isolation_leftovers_are_visible(make_master, cloud, worker_image):
+    """The control: the same probe does see the first build's leftovers without isolation."""
+    master = make_master(master_cfg(image=worker_image, command=LEFTOVERS, build_wait_timeout=60))
+    first, second = run_two_builds(master)
+    assert second["container"] == first["container"]
+    assert (second["workspace"], second["process"]) == ("yes", "yes")
+
+
+def test_two_slots_build_concurrently_in_two_containers_on_one_instance(
+        make_master, cloud, engine, worker_image):
+    master = make_master(master_cfg(
+        image=worker_image, command=f"{LEFTOVERS}\nsleep 4", build_wait_timeout=60,
+        pool="'pool', slots=2"))
+    requests = [master.force(), master.force()]
+    builds = [master.wait_request(brid, 180) for brid in requests]
+    assert [b["results"] for b in builds] == [SUCCESS, SUCCESS], master.log()[-3000:]
+    a, b = (facts(master, build) for build in builds)
+    assert a["instance"] == b["instance"] and a["container"] != b["container"]
+    assert builds[0]["started_at"] < builds[1]["complete_at"]
+    assert builds[1]["started_at"] < builds[0]["complete_at"]  # they overlapped
+    assert len(cloud.client().describe_instances()["Reservations"]) == 1
+    workers = {w["workerid"]: w["name"] for w in master.get("workers")}
+    assert {workers[b["workerid"]] for b in builds} == {"pool-1-1", "pool-1-2"}
+
+
+def test_a_container_killed_mid_build_retries_the_build_in_a_fresh_one(
+        make_master, cloud, engine, worker_image):
+    master = make_master(master_cfg(
+        image=worker_image, command=f"{LEFTOVERS}\nsleep 6", build_wait_timeout=60,
+        worker_extra="isolation='container',"))
+    brid = master.force()
+    wait_for(lambda: master.builds_for(brid), 120, "the build to start")
+    first_build = master.builds_for(brid)[0]
+    wait_for(lambda: "leftovers:" in master.step_log(first_build["buildid"]), 60,
+             "the build to be running")
+    killed = facts(master, first_build)["container"]
+    engine.containers.get(killed).kill()
+
+    final = master.wait_request(brid, 180)
+    assert final["results"] == SUCCESS
+    assert master.builds_for(brid)[0]["results"] == RETRY
+    rerun = facts(master, final)
+    assert rerun["container"] != killed and rerun["workspace"] == "no"
+    assert_no_container_turned_away(master)
+    assert master.stop(timeout=30), "the master did not stop within 30s"
+    wait_for(lambda: not container_names(engine), 30, "no container to be left behind")
+
+
+def test_idle_timeout_still_terminates_the_instance(make_master, cloud, engine, worker_image):
+    master = make_master(master_cfg(image=worker_image, command="true", build_wait_timeout=3,
+                                    worker_extra="isolation='container',"))
+    assert master.wait_request(master.force(), 180)["results"] == SUCCESS
+    finished = time.monotonic()
+    wait_for(lambda: only_instance(cloud)["State"]["Name"] == "terminated", 60,
+             "the idle instance to be terminated")
+    assert time.monotonic() - finished >= 2
+    wait_for(lambda: not container_names(engine), 30, "its containers to be gone")
