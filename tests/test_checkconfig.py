@@ -95,3 +95,28 @@ def test_missing_region_is_a_config_error(masters_root: Path) -> None:
     result = master.checkconfig()
     assert result.returncode != 0
     assert "DockerAMILatentWorker 'r': region: no AWS region" in result.stdout + result.stderr
+
+
+def test_example_pool_passes_when_enabled(masters_root: Path,
+                                          checkconfig_env: dict[str, str]) -> None:
+    master = _master(masters_root, "example-pool", checkconfig_env)
+    text = (REPO / "master.cfg.example").read_text()
+    enabled = text.replace("# from buildbot_dockerami import worker_pool",
+                           "from buildbot_dockerami import worker_pool")
+    enabled = enabled.replace("# c['workers'] += worker_pool(", "c['workers'] += worker_pool(")
+    assert enabled.count("worker_pool") == 2 and "# c['workers'] +=" not in enabled
+    master.write_config(enabled)
+    result = master.checkconfig()
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_pool_with_slots_but_without_container_isolation_is_refused(
+        masters_root: Path, checkconfig_env: dict[str, str]) -> None:
+    master = _master(masters_root, "bad-pool", checkconfig_env)
+    master.write_config(BAD_CFG.format(workers="    *__import__('buildbot_dockerami')"
+                                       ".worker_pool('p', slots=2, isolation='instance',"
+                                       " image='org/w:1', **base),"))
+    result = master.checkconfig()
+    assert result.returncode != 0
+    assert "worker_pool 'p': slots: several slots need isolation='container'" in (
+        result.stdout + result.stderr)
