@@ -84,6 +84,11 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     _connected = False
     _stopping = False
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Fired when a slot worker starts expecting its next container (see attached).
+        self._expecting_connection: Notifier[None] = Notifier()
+        super().__init__(*args, **kwargs)
+
     def checkConfig(
         self,
         name: str,
@@ -192,13 +197,14 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         self.endpoint_url = endpoint_url
         self.session = session
         self.fleet = Fleet.for_master(self.master)
-        self._expecting_connection: Notifier[None] = Notifier()
         self.isolation = isolation
         idle_timeout = kwargs.get("build_wait_timeout", DEFAULT_BUILD_WAIT_TIMEOUT)
         if isolation != "none":
             # Every build ends its worker's connection: the container or instance is spent.
             kwargs["build_wait_timeout"] = 0
-        if self.group is not None and self.group.name != (instance_group or name):
+        if self.group is not None and (
+            isolation != "container" or self.group.name != (instance_group or name)
+        ):
             self.group.members.pop(name, None)
             self.group = None
         if isolation == "container":
