@@ -368,7 +368,13 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
                 yield self._expecting_connection.wait().addTimeout(
                     CONNECTION_WAIT_SECONDS, self.master.reactor
                 )
+        # buildbot forgets a graceful Stop when a worker connects; one asked for while
+        # the instance booted still stands.
+        graceful = self._graceful
         yield super().attached(conn)
+        if graceful and not self._graceful:
+            self._graceful = True
+            self._update_graceful()
         if self.instance is not None and self.conn is not None:
             self._connected = True
             self.fleet.monitor.unwatch(self.instance.instance_id, self.name)
@@ -398,6 +404,29 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         super().buildFinished(wfb)
         if self.group is not None:
             self.group.build_finished()
+        # A graceful Stop waits for this (buildbot's latent workers never check it).
+        self.maybeShutdown()
+
+    @defer.inlineCallbacks
+    def shutdown(self) -> Any:
+        """The web UI's Stop (graceful: called once idle) and Kill (now) worker actions.
+
+        buildbot's own shutdown only asks the worker process to exit, which would leave
+        the instance running and billing. Here the instance is terminated (a container-
+        isolated slot gets a fresh container instead; its instance ends when idle), any
+        running build ends as RETRY and is built again, and the worker stays available:
+        the next build boots a new instance.
+        """
+        log.msg(f"{self}: shut down by request; ending its {self.isolation_target}")
+        yield self.insubstantiate()
+        if self._graceful:
+            self._graceful = False
+            self._update_graceful()
+        self.botmaster.maybeStartBuildsForWorker(self.name)
+
+    @property
+    def isolation_target(self) -> str:
+        return "container" if self.group is not None else "instance"
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:

@@ -229,3 +229,15 @@ def master_cfg(*, image: str = "localhost/dockerami/worker:test", instance_type:
         missing_timeout=missing_timeout, check_interval=check_interval,
         command=["sh", "-c", command], worker_extra=worker_extra, workers_expr=workers_expr,
     )
+
+
+def control_worker(master: Master, name: str, action: str, reason: str = "test") -> None:
+    """A worker action as the web UI sends it (Pause, Unpause, Stop, Kill)."""
+    workerid = next(w["workerid"] for w in master.get("workers") if w["name"] == name)
+    response = requests.post(
+        f"{master.api}/workers/{workerid}",
+        json={"jsonrpc": "2.0", "method": action, "id": 1, "params": {"reason": reason}},
+        timeout=10,
+    )
+    response.raise_for_status()
+    assert "error" not in response.json(), response.json()
