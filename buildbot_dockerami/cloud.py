@@ -91,14 +91,26 @@ def _status(instance: Mapping[str, Any]) -> InstanceStatus:
     )
 
 
+#: Error codes EC2 uses when it throttles a caller.
+THROTTLE_CODES = frozenset({"RequestLimitExceeded", "Throttling", "ThrottlingException"})
+
+Observer = Callable[[str], None]
+
+
 class Ec2:
-    """Blocking EC2 calls through one boto3 client. Call only from a worker thread."""
+    """Blocking EC2 calls through one boto3 client. Call only from a worker thread.
+
+    ``on_request`` and ``on_throttle`` are told the operation name of every HTTP
+    request sent (retries included) and of every throttled one, for metrics.
+    """
 
     def __init__(
         self,
         region: str | None = None,
         endpoint_url: str | None = None,
         session: boto3.session.Session | None = None,
+        on_request: Observer | None = None,
+        on_throttle: Observer | None = None,
     ) -> None:
         session = session or boto3.session.Session()
         self.region = resolve_region(region, session)
@@ -109,6 +121,20 @@ class Ec2:
         self.client = session.client(
             "ec2", region_name=self.region, endpoint_url=endpoint_url, config=BOTO_CONFIG
         )
+        events = self.client.meta.events
+        if on_request is not None:
+            events.register(
+                "before-send.ec2",
+                lambda event_name, **_: on_request(event_name.rsplit(".", 1)[-1]),
+            )
+        if on_throttle is not None:
+
+            def throttled(response: Any = None, operation: Any = None, **_: Any) -> None:
+                code = (response or (None, {}))[1].get("Error", {}).get("Code")
+                if code in THROTTLE_CODES:
+                    on_throttle(operation.name)
+
+            events.register("needs-retry.ec2", throttled)
 
     def run_instance(self, spec: LaunchSpec) -> InstanceStatus:
         response = self.client.run_instances(**spec.run_instances_args())

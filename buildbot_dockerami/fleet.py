@@ -21,6 +21,7 @@ from twisted.python.threadpool import ThreadPool
 
 from buildbot_dockerami import policy
 from buildbot_dockerami.cloud import AsyncEc2, CloudError, Ec2
+from buildbot_dockerami.metrics import Metrics
 from buildbot_dockerami.policy import InstanceStatus
 
 #: How often instances whose termination failed are tried again.
@@ -128,6 +129,9 @@ class Fleet:
         self._undead: dict[str, AsyncEc2] = {}
         self._undead_loop: task.LoopingCall | None = None
         self.groups: dict[str, InstanceGroup] = {}
+        self.metrics = Metrics()
+        #: This master's DockerAMILatentWorkers, for the operator surface.
+        self.workers: weakref.WeakSet = weakref.WeakSet()
 
     def group(self, name: str) -> InstanceGroup:
         """The shared instance of the slot workers named for ``name``."""
@@ -164,8 +168,11 @@ class Fleet:
         key = (region, endpoint_url, id(session) if session is not None else None)
         if key not in self._clients:
             pool = self._thread_pool()
+            metrics = self.metrics
             ec2 = yield threads.deferToThreadPool(
-                self.reactor, pool, Ec2, region, endpoint_url, session
+                self.reactor, pool, Ec2, region, endpoint_url, session,
+                lambda op: metrics.inc("dockerami_ec2_requests_total", {"operation": op}),
+                lambda op: metrics.inc("dockerami_ec2_throttles_total", {"operation": op}),
             )
             # Another worker may have built one meanwhile: keep the first.
             self._clients.setdefault(key, AsyncEc2(ec2, pool, self.reactor))

@@ -83,6 +83,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     #: Whether this substantiation's worker connected (else: log the console).
     _connected = False
     _stopping = False
+    _failure_counted = False
+    _requested_at = 0.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Fired when a slot worker starts expecting its next container (see attached).
@@ -197,6 +199,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         self.endpoint_url = endpoint_url
         self.session = session
         self.fleet = Fleet.for_master(self.master)
+        self.fleet.workers.add(self)
         self.isolation = isolation
         idle_timeout = kwargs.get("build_wait_timeout", DEFAULT_BUILD_WAIT_TIMEOUT)
         if isolation != "none":
@@ -252,6 +255,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             raise LatentWorkerFailedToSubstantiate(
                 self.name, f"instance {self.instance.instance_id} is still running"
             )
+        self._requested_at = self.master.reactor.seconds()
+        self._failure_counted = False
         if self.group is not None:
             group = self.group
             instance = yield group.acquire(lambda: self._launch(build, group))
@@ -326,6 +331,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             status = yield client.run_instance(spec)
         except ClientError as e:
             error = e.response.get("Error", {})
+            self._count_failure(f"RunInstances:{error.get('Code')}")
             raise LatentWorkerFailedToSubstantiate(
                 self.name, f"RunInstances failed: {error.get('Code')}: {error.get('Message')}"
             ) from e
@@ -333,10 +339,15 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             f"{self}: launched {status.instance_id} ({values['instance_type']}, {ami}) "
             f"running image {values['image']} for {', '.join(n for n, _ in credentials)}"
         )
+        self.fleet.metrics.inc("dockerami_instance_launches_total", {"worker": owner})
         instance = LaunchedInstance(
             client, status.instance_id, values["instance_type"], values["image"], ami
         )
         return (instance, copy.deepcopy(values))
+
+    def _count_failure(self, reason: str) -> None:
+        self._failure_counted = True
+        self.fleet.metrics.inc("dockerami_launch_failures_total", {"reason": reason})
 
     @defer.inlineCallbacks
     def check_instance(self) -> Any:
@@ -349,6 +360,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         status = yield monitor.status(instance.instance_id, self.check_instance_interval * 0.8)
         ok, reason = policy.boot_verdict(status, monitor.seconds_since_watch(instance.instance_id))
         if not ok:
+            self._count_failure(f"instance_{status.state if status else 'not_found'}")
             # The boot's last words (e.g. the bootstrap's "cannot pull image") say why.
             output = yield self._console_output(instance)
             last = policy.last_console_words(output or "")
@@ -376,6 +388,11 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             self._graceful = True
             self._update_graceful()
         if self.instance is not None and self.conn is not None:
+            self.fleet.metrics.observe(
+                "dockerami_provisioning_seconds",
+                self.master.reactor.seconds() - self._requested_at,
+                {"isolation": self.isolation},
+            )
             self._connected = True
             self.fleet.monitor.unwatch(self.instance.instance_id, self.name)
 
@@ -432,6 +449,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     def stopService(self) -> Any:
         self._stopping = True
         yield super().stopService()
+        self.fleet.workers.discard(self)
         if self.group is not None:
             yield self.group.leave(self)
 
@@ -444,7 +462,10 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         if instance is None:
             return True
         self.fleet.monitor.unwatch(instance.instance_id, self.name)
-        if not self._connected:
+        cancelled = self._stopping or (self.group is not None and self.group.terminating)
+        if not self._connected and not cancelled:
+            if not self._failure_counted:
+                self._count_failure("never_connected")
             yield self._log_console_output(instance)
         if self.group is not None:
             self._leave_slot(self.group, instance)

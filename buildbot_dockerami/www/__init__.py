@@ -1,0 +1,70 @@
+"""The operator surface in buildbot's web server: ``c['www']['plugins']['dockerami'] = {}``.
+
+Serves, under ``/plugins/dockerami/``:
+  ``metrics``  the fleet's metrics in the Prometheus text format.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from buildbot.www.plugin import Application
+from twisted.web import resource
+
+from buildbot_dockerami.fleet import Fleet
+
+#: Most advanced first: an instance shown once, in the state of its busiest slot.
+_STATE_RANK = {"booting": 0, "connected": 1, "building": 2}
+
+
+def instance_states(fleet: Fleet) -> Counter[str]:
+    """How many instances this master owns, by state."""
+    states: dict[str, str] = {}
+    for worker in list(fleet.workers):
+        instance = worker.instance
+        if instance is None:
+            continue
+        if worker.busy:
+            state = "building"
+        elif worker.conn is not None:
+            state = "connected"
+        else:
+            state = "booting"
+        previous = states.get(instance.instance_id)
+        if previous is None or _STATE_RANK[state] > _STATE_RANK[previous]:
+            states[instance.instance_id] = state
+    for group in fleet.groups.values():
+        if group.instance is not None and group.instance.instance_id not in states:
+            states[group.instance.instance_id] = "terminating" if group.terminating else "idle"
+    return Counter(states.values())
+
+
+class MetricsResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, app: FleetApplication) -> None:
+        super().__init__()
+        self.app = app
+
+    def render_GET(self, request: Any) -> bytes:
+        fleet = Fleet.for_master(self.app.master)
+        counts = instance_states(fleet)
+        gauges = {
+            "dockerami_instances": [
+                ({"state": state}, counts.get(state, 0))
+                for state in ("booting", "connected", "building", "idle", "terminating")
+            ],
+            "dockerami_terminations_failing": [({}, len(fleet.undead))],
+        }
+        request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+        return fleet.metrics.render(gauges).encode()
+
+
+class FleetApplication(Application):
+    def __init__(self) -> None:
+        super().__init__(__name__, "buildbot-dockerami: fleet metrics", ui=False)
+        self.resource.putChild(b"metrics", MetricsResource(self))
+
+
+ep = FleetApplication()
