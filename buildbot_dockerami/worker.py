@@ -47,6 +47,9 @@ class LaunchedInstance:
     instance_type: str
     image: str
     ami: str
+    availability_zone: str = ""
+    #: Epoch seconds RunInstances answered.
+    launched_at: float = 0.0
 
 
 def _is_renderable(value: Any) -> bool:
@@ -85,10 +88,14 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     _stopping = False
     _failure_counted = False
     _requested_at = 0.0
+    #: A container slot waiting for the fresh container that replaces its last one.
+    recycling = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Fired when a slot worker starts expecting its next container (see attached).
         self._expecting_connection: Notifier[None] = Notifier()
+        #: When this substantiation was requested, connected, started its first build.
+        self.timeline: dict[str, float] = {}
         super().__init__(*args, **kwargs)
 
     def checkConfig(
@@ -256,6 +263,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
                 self.name, f"instance {self.instance.instance_id} is still running"
             )
         self._requested_at = self.master.reactor.seconds()
+        self.timeline = {"requested": self._requested_at}
         self._failure_counted = False
         if self.group is not None:
             group = self.group
@@ -341,7 +349,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         )
         self.fleet.metrics.inc("dockerami_instance_launches_total", {"worker": owner})
         instance = LaunchedInstance(
-            client, status.instance_id, values["instance_type"], values["image"], ami
+            client, status.instance_id, values["instance_type"], values["image"], ami,
+            status.availability_zone, self.master.reactor.seconds(),
         )
         return (instance, copy.deepcopy(values))
 
@@ -359,6 +368,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         monitor = self.fleet.monitor
         status = yield monitor.status(instance.instance_id, self.check_instance_interval * 0.8)
         ok, reason = policy.boot_verdict(status, monitor.seconds_since_watch(instance.instance_id))
+        if status is not None and status.state == "running":
+            self.timeline.setdefault("running", self.master.reactor.seconds())
         if not ok:
             self._count_failure(f"instance_{status.state if status else 'not_found'}")
             # The boot's last words (e.g. the bootstrap's "cannot pull image") say why.
@@ -388,6 +399,10 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             self._graceful = True
             self._update_graceful()
         if self.instance is not None and self.conn is not None:
+            self.timeline["connected"] = self.master.reactor.seconds()
+            if self.busy:  # the build that asked for this instance starts now
+                self.timeline["build_started"] = self.timeline["connected"]
+            self.recycling = False
             self.fleet.metrics.observe(
                 "dockerami_provisioning_seconds",
                 self.master.reactor.seconds() - self._requested_at,
@@ -413,7 +428,10 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         return self.insubstantiate()
 
     def buildStarted(self, wfb: Any) -> None:
+        # buildbot calls this when it claims the worker, before substantiating it.
         super().buildStarted(wfb)
+        if self.conn is not None:
+            self.timeline.setdefault("build_started", self.master.reactor.seconds())
         if self.group is not None:
             self.group.build_started()
 
@@ -482,6 +500,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             # Not waited for: shutting the group down releases this very worker.
             self._deferwaiter.add(group.shutdown(f"{self.name}'s container never connected"))
             return
+        self.recycling = True
         self.arm()
 
     @defer.inlineCallbacks

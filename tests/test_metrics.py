@@ -57,3 +57,43 @@ def test_metrics_page_counts_launches_requests_throttles_and_latency(make_master
     assert values['dockerami_provisioning_seconds_count{isolation="none"}'] == 1
     assert values['dockerami_instances{state="building"}'] == 0
     assert values["dockerami_terminations_failing"] == 0
+
+
+@pytest.mark.integration
+def test_fleet_api_shows_workers_instances_costs_and_orphans(make_master, cloud):
+    config = master_cfg(build_wait_timeout=600, workers=2).replace(
+        "'plugins': {}", "'plugins': {'dockerami': {'prices': {'t3.micro': 0.0104}}}")
+    master = make_master(config)
+    assert master.wait_request(master.force(), 90)["results"] == SUCCESS
+    url = f"http://127.0.0.1:{master.www_port}/plugins/dockerami/api/fleet"
+
+    def fleet() -> dict:
+        response = requests.get(url, timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def settled() -> dict | None:
+        current = fleet()
+        states = sorted(w["state"] for w in current["workers"])
+        return current if states == ["connected", "not running"] else None
+
+    status = wait_for(settled, 30, "one worker connected, one not running")
+    w0, w1 = sorted(status["workers"], key=lambda w: w["state"])  # the build's, the other
+    (instance,) = [i for r in cloud.client().describe_instances()["Reservations"]
+                   for i in r["Instances"]]
+    assert w0["instance"]["id"] == instance["InstanceId"]
+    assert w0["instance"]["type"] == "t3.micro"
+    assert w0["instance"]["availability_zone"] == instance["Placement"]["AvailabilityZone"]
+    assert w0["instance"]["cost_so_far"] is not None
+    assert {"requested", "connected", "build_started"} <= set(w0["timeline"])
+    assert w0["timeline"]["requested"] <= w0["timeline"]["connected"]
+    assert (w1["state"], w1["instance"]) == ("not running", None)
+    assert status["orphans"] == []
+
+    # An instance tagged for this master that no worker owns, e.g. left by a crash.
+    orphan = cloud.client().run_instances(
+        ImageId=cloud.base_ami_id, MinCount=1, MaxCount=1, InstanceType="t3.nano",
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [
+            {"Key": "buildbot:master", "Value": status["master_id"]}]}],
+    )["Instances"][0]["InstanceId"]
+    assert [o["id"] for o in fleet()["orphans"]] == [orphan]

@@ -1,18 +1,25 @@
 """The operator surface in buildbot's web server: ``c['www']['plugins']['dockerami'] = {}``.
 
 Serves, under ``/plugins/dockerami/``:
-  ``metrics``  the fleet's metrics in the Prometheus text format.
+  ``metrics``    the fleet's metrics in the Prometheus text format;
+  ``api/fleet``  every worker's state and instance, and orphaned instances, as JSON.
+
+Plugin settings: ``{'prices': {'t3.large': 0.0832, ...}}``, on-demand USD per hour,
+for the estimated cost so far.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Any
 
 from buildbot.www.plugin import Application
-from twisted.web import resource
+from twisted.python import log
+from twisted.web import resource, server
 
 from buildbot_dockerami.fleet import Fleet
+from buildbot_dockerami.www.status import fleet_status
 
 #: Most advanced first: an instance shown once, in the state of its busiest slot.
 _STATE_RANK = {"booting": 0, "connected": 1, "building": 2}
@@ -61,10 +68,42 @@ class MetricsResource(resource.Resource):
         return fleet.metrics.render(gauges).encode()
 
 
+class FleetResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, app: FleetApplication) -> None:
+        super().__init__()
+        self.app = app
+
+    def render_GET(self, request: Any) -> Any:
+        master = self.app.master
+        prices = (self.app.config or {}).get("prices", {})
+        d = fleet_status(Fleet.for_master(master), master.reactor.seconds(), prices)
+
+        def write(status: dict) -> None:
+            request.setHeader(b"content-type", b"application/json")
+            request.write(json.dumps(status).encode())
+            request.finish()
+
+        def fail(failure: Any) -> None:
+            log.err(failure, "dockerami: fleet status")
+            request.setResponseCode(500)
+            request.write(json.dumps({"error": failure.getErrorMessage()}).encode())
+            request.finish()
+
+        d.addCallbacks(write, fail)
+        return server.NOT_DONE_YET
+
+
 class FleetApplication(Application):
+    config: Any = None
+
     def __init__(self) -> None:
-        super().__init__(__name__, "buildbot-dockerami: fleet metrics", ui=False)
+        super().__init__(__name__, "buildbot-dockerami: fleet metrics and status", ui=False)
         self.resource.putChild(b"metrics", MetricsResource(self))
+        api = resource.Resource()
+        api.putChild(b"fleet", FleetResource(self))
+        self.resource.putChild(b"api", api)
 
 
 ep = FleetApplication()

@@ -1,0 +1,102 @@
+"""What the fleet page shows: each worker's state and instance, and orphaned instances."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from buildbot.worker.latent import States
+from twisted.internet import defer
+
+from buildbot_dockerami import policy
+from buildbot_dockerami.fleet import Fleet
+
+#: Instance states in which an orphan still costs money.
+LIVE_STATES = ("pending", "running", "stopping", "stopped")
+
+
+def worker_state(worker: Any) -> str:
+    """One word for the operator: not running, launching, booting, connected, building,
+    recycling (a container slot between builds), terminating, quarantine."""
+    group = worker.group
+    if worker.busy:
+        return "building"
+    if (group is not None and group.terminating) or worker.state == States.INSUBSTANTIATING:
+        return "terminating"
+    if worker.instance is not None and worker.conn is not None:
+        return "connected"
+    if worker.instance is not None:
+        return "recycling" if worker.recycling else "booting"
+    if worker.state in (States.SUBSTANTIATING, States.SUBSTANTIATING_STARTING,
+                        States.INSUBSTANTIATING_SUBSTANTIATING):
+        return "launching"
+    if worker.quarantine_timer is not None:
+        return "quarantine"
+    return "not running"
+
+
+def current_builds(worker: Any) -> list[int]:
+    builds = []
+    for builder in worker.botmaster.builders.values():
+        for build in builder.building:
+            if build.workername == worker.name and build.buildid is not None:
+                builds.append(build.buildid)
+    return builds
+
+
+def worker_row(worker: Any, now: float, prices: Mapping[str, float]) -> dict[str, Any]:
+    instance = worker.instance
+    row: dict[str, Any] = {
+        "name": worker.name,
+        "workerid": worker.workerid,
+        "state": worker_state(worker),
+        "isolation": worker.isolation,
+        "instance_group": worker.group.name if worker.group is not None else None,
+        "paused": worker.isPaused(),
+        "builds": current_builds(worker),
+        "timeline": dict(worker.timeline) if instance is not None else {},
+        "instance": None,
+    }
+    if instance is not None:
+        uptime = max(0.0, now - instance.launched_at)
+        price = prices.get(instance.instance_type)
+        row["instance"] = {
+            "id": instance.instance_id,
+            "type": instance.instance_type,
+            "availability_zone": instance.availability_zone,
+            "market": "on-demand",
+            "image": instance.image,
+            "ami": instance.ami,
+            "launched_at": instance.launched_at,
+            "uptime_seconds": round(uptime, 1),
+            "cost_so_far": None if price is None else round(price * uptime / 3600, 4),
+        }
+    return row
+
+
+@defer.inlineCallbacks
+def orphans(fleet: Fleet) -> Any:
+    """Instances tagged for this master that no live worker owns (e.g. left by a crash)."""
+    client = fleet.any_client()
+    if client is None:
+        return []
+    tagged = yield client.describe_tagged(policy.MASTER_TAG, fleet.master_id)
+    owned = {w.instance.instance_id for w in list(fleet.workers) if w.instance is not None}
+    owned |= {g.instance.instance_id for g in fleet.groups.values() if g.instance is not None}
+    return [
+        {"id": status.instance_id, "state": status.state, "type": status.instance_type,
+         "availability_zone": status.availability_zone}
+        for status in tagged.values()
+        if status.state in LIVE_STATES and status.instance_id not in owned
+    ]
+
+
+@defer.inlineCallbacks
+def fleet_status(fleet: Fleet, now: float, prices: Mapping[str, float]) -> Any:
+    workers = sorted(fleet.workers, key=lambda w: w.name)
+    return {
+        "master_id": fleet.master_id,
+        "workers": [worker_row(w, now, prices) for w in workers],
+        "orphans": (yield orphans(fleet)),
+        "terminations_failing": fleet.undead,
+    }
