@@ -1,6 +1,7 @@
 """The operator surface in buildbot's web server: ``c['www']['plugins']['dockerami'] = {}``.
 
 Serves, under ``/plugins/dockerami/``:
+  ``scripts.js`` the Fleet page of the web UI (menu entry "Fleet", route #/dockerami);
   ``metrics``    the fleet's metrics in the Prometheus text format;
   ``api/fleet``  every worker's state and instance, and orphaned instances, as JSON.
 
@@ -99,7 +100,7 @@ class FleetApplication(Application):
     config: Any = None
 
     def __init__(self) -> None:
-        super().__init__(__name__, "buildbot-dockerami: fleet metrics and status", ui=False)
+        super().__init__(__name__, "buildbot-dockerami: fleet page, metrics, status", ui=True)
         self.resource.putChild(b"metrics", MetricsResource(self))
         api = resource.Resource()
         api.putChild(b"fleet", FleetResource(self))

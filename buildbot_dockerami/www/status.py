@@ -35,16 +35,23 @@ def worker_state(worker: Any) -> str:
     return "not running"
 
 
-def current_builds(worker: Any) -> list[int]:
+@defer.inlineCallbacks
+def current_builds(worker: Any) -> Any:
     builds = []
     for builder in worker.botmaster.builders.values():
         for build in builder.building:
             if build.workername == worker.name and build.buildid is not None:
-                builds.append(build.buildid)
+                builds.append({
+                    "buildid": build.buildid,
+                    "number": build.number,
+                    "builder": builder.name,
+                    "builderid": (yield builder.getBuilderId()),
+                })
     return builds
 
 
-def worker_row(worker: Any, now: float, prices: Mapping[str, float]) -> dict[str, Any]:
+@defer.inlineCallbacks
+def worker_row(worker: Any, now: float, prices: Mapping[str, float]) -> Any:
     instance = worker.instance
     row: dict[str, Any] = {
         "name": worker.name,
@@ -53,7 +60,7 @@ def worker_row(worker: Any, now: float, prices: Mapping[str, float]) -> dict[str
         "isolation": worker.isolation,
         "instance_group": worker.group.name if worker.group is not None else None,
         "paused": worker.isPaused(),
-        "builds": current_builds(worker),
+        "builds": (yield current_builds(worker)),
         "timeline": dict(worker.timeline) if instance is not None else {},
         "instance": None,
     }
@@ -93,10 +100,12 @@ def orphans(fleet: Fleet) -> Any:
 
 @defer.inlineCallbacks
 def fleet_status(fleet: Fleet, now: float, prices: Mapping[str, float]) -> Any:
-    workers = sorted(fleet.workers, key=lambda w: w.name)
+    rows = []
+    for worker in sorted(fleet.workers, key=lambda w: w.name):
+        rows.append((yield worker_row(worker, now, prices)))
     return {
         "master_id": fleet.master_id,
-        "workers": [worker_row(w, now, prices) for w in workers],
+        "workers": rows,
         "orphans": (yield orphans(fleet)),
         "terminations_failing": fleet.undead,
     }

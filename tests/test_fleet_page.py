@@ -1,0 +1,62 @@
+"""The Fleet page in buildbot's web UI, in a real browser: Debian's chromium driven by
+Playwright (no browser download). Screenshots go to test-artifacts/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from tests.harness import REPO, SUCCESS, master_cfg
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = os.environ.get("DOCKERAMI_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = REPO / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if sync_playwright is None or not shutil.which(CHROMIUM):
+        why = "playwright or chromium is missing (dev/browser installs chromium)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {why}")
+        pytest.skip(f"NO BROWSER: {why}")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync"],
+        )
+        yield browser
+        browser.close()
+
+
+def test_fleet_page_shows_the_instance_a_build_booted(make_master, cloud, browser):
+    config = master_cfg(build_wait_timeout=600, workers=1).replace(
+        "'plugins': {}", "'plugins': {'dockerami': {'prices': {'t3.micro': 0.0104}}}")
+    master = make_master(config)
+    assert master.wait_request(master.force(), 90)["results"] == SUCCESS
+    (reservation,) = cloud.client().describe_instances()["Reservations"]
+    instance_id = reservation["Instances"][0]["InstanceId"]
+
+    page = browser.new_page(viewport={"width": 1600, "height": 900})
+    try:
+        page.goto(f"http://127.0.0.1:{master.www_port}/#/dockerami")
+        row = page.locator("tr[data-worker='w0']")
+        row.locator(".dockerami-state", has_text="connected").wait_for(timeout=30_000)
+        assert row.locator(".dockerami-instance").inner_text() == instance_id
+        assert "worker connected" in row.locator(".dockerami-timeline").inner_text()
+        assert page.get_by_text("Fleet", exact=True).first.is_visible()  # the menu entry
+        page.locator(".dockerami-no-orphans").wait_for()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "fleet-page.png"), full_page=True)
+    finally:
+        page.close()
