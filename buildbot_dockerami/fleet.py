@@ -234,10 +234,6 @@ class Fleet:
                 else:
                     log.msg(f"dockerami: {instance_id} still not terminated: {e}")
 
-    def any_client(self) -> AsyncEc2 | None:
-        """A client of this master's, for fleet-wide questions (orphans)."""
-        return next(iter(self._clients.values()), None)
-
     @property
     def undead(self) -> list[str]:
         return sorted(self._undead)

@@ -81,6 +81,10 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     _requested_at = 0.0
     #: A container slot waiting for the fresh container that replaces its last one.
     recycling = False
+    #: The user's build_wait_timeout (buildbot's is forced to 0 under isolation).
+    idle_timeout: float = DEFAULT_BUILD_WAIT_TIMEOUT
+    _prewarming = False
+    _prewarm_timer: Any = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Fired when a slot worker starts expecting its next container (see attached).
@@ -193,6 +197,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         self.fleet.workers.add(self)
         self.isolation = isolation
         idle_timeout = kwargs.get("build_wait_timeout", DEFAULT_BUILD_WAIT_TIMEOUT)
+        self.idle_timeout = idle_timeout
         if isolation != "none":
             # Every build ends its worker's connection: the container or instance is spent.
             kwargs["build_wait_timeout"] = 0
@@ -262,6 +267,10 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         self.fleet.monitor.watch(instance.client, instance.instance_id, self.name)
         return True
 
+    def ec2_client(self) -> defer.Deferred:
+        """The (shared) EC2 client for this worker's region and endpoint."""
+        return self.fleet.client(self.region, self.endpoint_url, self.session)
+
     @defer.inlineCallbacks
     def renew_password(self) -> Any:
         """A fresh password per instance when none is configured."""
@@ -277,7 +286,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         problems = rendered_problems(values)
         if problems:
             raise LatentWorkerFailedToSubstantiate(self.name, "; ".join(problems))
-        client = yield self.fleet.client(self.region, self.endpoint_url, self.session)
+        client = yield self.ec2_client()
         ami = values["ami"]
         if ami is None:
             ami = yield client.newest_image(self.ami_filters, self.ami_owners)
@@ -386,6 +395,9 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             self.timeline["connected"] = self.master.reactor.seconds()
             if self.busy:  # the build that asked for this instance starts now
                 self.timeline["build_started"] = self.timeline["connected"]
+            elif self._prewarming and self.group is None:
+                self._start_prewarm_timer()
+            self._prewarming = False
             self.recycling = False
             self.fleet.metrics.observe(
                 "dockerami_provisioning_seconds",
@@ -411,9 +423,39 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     def release(self) -> defer.Deferred:
         return self.insubstantiate()
 
+    # -- operator controls -------------------------------------------------------
+
+    def prewarm(self) -> bool:
+        """Boot an instance now, before any build asks (the Fleet page's Start)."""
+        if self.state != States.NOT_SUBSTANTIATED or self.isPaused():
+            return False
+        self._prewarming = True
+        self.substantiate(None, None).addErrback(lambda _: None)  # failures are logged
+        return True
+
+    def _start_prewarm_timer(self) -> None:
+        """A pre-warmed instance waits for a build as long as an idle one would."""
+        self._cancel_prewarm_timer()
+        if self.idle_timeout >= 0:
+            self._prewarm_timer = self.master.reactor.callLater(
+                max(self.idle_timeout, 1), self._prewarm_expired
+            )
+
+    def _cancel_prewarm_timer(self) -> None:
+        if self._prewarm_timer is not None and self._prewarm_timer.active():
+            self._prewarm_timer.cancel()
+        self._prewarm_timer = None
+
+    def _prewarm_expired(self) -> None:
+        self._prewarm_timer = None
+        if not self.busy and self.instance is not None:
+            log.msg(f"{self}: pre-warmed instance had no build; terminating it")
+            self._deferwaiter.add(self.insubstantiate())
+
     def buildStarted(self, wfb: Any) -> None:
         # buildbot calls this when it claims the worker, before substantiating it.
         super().buildStarted(wfb)
+        self._cancel_prewarm_timer()
         if self.conn is not None:
             self.timeline.setdefault("build_started", self.master.reactor.seconds())
         if self.group is not None:
@@ -459,6 +501,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
 
     @defer.inlineCallbacks
     def stop_instance(self, fast: bool = False) -> Any:
+        self._cancel_prewarm_timer()
         instance, self.instance = self.instance, None
         self.resetWorkerPropsOnStop()
         if instance is None:

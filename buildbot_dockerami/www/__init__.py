@@ -3,7 +3,8 @@
 Serves, under ``/plugins/dockerami/``:
   ``scripts.js`` the Fleet page of the web UI (menu entry "Fleet", route #/dockerami);
   ``metrics``    the fleet's metrics in the Prometheus text format;
-  ``api/fleet``  every worker's state and instance, and orphaned instances, as JSON.
+  ``api/fleet``  every worker's state and instance, and orphaned instances, as JSON;
+  ``api/control`` POST: pre-warm a worker, terminate an instance or an orphan (authz).
 
 Plugin settings: ``{'prices': {'t3.large': 0.0832, ...}}``, on-demand USD per hour,
 for the estimated cost so far.
@@ -20,6 +21,7 @@ from twisted.python import log
 from twisted.web import resource, server
 
 from buildbot_dockerami.fleet import Fleet
+from buildbot_dockerami.www.controls import ControlResource
 from buildbot_dockerami.www.status import fleet_status
 
 #: Most advanced first: an instance shown once, in the state of its busiest slot.
@@ -104,6 +106,7 @@ class FleetApplication(Application):
         self.resource.putChild(b"metrics", MetricsResource(self))
         api = resource.Resource()
         api.putChild(b"fleet", FleetResource(self))
+        api.putChild(b"control", ControlResource(self))
         self.resource.putChild(b"api", api)
 
 

@@ -83,19 +83,25 @@ def worker_row(worker: Any, now: float, prices: Mapping[str, float]) -> Any:
 
 @defer.inlineCallbacks
 def orphans(fleet: Fleet) -> Any:
-    """Instances tagged for this master that no live worker owns (e.g. left by a crash)."""
-    client = fleet.any_client()
-    if client is None:
-        return []
-    tagged = yield client.describe_tagged(policy.MASTER_TAG, fleet.master_id)
+    """Instances tagged for this master that no live worker owns (e.g. left by a crash),
+    looked up in every region/endpoint this master's workers use."""
+    clients = []
+    for worker in list(fleet.workers):
+        client = yield worker.ec2_client()
+        if client not in clients:
+            clients.append(client)
     owned = {w.instance.instance_id for w in list(fleet.workers) if w.instance is not None}
     owned |= {g.instance.instance_id for g in fleet.groups.values() if g.instance is not None}
-    return [
-        {"id": status.instance_id, "state": status.state, "type": status.instance_type,
-         "availability_zone": status.availability_zone}
-        for status in tagged.values()
-        if status.state in LIVE_STATES and status.instance_id not in owned
-    ]
+    found = []
+    for client in clients:
+        tagged = yield client.describe_tagged(policy.MASTER_TAG, fleet.master_id)
+        found += [
+            {"id": status.instance_id, "state": status.state, "type": status.instance_type,
+             "availability_zone": status.availability_zone, "client": client}
+            for status in tagged.values()
+            if status.state in LIVE_STATES and status.instance_id not in owned
+        ]
+    return found
 
 
 @defer.inlineCallbacks
@@ -106,6 +112,8 @@ def fleet_status(fleet: Fleet, now: float, prices: Mapping[str, float]) -> Any:
     return {
         "master_id": fleet.master_id,
         "workers": rows,
-        "orphans": (yield orphans(fleet)),
+        "orphans": [
+            {k: v for k, v in o.items() if k != "client"} for o in (yield orphans(fleet))
+        ],
         "terminations_failing": fleet.undead,
     }

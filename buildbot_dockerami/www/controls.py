@@ -1,0 +1,103 @@
+"""Fleet controls from the Fleet page: start a worker now, terminate its instance,
+terminate an orphan. Each is allowed to exactly the users buildbot's ``authz`` lets
+control that worker (the Workers page's Stop); others get 403 and nothing changes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from buildbot.www.authz.authz import Forbidden
+from twisted.internet import defer
+from twisted.python import log
+from twisted.web import resource, server
+
+from buildbot_dockerami.fleet import Fleet
+from buildbot_dockerami.www.status import orphans
+
+
+class ControlError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _worker(fleet: Fleet, name: Any) -> Any:
+    worker = next((w for w in list(fleet.workers) if w.name == name), None)
+    if worker is None:
+        raise ControlError(404, f"no DockerAMILatentWorker named {name!r}")
+    return worker
+
+
+@defer.inlineCallbacks
+def _allowed(master: Any, request: Any, worker: Any | None) -> Any:
+    endpoint = ("workers", str(worker.workerid)) if worker is not None else ("workers",)
+    try:
+        yield master.www.assertUserAllowed(request, endpoint, "stop", {})
+    except Forbidden as e:
+        raise ControlError(403, f"not authorized: {e}") from e
+
+
+@defer.inlineCallbacks
+def control(master: Any, request: Any, body: dict[str, Any]) -> Any:
+    fleet = Fleet.for_master(master)
+    action = body.get("action")
+    if action == "prewarm":
+        worker = _worker(fleet, body.get("worker"))
+        yield _allowed(master, request, worker)
+        if not worker.prewarm():
+            raise ControlError(409, f"{worker.name} is already running or paused")
+        return {"ok": True, "message": f"{worker.name}: starting an instance"}
+    if action == "terminate":
+        worker = _worker(fleet, body.get("worker"))
+        yield _allowed(master, request, worker)
+        if worker.instance is None:
+            raise ControlError(409, f"{worker.name} has no instance")
+        yield worker.shutdown()
+        return {"ok": True, "message": f"{worker.name}: instance terminated"}
+    if action == "terminate_orphan":
+        yield _allowed(master, request, None)
+        instance_id = body.get("instance_id")
+        orphan = next((o for o in (yield orphans(fleet)) if o["id"] == instance_id), None)
+        if orphan is None:
+            # Never another master's machine, nor one a worker still owns.
+            raise ControlError(409, f"{instance_id!r} is not an orphan of this master")
+        state = yield fleet.terminate(orphan["client"], instance_id)
+        return {"ok": True, "message": f"{instance_id} is {state}"}
+    raise ControlError(400, f"unknown action {action!r}")
+
+
+class ControlResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, app: Any) -> None:
+        super().__init__()
+        self.app = app
+
+    def render_POST(self, request: Any) -> Any:
+        def reply(status: int, payload: dict[str, Any]) -> None:
+            request.setResponseCode(status)
+            request.setHeader(b"content-type", b"application/json")
+            request.write(json.dumps(payload).encode())
+            request.finish()
+
+        # JSON only: a cross-site form cannot send it without a CORS preflight.
+        if not (request.getHeader(b"content-type") or b"").startswith(b"application/json"):
+            reply(415, {"error": "send application/json"})
+            return server.NOT_DONE_YET
+        try:
+            body = json.loads(request.content.read() or b"{}")
+        except ValueError:
+            reply(400, {"error": "body is not JSON"})
+            return server.NOT_DONE_YET
+
+        def failed(failure: Any) -> None:
+            if failure.check(ControlError):
+                reply(failure.value.status, {"error": str(failure.value)})
+            else:
+                log.err(failure, "dockerami: fleet control")
+                reply(500, {"error": failure.getErrorMessage()})
+
+        d = control(self.app.master, request, body if isinstance(body, dict) else {})
+        d.addCallbacks(lambda result: reply(200, result), failed)
+        return server.NOT_DONE_YET
