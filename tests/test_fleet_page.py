@@ -60,3 +60,49 @@ def test_fleet_page_shows_the_instance_a_build_booted(make_master, cloud, browse
         page.screenshot(path=str(ARTIFACTS / "fleet-page.png"), full_page=True)
     finally:
         page.close()
+
+
+AUTHZ = """
+c['www']['auth'] = util.UserPasswordAuth({'admin': 'adminpw'})
+c['www']['authz'] = util.Authz(
+    allowRules=[util.AnyControlEndpointMatcher(role='admins')],
+    roleMatchers=[util.RolesFromUsername(roles=['admins'], usernames=['admin'])],
+)
+"""
+
+
+def test_prewarm_and_terminate_clicks_and_refusal_for_anonymous(make_master, cloud, browser):
+    config = master_cfg(build_wait_timeout=600).replace(
+        "'plugins': {}", "'plugins': {'dockerami': {}}") + AUTHZ
+    master = make_master(config)
+    base = f"http://127.0.0.1:{master.www_port}"
+    ARTIFACTS.mkdir(exist_ok=True)
+
+    anonymous = browser.new_page(viewport={"width": 1600, "height": 900})
+    try:
+        anonymous.goto(f"{base}/#/dockerami")
+        anonymous.locator("tr[data-worker='w0'] .dockerami-prewarm").click()
+        anonymous.locator(".dockerami-outcome", has_text="not authorized").wait_for()
+        anonymous.screenshot(path=str(ARTIFACTS / "fleet-refused.png"), full_page=True)
+    finally:
+        anonymous.close()
+    assert cloud.client().describe_instances()["Reservations"] == []
+
+    context = browser.new_context(http_credentials={"username": "admin", "password": "adminpw"})
+    admin = context.new_page()
+    admin.set_viewport_size({"width": 1600, "height": 900})
+    try:
+        admin.goto(f"{base}/auth/login")
+        admin.goto(f"{base}/#/dockerami")
+        row = admin.locator("tr[data-worker='w0']")
+        row.locator(".dockerami-prewarm").click()
+        row.locator(".dockerami-state", has_text="connected").wait_for(timeout=60_000)
+        admin.screenshot(path=str(ARTIFACTS / "fleet-prewarmed.png"), full_page=True)
+        instance_id = row.locator(".dockerami-instance").inner_text()
+        row.locator(".dockerami-terminate").click()
+        row.locator(".dockerami-state", has_text="not running").wait_for(timeout=30_000)
+    finally:
+        context.close()
+    (reservation,) = cloud.client().describe_instances()["Reservations"]
+    assert reservation["Instances"][0]["InstanceId"] == instance_id
+    assert reservation["Instances"][0]["State"]["Name"] in ("shutting-down", "terminated")

@@ -6,6 +6,22 @@
   var React = window.React;
   var h = React.createElement;
   var API = "plugins/dockerami/api/fleet";
+  var CONTROL = "plugins/dockerami/api/control";
+
+  // Controls answer JSON; a refusal (403: not authorized) is shown, never hidden.
+  function send(body, report) {
+    return fetch(CONTROL, {method: "POST", headers: {"Content-Type": "application/json"},
+                           body: JSON.stringify(body)})
+      .then(function (r) { return r.json().then(function (d) { return [r.status, d]; }); })
+      .then(function (res) {
+        report(res[0] === 200 ? {ok: res[1].message} : {error: res[1].error || ("HTTP " + res[0])});
+      }, function (e) { report({error: String(e)}); });
+  }
+
+  function button(label, className, onClick) {
+    return h("button", {className: "btn btn-sm btn-default " + className, onClick: onClick,
+                        style: {marginRight: "0.3em"}}, label);
+  }
 
   function ago(seconds) {
     if (seconds == null) return "";
@@ -32,7 +48,16 @@
   }
 
   function WorkerRow(props) {
-    var w = props.worker, i = w.instance || {};
+    var w = props.worker, i = w.instance || {}, report = props.report;
+    var controls = [];
+    if (w.state === "not running") {
+      controls.push(button("Start now", "dockerami-prewarm", function () {
+        send({action: "prewarm", worker: w.name}, report); }));
+    }
+    if (w.instance) {
+      controls.push(button("Terminate", "dockerami-terminate", function () {
+        send({action: "terminate", worker: w.name}, report); }));
+    }
     return h("tr", {"data-worker": w.name, className: "dockerami-worker"},
       h("td", null, w.name),
       h("td", {className: "dockerami-state"}, w.state + (w.paused ? " (paused)" : "")),
@@ -45,12 +70,14 @@
       h("td", null, ago(i.uptime_seconds)),
       h("td", null, i.cost_so_far == null ? "" : "$" + i.cost_so_far.toFixed(4)),
       h("td", null, buildLinks(w.builds)),
-      h("td", {className: "dockerami-timeline"}, timeline(w.timeline)));
+      h("td", {className: "dockerami-timeline"}, timeline(w.timeline)),
+      h("td", null, controls));
   }
 
   function FleetPage() {
     var state = React.useState(null), data = state[0], setData = state[1];
     var err = React.useState(null), error = err[0], setError = err[1];
+    var msg = React.useState(null), outcome = msg[0], setOutcome = msg[1];
     React.useEffect(function () {
       var stopped = false;
       function load() {
@@ -66,25 +93,30 @@
     }, []);
     if (!data) return h("div", {className: "container"}, error ? "Fleet: " + error : "Loading fleet\u2026");
     var head = ["Worker", "State", "Instance", "Type", "AZ", "Market", "Image", "Launched",
-                "Uptime", "Cost so far", "Build", "Provisioning"];
+                "Uptime", "Cost so far", "Build", "Provisioning", ""];
     return h("div", {className: "container-fluid dockerami-fleet"},
       h("h2", null, "Fleet"),
       h("p", null, "Master " + data.master_id + ". " + data.workers.length + " workers."),
+      outcome ? h("p", {className: "dockerami-outcome " +
+                          (outcome.error ? "text-danger" : "text-success")},
+                  outcome.error || outcome.ok) : null,
       h("table", {className: "table table-condensed table-striped dockerami-workers"},
         h("thead", null, h("tr", null, head.map(function (c) { return h("th", {key: c}, c); }))),
         h("tbody", null, data.workers.map(function (w) {
-          return h(WorkerRow, {key: w.name, worker: w});
+          return h(WorkerRow, {key: w.name, worker: w, report: setOutcome});
         }))),
       h("h3", null, "Orphaned instances"),
       data.orphans.length === 0
         ? h("p", {className: "dockerami-no-orphans"}, "None: every instance tagged for this master is owned by a worker.")
         : h("table", {className: "table table-condensed dockerami-orphans"},
-            h("thead", null, h("tr", null, ["Instance", "State", "Type", "AZ"].map(function (c) {
+            h("thead", null, h("tr", null, ["Instance", "State", "Type", "AZ", ""].map(function (c) {
               return h("th", {key: c}, c); }))),
             h("tbody", null, data.orphans.map(function (o) {
               return h("tr", {key: o.id, "data-orphan": o.id},
                 h("td", null, o.id), h("td", null, o.state), h("td", null, o.type),
-                h("td", null, o.availability_zone));
+                h("td", null, o.availability_zone),
+                h("td", null, button("Terminate", "dockerami-terminate-orphan", function () {
+                  send({action: "terminate_orphan", instance_id: o.id}, setOutcome); })));
             }))),
       data.terminations_failing.length
         ? h("p", {className: "text-danger"}, "Terminations failing (retried every minute): " +
