@@ -132,6 +132,11 @@ class Fleet:
         self.metrics = Metrics()
         #: This master's DockerAMILatentWorkers, for the operator surface.
         self.workers: weakref.WeakSet = weakref.WeakSet()
+        #: Per pool: runtime limits (pools.PoolLimits), and the keeper of warm capacity.
+        self.pool_limits: dict[str, Any] = {}
+        self.keeper: Any = None
+        #: Called when an instance is gone, so builds waiting on a pool cap can start.
+        self.after_release: Callable[[], Any] = lambda: None
 
     def group(self, name: str) -> InstanceGroup:
         """The shared instance of the slot workers named for ``name``."""
@@ -352,6 +357,7 @@ class InstanceGroup:
         finally:
             self.instance = self.launch_values = None
             self.terminating = False
+            self.fleet.after_release()
             waiters, self._gone_waiters = self._gone_waiters, []
             for waiter in waiters:
                 waiter.callback(None)

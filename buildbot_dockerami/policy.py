@@ -89,3 +89,17 @@ def last_console_words(output: str) -> str:
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     fatal = [line for line in lines if "FATAL" in line]
     return (fatal or lines or [""])[-1][:500]
+
+
+def may_launch(instances_in_use: int, cap: int | None) -> bool:
+    """Whether a pool may start one more instance."""
+    return cap is None or instances_in_use < cap
+
+
+def warm_shortfall(idle: int, starting: int, in_use: int, min_warm: int,
+                   cap: int | None) -> int:
+    """How many instances to pre-warm so that ``min_warm`` are idle and ready, without
+    passing the cap. Instances already starting count as on their way."""
+    wanted = max(0, min_warm - idle - starting)
+    room = wanted if cap is None else max(0, cap - in_use)
+    return min(wanted, room)

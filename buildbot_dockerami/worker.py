@@ -21,7 +21,7 @@ from buildbot.worker.latent import AbstractLatentWorker, States
 from twisted.internet import defer
 from twisted.python import log
 
-from buildbot_dockerami import policy, settings, userdata
+from buildbot_dockerami import policy, pools, settings, userdata
 from buildbot_dockerami.checks import config_problems, rendered_problems
 from buildbot_dockerami.cloud import AsyncEc2, LaunchSpec
 from buildbot_dockerami.fleet import Fleet, InstanceGroup
@@ -85,6 +85,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     idle_timeout: float = DEFAULT_BUILD_WAIT_TIMEOUT
     _prewarming = False
     _prewarm_timer: Any = None
+    pool: str | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Fired when a slot worker starts expecting its next container (see attached).
@@ -118,6 +119,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         session: Any = None,
         isolation: str = "none",
         instance_group: str | None = None,
+        pool: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().checkConfig(name, password, **kwargs)
@@ -142,6 +144,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             isolation=isolation,
             instance_group=instance_group,
         )
+        if pool is not None and (not isinstance(pool, str) or not pool.strip()):
+            problems.append(f"pool: {pool!r} must be a non-empty name")
         for problem in problems:
             config.error(f"DockerAMILatentWorker {name!r}: {problem}")
 
@@ -171,6 +175,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         session: Any = None,
         isolation: str = "none",
         instance_group: str | None = None,
+        pool: str | None = None,
         **kwargs: Any,
     ) -> Any:
         self.image = image
@@ -195,6 +200,14 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         self.session = session
         self.fleet = Fleet.for_master(self.master)
         self.fleet.workers.add(self)
+        self.fleet.after_release = self.botmaster.maybeStartBuildsForAllBuilders
+        self.pool = pool
+        if pool is not None:
+            if pool not in self.fleet.pool_limits:
+                self.fleet.pool_limits[pool] = yield pools.load_limits(self.master, pool)
+            if self.fleet.keeper is None:
+                self.fleet.keeper = pools.PoolKeeper(self.fleet)
+            self.fleet.keeper.start()
         self.isolation = isolation
         idle_timeout = kwargs.get("build_wait_timeout", DEFAULT_BUILD_WAIT_TIMEOUT)
         self.idle_timeout = idle_timeout
@@ -425,9 +438,22 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
 
     # -- operator controls -------------------------------------------------------
 
+    def canStartBuild(self) -> bool:
+        # A build that would need a new instance waits while its pool is at its cap.
+        return super().canStartBuild() and pools.may_launch(self)
+
+    def isCompatibleWithBuild(self, build_props: Any) -> Any:
+        # Asked again for every build buildbot is about to start (canStartBuild is only
+        # asked once per batch), after the builds before it have taken their workers.
+        if not pools.may_launch(self):
+            return defer.succeed(False)
+        return super().isCompatibleWithBuild(build_props)
+
     def prewarm(self) -> bool:
-        """Boot an instance now, before any build asks (the Fleet page's Start)."""
-        if self.state != States.NOT_SUBSTANTIATED or self.isPaused():
+        """Boot an instance now, before any build asks (the Fleet page's Start, or the
+        pool's warm minimum)."""
+        if (self.state != States.NOT_SUBSTANTIATED or self.isPaused() or self._stopping
+                or not pools.may_launch(self)):
             return False
         self._prewarming = True
         self.substantiate(None, None).addErrback(lambda _: None)  # failures are logged
@@ -448,6 +474,9 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
 
     def _prewarm_expired(self) -> None:
         self._prewarm_timer = None
+        if self.fleet.keeper is not None and self.fleet.keeper.keeps_warm(self):
+            self._start_prewarm_timer()  # still needed for the pool's warm minimum
+            return
         if not self.busy and self.instance is not None:
             log.msg(f"{self}: pre-warmed instance had no build; terminating it")
             self._deferwaiter.add(self.insubstantiate())
@@ -517,6 +546,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             return True
         state = yield self.fleet.terminate(instance.client, instance.instance_id)
         log.msg(f"{self}: instance {instance.instance_id} is {state}")
+        self.fleet.after_release()
         return True
 
     def _leave_slot(self, group: InstanceGroup, instance: LaunchedInstance) -> None:
@@ -569,7 +599,7 @@ def worker_pool(name: str, *, count: int = 1, slots: int = 1,
         group = f"{name}-{k}"
         for s in range(1, slots + 1):
             worker_name = group if slots == 1 else f"{group}-{s}"
-            kwargs = dict(settings)
+            kwargs = dict(settings, pool=name)
             if settings.get("isolation") == "container":
                 kwargs["instance_group"] = group
             workers.append(DockerAMILatentWorker(worker_name, **kwargs))

@@ -84,6 +84,8 @@ class Master:
         )
 
     def start(self) -> Master:
+        """Start (or restart) the master and wait until it says it is running."""
+        runs = self.log().count("BuildMaster is running")
         self.process = subprocess.Popen(
             [sys.executable, "-c",
              "import sys; from twisted.scripts.twistd import run; sys.exit(run())",
@@ -92,8 +94,11 @@ class Master:
             stdout=open(self.basedir / "stdout.log", "wb"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
         )
-        wait_for(lambda: "BuildMaster is running" in self.log() or self.process.poll() is not None,
-                 60, "the master to start")
+        wait_for(
+            lambda: self.log().count("BuildMaster is running") > runs
+            or self.process.poll() is not None,
+            60, "the master to start",
+        )
         if self.process.poll() is not None:
             output = (self.basedir / "stdout.log").read_text()
             raise AssertionError(f"master exited during start-up:\n{self.log()[-3000:]}{output}")

@@ -1,6 +1,7 @@
 """Fleet controls from the Fleet page: start a worker now, terminate its instance,
-terminate an orphan. Each is allowed to exactly the users buildbot's ``authz`` lets
-control that worker (the Workers page's Stop); others get 403 and nothing changes."""
+terminate an orphan, set a pool's cap and warm minimum. Each is allowed to exactly
+the users buildbot's ``authz`` lets control that worker (the Workers page's Stop);
+others get 403 and nothing changes."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from twisted.internet import defer
 from twisted.python import log
 from twisted.web import resource, server
 
+from buildbot_dockerami import pools
 from buildbot_dockerami.fleet import Fleet
 from buildbot_dockerami.www.status import orphans
 
@@ -64,7 +66,31 @@ def control(master: Any, request: Any, body: dict[str, Any]) -> Any:
             raise ControlError(409, f"{instance_id!r} is not an orphan of this master")
         state = yield fleet.terminate(orphan["client"], instance_id)
         return {"ok": True, "message": f"{instance_id} is {state}"}
+    if action == "set_pool":
+        yield _allowed(master, request, None)
+        pool = body.get("pool")
+        if pool not in fleet.pool_limits:
+            raise ControlError(404, f"no pool named {pool!r}")
+        limits = _pool_limits(body)
+        yield pools.save_limits(master, pool, limits)
+        fleet.pool_limits[pool] = limits
+        fleet.after_release()  # a raised cap lets waiting builds start now
+        if fleet.keeper is not None:
+            fleet.keeper.tick()
+        return {"ok": True, "message": f"pool {pool}: cap {limits.cap}, "
+                                       f"warm minimum {limits.min_warm}"}
     raise ControlError(400, f"unknown action {action!r}")
+
+
+def _pool_limits(body: dict[str, Any]) -> pools.PoolLimits:
+    cap, min_warm = body.get("cap"), body.get("min_warm", 0)
+    if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 0):
+        raise ControlError(400, "cap must be a whole number >= 0, or null for no cap")
+    if not isinstance(min_warm, int) or isinstance(min_warm, bool) or min_warm < 0:
+        raise ControlError(400, "min_warm must be a whole number >= 0")
+    if cap is not None and min_warm > cap:
+        raise ControlError(400, f"min_warm ({min_warm}) cannot exceed the cap ({cap})")
+    return pools.PoolLimits(cap=cap, min_warm=min_warm)
 
 
 class ControlResource(resource.Resource):

@@ -8,7 +8,7 @@ from typing import Any
 from buildbot.worker.latent import States
 from twisted.internet import defer
 
-from buildbot_dockerami import policy
+from buildbot_dockerami import policy, pools
 from buildbot_dockerami.fleet import Fleet
 
 #: Instance states in which an orphan still costs money.
@@ -58,6 +58,7 @@ def worker_row(worker: Any, now: float, prices: Mapping[str, float]) -> Any:
         "workerid": worker.workerid,
         "state": worker_state(worker),
         "isolation": worker.isolation,
+        "pool": worker.pool,
         "instance_group": worker.group.name if worker.group is not None else None,
         "paused": worker.isPaused(),
         "builds": (yield current_builds(worker)),
@@ -111,6 +112,7 @@ def fleet_status(fleet: Fleet, now: float, prices: Mapping[str, float]) -> Any:
         rows.append((yield worker_row(worker, now, prices)))
     return {
         "master_id": fleet.master_id,
+        "pools": {pool: pools.pool_status(fleet, pool) for pool in sorted(fleet.pool_limits)},
         "workers": rows,
         "orphans": [
             {k: v for k, v in o.items() if k != "client"} for o in (yield orphans(fleet))

@@ -1,0 +1,125 @@
+"""Pools: runtime caps on running instances and a minimum of warm idle ones.
+
+A pool is the workers of one ``worker_pool`` (their ``pool`` setting). Operators set
+its limits from the Fleet page; they are kept in the master's database, so they
+survive a restart. Decisions are in policy.py; this module counts and acts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from buildbot.worker.latent import States
+from twisted.internet import defer, task
+from twisted.python import log
+
+from buildbot_dockerami import policy
+
+#: How often warm capacity is checked and topped up.
+KEEPER_INTERVAL = 2.0
+STATE_CLASS = "buildbot_dockerami.Pool"
+
+
+@dataclass
+class PoolLimits:
+    cap: int | None = None
+    min_warm: int = 0
+
+
+def instance_key(worker: Any) -> str:
+    """The instance a worker runs on: its group's for slots, its own otherwise."""
+    return worker.group.name if worker.group is not None else worker.name
+
+
+def _active(worker: Any) -> bool:
+    return (worker.busy or worker.instance is not None
+            or worker.state != States.NOT_SUBSTANTIATED)
+
+
+def members(fleet: Any, pool: str) -> list[Any]:
+    return sorted((w for w in list(fleet.workers) if w.pool == pool), key=lambda w: w.name)
+
+
+def instances_in_use(workers: Iterable[Any]) -> dict[str, list[Any]]:
+    """Instance key -> its workers, for every instance running or on its way."""
+    keys: dict[str, list[Any]] = {}
+    for worker in workers:
+        keys.setdefault(instance_key(worker), []).append(worker)
+    return {
+        key: ws for key, ws in keys.items()
+        if any(_active(w) for w in ws)
+        or (ws[0].group is not None and ws[0].group.instance is not None)
+    }
+
+
+def may_launch(worker: Any) -> bool:
+    """False when starting this worker would need a new instance beyond its pool's cap."""
+    if worker.pool is None:
+        return True
+    limits = worker.fleet.pool_limits.get(worker.pool, PoolLimits())
+    in_use = instances_in_use(members(worker.fleet, worker.pool))
+    return instance_key(worker) in in_use or policy.may_launch(len(in_use), limits.cap)
+
+
+def pool_status(fleet: Any, pool: str) -> dict[str, Any]:
+    limits = fleet.pool_limits.get(pool, PoolLimits())
+    in_use = instances_in_use(members(fleet, pool))
+    idle = sum(1 for ws in in_use.values() if _idle(ws))
+    return {**asdict(limits), "instances": len(in_use), "idle": idle}
+
+
+def _idle(workers: list[Any]) -> bool:
+    return not any(w.busy for w in workers) and any(w.conn is not None for w in workers)
+
+
+class PoolKeeper:
+    """Tops pools up to their warm minimum by pre-warming workers, within the cap."""
+
+    def __init__(self, fleet: Any) -> None:
+        self.fleet = fleet
+        self._loop = task.LoopingCall(self.tick)
+        self._loop.clock = fleet.reactor
+
+    def start(self) -> None:
+        if not self._loop.running:
+            self._loop.start(KEEPER_INTERVAL, now=False).addErrback(log.err, "dockerami pools")
+
+    def tick(self) -> None:
+        for pool, limits in list(self.fleet.pool_limits.items()):
+            if limits.min_warm <= 0:
+                continue
+            workers = members(self.fleet, pool)
+            in_use = instances_in_use(workers)
+            idle = sum(1 for ws in in_use.values() if _idle(ws))
+            starting = sum(1 for ws in in_use.values() if not any(w.conn for w in ws))
+            wanted = policy.warm_shortfall(idle, starting, len(in_use), limits.min_warm,
+                                           limits.cap)
+            spare = [w for w in workers if instance_key(w) not in in_use]
+            for worker in spare[:wanted]:
+                log.msg(f"dockerami: pool {pool}: pre-warming {worker.name} "
+                        f"({idle} idle, minimum {limits.min_warm})")
+                worker.prewarm()
+
+    def keeps_warm(self, worker: Any) -> bool:
+        """Whether ending this idle worker's instance would drop its pool below minimum."""
+        if worker.pool is None:
+            return False
+        limits = self.fleet.pool_limits.get(worker.pool, PoolLimits())
+        idle = sum(1 for ws in instances_in_use(members(self.fleet, worker.pool)).values()
+                   if _idle(ws))
+        return idle <= limits.min_warm
+
+
+@defer.inlineCallbacks
+def load_limits(master: Any, pool: str) -> Any:
+    objectid = yield master.db.state.getObjectId(pool, STATE_CLASS)
+    stored = yield master.db.state.getState(objectid, "limits", {})
+    return PoolLimits(cap=stored.get("cap"), min_warm=stored.get("min_warm", 0))
+
+
+@defer.inlineCallbacks
+def save_limits(master: Any, pool: str, limits: PoolLimits) -> Any:
+    objectid = yield master.db.state.getObjectId(pool, STATE_CLASS)
+    yield master.db.state.setState(objectid, "limits", asdict(limits))
