@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
+import requests
 
 from tests.harness import REPO, SUCCESS, master_cfg
 
@@ -106,3 +107,23 @@ def test_prewarm_and_terminate_clicks_and_refusal_for_anonymous(make_master, clo
     (reservation,) = cloud.client().describe_instances()["Reservations"]
     assert reservation["Instances"][0]["InstanceId"] == instance_id
     assert reservation["Instances"][0]["State"]["Name"] in ("shutting-down", "terminated")
+
+
+def test_pool_cap_set_from_the_page(make_master, cloud, browser):
+    config = master_cfg(pool="'pool', count=2").replace(
+        "'plugins': {}", "'plugins': {'dockerami': {}}")
+    master = make_master(config)
+    page = browser.new_page(viewport={"width": 1600, "height": 900})
+    try:
+        page.goto(f"http://127.0.0.1:{master.www_port}/#/dockerami")
+        row = page.locator("tr[data-pool='pool']")
+        row.locator(".dockerami-cap").fill("1")
+        row.locator(".dockerami-apply-pool").click()
+        page.locator(".dockerami-outcome", has_text="pool pool: cap 1").wait_for()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "fleet-pools.png"), full_page=True)
+    finally:
+        page.close()
+    fleet = requests.get(f"http://127.0.0.1:{master.www_port}/plugins/dockerami/api/fleet",
+                         timeout=10).json()
+    assert fleet["pools"]["pool"]["cap"] == 1

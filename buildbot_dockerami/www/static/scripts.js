@@ -74,6 +74,25 @@
       h("td", null, controls));
   }
 
+  function PoolRow(props) {
+    var name = props.name, p = props.pool;
+    var capState = React.useState(p.cap == null ? "" : String(p.cap));
+    var warmState = React.useState(String(p.min_warm));
+    function apply() {
+      var cap = capState[0].trim() === "" ? null : parseInt(capState[0], 10);
+      send({action: "set_pool", pool: name, cap: cap, min_warm: parseInt(warmState[0] || "0", 10)},
+           props.report);
+    }
+    return h("tr", {"data-pool": name},
+      h("td", null, name),
+      h("td", null, p.instances), h("td", null, p.idle),
+      h("td", null, h("input", {className: "dockerami-cap", size: 4, placeholder: "none",
+        value: capState[0], onChange: function (e) { capState[1](e.target.value); }})),
+      h("td", null, h("input", {className: "dockerami-min-warm", size: 4,
+        value: warmState[0], onChange: function (e) { warmState[1](e.target.value); }})),
+      h("td", null, button("Apply", "dockerami-apply-pool", apply)));
+  }
+
   function FleetPage() {
     var state = React.useState(null), data = state[0], setData = state[1];
     var err = React.useState(null), error = err[0], setError = err[1];
@@ -105,6 +124,16 @@
         h("tbody", null, data.workers.map(function (w) {
           return h(WorkerRow, {key: w.name, worker: w, report: setOutcome});
         }))),
+      Object.keys(data.pools).length
+        ? h("div", null, h("h3", null, "Pools"),
+            h("table", {className: "table table-condensed dockerami-pools"},
+              h("thead", null, h("tr", null, ["Pool", "Instances", "Idle", "Cap",
+                "Warm minimum", ""].map(function (c) { return h("th", {key: c}, c); }))),
+              h("tbody", null, Object.keys(data.pools).map(function (name) {
+                return h(PoolRow, {key: name, name: name, pool: data.pools[name],
+                                   report: setOutcome});
+              }))))
+        : null,
       h("h3", null, "Orphaned instances"),
       data.orphans.length === 0
         ? h("p", {className: "dockerami-no-orphans"}, "None: every instance tagged for this master is owned by a worker.")
