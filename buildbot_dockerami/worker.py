@@ -86,6 +86,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     _prewarming = False
     _prewarm_timer: Any = None
     pool: str | None = None
+    #: Why the last launch or boot failed, for the Fleet page.
+    last_failure = ""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Fired when a slot worker starts expecting its next container (see attached).
@@ -345,7 +347,10 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             status = yield client.run_instance(spec)
         except ClientError as e:
             error = e.response.get("Error", {})
-            self._count_failure(f"RunInstances:{error.get('Code')}")
+            self._count_failure(
+                f"RunInstances:{error.get('Code')}",
+                f"RunInstances failed: {error.get('Code')}: {error.get('Message')}",
+            )
             raise LatentWorkerFailedToSubstantiate(
                 self.name, f"RunInstances failed: {error.get('Code')}: {error.get('Message')}"
             ) from e
@@ -360,8 +365,9 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         )
         return (instance, copy.deepcopy(values))
 
-    def _count_failure(self, reason: str) -> None:
+    def _count_failure(self, reason: str, message: str = "") -> None:
         self._failure_counted = True
+        self.last_failure = message or reason
         self.fleet.metrics.inc("dockerami_launch_failures_total", {"reason": reason})
 
     @defer.inlineCallbacks
@@ -377,12 +383,13 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         if status is not None and status.state == "running":
             self.timeline.setdefault("running", self.master.reactor.seconds())
         if not ok:
-            self._count_failure(f"instance_{status.state if status else 'not_found'}")
+            self._count_failure(f"instance_{status.state if status else 'not_found'}", reason)
             # The boot's last words (e.g. the bootstrap's "cannot pull image") say why.
             output = yield self._console_output(instance)
             last = policy.last_console_words(output or "")
             if last:
                 reason += f"; console: {last}"
+                self.last_failure = reason
         return (ok, reason)
 
     @defer.inlineCallbacks
@@ -539,7 +546,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         cancelled = self._stopping or (self.group is not None and self.group.terminating)
         if not self._connected and not cancelled:
             if not self._failure_counted:
-                self._count_failure("never_connected")
+                self._count_failure("never_connected", "the worker never connected")
             yield self._log_console_output(instance)
         if self.group is not None:
             self._leave_slot(self.group, instance)

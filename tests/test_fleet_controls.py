@@ -103,3 +103,28 @@ def test_controls_want_json(make_master, cloud):
     url = f"http://127.0.0.1:{master.www_port}/plugins/dockerami/api/control"
     form = requests.post(url, data={"action": "prewarm", "worker": "w0"}, timeout=10)
     assert form.status_code == 415
+
+
+def test_pool_settings_need_the_control_role(make_master, cloud):
+    config = master_cfg(pool="'pool', count=2").replace(
+        "'plugins': {}", "'plugins': {'dockerami': {}}") + AUTHZ
+    master = make_master(config)
+    viewer = session(master, "viewer", "viewerpw")
+    for who in (session(master), viewer):
+        assert post(who, master, action="set_pool", pool="pool", cap=1).status_code == 403
+    assert fleet(viewer, master)["pools"]["pool"]["cap"] is None
+    admin = session(master, "admin", "adminpw")
+    assert post(admin, master, action="set_pool", pool="pool", cap=1).status_code == 200
+    assert fleet(admin, master)["pools"]["pool"]["cap"] == 1
+
+
+def test_fleet_page_reports_why_a_launch_failed(make_master, cloud):
+    cloud.faults.inject("RunInstances", "InsufficientInstanceCapacity",
+                        "No t3.micro capacity in us-east-1a.", count=1)
+    master = make_master(config_with_authz(build_wait_timeout=600))
+    admin = session(master, "admin", "adminpw")
+    assert post(admin, master, action="prewarm", worker="w0").status_code == 200
+    row = wait_for(lambda: (w := fleet(admin, master)["workers"][0])["last_failure"] and w, 30,
+                   "the failure to be reported")
+    assert "InsufficientInstanceCapacity: No t3.micro capacity" in row["last_failure"]
+    assert row["state"] in ("quarantine", "not running")

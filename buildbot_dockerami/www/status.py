@@ -61,6 +61,7 @@ def worker_row(worker: Any, now: float, prices: Mapping[str, float]) -> Any:
         "pool": worker.pool,
         "instance_group": worker.group.name if worker.group is not None else None,
         "paused": worker.isPaused(),
+        "last_failure": worker.last_failure,
         "builds": (yield current_builds(worker)),
         "timeline": dict(worker.timeline) if instance is not None else {},
         "instance": None,

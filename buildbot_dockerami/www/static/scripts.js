@@ -60,7 +60,10 @@
     }
     return h("tr", {"data-worker": w.name, className: "dockerami-worker"},
       h("td", null, w.name),
-      h("td", {className: "dockerami-state"}, w.state + (w.paused ? " (paused)" : "")),
+      h("td", {className: "dockerami-state", title: w.last_failure || ""},
+        w.state + (w.paused ? " (paused)" : "") +
+        ((w.state === "quarantine" || w.state === "not running") && w.last_failure
+          ? ": " + w.last_failure : "")),
       h("td", {className: "dockerami-instance"}, i.id || ""),
       h("td", null, i.type || ""),
       h("td", null, i.availability_zone || ""),
