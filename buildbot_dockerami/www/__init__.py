@@ -12,16 +12,15 @@ for the estimated cost so far.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from typing import Any
 
 from buildbot.www.plugin import Application
-from twisted.python import log
-from twisted.web import resource, server
+from twisted.web import resource
 
 from buildbot_dockerami.fleet import Fleet
 from buildbot_dockerami.www.controls import ControlResource
+from buildbot_dockerami.www.jsonapi import AppResource, answer
 from buildbot_dockerami.www.status import fleet_status
 
 #: Most advanced first: an instance shown once, in the state of its busiest slot.
@@ -50,13 +49,7 @@ def instance_states(fleet: Fleet) -> Counter[str]:
     return Counter(states.values())
 
 
-class MetricsResource(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, app: FleetApplication) -> None:
-        super().__init__()
-        self.app = app
-
+class MetricsResource(AppResource):
     def render_GET(self, request: Any) -> bytes:
         fleet = Fleet.for_master(self.app.master)
         counts = instance_states(fleet)
@@ -71,31 +64,12 @@ class MetricsResource(resource.Resource):
         return fleet.metrics.render(gauges).encode()
 
 
-class FleetResource(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, app: FleetApplication) -> None:
-        super().__init__()
-        self.app = app
-
+class FleetResource(AppResource):
     def render_GET(self, request: Any) -> Any:
         master = self.app.master
         prices = (self.app.config or {}).get("prices", {})
         d = fleet_status(Fleet.for_master(master), master.reactor.seconds(), prices)
-
-        def write(status: dict) -> None:
-            request.setHeader(b"content-type", b"application/json")
-            request.write(json.dumps(status).encode())
-            request.finish()
-
-        def fail(failure: Any) -> None:
-            log.err(failure, "dockerami: fleet status")
-            request.setResponseCode(500)
-            request.write(json.dumps({"error": failure.getErrorMessage()}).encode())
-            request.finish()
-
-        d.addCallbacks(write, fail)
-        return server.NOT_DONE_YET
+        return answer(request, d, "fleet status")
 
 
 class FleetApplication(Application):
