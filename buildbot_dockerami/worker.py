@@ -587,7 +587,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
 
 
 def worker_pool(name: str, *, count: int = 1, slots: int = 1,
-                **settings: Any) -> list[DockerAMILatentWorker]:
+                **worker_settings: Any) -> list[DockerAMILatentWorker]:
     """The workers of ``count`` instances with ``slots`` isolated build slots each, for
     ``c['workers']``. Every slot is its own worker and container; the workers of one
     instance share it (``instance_group``). Names: ``name-K`` with one slot per
@@ -596,7 +596,7 @@ def worker_pool(name: str, *, count: int = 1, slots: int = 1,
         config.error(f"worker_pool {name!r}: count and slots must be positive integers")
         return []
     if slots > 1:
-        isolation = settings.setdefault("isolation", "container")
+        isolation = worker_settings.setdefault("isolation", "container")
         if isolation != "container":
             config.error(f"worker_pool {name!r}: slots: several slots need "
                          f"isolation='container', not {isolation!r}")
@@ -606,8 +606,8 @@ def worker_pool(name: str, *, count: int = 1, slots: int = 1,
         group = f"{name}-{k}"
         for s in range(1, slots + 1):
             worker_name = group if slots == 1 else f"{group}-{s}"
-            kwargs = dict(settings, pool=name)
-            if settings.get("isolation") == "container":
+            kwargs = dict(worker_settings, pool=name)
+            if worker_settings.get("isolation") == "container":
                 kwargs["instance_group"] = group
             workers.append(DockerAMILatentWorker(worker_name, **kwargs))
     return workers
