@@ -66,12 +66,17 @@ def may_launch(worker: Any) -> bool:
 def pool_status(fleet: Any, pool: str) -> dict[str, Any]:
     limits = fleet.pool_limits.get(pool, PoolLimits())
     in_use = instances_in_use(members(fleet, pool))
-    idle = sum(1 for ws in in_use.values() if _idle(ws))
+    idle = idle_count(in_use)
     return {**asdict(limits), "instances": len(in_use), "idle": idle}
 
 
 def _idle(workers: list[Any]) -> bool:
     return not any(w.busy for w in workers) and any(w.conn is not None for w in workers)
+
+
+def idle_count(in_use: dict[str, list[Any]]) -> int:
+    """How many of these instances are connected and building nothing."""
+    return sum(1 for ws in in_use.values() if _idle(ws))
 
 
 class PoolKeeper:
@@ -92,7 +97,7 @@ class PoolKeeper:
                 continue
             workers = members(self.fleet, pool)
             in_use = instances_in_use(workers)
-            idle = sum(1 for ws in in_use.values() if _idle(ws))
+            idle = idle_count(in_use)
             starting = sum(1 for ws in in_use.values() if not any(w.conn for w in ws))
             wanted = policy.warm_shortfall(idle, starting, len(in_use), limits.min_warm,
                                            limits.cap)
@@ -107,8 +112,7 @@ class PoolKeeper:
         if worker.pool is None:
             return False
         limits = self.fleet.pool_limits.get(worker.pool, PoolLimits())
-        idle = sum(1 for ws in instances_in_use(members(self.fleet, worker.pool)).values()
-                   if _idle(ws))
+        idle = idle_count(instances_in_use(members(self.fleet, worker.pool)))
         return idle <= limits.min_warm
 
 
