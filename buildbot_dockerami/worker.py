@@ -78,6 +78,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     _connected = False
     _stopping = False
     _failure_counted = False
+    #: The console fetched when this substantiation's instance was found dead.
+    _failed_console: str | None = None
     _requested_at = 0.0
     #: A container slot waiting for the fresh container that replaces its last one.
     recycling = False
@@ -269,6 +271,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         self._requested_at = self.master.reactor.seconds()
         self.timeline = {"requested": self._requested_at}
         self._failure_counted = False
+        self._failed_console = None
         if self.group is not None:
             group = self.group
             instance = yield group.acquire(lambda: self._launch(build, group))
@@ -386,6 +389,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             self._count_failure(f"instance_{status.state if status else 'not_found'}", reason)
             # The boot's last words (e.g. the bootstrap's "cannot pull image") say why.
             output = yield self._console_output(instance)
+            self._failed_console = output  # logged in full by stop_instance, not fetched again
             last = policy.last_console_words(output or "")
             if last:
                 reason += f"; console: {last}"
@@ -580,7 +584,9 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     @defer.inlineCallbacks
     def _log_console_output(self, instance: LaunchedInstance) -> Any:
         """Why did it never connect? The console usually says."""
-        output = yield self._console_output(instance)
+        output = self._failed_console
+        if output is None:
+            output = yield self._console_output(instance)
         if output is not None:
             log.msg(f"{self}: instance {instance.instance_id} never connected; console output:"
                     f"\n{output[-CONSOLE_TAIL_CHARS:]}")
