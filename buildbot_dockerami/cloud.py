@@ -17,12 +17,30 @@ from botocore.config import Config
 from twisted.internet import threads
 from twisted.python.threadpool import ThreadPool
 
-from buildbot_dockerami.policy import InstanceStatus, tag_specifications
+from buildbot_dockerami.policy import (
+    LAUNCH_TAG,
+    MASTER_TAG,
+    WORKER_TAG,
+    InstanceStatus,
+    tag_specifications,
+)
 
 T = TypeVar("T")
 
-#: boto3's standard retry mode backs off on throttling and 5xx by itself.
-BOTO_CONFIG = Config(retries={"mode": "standard", "max_attempts": 8}, user_agent_extra="dockerami")
+#: Seconds an EC2 answer may take before the call is retried (boto3's default is 60).
+DEFAULT_TIMEOUT = 20.0
+#: Attempts per call: boto3's standard retry mode backs off on throttling, 5xx, connection
+#: errors and timeouts by itself, re-sending the same request (and so the same ClientToken).
+MAX_ATTEMPTS = 6
+
+
+def boto_config(timeout: float = DEFAULT_TIMEOUT) -> Config:
+    """Every call has a deadline: a hung answer is retried, never waited for forever."""
+    return Config(
+        retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
+        connect_timeout=min(5.0, timeout), read_timeout=timeout,
+        user_agent_extra="dockerami",
+    )
 #: DescribeInstances accepts at most this many values per filter.
 DESCRIBE_CHUNK = 200
 
@@ -43,6 +61,8 @@ class LaunchSpec:
     instance_profile: str | None = None
     block_device_mappings: Sequence[Mapping[str, Any]] | None = None
     metadata_options: Mapping[str, Any] = field(default_factory=dict)
+    #: Makes RunInstances idempotent: a retry after a lost answer returns the same instance.
+    client_token: str = ""
 
     def run_instances_args(self) -> dict[str, Any]:
         args: dict[str, Any] = {
@@ -54,6 +74,8 @@ class LaunchSpec:
             "TagSpecifications": tag_specifications(self.tags),
             "InstanceInitiatedShutdownBehavior": "terminate",
         }
+        if self.client_token:
+            args["ClientToken"] = self.client_token
         if self.metadata_options:
             args["MetadataOptions"] = dict(self.metadata_options)
         if self.subnet_id:
@@ -82,12 +104,19 @@ def _status(instance: Mapping[str, Any]) -> InstanceStatus:
     reason = instance.get("StateReason", {}).get("Message") or instance.get(
         "StateTransitionReason", ""
     )
+    tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+    launched = instance.get("LaunchTime")
     return InstanceStatus(
         instance_id=instance["InstanceId"],
         state=instance["State"]["Name"],
         reason=reason or "",
         instance_type=instance.get("InstanceType", ""),
         availability_zone=instance.get("Placement", {}).get("AvailabilityZone", ""),
+        worker=tags.get(WORKER_TAG, ""),
+        master=tags.get(MASTER_TAG, ""),
+        launch_token=tags.get(LAUNCH_TAG, ""),
+        launched_at=launched.timestamp() if hasattr(launched, "timestamp") else 0.0,
+        market=instance.get("InstanceLifecycle") or "on-demand",
     )
 
 
@@ -111,6 +140,8 @@ class Ec2:
         session: boto3.session.Session | None = None,
         on_request: Observer | None = None,
         on_throttle: Observer | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         session = session or boto3.session.Session()
         self.region = resolve_region(region, session)
@@ -119,7 +150,8 @@ class Ec2:
                 "no AWS region: pass region=..., or set AWS_REGION / AWS_DEFAULT_REGION"
             )
         self.client = session.client(
-            "ec2", region_name=self.region, endpoint_url=endpoint_url, config=BOTO_CONFIG
+            "ec2", region_name=self.region, endpoint_url=endpoint_url,
+            config=boto_config(timeout),
         )
         events = self.client.meta.events
         if on_request is not None:

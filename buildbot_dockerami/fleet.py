@@ -19,13 +19,16 @@ from twisted.internet import defer, task, threads
 from twisted.python import failure, log
 from twisted.python.threadpool import ThreadPool
 
-from buildbot_dockerami import policy
-from buildbot_dockerami.cloud import AsyncEc2, CloudError, Ec2
+from buildbot_dockerami import policy, reconcile
+from buildbot_dockerami.cloud import DEFAULT_TIMEOUT, AsyncEc2, CloudError, Ec2
 from buildbot_dockerami.metrics import Metrics
 from buildbot_dockerami.policy import InstanceStatus
 
 #: How often instances whose termination failed are tried again.
 UNDEAD_RETRY_SECONDS = 60.0
+#: Attempts at a termination while the master stops: the reconciler of its next life
+#: ends what these miss, and a stopping master must not wait for an outage to end.
+STOPPING_ATTEMPTS = 2
 
 
 def _is_not_found(error: BaseException) -> bool:
@@ -117,6 +120,7 @@ class Fleet:
         fleet = cls._by_master.get(master)
         if fleet is None:
             fleet = cls(master.reactor, master.name)
+            master.reactor.addSystemEventTrigger("before", "shutdown", fleet.begin_stopping)
             cls._by_master[master] = fleet
         return fleet
 
@@ -137,6 +141,10 @@ class Fleet:
         self.keeper: Any = None
         #: Called when an instance is gone, so builds waiting on a pool cap can start.
         self.after_release: Callable[[], Any] = lambda: None
+        #: ClientToken -> owner of every RunInstances call still in flight.
+        self.launching: dict[str, str] = {}
+        self.reconciler = Reconciler(self)
+        self.stopping = False
 
     def group(self, name: str) -> InstanceGroup:
         """The shared instance of the slot workers named for ``name``."""
@@ -151,7 +159,12 @@ class Fleet:
             self.reactor.addSystemEventTrigger("during", "shutdown", self._stop)
         return self._pool
 
+    def begin_stopping(self) -> None:
+        self.stopping = True
+        self.reconciler.stop()
+
     def _stop(self) -> None:
+        self.reconciler.stop()
         if self._undead:
             log.msg(
                 "dockerami: master stopping with instances whose termination failed: "
@@ -164,13 +177,14 @@ class Fleet:
             self._pool = None
 
     @defer.inlineCallbacks
-    def client(self, region: str | None, endpoint_url: str | None, session: Any) -> Any:
+    def client(self, region: str | None, endpoint_url: str | None, session: Any,
+               timeout: float = DEFAULT_TIMEOUT) -> Any:
         """An AsyncEc2 for these settings, shared by every worker that uses them.
 
         Built in a thread: botocore reads config files and endpoint data when it
         creates a client.
         """
-        key = (region, endpoint_url, id(session) if session is not None else None)
+        key = (region, endpoint_url, id(session) if session is not None else None, timeout)
         if key not in self._clients:
             pool = self._thread_pool()
             metrics = self.metrics
@@ -178,17 +192,36 @@ class Fleet:
                 self.reactor, pool, Ec2, region, endpoint_url, session,
                 lambda op: metrics.inc("dockerami_ec2_requests_total", {"operation": op}),
                 lambda op: metrics.inc("dockerami_ec2_throttles_total", {"operation": op}),
+                timeout=timeout,
             )
             # Another worker may have built one meanwhile: keep the first.
             self._clients.setdefault(key, AsyncEc2(ec2, pool, self.reactor))
         return self._clients[key]
+
+    def tracked(self) -> dict[str, list[Any]]:
+        """Instance id -> the workers (or slot groups) that own it."""
+        owners: dict[str, list[Any]] = {}
+        for worker in list(self.workers):
+            if worker.instance is not None:
+                owners.setdefault(worker.instance.instance_id, []).append(worker)
+        for group in self.groups.values():
+            if group.instance is not None:
+                owners.setdefault(group.instance.instance_id, []).append(group)
+        return owners
+
+    @defer.inlineCallbacks
+    def find_launch(self, client: AsyncEc2, token: str) -> Any:
+        """The instance a RunInstances call with this ClientToken created, or None."""
+        found = yield client.describe_tagged(policy.LAUNCH_TAG, token)
+        live = [s for s in found.values() if s.state not in policy.GONE_STATES]
+        return live[0] if live else None
 
     @defer.inlineCallbacks
     def terminate(self, client: AsyncEc2, instance_id: str) -> Any:
         """Terminate and confirm, retrying with backoff. If it still fails, the instance
         is kept on a list retried every minute and the error is raised to the caller."""
         self.monitor.unwatch(instance_id)
-        delays = policy.retry_delays()
+        delays = policy.retry_delays(attempts=STOPPING_ATTEMPTS if self.stopping else 6)
         while True:
             try:
                 states = yield client.terminate([instance_id])
@@ -207,6 +240,9 @@ class Fleet:
                 error = str(e)
             delay = next(delays, None)
             if delay is None:
+                if self.stopping:
+                    raise CloudError(f"could not terminate {instance_id} while stopping "
+                                     f"({error}); the next start's reconciler will")
                 self._remember_undead(client, instance_id)
                 raise CloudError(f"could not terminate {instance_id}: {error}")
             log.msg(
@@ -242,6 +278,156 @@ class Fleet:
     @property
     def undead(self) -> list[str]:
         return sorted(self._undead)
+
+
+class Reconciler:
+    """Compares EC2's view of every instance tagged for this master with what the
+    workers track, once at start-up and then every ``interval`` seconds, with one
+    DescribeInstances per EC2 endpoint however many workers and readers there are.
+    The decisions are reconcile.plan's; a failed poll only delays them."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.interval = reconcile.DEFAULT_INTERVAL
+        #: Instance id -> (client, status) as last seen; what the status page shows.
+        self.view: dict[str, tuple[AsyncEc2, InstanceStatus]] = {}
+        self.checked_at: float | None = None
+        self.last_error = ""
+        self.passes = 0
+        self._loop: task.LoopingCall | None = None
+        self._running: defer.Deferred | None = None
+        self._first: Any = None
+
+    def start(self, interval: float, first_delay: float = 1.0) -> None:
+        """(Re)start with the shortest interval any worker asked for. The first pass
+        waits ``first_delay`` so that every worker of the config is known to it."""
+        if self._loop is not None and self._loop.running and interval == self.interval:
+            return
+        self.interval = interval
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = task.LoopingCall(self.tick)
+        self._loop.clock = self.fleet.reactor
+        if self._first is None and self.passes == 0:
+            self._first = self.fleet.reactor.callLater(first_delay, self._start_loop)
+        else:
+            self._start_loop()
+
+    def _start_loop(self) -> None:
+        self._first = None
+        if self._loop is not None and not self._loop.running and not self.fleet.stopping:
+            self._loop.start(self.interval, now=True).addErrback(log.err, "dockerami reconciler")
+
+    def stop(self) -> None:
+        if self._first is not None and self._first.active():
+            self._first.cancel()
+        self._first = None
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def tick(self) -> defer.Deferred:
+        if self._running is None:  # never two passes at once
+            self._running = self._pass()
+            self._running.addBoth(self._done)
+        return defer.succeed(None)
+
+    def _done(self, result: Any) -> None:
+        self._running = None
+        if isinstance(result, failure.Failure):
+            log.err(result, "dockerami: reconciler pass")
+
+    @defer.inlineCallbacks
+    def _pass(self) -> Any:
+        fleet = self.fleet
+        clients: list[AsyncEc2] = []
+        for worker in list(fleet.workers):
+            try:
+                client = yield worker.ec2_client()
+            except Exception as e:
+                log.msg(f"dockerami: reconciler: no EC2 client for {worker.name}: {e}")
+                continue
+            if client not in clients:
+                clients.append(client)
+        view: dict[str, tuple[AsyncEc2, InstanceStatus]] = {}
+        seen: dict[str, InstanceStatus] = {}
+        errors = []
+        for client in clients:
+            try:
+                found = yield client.describe_tagged(policy.MASTER_TAG, fleet.master_id)
+            except Exception as e:
+                errors.append(str(e))
+                # Not knowing is no reason to act: keep what was last seen.
+                view.update({i: v for i, v in self.view.items() if v[0] is client})
+                continue
+            view.update({iid: (client, status) for iid, status in found.items()})
+            # Judged on what is tracked and in flight now, after the answer: a launch
+            # stops being in flight only once its worker tracks the instance.
+            tracked = fleet.tracked()
+            decided = reconcile.plan(found, tracked, fleet.launching)
+            self._act(client, decided, tracked)
+            seen.update(found)
+        self.view = view
+        self.checked_at = fleet.reactor.seconds()
+        self.passes += 1
+        if errors:
+            self.last_error = "; ".join(errors)
+            log.msg(f"dockerami: reconciler: DescribeInstances failed ({self.last_error}); "
+                    "decisions wait for the next pass")
+        else:
+            self.last_error = ""
+
+    def _act(self, client: AsyncEc2, decided: reconcile.Plan,
+             tracked: dict[str, list[Any]]) -> None:
+        fleet = self.fleet
+        for status in decided.terminate:
+            if fleet.stopping:
+                break
+            log.msg(f"dockerami: reconciler: terminating {status.instance_id} "
+                    f"({status.state}, worker {status.worker or '?'}): tagged for this master "
+                    "but no worker tracks it")
+            fleet.metrics.inc("dockerami_untracked_terminated_total", {})
+            d = fleet.terminate(client, status.instance_id)
+            d.addErrback(lambda f, iid=status.instance_id: log.msg(
+                f"dockerami: reconciler: terminating {iid} failed: {f.getErrorMessage()}"))
+        for status in decided.lost:
+            for owner in tracked.get(status.instance_id, []):
+                owner.instance_lost(status)
+
+    def terminate_untracked(self, instance_id: str, claimed_by: str) -> None:
+        """A worker connected from ``instance_id``, which no worker tracks: end it if
+        it is tagged for this master and no launch of ours is still waiting for it."""
+        self._terminate_if_untracked(instance_id, claimed_by).addErrback(
+            lambda f: log.msg(f"dockerami: could not end {instance_id}: {f.getErrorMessage()}"))
+
+    @defer.inlineCallbacks
+    def _terminate_if_untracked(self, instance_id: str, claimed_by: str) -> Any:
+        fleet = self.fleet
+        clients: list[AsyncEc2] = []
+        for worker in list(fleet.workers):
+            client = yield worker.ec2_client()
+            if client not in clients:
+                clients.append(client)
+        for client in clients:
+            status = (yield client.describe([instance_id])).get(instance_id)
+            if status is None:
+                continue
+            if (status.master != fleet.master_id or instance_id in fleet.tracked()
+                    or status.launch_token in fleet.launching
+                    or status.state not in reconcile.LIVE_STATES):
+                return
+            log.msg(f"dockerami: terminating {instance_id}: its worker connected as "
+                    f"{claimed_by}, but no worker of this master tracks it")
+            fleet.metrics.inc("dockerami_untracked_terminated_total", {})
+            yield fleet.terminate(client, instance_id)
+            return
+
+    def orphans(self) -> list[tuple[AsyncEc2, InstanceStatus]]:
+        """Live instances tagged for this master that no worker tracks, as last seen."""
+        tracked = self.fleet.tracked()
+        return [
+            (client, status) for iid, (client, status) in sorted(self.view.items())
+            if iid not in tracked and status.state in reconcile.LIVE_STATES
+        ]
 
 
 class GroupMember(Protocol):
@@ -361,6 +547,14 @@ class InstanceGroup:
             waiters, self._gone_waiters = self._gone_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
+
+    def instance_lost(self, status: InstanceStatus) -> None:
+        """EC2 says the shared instance is gone: its slots' workers stop their builds
+        (instance_lost on each), then every slot is released."""
+        if self.instance is None or self.instance.instance_id != status.instance_id:
+            return
+        self.shutdown(reconcile.lost_reason(status)).addErrback(
+            log.err, f"dockerami: releasing the lost instance of {self.name}")
 
     @defer.inlineCallbacks
     def leave(self, member: GroupMember) -> Any:

@@ -25,6 +25,14 @@ HELP = {
         "counter", "EC2 API requests sent (retries included), by operation."),
     "dockerami_ec2_throttles_total": (
         "counter", "EC2 API requests refused for throttling, by operation."),
+    "dockerami_launch_answers_lost_total": (
+        "counter", "RunInstances calls that never answered, by what the token lookup found."),
+    "dockerami_untracked_terminated_total": (
+        "counter", "Instances tagged for this master that no worker tracked, terminated."),
+    "dockerami_instances_lost_total": (
+        "counter", "Tracked instances EC2 reported gone (spot, console, ...), by state."),
+    "dockerami_connections_refused_total": (
+        "counter", "Worker connections refused: not from the instance launched for them."),
     "dockerami_instances": ("gauge", "Instances this master owns, by state."),
     "dockerami_terminations_failing": (
         "gauge", "Instances whose termination failed and is being retried."),

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 WORKER_TAG = "buildbot:worker"
 MASTER_TAG = "buildbot:master"
+#: The launch's ClientToken, so an instance whose RunInstances answer was lost is found.
+LAUNCH_TAG = "buildbot:launch"
 
 #: States from which an instance can still become a connected worker.
 BOOTING_STATES = frozenset({"pending", "running"})
@@ -27,6 +29,12 @@ class InstanceStatus:
     reason: str = ""
     instance_type: str = ""
     availability_zone: str = ""
+    worker: str = ""
+    master: str = ""
+    launch_token: str = ""
+    #: Epoch seconds EC2 says the instance was launched.
+    launched_at: float = 0.0
+    market: str = "on-demand"
 
 
 def master_id(master_name: str) -> str:
@@ -40,9 +48,12 @@ def master_id(master_name: str) -> str:
     return f"{host[:200]}-{digest}"
 
 
-def instance_tags(worker_name: str, master: str, user_tags: Mapping[str, str]) -> dict[str, str]:
+def instance_tags(worker_name: str, master: str, user_tags: Mapping[str, str],
+                  launch_token: str = "") -> dict[str, str]:
     tags = dict(user_tags)
     tags.update({"Name": f"buildbot-{worker_name}", WORKER_TAG: worker_name, MASTER_TAG: master})
+    if launch_token:
+        tags[LAUNCH_TAG] = launch_token
     return tags
 
 

@@ -21,7 +21,7 @@ _SG_ID = re.compile(r"^sg-(?:[0-9a-f]{8}|[0-9a-f]{17})$")
 _INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9-]+$")
 
 #: Tags the plugin sets itself; a user tag may not change them.
-RESERVED_TAGS = ("Name", "buildbot:worker", "buildbot:master")
+RESERVED_TAGS = ("Name", "buildbot:worker", "buildbot:master", "buildbot:launch")
 
 METADATA_OPTION_KEYS = {
     "HttpTokens",

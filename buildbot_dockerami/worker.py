@@ -8,22 +8,26 @@ import copy
 import re
 import secrets
 import socket
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from botocore.exceptions import ClientError
 from buildbot import config
-from buildbot.interfaces import LatentWorkerFailedToSubstantiate
+from buildbot.interfaces import LatentWorkerCannotSubstantiate, LatentWorkerFailedToSubstantiate
 from buildbot.process.properties import Properties
+from buildbot.process.results import RETRY
 from buildbot.util import Notifier
 from buildbot.util.latent import CompatibleLatentWorkerMixin
 from buildbot.worker.latent import AbstractLatentWorker, States
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.python import log
+from twisted.spread import pb
 
-from buildbot_dockerami import policy, pools, settings, userdata
+from buildbot_dockerami import policy, pools, reconcile, settings, userdata
 from buildbot_dockerami.checks import config_problems, rendered_problems
-from buildbot_dockerami.cloud import AsyncEc2, LaunchSpec
+from buildbot_dockerami.cloud import DEFAULT_TIMEOUT, AsyncEc2, LaunchSpec
 from buildbot_dockerami.fleet import Fleet, InstanceGroup
 from buildbot_dockerami.userdata import UserData, UserDataError
 
@@ -33,6 +37,14 @@ REARMING_STATES = (States.INSUBSTANTIATING_SUBSTANTIATING, States.SUBSTANTIATING
 CONNECTION_WAIT_SECONDS = 30
 #: Longest console output tail logged when an instance never connected.
 CONSOLE_TAIL_CHARS = 4000
+#: The worker-info key (a file in the worker's info/ directory) carrying the id of the
+#: instance the worker runs on; images that do not report it are accepted (README).
+INSTANCE_ID_INFO = "instance_id"
+
+
+class ConnectionRefused(pb.Error, UnauthorizedLogin):
+    """A worker connection the master turns away: a pb.Error, so not logged as a crash,
+    and an UnauthorizedLogin, so a worker that is merely early retries."""
 
 
 @dataclass
@@ -124,6 +136,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         isolation: str = "none",
         instance_group: str | None = None,
         pool: str | None = None,
+        reconcile_interval: Any = reconcile.DEFAULT_INTERVAL,
+        ec2_timeout: Any = DEFAULT_TIMEOUT,
         **kwargs: Any,
     ) -> None:
         super().checkConfig(name, password, **kwargs)
@@ -150,6 +164,12 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         )
         if pool is not None and (not isinstance(pool, str) or not pool.strip()):
             problems.append(f"pool: {pool!r} must be a non-empty name")
+        for setting, value, least in (
+            ("reconcile_interval", reconcile_interval, reconcile.MIN_INTERVAL),
+            ("ec2_timeout", ec2_timeout, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < least:
+                problems.append(f"{setting}: {value!r} must be a number of seconds >= {least:g}")
         for problem in problems:
             config.error(f"DockerAMILatentWorker {name!r}: {problem}")
 
@@ -180,6 +200,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         isolation: str = "none",
         instance_group: str | None = None,
         pool: str | None = None,
+        reconcile_interval: float = reconcile.DEFAULT_INTERVAL,
+        ec2_timeout: float = DEFAULT_TIMEOUT,
         **kwargs: Any,
     ) -> Any:
         self.image = image
@@ -202,8 +224,12 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         )
         self.endpoint_url = endpoint_url
         self.session = session
+        self.ec2_timeout = ec2_timeout
+        self.reconcile_interval = reconcile_interval
         self.fleet = Fleet.for_master(self.master)
         self.fleet.workers.add(self)
+        self.fleet.reconciler.start(
+            min(w.reconcile_interval for w in list(self.fleet.workers)))
         self.fleet.after_release = self.botmaster.maybeStartBuildsForAllBuilders
         self.pool = pool
         if pool is not None:
@@ -287,7 +313,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
 
     def ec2_client(self) -> defer.Deferred:
         """The (shared) EC2 client for this worker's region and endpoint."""
-        return self.fleet.client(self.region, self.endpoint_url, self.session)
+        return self.fleet.client(self.region, self.endpoint_url, self.session, self.ec2_timeout)
 
     @defer.inlineCallbacks
     def renew_password(self) -> Any:
@@ -303,7 +329,9 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         values = yield self.renderWorkerPropsOnStart(build)
         problems = rendered_problems(values)
         if problems:
-            raise LatentWorkerFailedToSubstantiate(self.name, "; ".join(problems))
+            # A value that will never work fails the build once, instead of a retry loop.
+            self._count_failure("invalid_setting", "; ".join(problems))
+            raise LatentWorkerCannotSubstantiate(self.name, "; ".join(problems))
         client = yield self.ec2_client()
         ami = values["ami"]
         if ami is None:
@@ -332,13 +360,16 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
                 )
             )
         except UserDataError as e:
-            raise LatentWorkerFailedToSubstantiate(self.name, str(e)) from e
+            self._count_failure("invalid_setting", str(e))
+            raise LatentWorkerCannotSubstantiate(self.name, str(e)) from e
         owner = group.name if group is not None else self.name
+        token = uuid.uuid4().hex
         spec = LaunchSpec(
             ami=ami,
             instance_type=values["instance_type"],
             user_data=text,
-            tags=policy.instance_tags(owner, self.fleet.master_id, self.tags),
+            tags=policy.instance_tags(owner, self.fleet.master_id, self.tags, token),
+            client_token=token,
             subnet_id=self.subnet_id,
             security_group_ids=self.security_group_ids,
             keypair_name=self.keypair_name,
@@ -346,6 +377,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             block_device_mappings=self.block_device_mappings,
             metadata_options=self.metadata_options,
         )
+        self.fleet.launching[token] = owner
         try:
             status = yield client.run_instance(spec)
         except ClientError as e:
@@ -357,6 +389,10 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             raise LatentWorkerFailedToSubstantiate(
                 self.name, f"RunInstances failed: {error.get('Code')}: {error.get('Message')}"
             ) from e
+        except Exception as e:
+            status = yield self._find_lost_launch(client, token, e)
+        finally:
+            self.fleet.launching.pop(token, None)
         log.msg(
             f"{self}: launched {status.instance_id} ({values['instance_type']}, {ami}) "
             f"running image {values['image']} for {', '.join(n for n, _ in credentials)}"
@@ -367,6 +403,29 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             status.availability_zone, self.master.reactor.seconds(),
         )
         return (instance, copy.deepcopy(values))
+
+    @defer.inlineCallbacks
+    def _find_lost_launch(self, client: AsyncEc2, token: str, error: Exception) -> Any:
+        """RunInstances never answered (timeouts, connection lost, every retry spent):
+        EC2 may still have launched the instance. Look it up by its launch token."""
+        try:
+            found = yield self.fleet.find_launch(client, token)
+        except Exception as e:
+            found, outcome = None, f"lookup failed: {e}"
+        else:
+            outcome = "found" if found is not None else "not launched"
+        self.fleet.metrics.inc("dockerami_launch_answers_lost_total",
+                               {"outcome": "found" if found is not None else "not_found"})
+        if found is not None:
+            log.msg(f"{self}: RunInstances gave no answer ({error}); instance "
+                    f"{found.instance_id} found by its launch token")
+            return found
+        # Not found (or not knowable now): any instance the call did create carries the
+        # token but no worker, so the reconciler terminates it on its next pass.
+        message = f"RunInstances gave no answer ({error}); {outcome}"
+        log.msg(f"{self}: {message}")
+        self._count_failure("RunInstances:no_answer", message)
+        raise LatentWorkerFailedToSubstantiate(self.name, message)
 
     def _count_failure(self, reason: str, message: str = "") -> None:
         self._failure_counted = True
@@ -381,7 +440,15 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         if instance is None:
             return (True, "")
         monitor = self.fleet.monitor
-        status = yield monitor.status(instance.instance_id, self.check_instance_interval * 0.8)
+        try:
+            status = yield monitor.status(instance.instance_id,
+                                          self.check_instance_interval * 0.8)
+        except Exception as e:
+            # Not knowing the state only delays the verdict (missing_timeout still holds).
+            log.msg(f"{self}: state of {instance.instance_id} unknown for now: {e}")
+            return (True, "")
+        if self.conn is not None or self.instance is not instance:
+            return (True, "")  # connected (or gone) meanwhile: not a booting instance now
         ok, reason = policy.boot_verdict(status, monitor.seconds_since_watch(instance.instance_id))
         if status is not None and status.state == "running":
             self.timeline.setdefault("running", self.master.reactor.seconds())
@@ -396,8 +463,30 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
                 self.last_failure = reason
         return (ok, reason)
 
+    def _refuse(self, conn: Any, why: str) -> None:
+        log.msg(f"{self}: refusing a connection: {why}")
+        conn.loseConnection()
+        raise ConnectionRefused(f"{self.name}: {why}")
+
+    def _check_origin(self, conn: Any) -> None:
+        """A connection is accepted only from the instance launched for this worker.
+
+        Images that report no instance id (the seed's) are let in; the reconciler
+        ends any instance this master does not track within its interval.
+        """
+        reported = str(conn.info.get(INSTANCE_ID_INFO) or "").strip()
+        expected = self.instance.instance_id if self.instance is not None else None
+        if not reported or reported == expected:
+            return
+        self.fleet.metrics.inc("dockerami_connections_refused_total", {})
+        if reported not in self.fleet.tracked():
+            self.fleet.reconciler.terminate_untracked(reported, self.name)
+        self._refuse(conn, f"it runs on {reported}, not on this worker's instance "
+                           f"{expected or '(none)'}")
+
     @defer.inlineCallbacks
     def attached(self, conn: Any) -> Any:
+        self._check_origin(conn)
         recycling = self.state in REARMING_STATES or (
             self.state == States.SUBSTANTIATED and self.conn is None  # lost, not yet cleaned up
         )
@@ -430,6 +519,28 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             )
             self._connected = True
             self.fleet.monitor.unwatch(self.instance.instance_id, self.name)
+
+    def running_builds(self) -> list[Any]:
+        return [build for builder in self.botmaster.builders.values()
+                for build in builder.building if build.workername == self.name]
+
+    def instance_lost(self, status: Any) -> None:
+        """EC2 says this worker's connected instance is gone (spot reclaim, the console,
+        a colleague): its builds end as RETRY with the reason, the worker lets go of it."""
+        instance = self.instance
+        if (instance is None or instance.instance_id != status.instance_id
+                or self.state != States.SUBSTANTIATED):
+            return  # booting: check_instance decides; terminating: our own doing
+        reason = reconcile.lost_reason(status)
+        log.msg(f"{self}: {reason}; its builds are retried")
+        self.last_failure = reason
+        self.fleet.metrics.inc("dockerami_instances_lost_total", {"state": status.state})
+        for build in self.running_builds():
+            build.stopBuild(reason, results=RETRY)
+        if self.conn is not None:
+            self.conn.loseConnection()
+        if self.group is None:
+            self._deferwaiter.add(self.insubstantiate())
 
     # -- per-build isolation -------------------------------------------------------
 

@@ -31,8 +31,10 @@ def make_master(masters_root: Path, cloud: LocalCloud, request: pytest.FixtureRe
         return master.start() if start else master
 
     yield make
-    for master in started:
-        master.stop()
+    unclean = [master.basedir.name for master in started if not master.stop()]
+    unhandled = [master.basedir.name for master in started if "Unhandled Error" in master.log()]
+    assert not unclean, f"masters that did not shut down cleanly within 30 s: {unclean}"
+    assert not unhandled, f"masters that logged 'Unhandled Error': {unhandled}"
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

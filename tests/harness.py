@@ -112,9 +112,11 @@ class Master:
         wait_for(lambda: self.log().count("configuration update complete") > marker, 60,
                  "the reconfig to complete")
 
-    def stop(self, timeout: float = 60) -> bool:
-        """SIGTERM, as `buildbot stop` does; False if it had to be killed after ``timeout``."""
+    def stop(self, timeout: float = 30) -> bool:
+        """SIGTERM, as `buildbot stop` does; False if it had to be killed after ``timeout``
+        or exited without buildbot's "Server Shut Down."."""
         if self.process and self.process.poll() is None:
+            runs = self.log().count("Server Shut Down.")
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=timeout)
@@ -122,7 +124,14 @@ class Master:
                 self.process.kill()
                 self.process.wait()
                 return False
+            return self.log().count("Server Shut Down.") > runs
         return True
+
+    def crash(self) -> None:
+        """kill -9: no shutdown code runs, as when the machine or the process dies."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
 
     # -- REST API ----------------------------------------------------------------
 

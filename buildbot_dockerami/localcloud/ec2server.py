@@ -40,6 +40,17 @@ class Fault:
     status: int = 400
 
 
+@dataclass
+class Stall:
+    """An answer that comes late (``delay``), is lost after EC2 acted (``drop``), or
+    never comes because EC2 never got the request (``hang``)."""
+
+    action: str
+    kind: str
+    seconds: float
+    remaining: int
+
+
 class FaultInjector:
     """The WSGI middleware: records ``(access key, action)`` and answers with a queued
     fault instead of moto when one is due for that action."""
@@ -48,6 +59,11 @@ class FaultInjector:
         self.app = app
         self.calls: Counter[tuple[str, str]] = Counter()
         self._faults: list[Fault] = []
+        self._stalls: list[Stall] = []
+        #: RunInstances answers by ClientToken: EC2 answers a repeated token with the
+        #: instance the first call launched (moto does not).
+        self._launches: dict[str, tuple[str, list, bytes]] = {}
+        self._released = threading.Event()
         self._lock = threading.Lock()
         #: Serves GetConsoleOutput from what the local machine printed, when set.
         self.console: Callable[[str], str | None] | None = None
@@ -57,6 +73,34 @@ class FaultInjector:
         """The next ``count`` calls of ``action`` (by anyone but the hypervisor) fail."""
         with self._lock:
             self._faults.append(Fault(action, code, message, count, status))
+
+    def delay(self, action: str, seconds: float, count: int = 1) -> None:
+        """The next ``count`` answers to ``action`` come ``seconds`` late."""
+        self._stall(action, "delay", seconds, count)
+
+    def drop(self, action: str, count: int = 1, hold: float = 30.0) -> None:
+        """The next ``count`` calls of ``action`` are carried out, but their answer is
+        lost: the connection is held for ``hold`` seconds, then closed with no answer."""
+        self._stall(action, "drop", hold, count)
+
+    def hang(self, action: str, count: int = 1, hold: float = 30.0) -> None:
+        """The next ``count`` calls of ``action`` hang ``hold`` seconds unanswered and are
+        not carried out."""
+        self._stall(action, "hang", hold, count)
+
+    def clear(self) -> None:
+        """Forget every queued fault and stall: EC2 is healthy again."""
+        with self._lock:
+            self._faults.clear()
+            self._stalls.clear()
+
+    def release(self) -> None:
+        """End every held connection now (at shutdown)."""
+        self._released.set()
+
+    def _stall(self, action: str, kind: str, seconds: float, count: int) -> None:
+        with self._lock:
+            self._stalls.append(Stall(action, kind, seconds, count))
 
     def throttle(self, action: str, count: int = 1) -> None:
         self.inject(action, "RequestLimitExceeded", "Request limit exceeded.", count, 503)
@@ -76,20 +120,36 @@ class FaultInjector:
         action = parse_qs(body.decode("utf-8", "replace")).get("Action", [""])[0]
         match = _CREDENTIAL.search(environ.get("HTTP_AUTHORIZATION", ""))
         key = match.group(1) if match else ""
-        fault = None
+        fault = stall = None
         with self._lock:
             self.calls[(key, action)] += 1
             if key != HYPERVISOR_ACCESS_KEY:
                 fault = next((f for f in self._faults if f.action == action and f.remaining), None)
                 if fault is not None:
                     fault.remaining -= 1
+                stall = next((t for t in self._stalls if t.action == action and t.remaining),
+                             None)
+                if stall is not None and fault is None:
+                    stall.remaining -= 1
+                else:
+                    stall = None
+        if stall is not None and stall.kind == "hang":
+            self._released.wait(stall.seconds)
+            raise ConnectionAbortedError(f"{action}: hung up without an answer")
+        if stall is not None and stall.kind == "delay":
+            self._released.wait(stall.seconds)
         if fault is None and action == "GetConsoleOutput" and self.console is not None:
             instance_id = parse_qs(body.decode()).get("InstanceId", [""])[0]
             output = self.console(instance_id)
             if output is not None:
                 return _console_response(instance_id, output, start_response)
         if fault is None:
-            return self.app(environ, start_response)
+            status, headers, answer = self._answer(action, body, environ)
+            if stall is not None and stall.kind == "drop":
+                self._released.wait(stall.seconds)
+                raise ConnectionAbortedError(f"{action}: answer lost")
+            start_response(status, headers)
+            return [answer]
         payload = (
             f"<?xml version='1.0' encoding='UTF-8'?><Response><Errors><Error>"
             f"<Code>{fault.code}</Code><Message>{fault.message}</Message></Error></Errors>"
@@ -101,6 +161,28 @@ class FaultInjector:
             [("Content-Type", "text/xml"), ("Content-Length", str(len(payload)))],
         )
         return [payload]
+
+
+    def _answer(self, action: str, body: bytes, environ: dict) -> tuple[str, list, bytes]:
+        """moto's answer, or for a RunInstances whose ClientToken was seen, the answer
+        the first call got."""
+        token = ""
+        if action == "RunInstances":
+            token = parse_qs(body.decode("utf-8", "replace")).get("ClientToken", [""])[0]
+            with self._lock:
+                if token in self._launches:
+                    return self._launches[token]
+        captured: dict[str, Any] = {}
+
+        def start_response(status: str, headers: list, exc_info: Any = None) -> None:
+            captured["status"], captured["headers"] = status, headers
+
+        answer = b"".join(self.app(environ, start_response))
+        result = (captured["status"], captured["headers"], answer)
+        if token and captured["status"].startswith("200"):
+            with self._lock:
+                self._launches.setdefault(token, result)
+        return result
 
 
 def _console_response(instance_id: str, output: str, start_response: Callable) -> list[bytes]:
@@ -138,6 +220,7 @@ class Ec2Server:
         self._thread.start()
 
     def stop(self) -> None:
+        self.faults.release()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=10)

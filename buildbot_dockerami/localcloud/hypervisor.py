@@ -88,6 +88,9 @@ class ProcessRuntime:
             _WORKER_TAC.format(host=data.master_host, port=data.master_port, name=data.worker_name)
         )
         (basedir / "image").write_text(data.image + "\n")
+        # As the image does: tell the master which instance this worker runs on.
+        (basedir / "info").mkdir()
+        (basedir / "info" / "instance_id").write_text(instance_id)
         command = [
             sys.executable, "-c",
             "import sys; from twisted.scripts.twistd import run; sys.exit(run())",

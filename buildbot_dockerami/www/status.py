@@ -8,11 +8,8 @@ from typing import Any
 from buildbot.worker.latent import States
 from twisted.internet import defer
 
-from buildbot_dockerami import policy, pools
+from buildbot_dockerami import pools
 from buildbot_dockerami.fleet import Fleet
-
-#: Instance states in which an orphan still costs money.
-LIVE_STATES = ("pending", "running", "stopping", "stopped")
 
 
 def worker_state(worker: Any) -> str:
@@ -83,27 +80,16 @@ def worker_row(worker: Any, now: float, prices: Mapping[str, float]) -> Any:
     return row
 
 
-@defer.inlineCallbacks
-def orphans(fleet: Fleet) -> Any:
+def orphans(fleet: Fleet) -> defer.Deferred:
     """Instances tagged for this master that no live worker owns (e.g. left by a crash),
-    looked up in every region/endpoint this master's workers use."""
-    clients = []
-    for worker in list(fleet.workers):
-        client = yield worker.ec2_client()
-        if client not in clients:
-            clients.append(client)
-    owned = {w.instance.instance_id for w in list(fleet.workers) if w.instance is not None}
-    owned |= {g.instance.instance_id for g in fleet.groups.values() if g.instance is not None}
-    found = []
-    for client in clients:
-        tagged = yield client.describe_tagged(policy.MASTER_TAG, fleet.master_id)
-        found += [
-            {"id": status.instance_id, "state": status.state, "type": status.instance_type,
-             "availability_zone": status.availability_zone, "client": client}
-            for status in tagged.values()
-            if status.state in LIVE_STATES and status.instance_id not in owned
-        ]
-    return found
+    as the reconciler last saw them: readers never call EC2. The reconciler terminates
+    them on its next pass; until then they are listed here."""
+    return defer.succeed([
+        {"id": status.instance_id, "state": status.state, "type": status.instance_type,
+         "availability_zone": status.availability_zone, "worker": status.worker,
+         "client": client}
+        for client, status in fleet.reconciler.orphans()
+    ])
 
 
 @defer.inlineCallbacks
@@ -119,4 +105,9 @@ def fleet_status(fleet: Fleet, now: float, prices: Mapping[str, float]) -> Any:
             {k: v for k, v in o.items() if k != "client"} for o in (yield orphans(fleet))
         ],
         "terminations_failing": fleet.undead,
+        "reconciler": {
+            "interval": fleet.reconciler.interval,
+            "checked_at": fleet.reconciler.checked_at,
+            "error": fleet.reconciler.last_error,
+        },
     }

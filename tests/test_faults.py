@@ -1,0 +1,224 @@
+"""EC2's everyday faults on a real master, real workers and the local cloud: master
+crashes, lost and hanging answers, DescribeInstances outages, instances that die
+from outside, readers of the Fleet page. Each test ends by counting instances through
+the EC2 API: nothing of this master may be left running."""
+
+from __future__ import annotations
+
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from buildbot_dockerami.localcloud import LocalCloud
+from tests.harness import EXCEPTION, RETRY, SUCCESS, master_cfg, wait_for
+from tests.test_ec2_worker import instances
+
+pytestmark = pytest.mark.integration
+
+#: The reconciler's interval in these tests (its minimum): the bound they measure.
+INTERVAL = 5
+FAST = f"reconcile_interval={INTERVAL}, ec2_timeout=2,"
+LIVE = ("pending", "running", "stopping", "stopped")
+
+
+def live(cloud: LocalCloud) -> list[str]:
+    return [i["InstanceId"] for i in instances(cloud) if i["State"]["Name"] in LIVE]
+
+
+def instance_of_build(master, build: dict) -> str:
+    """The process runtime runs each instance's worker in <state>/instances/<id>/."""
+    text = master.step_log(build["buildid"])
+    return next(part for part in text.split("/") if part.startswith("i-"))
+
+
+def fleet(master) -> dict:
+    return requests.get(
+        f"http://127.0.0.1:{master.www_port}/plugins/dockerami/api/fleet", timeout=10).json()
+
+
+def with_plugin(config: str) -> str:
+    return config.replace("'plugins': {}", "'plugins': {'dockerami': {}}")
+
+
+@pytest.mark.parametrize("password", [None, "s3cret-fixed"], ids=["fresh", "explicit"])
+@pytest.mark.parametrize("when", ["booting", "building"])
+def test_master_crash_leaves_no_instance_and_no_build_on_an_untracked_one(
+        make_master, cloud, when, password):
+    extra = FAST + (f"password={password!r}," if password else "")
+    config = master_cfg(build_wait_timeout=600, command="pwd; sleep 4", worker_extra=extra)
+    if when == "booting":
+        cloud.hypervisor.boot_delay = 3
+    master = make_master(config)
+    brid = master.force()
+    (old,) = wait_for(lambda: live(cloud), 30, "an instance to be launched")
+    if when == "building":
+        wait_for(lambda: master.builds_for(brid), 60, "the build to start")
+    master.crash()
+    cloud.hypervisor.boot_delay = 0  # the orphan's worker is up when the master returns
+
+    restarted = time.monotonic()
+    master.start()
+    wait_for(lambda: old not in live(cloud), INTERVAL + 10, "the old instance to be terminated")
+    ended_after = time.monotonic() - restarted
+    build = master.wait_request(brid, 120)
+    assert build["results"] == SUCCESS, master.log()[-3000:]
+    assert instance_of_build(master, build) != old, "a build ran on the untracked instance"
+    assert ended_after < INTERVAL + 5, ended_after
+    log = master.log()
+    assert f"{old}" in log and ("no worker tracks it" in log or "refusing" in log)
+    if password:
+        assert password not in log
+    # Later builds too run only on instances this master tracks.
+    later = master.wait_request(master.force(), 90)
+    assert later["results"] == SUCCESS
+    assert instance_of_build(master, later) != old
+    print(f"[measure] crash while {when} ({'explicit' if password else 'fresh'} password): "
+          f"old instance gone {ended_after:.1f}s after restart")
+
+
+def test_a_lost_run_instances_answer_is_retried_with_the_same_client_token(make_master, cloud):
+    cloud.faults.drop("RunInstances", count=1, hold=5)
+    master = make_master(master_cfg(build_wait_timeout=0, worker_extra=FAST))
+    assert master.wait_request(master.force(), 90)["results"] == SUCCESS
+    assert len(instances(cloud)) == 1, "the retried launch must not start a second instance"
+    wait_for(lambda: not live(cloud), 30, "the instance to be terminated")
+
+
+def test_a_launch_whose_answers_never_come_is_found_by_its_token(make_master, cloud):
+    cloud.faults.drop("RunInstances", count=20, hold=4)  # every attempt launches, none answers
+    master = make_master(with_plugin(master_cfg(build_wait_timeout=0, worker_extra=FAST)))
+    brid = master.force()
+    wait_for(lambda: "found by its launch token" in master.log(), 90, "the lookup by token")
+    cloud.faults.clear()
+    assert master.wait_request(brid, 90)["results"] == SUCCESS
+    assert len(instances(cloud)) == 1
+    metrics = requests.get(
+        f"http://127.0.0.1:{master.www_port}/plugins/dockerami/metrics", timeout=10).text
+    assert re.search(r'dockerami_launch_answers_lost_total\{outcome="found"\} 1(\.0)?\n',
+                     metrics), metrics
+    wait_for(lambda: not live(cloud), 30, "the instance to be terminated")
+
+
+def test_hanging_run_instances_fails_the_attempt_and_the_retry_builds(make_master, cloud):
+    cloud.faults.hang("RunInstances", count=20, hold=4)  # never reaches EC2
+    master = make_master(with_plugin(master_cfg(build_wait_timeout=0, worker_extra=FAST)))
+    brid = master.force()
+    wait_for(lambda: "RunInstances gave no answer" in master.log(), 90, "the launch to give up")
+    assert "not launched" in master.log()
+    assert not instances(cloud)
+    cloud.faults.clear()
+    final = master.wait_request(brid, 120)
+    assert final["results"] == SUCCESS
+    assert RETRY in [b["results"] for b in master.builds_for(brid)]
+    assert len(instances(cloud)) == 1
+    wait_for(lambda: not live(cloud), 30, "the instance to be terminated")
+
+
+def test_a_describe_outage_never_kills_running_builds(make_master, cloud):
+    cloud.hypervisor.boot_delay = 2
+    master = make_master(master_cfg(workers=3, build_wait_timeout=1, command="sleep 5",
+                                    worker_extra=FAST))
+    cloud.faults.inject("DescribeInstances", "InternalError", "outage", count=10_000,
+                        status=500)
+    requests_ = [master.force() for _ in range(3)]
+    builds = [master.wait_request(brid, 180) for brid in requests_]
+    assert [b["results"] for b in builds] == [SUCCESS] * 3, master.log()[-3000:]
+    assert all(len(master.builds_for(brid)) == 1 for brid in requests_), "a build was retried"
+    cloud.faults.clear()
+    wait_for(lambda: not live(cloud), 60, "every instance to be terminated")
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "building"])
+def test_an_instance_terminated_from_outside_is_seen_within_one_interval(
+        make_master, cloud, busy):
+    master = make_master(with_plugin(master_cfg(
+        build_wait_timeout=600, command="sleep 20" if busy else "true", worker_extra=FAST)))
+    brid = master.force()
+    if busy:
+        wait_for(lambda: master.builds_for(brid), 60, "the build to start")
+        wait_for(lambda: fleet(master)["workers"][0]["state"] == "building", 30, "building")
+    else:
+        assert master.wait_request(brid, 90)["results"] == SUCCESS
+    (instance_id,) = live(cloud)
+    cloud.client().terminate_instances(InstanceIds=[instance_id])
+    killed = time.monotonic()
+
+    def gone() -> bool:
+        row = fleet(master)["workers"][0]
+        return row["instance"] is None and instance_id in row["last_failure"]
+    wait_for(gone, INTERVAL + 10, "the Fleet page to show the instance gone")
+    seen_after = time.monotonic() - killed
+    assert seen_after < INTERVAL + 3, seen_after
+    row = fleet(master)["workers"][0]
+    assert f"instance {instance_id} terminated" in row["last_failure"]
+    metrics = requests.get(
+        f"http://127.0.0.1:{master.www_port}/plugins/dockerami/metrics", timeout=10).text
+    assert re.search(r'dockerami_instances\{state="booting"\} 0(\.0)?\n', metrics), metrics
+    if busy:
+        final = master.wait_request(brid, 120)
+        assert final["results"] == SUCCESS
+        first = master.builds_for(brid)[0]
+        assert first["results"] == RETRY
+        assert f"instance {instance_id} terminated" in (first["state_string"] + master.log())
+    print(f"[measure] external termination ({'building' if busy else 'idle'}): "
+          f"seen {seen_after:.1f}s later")
+    assert master.stop()
+    assert not live(cloud) or all(i != instance_id for i in live(cloud))
+
+
+def test_fleet_readers_never_drive_ec2(make_master, cloud):
+    master = make_master(with_plugin(master_cfg(build_wait_timeout=600, worker_extra=FAST)))
+    assert master.wait_request(master.force(), 90)["results"] == SUCCESS
+    url = f"http://127.0.0.1:{master.www_port}/plugins/dockerami/api/fleet"
+    before = cloud.faults.count("DescribeInstances")
+    started = time.monotonic()
+
+    def get(_: int) -> int:
+        return requests.get(url, timeout=10).status_code
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(get, range(1000))) == {200}
+    elapsed = time.monotonic() - started
+    calls = cloud.faults.count("DescribeInstances") - before
+    assert calls <= elapsed / INTERVAL + 2, (calls, elapsed)
+
+    # EC2 hangs: the page still answers at once, from the master's own view.
+    cloud.faults.hang("DescribeInstances", count=100, hold=20)
+    time.sleep(INTERVAL + 1)  # a reconciler pass is now stuck on EC2
+    slowest = 0.0
+    for _ in range(20):
+        t0 = time.monotonic()
+        body = requests.get(url, timeout=10).json()
+        slowest = max(slowest, time.monotonic() - t0)
+    assert body["workers"][0]["state"] == "connected"
+    assert slowest < 0.1, slowest
+    cloud.faults.clear()
+    cloud.faults.release()
+
+
+def test_a_value_that_can_never_work_fails_the_build_once(make_master, cloud):
+    config = master_cfg(build_wait_timeout=0, worker_extra=FAST).replace(
+        "    image='localhost/dockerami/worker:test',",
+        "    image=util.Interpolate('%(prop:img:-localhost/dockerami/worker:test)s'),",
+    ).replace(
+        "schedulers.ForceScheduler(name='force', builderNames=['runtests'])",
+        "schedulers.ForceScheduler(name='force', builderNames=['runtests'], properties=["
+        "util.StringParameter(name='img', default='')])",
+    ).replace("%(prop:img:-", "%(prop:img:~")
+    master = make_master(config)
+    builderid = master.builder_id("runtests")
+    response = requests.post(
+        f"{master.api}/forceschedulers/force",
+        json={"jsonrpc": "2.0", "method": "force", "id": 1,
+              "params": {"builderid": str(builderid), "img": "org/w:1;reboot"}}, timeout=10)
+    response.raise_for_status()
+    _, brids = response.json()["result"]
+    brid = int(next(iter(brids.values())))
+    bad = master.wait_request(brid, 60)
+    assert bad["results"] == EXCEPTION
+    assert len(master.builds_for(brid)) == 1, "the build must fail once, not loop"
+    assert "image" in master.log() and not instances(cloud)
+    # The worker is usable for the next build.
+    assert master.wait_request(master.force(), 90)["results"] == SUCCESS

@@ -1,0 +1,47 @@
+"""The reconciler's decisions, without a network."""
+
+from __future__ import annotations
+
+from buildbot_dockerami import reconcile
+from buildbot_dockerami.policy import InstanceStatus
+
+
+def ids(statuses: list[InstanceStatus]) -> list[str]:
+    return sorted(s.instance_id for s in statuses)
+
+
+def test_untracked_live_instances_are_terminated_tracked_ones_kept():
+    seen = {
+        "i-tracked": InstanceStatus("i-tracked", "running"),
+        "i-orphan": InstanceStatus("i-orphan", "running"),
+        "i-orphan-booting": InstanceStatus("i-orphan-booting", "pending"),
+        "i-orphan-stopped": InstanceStatus("i-orphan-stopped", "stopped"),
+        "i-done": InstanceStatus("i-done", "terminated"),
+        "i-going": InstanceStatus("i-going", "shutting-down"),
+    }
+    plan = reconcile.plan(seen, {"i-tracked"}, set())
+    assert ids(plan.terminate) == ["i-orphan", "i-orphan-booting", "i-orphan-stopped"]
+    assert plan.lost == []
+
+
+def test_an_instance_whose_launch_is_in_flight_is_not_an_orphan():
+    seen = {
+        "i-new": InstanceStatus("i-new", "pending", launch_token="tok-1"),
+        "i-old": InstanceStatus("i-old", "running", launch_token="tok-0"),
+    }
+    plan = reconcile.plan(seen, set(), {"tok-1"})
+    assert ids(plan.terminate) == ["i-old"]
+
+
+def test_tracked_instances_that_ec2_reports_gone_are_lost():
+    seen = {
+        "i-a": InstanceStatus("i-a", "terminated", "Server.SpotInstanceTermination"),
+        "i-b": InstanceStatus("i-b", "stopping"),
+        "i-c": InstanceStatus("i-c", "running"),
+    }
+    plan = reconcile.plan(seen, {"i-a", "i-b", "i-c"}, set())
+    assert ids(plan.lost) == ["i-a", "i-b"]
+    assert plan.terminate == []
+    assert (reconcile.lost_reason(seen["i-a"])
+            == "instance i-a terminated: Server.SpotInstanceTermination")
+    assert reconcile.lost_reason(seen["i-b"]) == "instance i-b stopping"
