@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from buildbot_dockerami.localcloud import LocalCloud
-from tests.harness import Master
+from tests.harness import Master, unhandled_errors
 
 
 @pytest.fixture
@@ -32,7 +32,8 @@ def make_master(masters_root: Path, cloud: LocalCloud, request: pytest.FixtureRe
 
     yield make
     unclean = [master.basedir.name for master in started if not master.stop()]
-    unhandled = [master.basedir.name for master in started if "Unhandled Error" in master.log()]
+    unhandled = [(master.basedir.name, errors) for master in started
+                 if (errors := unhandled_errors(master.log()))]
     assert not unclean, f"masters that did not shut down cleanly within 30 s: {unclean}"
     assert not unhandled, f"masters that logged 'Unhandled Error': {unhandled}"
 

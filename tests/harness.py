@@ -55,6 +55,18 @@ def _template_basedir(root: Path) -> Path:
     return _TEMPLATE_DIR
 
 
+def unhandled_errors(log: str) -> list[str]:
+    """The log's "Unhandled Error" tracebacks, except buildbot's for an invalid worker
+    login (it logs every rejected password that way, e.g. an orphan's old one)."""
+    blocks = log.split("Unhandled Error")[1:]
+    found = []
+    for block in blocks:
+        traceback = block.split("\n20")[0]  # up to the next timestamped line
+        if "twisted.cred.error.UnauthorizedLogin" not in traceback:
+            found.append(traceback[-1500:])
+    return found
+
+
 class Master:
     def __init__(self, root: Path, name: str, env: dict[str, str]) -> None:
         self.basedir = root / name
