@@ -290,6 +290,9 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
 
     @defer.inlineCallbacks
     def start_instance(self, build: Any) -> Any:
+        if self.fleet.stopping:
+            # Nothing new while the master stops: the build is retried after the restart.
+            raise LatentWorkerFailedToSubstantiate(self.name, "the master is shutting down")
         if self.instance is not None:
             raise LatentWorkerFailedToSubstantiate(
                 self.name, f"instance {self.instance.instance_id} is still running"
@@ -439,6 +442,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         instance = self.instance
         if instance is None:
             return (True, "")
+        if self.fleet.stopping:
+            return (False, "the master is shutting down")
         monitor = self.fleet.monitor
         try:
             status = yield monitor.status(instance.instance_id,

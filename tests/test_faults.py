@@ -135,11 +135,12 @@ def test_a_describe_outage_never_kills_running_builds(make_master, cloud):
 def test_an_instance_terminated_from_outside_is_seen_within_one_interval(
         make_master, cloud, busy):
     master = make_master(with_plugin(master_cfg(
-        build_wait_timeout=600, command="sleep 20" if busy else "true", worker_extra=FAST)))
+        build_wait_timeout=600, command="echo started; sleep 8" if busy else "true",
+        worker_extra=FAST)))
     brid = master.force()
     if busy:
-        wait_for(lambda: master.builds_for(brid), 60, "the build to start")
-        wait_for(lambda: fleet(master)["workers"][0]["state"] == "building", 30, "building")
+        build = wait_for(lambda: master.builds_for(brid), 60, "the build to start")[0]
+        wait_for(lambda: "started" in master.step_log(build["buildid"]), 60, "the step to run")
     else:
         assert master.wait_request(brid, 90)["results"] == SUCCESS
     (instance_id,) = live(cloud)
