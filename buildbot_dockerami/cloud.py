@@ -63,6 +63,8 @@ class LaunchSpec:
     metadata_options: Mapping[str, Any] = field(default_factory=dict)
     #: Makes RunInstances idempotent: a retry after a lost answer returns the same instance.
     client_token: str = ""
+    #: "spot" asks for a one-time spot instance through RunInstances (not the legacy API).
+    market: str = "on-demand"
 
     def run_instances_args(self) -> dict[str, Any]:
         args: dict[str, Any] = {
@@ -76,6 +78,12 @@ class LaunchSpec:
         }
         if self.client_token:
             args["ClientToken"] = self.client_token
+        if self.market == "spot":
+            args["InstanceMarketOptions"] = {
+                "MarketType": "spot",
+                "SpotOptions": {"SpotInstanceType": "one-time",
+                                "InstanceInterruptionBehavior": "terminate"},
+            }
         if self.metadata_options:
             args["MetadataOptions"] = dict(self.metadata_options)
         if self.subnet_id:

@@ -19,7 +19,7 @@ from twisted.internet import defer, task, threads
 from twisted.python import failure, log
 from twisted.python.threadpool import ThreadPool
 
-from buildbot_dockerami import policy, reconcile
+from buildbot_dockerami import fallback, policy, reconcile
 from buildbot_dockerami.cloud import DEFAULT_TIMEOUT, AsyncEc2, CloudError, Ec2
 from buildbot_dockerami.metrics import Metrics
 from buildbot_dockerami.policy import InstanceStatus
@@ -144,6 +144,8 @@ class Fleet:
         #: ClientToken -> owner of every RunInstances call still in flight.
         self.launching: dict[str, str] = {}
         self.reconciler = Reconciler(self)
+        #: Capacity options EC2 recently refused, shared by every worker.
+        self.cooldown = fallback.CoolDown()
         self.stopping = False
 
     def group(self, name: str) -> InstanceGroup:

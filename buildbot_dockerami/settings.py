@@ -46,14 +46,26 @@ def check_ami_id(value: Any, setting: str = "ami") -> None:
         )
 
 
+def _one_or_list(value: Any) -> list[Any]:
+    """Settings that take a value or, for capacity fallback, a non-empty list of them."""
+    if isinstance(value, list | tuple):
+        return list(value) or [None]
+    return [value]
+
+
 def check_instance_type(value: Any, setting: str = "instance_type") -> None:
-    if not isinstance(value, str) or not _INSTANCE_TYPE.match(value):
-        raise SettingError(setting, f"{value!r} is not an EC2 instance type such as 't3.large'")
+    for one in _one_or_list(value):
+        if not isinstance(one, str) or not _INSTANCE_TYPE.match(one):
+            raise SettingError(
+                setting, f"{one!r} is not an EC2 instance type such as 't3.large' "
+                "(or a non-empty list of them)")
 
 
 def check_subnet_id(value: Any) -> None:
-    if not isinstance(value, str) or not _SUBNET_ID.match(value):
-        raise SettingError("subnet_id", f"{value!r} is not a subnet id (subnet-...)")
+    for one in _one_or_list(value):
+        if not isinstance(one, str) or not _SUBNET_ID.match(one):
+            raise SettingError(
+                "subnet_id", f"{one!r} is not a subnet id (subnet-...) or a non-empty list of them")
 
 
 def check_security_group_ids(value: Any) -> None:

@@ -25,7 +25,7 @@ from twisted.internet import defer
 from twisted.python import log
 from twisted.spread import pb
 
-from buildbot_dockerami import policy, pools, reconcile, settings, userdata
+from buildbot_dockerami import fallback, policy, pools, reconcile, settings, userdata
 from buildbot_dockerami.checks import config_problems, rendered_problems
 from buildbot_dockerami.cloud import DEFAULT_TIMEOUT, AsyncEc2, LaunchSpec
 from buildbot_dockerami.fleet import Fleet, InstanceGroup
@@ -57,6 +57,7 @@ class LaunchedInstance:
     availability_zone: str = ""
     #: Epoch seconds RunInstances answered.
     launched_at: float = 0.0
+    market: str = "on-demand"
 
 
 def pb_port(port_setting: Any) -> int | None:
@@ -138,6 +139,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         pool: str | None = None,
         reconcile_interval: Any = reconcile.DEFAULT_INTERVAL,
         ec2_timeout: Any = DEFAULT_TIMEOUT,
+        market: Any = "on-demand",
         **kwargs: Any,
     ) -> None:
         super().checkConfig(name, password, **kwargs)
@@ -170,6 +172,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         ):
             if isinstance(value, bool) or not isinstance(value, int | float) or value < least:
                 problems.append(f"{setting}: {value!r} must be a number of seconds >= {least:g}")
+        if market not in fallback.MARKETS:
+            problems.append(f"market: {market!r} is not one of {', '.join(fallback.MARKETS)}")
         for problem in problems:
             config.error(f"DockerAMILatentWorker {name!r}: {problem}")
 
@@ -202,6 +206,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         pool: str | None = None,
         reconcile_interval: float = reconcile.DEFAULT_INTERVAL,
         ec2_timeout: float = DEFAULT_TIMEOUT,
+        market: str = "on-demand",
         **kwargs: Any,
     ) -> Any:
         self.image = image
@@ -225,6 +230,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         self.endpoint_url = endpoint_url
         self.session = session
         self.ec2_timeout = ec2_timeout
+        self.market = market
         self.reconcile_interval = reconcile_interval
         self.fleet = Fleet.for_master(self.master)
         self.fleet.workers.add(self)
@@ -366,14 +372,53 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             self._count_failure("invalid_setting", str(e))
             raise LatentWorkerCannotSubstantiate(self.name, str(e)) from e
         owner = group.name if group is not None else self.name
+        choices = self.fleet.cooldown.order(
+            fallback.options(values["instance_type"], self.subnet_id, self.market),
+            self.master.reactor.seconds())
+        for attempt, option in enumerate(choices, start=1):
+            try:
+                status = yield self._run_instance(client, option, ami, text, owner)
+                break
+            except ClientError as e:
+                error = e.response.get("Error", {})
+                code, message = error.get("Code", ""), error.get("Message", "")
+                if fallback.is_capacity_error(code) and attempt < len(choices):
+                    self.fleet.cooldown.failed(option, self.master.reactor.seconds())
+                    self.timeline[f"fallback {attempt}: {option}: {code}"] = (
+                        self.master.reactor.seconds())
+                    self.fleet.metrics.inc("dockerami_launch_fallbacks_total", {"code": code})
+                    log.msg(f"{self}: RunInstances for {option} failed ({code}); "
+                            f"trying {choices[attempt]}")
+                    continue
+                self._count_failure(f"RunInstances:{code}",
+                                    f"RunInstances failed: {code}: {message}")
+                raise LatentWorkerFailedToSubstantiate(
+                    self.name, f"RunInstances failed: {code}: {message}") from e
+        log.msg(
+            f"{self}: launched {status.instance_id} ({option}, {ami}) "
+            f"running image {values['image']} for {', '.join(n for n, _ in credentials)}"
+        )
+        self.fleet.metrics.inc("dockerami_instance_launches_total", {"worker": owner})
+        instance = LaunchedInstance(
+            client, status.instance_id, option.instance_type, values["image"], ami,
+            status.availability_zone, self.master.reactor.seconds(), option.market,
+        )
+        return (instance, copy.deepcopy(values))
+
+    @defer.inlineCallbacks
+    def _run_instance(self, client: AsyncEc2, option: fallback.Option, ami: str,
+                      user_data: str, owner: str) -> Any:
+        """One RunInstances, idempotent by its ClientToken (also a tag, so the instance
+        can be found when no answer ever comes)."""
         token = uuid.uuid4().hex
         spec = LaunchSpec(
             ami=ami,
-            instance_type=values["instance_type"],
-            user_data=text,
+            instance_type=option.instance_type,
+            user_data=user_data,
             tags=policy.instance_tags(owner, self.fleet.master_id, self.tags, token),
             client_token=token,
-            subnet_id=self.subnet_id,
+            market=option.market,
+            subnet_id=option.subnet_id,
             security_group_ids=self.security_group_ids,
             keypair_name=self.keypair_name,
             instance_profile=self.instance_profile,
@@ -382,30 +427,13 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         )
         self.fleet.launching[token] = owner
         try:
-            status = yield client.run_instance(spec)
-        except ClientError as e:
-            error = e.response.get("Error", {})
-            self._count_failure(
-                f"RunInstances:{error.get('Code')}",
-                f"RunInstances failed: {error.get('Code')}: {error.get('Message')}",
-            )
-            raise LatentWorkerFailedToSubstantiate(
-                self.name, f"RunInstances failed: {error.get('Code')}: {error.get('Message')}"
-            ) from e
+            return (yield client.run_instance(spec))
+        except ClientError:
+            raise
         except Exception as e:
-            status = yield self._find_lost_launch(client, token, e)
+            return (yield self._find_lost_launch(client, token, e))
         finally:
             self.fleet.launching.pop(token, None)
-        log.msg(
-            f"{self}: launched {status.instance_id} ({values['instance_type']}, {ami}) "
-            f"running image {values['image']} for {', '.join(n for n, _ in credentials)}"
-        )
-        self.fleet.metrics.inc("dockerami_instance_launches_total", {"worker": owner})
-        instance = LaunchedInstance(
-            client, status.instance_id, values["instance_type"], values["image"], ami,
-            status.availability_zone, self.master.reactor.seconds(),
-        )
-        return (instance, copy.deepcopy(values))
 
     @defer.inlineCallbacks
     def _find_lost_launch(self, client: AsyncEc2, token: str, error: Exception) -> Any:

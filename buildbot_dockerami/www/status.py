@@ -70,7 +70,7 @@ def worker_row(worker: Any, now: float, prices: Mapping[str, float]) -> Any:
             "id": instance.instance_id,
             "type": instance.instance_type,
             "availability_zone": instance.availability_zone,
-            "market": "on-demand",
+            "market": instance.market,
             "image": instance.image,
             "ami": instance.ami,
             "launched_at": instance.launched_at,

@@ -1,0 +1,68 @@
+"""Capacity fallback: the options' order and cool-down (pure), and on a real master:
+a capacity error on the first type launches the second, spot through RunInstances."""
+
+from __future__ import annotations
+
+import pytest
+
+from buildbot_dockerami import fallback
+from buildbot_dockerami.fallback import Option
+from tests.harness import SUCCESS, master_cfg
+from tests.test_ec2_worker import instances
+
+
+def test_options_are_tried_market_then_type_then_subnet():
+    assert fallback.options(["a.large", "b.large"], ["subnet-1", "subnet-2"],
+                            "spot-or-on-demand") == [
+        Option("a.large", "subnet-1", "spot"), Option("a.large", "subnet-2", "spot"),
+        Option("b.large", "subnet-1", "spot"), Option("b.large", "subnet-2", "spot"),
+        Option("a.large", "subnet-1", "on-demand"), Option("a.large", "subnet-2", "on-demand"),
+        Option("b.large", "subnet-1", "on-demand"), Option("b.large", "subnet-2", "on-demand"),
+    ]
+    assert fallback.options("t3.micro", None, "on-demand") == [
+        Option("t3.micro", None, "on-demand")]
+
+
+def test_a_refused_option_cools_down_at_the_back_then_returns():
+    cool = fallback.CoolDown(seconds=60)
+    a, b, c = (Option(t, None, "on-demand") for t in ("a", "b", "c"))
+    cool.failed(a, now=0)
+    assert cool.order([a, b, c], now=10) == [b, c, a]
+    cool.failed(b, now=20)
+    assert cool.order([a, b, c], now=30) == [c, a, b]
+    assert cool.order([a, b, c], now=61) == [a, c, b]  # a is back, b still cooling
+    assert cool.order([a, b, c], now=100) == [a, b, c]
+
+
+def test_capacity_codes():
+    assert fallback.is_capacity_error("InsufficientInstanceCapacity")
+    assert fallback.is_capacity_error("SpotMaxPriceTooLow")
+    assert not fallback.is_capacity_error("InvalidAMIID.NotFound")
+
+
+@pytest.mark.integration
+def test_capacity_error_on_the_first_type_launches_the_second(make_master, cloud):
+    cloud.faults.inject("RunInstances", "InsufficientInstanceCapacity",
+                        "We currently do not have sufficient m5.large capacity.", count=1)
+    config = master_cfg(build_wait_timeout=0).replace(
+        "instance_type='t3.micro'", "instance_type=['m5.large', 'c5.large']")
+    master = make_master(config)
+    assert master.wait_request(master.force(), 90)["results"] == SUCCESS
+    (instance,) = instances(cloud)
+    assert instance["InstanceType"] == "c5.large"
+    log = master.log()
+    assert "RunInstances for m5.large (on-demand) failed (InsufficientInstanceCapacity)" in log
+    # The refused type cools down: the next launch goes straight to the second type.
+    assert master.wait_request(master.force(), 90)["results"] == SUCCESS
+    launched = sorted(instances(cloud), key=lambda i: i["LaunchTime"])
+    assert [i["InstanceType"] for i in launched] == ["c5.large", "c5.large"]
+    assert cloud.faults.count("RunInstances") == 3
+
+
+@pytest.mark.integration
+def test_spot_goes_through_run_instances_market_options(make_master, cloud):
+    master = make_master(master_cfg(build_wait_timeout=0, worker_extra="market='spot',"))
+    assert master.wait_request(master.force(), 90)["results"] == SUCCESS
+    (instance,) = instances(cloud)
+    assert instance.get("InstanceLifecycle") == "spot"
+    assert cloud.faults.count("RequestSpotInstances") == 0
