@@ -31,6 +31,10 @@ HELP = {
         "counter", "Instances tagged for this master that no worker tracked, terminated."),
     "dockerami_instances_lost_total": (
         "counter", "Tracked instances EC2 reported gone (spot, console, ...), by state."),
+    "dockerami_spot_interruptions_total": (
+        "counter", "Spot instances interrupted by EC2 (notice or reclaim)."),
+    "dockerami_launch_fallbacks_total": (
+        "counter", "Launch options EC2 refused for capacity, the next one tried, by code."),
     "dockerami_connections_refused_total": (
         "counter", "Worker connections refused: not from the instance launched for them."),
     "dockerami_instances": ("gauge", "Instances this master owns, by state."),

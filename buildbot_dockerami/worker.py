@@ -564,16 +564,33 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         if (instance is None or instance.instance_id != status.instance_id
                 or self.state != States.SUBSTANTIATED):
             return  # booting: check_instance decides; terminating: our own doing
-        reason = reconcile.lost_reason(status)
+        self.fleet.metrics.inc("dockerami_instances_lost_total", {"state": status.state})
+        if "Spot" in status.reason:  # reclaimed without its notice having been seen
+            self.fleet.metrics.inc("dockerami_spot_interruptions_total", {})
+        self._let_go(reconcile.lost_reason(status))
+
+    def _let_go(self, reason: str) -> None:
+        """The instance cannot serve any longer: builds RETRY with ``reason`` (built again
+        elsewhere), the connection and the instance are released."""
         log.msg(f"{self}: {reason}; its builds are retried")
         self.last_failure = reason
-        self.fleet.metrics.inc("dockerami_instances_lost_total", {"state": status.state})
         for build in self.running_builds():
             build.stopBuild(reason, results=RETRY)
         if self.conn is not None:
             self.conn.loseConnection()
         if self.group is None:
             self._deferwaiter.add(self.insubstantiate())
+
+    def shutdownRequested(self) -> None:
+        """The worker asks to shut down. On a spot instance that is the bootstrap
+        answering EC2's interruption notice: don't wait for the build (the instance
+        has two minutes), retry it elsewhere now."""
+        instance = self.instance
+        if instance is None or instance.market != "spot":
+            super().shutdownRequested()
+            return
+        self.fleet.metrics.inc("dockerami_spot_interruptions_total", {})
+        self._let_go(f"spot interruption: instance {instance.instance_id} is reclaimed by EC2")
 
     # -- per-build isolation -------------------------------------------------------
 

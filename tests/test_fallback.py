@@ -3,11 +3,14 @@ a capacity error on the first type launches the second, spot through RunInstance
 
 from __future__ import annotations
 
+import re
+
 import pytest
+import requests
 
 from buildbot_dockerami import fallback
 from buildbot_dockerami.fallback import Option
-from tests.harness import SUCCESS, master_cfg
+from tests.harness import RETRY, SUCCESS, master_cfg, wait_for
 from tests.test_ec2_worker import instances
 
 
@@ -66,3 +69,31 @@ def test_spot_goes_through_run_instances_market_options(make_master, cloud):
     (instance,) = instances(cloud)
     assert instance.get("InstanceLifecycle") == "spot"
     assert cloud.faults.count("RequestSpotInstances") == 0
+
+
+@pytest.mark.integration
+def test_spot_interruption_mid_build_retries_the_build_elsewhere(make_master, cloud):
+    master = make_master(master_cfg(
+        build_wait_timeout=600, command="echo started; pwd; sleep 6",
+        worker_extra="market='spot', reconcile_interval=5,").replace(
+        "'plugins': {}", "'plugins': {'dockerami': {}}"))
+    brid = master.force()
+    build = wait_for(lambda: master.builds_for(brid), 60, "the build to start")[0]
+    wait_for(lambda: "started" in master.step_log(build["buildid"]), 60, "the step to run")
+    (interrupted,) = [i["InstanceId"] for i in instances(cloud)]
+    cloud.hypervisor.interrupt(interrupted, notice=2)
+
+    final = master.wait_request(brid, 120)
+    assert final["results"] == SUCCESS, master.log()[-3000:]
+    first = master.builds_for(brid)[0]
+    assert first["results"] == RETRY
+    assert "spot interruption" in master.log()
+    assert interrupted not in master.step_log(final["buildid"])
+    state = {i["InstanceId"]: i for i in instances(cloud)}[interrupted]["State"]["Name"]
+    assert state in ("shutting-down", "terminated")
+    metrics = requests.get(
+        f"http://127.0.0.1:{master.www_port}/plugins/dockerami/metrics", timeout=10).text
+    assert re.search(r"dockerami_spot_interruptions_total(\{\})? 1(\.0)?\n", metrics), metrics
+    status = requests.get(
+        f"http://127.0.0.1:{master.www_port}/plugins/dockerami/api/fleet", timeout=10).json()
+    assert status["workers"][0]["instance"]["market"] == "spot"

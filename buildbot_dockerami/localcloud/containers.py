@@ -15,6 +15,7 @@ bootstrap that powers off asks the hypervisor to terminate the instance.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -22,6 +23,7 @@ import shlex
 import signal
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -41,6 +43,8 @@ class MetadataService:
     def __init__(self, booting: Booting) -> None:
         self.booting = booting
         self.tokens: set[str] = set()
+        #: The spot interruption notice (JSON), once one is given.
+        self.spot = ""
         self.requests: list[tuple[str, str, bool]] = []  # (method, path, had token)
         service = self
 
@@ -81,6 +85,8 @@ class MetadataService:
                     self._reply(200, service.booting.user_data)
                 elif self.path == "/latest/meta-data/instance-id":
                     self._reply(200, service.booting.instance_id)
+                elif self.path == "/latest/meta-data/spot/instance-action" and service.spot:
+                    self._reply(200, service.spot)
                 else:
                     self._reply(404)
 
@@ -233,6 +239,13 @@ class ContainerRuntime:
 
     def poweroff_requested(self, instance_id: str) -> bool:
         return (self.state_dir / instance_id / "poweroff").exists()
+
+    def spot_notice(self, instance_id: str) -> None:
+        with self._lock:
+            machine = self._machines.get(instance_id)
+        if machine is not None:
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 120))
+            machine.metadata.spot = json.dumps({"action": "terminate", "time": when})
 
     def metadata_requests(self, instance_id: str) -> list[tuple[str, str, bool]]:
         with self._lock:

@@ -64,6 +64,7 @@ class Runtime(Protocol):
     def running(self) -> list[str]: ...
     def console(self, instance_id: str) -> str | None: ...
     def poweroff_requested(self, instance_id: str) -> bool: ...
+    def spot_notice(self, instance_id: str) -> None: ...
 
 
 class ProcessRuntime:
@@ -131,6 +132,14 @@ class ProcessRuntime:
     def poweroff_requested(self, instance_id: str) -> bool:
         return False
 
+    def spot_notice(self, instance_id: str) -> None:
+        """What the bootstrap does on a spot interruption notice: ask the worker to shut
+        down gracefully (SIGHUP, the worker's allow_shutdown='signal')."""
+        with self._lock:
+            process = self._processes.get(instance_id)
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGHUP)
+
 
 class Hypervisor:
     """Polls the EC2 server and boots/stops runtime machines to match instance states."""
@@ -138,6 +147,7 @@ class Hypervisor:
     def __init__(self, endpoint_url: str, region: str, runtime: Runtime,
                  boot_delay: float = 0.0, poll_interval: float = 0.25) -> None:
         self.runtime = runtime
+        self.region = region
         self.boot_delay = boot_delay
         self.poll_interval = poll_interval
         self.booted: dict[str, float] = {}
@@ -197,6 +207,30 @@ class Hypervisor:
             first_seen = self._first_seen.setdefault(instance_id, now)
             if now - first_seen >= self.boot_delay:
                 self._boot(instance_id, tokens[instance_id])
+
+    def interrupt(self, instance_id: str, notice: float = 2.0) -> None:
+        """A spot interruption: the notice in the instance's metadata (EC2 gives two
+        minutes; here ``notice`` seconds), then EC2 reclaims the instance with the state
+        reason ``Server.SpotInstanceTermination``."""
+        self.runtime.spot_notice(instance_id)
+        timer = threading.Timer(notice, self._reclaim, (instance_id,))
+        timer.daemon = True
+        timer.start()
+
+    def _reclaim(self, instance_id: str) -> None:
+        from moto.ec2.models import ec2_backends
+        from moto.ec2.models.instances import StateReason
+
+        self._ec2.terminate_instances(InstanceIds=[instance_id])
+        for backend in ec2_backends.values():
+            try:
+                instance = backend[self.region].get_instance(instance_id)
+            except Exception:
+                continue
+            instance.state_reason = StateReason(
+                "Server.SpotInstanceTermination: Spot instance termination",
+                "Server.SpotInstanceTermination")
+        log.info("%s: reclaimed (spot interruption)", instance_id)
 
     def console_output(self, instance_id: str) -> str | None:
         return self.runtime.console(instance_id)
