@@ -146,7 +146,11 @@ class Fleet:
         self.reconciler = Reconciler(self)
         #: Capacity options EC2 recently refused, shared by every worker.
         self.cooldown = fallback.CoolDown()
-        self.stopping = False
+        self._stopping = False
+        #: The master's botmaster: its ``shuttingDown`` says the master is stopping.
+        self.botmaster: Any = None
+        #: Instance id -> the callers waiting for its termination in progress.
+        self._terminations: dict[str, list[defer.Deferred]] = {}
 
     def group(self, name: str) -> InstanceGroup:
         """The shared instance of the slot workers named for ``name``."""
@@ -161,8 +165,13 @@ class Fleet:
             self.reactor.addSystemEventTrigger("during", "shutdown", self._stop)
         return self._pool
 
+    @property
+    def stopping(self) -> bool:
+        """The master is shutting down: launch nothing, give up quickly."""
+        return self._stopping or bool(getattr(self.botmaster, "shuttingDown", False))
+
     def begin_stopping(self) -> None:
-        self.stopping = True
+        self._stopping = True
         self.reconciler.stop()
 
     def _stop(self) -> None:
@@ -218,10 +227,33 @@ class Fleet:
         live = [s for s in found.values() if s.state not in policy.GONE_STATES]
         return live[0] if live else None
 
-    @defer.inlineCallbacks
-    def terminate(self, client: AsyncEc2, instance_id: str) -> Any:
+    def terminate(self, client: AsyncEc2, instance_id: str) -> defer.Deferred:
         """Terminate and confirm, retrying with backoff. If it still fails, the instance
-        is kept on a list retried every minute and the error is raised to the caller."""
+        is kept on a list retried every minute and the error is raised to the caller.
+        Callers asking while a termination is in progress share it."""
+        mine: defer.Deferred = defer.Deferred()
+        waiters = self._terminations.get(instance_id)
+        if waiters is not None:
+            waiters.append(mine)
+            return mine
+        waiters = self._terminations[instance_id] = [mine]
+
+        def finish(result: Any) -> None:
+            self._terminations.pop(instance_id, None)
+            for waiter in waiters:
+                if isinstance(result, failure.Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(result)
+        self._terminate(client, instance_id).addBoth(finish)
+        return mine
+
+    def in_progress(self, instance_id: str) -> bool:
+        """Whether this master is already ending the instance (or retrying to)."""
+        return instance_id in self._terminations or instance_id in self._undead
+
+    @defer.inlineCallbacks
+    def _terminate(self, client: AsyncEc2, instance_id: str) -> Any:
         self.monitor.unwatch(instance_id)
         delays = policy.retry_delays(attempts=STOPPING_ATTEMPTS if self.stopping else 6)
         while True:
@@ -299,6 +331,8 @@ class Reconciler:
         self._loop: task.LoopingCall | None = None
         self._running: defer.Deferred | None = None
         self._first: Any = None
+        #: Untracked instances of the last pass: terminated if still untracked now.
+        self._suspects: set[str] = set()
 
     def start(self, interval: float, first_delay: float = 1.0) -> None:
         """(Re)start with the shortest interval any worker asked for. The first pass
@@ -328,6 +362,9 @@ class Reconciler:
             self._loop.stop()
 
     def tick(self) -> defer.Deferred:
+        if self.fleet.stopping:
+            self.stop()
+            return defer.succeed(None)
         if self._running is None:  # never two passes at once
             self._running = self._pass()
             self._running.addBoth(self._done)
@@ -352,6 +389,7 @@ class Reconciler:
                 clients.append(client)
         view: dict[str, tuple[AsyncEc2, InstanceStatus]] = {}
         seen: dict[str, InstanceStatus] = {}
+        suspects: set[str] = set()
         errors = []
         for client in clients:
             try:
@@ -360,15 +398,19 @@ class Reconciler:
                 errors.append(str(e))
                 # Not knowing is no reason to act: keep what was last seen.
                 view.update({i: v for i, v in self.view.items() if v[0] is client})
+                suspects |= {i for i, v in self.view.items()
+                             if v[0] is client and i in self._suspects}
                 continue
             view.update({iid: (client, status) for iid, status in found.items()})
             # Judged on what is tracked and in flight now, after the answer: a launch
             # stops being in flight only once its worker tracks the instance.
             tracked = fleet.tracked()
-            decided = reconcile.plan(found, tracked, fleet.launching)
+            decided = reconcile.plan(found, tracked, fleet.launching, self._suspects)
+            suspects |= decided.suspects
             self._act(client, decided, tracked)
             seen.update(found)
         self.view = view
+        self._suspects = suspects
         self.checked_at = fleet.reactor.seconds()
         self.passes += 1
         if errors:
@@ -384,6 +426,8 @@ class Reconciler:
         for status in decided.terminate:
             if fleet.stopping:
                 break
+            if fleet.in_progress(status.instance_id):
+                continue
             log.msg(f"dockerami: reconciler: terminating {status.instance_id} "
                     f"({status.state}, worker {status.worker or '?'}): tagged for this master "
                     "but no worker tracks it")

@@ -26,19 +26,23 @@ MIN_INTERVAL = 5.0
 
 @dataclass
 class Plan:
-    #: Untracked instances that nobody will ever use.
+    #: Untracked instances that nobody will ever use: untracked in two passes running.
     terminate: list[InstanceStatus] = field(default_factory=list)
+    #: Untracked instances seen for the first time: terminated if the next pass agrees.
+    suspects: set[str] = field(default_factory=set)
     #: Tracked instances that EC2 says are gone or going.
     lost: list[InstanceStatus] = field(default_factory=list)
 
 
 def plan(seen: Mapping[str, InstanceStatus], tracked: Collection[str],
-         launching: Collection[str]) -> Plan:
+         launching: Collection[str], suspects: Collection[str] = ()) -> Plan:
     """Decide about every instance EC2 reported as tagged for this master.
 
     ``launching`` holds the ClientTokens of RunInstances calls still in flight: their
     instance may exist before the master has heard of it, and must not be mistaken
-    for an orphan.
+    for an orphan. An untracked instance is terminated only when the previous pass
+    found it untracked too (``suspects``): one pass can race a worker taking or letting
+    go of an instance; two passes an interval apart cannot.
     """
     result = Plan()
     for status in seen.values():
@@ -48,7 +52,9 @@ def plan(seen: Mapping[str, InstanceStatus], tracked: Collection[str],
         elif status.state in LIVE_STATES and not (
             status.launch_token and status.launch_token in launching
         ):
-            result.terminate.append(status)
+            result.suspects.add(status.instance_id)
+            if status.instance_id in suspects:
+                result.terminate.append(status)
     return result
 
 

@@ -237,6 +237,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         self.fleet.reconciler.start(
             min(w.reconcile_interval for w in list(self.fleet.workers)))
         self.fleet.after_release = self.botmaster.maybeStartBuildsForAllBuilders
+        self.fleet.botmaster = self.botmaster
         self.pool = pool
         if pool is not None:
             if pool not in self.fleet.pool_limits:

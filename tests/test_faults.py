@@ -223,3 +223,29 @@ def test_a_value_that_can_never_work_fails_the_build_once(make_master, cloud):
     assert "image" in master.log() and not instances(cloud)
     # The worker is usable for the next build.
     assert master.wait_request(master.force(), 90)["results"] == SUCCESS
+
+
+def test_shutdown_is_clean_and_bounded_with_workers_in_every_state(make_master, cloud):
+    master = make_master(master_cfg(workers=3, build_wait_timeout=600, command="sleep 60",
+                                    worker_extra=FAST))
+    building = [master.force() for _ in range(2)]
+    for brid in building:
+        build = wait_for(lambda b=brid: master.builds_for(b), 60, "a build to start")[0]
+        wait_for(lambda b=build: master.get(f"builds/{b['buildid']}/steps"), 60, "a step")
+    wait_for(lambda: len(live(cloud)) == 2, 30, "two instances")
+    cloud.hypervisor.boot_delay = 3600  # the third never boots
+    master.force()
+    wait_for(lambda: len(live(cloud)) == 3, 30, "a third, booting instance")
+    cloud.faults.inject("TerminateInstances", "UnauthorizedOperation", "refused", count=1000)
+
+    started = time.monotonic()
+    assert master.stop(timeout=30), "the master did not reach 'Server Shut Down.' in 30 s"
+    print(f"[measure] shutdown with building, booting and refused terminations: "
+          f"{time.monotonic() - started:.1f}s")
+    assert "could not terminate" in master.log()
+    # What the stopping master could not end, its next life's reconciler does.
+    cloud.faults.clear()
+    left = live(cloud)
+    assert left, "the refusal should have left instances for the restart to end"
+    master.start()
+    wait_for(lambda: not live(cloud), INTERVAL + 10, "the restarted master to end them")

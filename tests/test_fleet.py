@@ -133,3 +133,20 @@ def test_terminate_of_an_unknown_instance_is_done(code: str) -> None:
             return defer.fail(ClientError({"Error": {"Code": code, "Message": "x"}}, "T"))
 
     assert results(fleet.terminate(Gone(), "i-1")) == "terminated"  # type: ignore[arg-type]
+
+
+def test_concurrent_terminations_of_one_instance_share_one_call_and_its_failure():
+    clock = task.Clock()
+    fleet, ec2 = Fleet(clock, "host:/basedir"), FakeEc2()
+    ec2.terminate_failures = 100
+    first, second = fleet.terminate(ec2, "i-1"), fleet.terminate(ec2, "i-1")
+    assert fleet.in_progress("i-1")
+    assert ec2.terminates == 1, "the second caller must wait for the first termination"
+    for _ in range(10):
+        clock.advance(60)
+    for d in (first, second):  # both callers see the failure (and handle it)
+        assert results(d).check(CloudError)
+    assert fleet.in_progress("i-1")  # kept on the background retry list
+    ec2.terminate_failures = 0
+    clock.advance(60)
+    assert not fleet.in_progress("i-1")

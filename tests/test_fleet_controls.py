@@ -76,7 +76,8 @@ def test_prewarmed_instance_without_builds_ends_after_the_idle_timeout(make_mast
 
 def test_orphans_can_be_terminated_only_by_controllers_and_only_if_orphaned(
         make_master, cloud):
-    master = make_master(config_with_authz(build_wait_timeout=600))
+    master = make_master(config_with_authz(build_wait_timeout=600,
+                                           worker_extra="reconcile_interval=5,"))
     admin = session(master, "admin", "adminpw")
     master_id = fleet(admin, master)["master_id"]
     ec2 = cloud.client()
@@ -89,7 +90,9 @@ def test_orphans_can_be_terminated_only_by_controllers_and_only_if_orphaned(
         )["Instances"][0]["InstanceId"]
 
     ours, theirs = launch(master_id), launch("another-master-0123456789")
-    assert [o["id"] for o in fleet(admin, master)["orphans"]] == [ours]
+    # Listed from the reconciler's next pass; it would end it one pass later by itself.
+    listed = wait_for(lambda: fleet(admin, master)["orphans"], 10, "the orphan to be listed")
+    assert [o["id"] for o in listed] == [ours]
     refused = post(session(master), master, action="terminate_orphan", instance_id=ours)
     assert refused.status_code == 403 and state_of(cloud, ours) == "running"
     other = post(admin, master, action="terminate_orphan", instance_id=theirs)

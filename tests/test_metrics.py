@@ -61,7 +61,8 @@ def test_metrics_page_counts_launches_requests_throttles_and_latency(make_master
 
 @pytest.mark.integration
 def test_fleet_api_shows_workers_instances_costs_and_orphans(make_master, cloud):
-    config = master_cfg(build_wait_timeout=600, workers=2).replace(
+    config = master_cfg(build_wait_timeout=600, workers=2,
+                        worker_extra="reconcile_interval=5,").replace(
         "'plugins': {}", "'plugins': {'dockerami': {'prices': {'t3.micro': 0.0104}}}")
     master = make_master(config)
     assert master.wait_request(master.force(), 90)["results"] == SUCCESS
@@ -96,4 +97,10 @@ def test_fleet_api_shows_workers_instances_costs_and_orphans(make_master, cloud)
         TagSpecifications=[{"ResourceType": "instance", "Tags": [
             {"Key": "buildbot:master", "Value": status["master_id"]}]}],
     )["Instances"][0]["InstanceId"]
-    assert [o["id"] for o in fleet()["orphans"]] == [orphan]
+    # Listed once the reconciler has seen it (within one interval), terminated at the
+    # next pass.
+    listed = wait_for(lambda: fleet()["orphans"], 10, "the orphan to be listed")
+    assert [o["id"] for o in listed] == [orphan]
+    wait_for(lambda: not fleet()["orphans"] and cloud.client().describe_instances(
+        InstanceIds=[orphan])["Reservations"][0]["Instances"][0]["State"]["Name"]
+        in ("shutting-down", "terminated"), 20, "the reconciler to terminate the orphan")

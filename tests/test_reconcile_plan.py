@@ -19,9 +19,13 @@ def test_untracked_live_instances_are_terminated_tracked_ones_kept():
         "i-done": InstanceStatus("i-done", "terminated"),
         "i-going": InstanceStatus("i-going", "shutting-down"),
     }
-    plan = reconcile.plan(seen, {"i-tracked"}, set())
-    assert ids(plan.terminate) == ["i-orphan", "i-orphan-booting", "i-orphan-stopped"]
-    assert plan.lost == []
+    first = reconcile.plan(seen, {"i-tracked"}, set())
+    assert first.terminate == [], "one pass is not enough to call an instance untracked"
+    assert first.suspects == {"i-orphan", "i-orphan-booting", "i-orphan-stopped"}
+    # Meanwhile a worker took i-orphan-booting (a launch answered late, say).
+    second = reconcile.plan(seen, {"i-tracked", "i-orphan-booting"}, set(), first.suspects)
+    assert ids(second.terminate) == ["i-orphan", "i-orphan-stopped"]
+    assert second.lost == []
 
 
 def test_an_instance_whose_launch_is_in_flight_is_not_an_orphan():
@@ -29,7 +33,7 @@ def test_an_instance_whose_launch_is_in_flight_is_not_an_orphan():
         "i-new": InstanceStatus("i-new", "pending", launch_token="tok-1"),
         "i-old": InstanceStatus("i-old", "running", launch_token="tok-0"),
     }
-    plan = reconcile.plan(seen, set(), {"tok-1"})
+    plan = reconcile.plan(seen, set(), {"tok-1"}, {"i-new", "i-old"})
     assert ids(plan.terminate) == ["i-old"]
 
 
