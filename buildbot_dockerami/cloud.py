@@ -7,6 +7,7 @@ few threads serve a whole fleet. No buildbot imports here.
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -217,6 +218,23 @@ class Ec2:
             for item in response["TerminatingInstances"]
         }
 
+    def stop(self, instance_ids: Sequence[str]) -> dict[str, str]:
+        response = self.client.stop_instances(InstanceIds=list(instance_ids))
+        return {item["InstanceId"]: item["CurrentState"]["Name"]
+                for item in response["StoppingInstances"]}
+
+    def start(self, instance_ids: Sequence[str]) -> dict[str, str]:
+        response = self.client.start_instances(InstanceIds=list(instance_ids))
+        return {item["InstanceId"]: item["CurrentState"]["Name"]
+                for item in response["StartingInstances"]}
+
+    def set_user_data(self, instance_id: str, user_data: str) -> None:
+        """Only while the instance is stopped (EC2's rule): a fresh credential per start.
+        Unlike RunInstances', this UserData is given base64-encoded (boto3 then encodes
+        the blob once more for the wire)."""
+        self.client.modify_instance_attribute(
+            InstanceId=instance_id, UserData={"Value": base64.b64encode(user_data.encode())})
+
     def console_output(self, instance_id: str) -> str:
         response = self.client.get_console_output(InstanceId=instance_id, Latest=True)
         return response.get("Output") or ""
@@ -263,6 +281,15 @@ class AsyncEc2:
 
     def console_output(self, instance_id: str) -> Any:
         return self._call(self.ec2.console_output, instance_id)
+
+    def stop(self, instance_ids: Sequence[str]) -> Any:
+        return self._call(self.ec2.stop, instance_ids)
+
+    def start(self, instance_ids: Sequence[str]) -> Any:
+        return self._call(self.ec2.start, instance_ids)
+
+    def set_user_data(self, instance_id: str, user_data: str) -> Any:
+        return self._call(self.ec2.set_user_data, instance_id, user_data)
 
     def newest_image(
         self, filters: Sequence[Mapping[str, Any]], owners: Sequence[str] | None

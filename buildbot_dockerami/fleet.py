@@ -19,7 +19,7 @@ from twisted.internet import defer, task, threads
 from twisted.python import failure, log
 from twisted.python.threadpool import ThreadPool
 
-from buildbot_dockerami import fallback, policy, reconcile
+from buildbot_dockerami import fallback, policy, reconcile, warmpool
 from buildbot_dockerami.cloud import DEFAULT_TIMEOUT, AsyncEc2, CloudError, Ec2
 from buildbot_dockerami.metrics import Metrics
 from buildbot_dockerami.policy import InstanceStatus
@@ -146,6 +146,8 @@ class Fleet:
         self.reconciler = Reconciler(self)
         #: Capacity options EC2 recently refused, shared by every worker.
         self.cooldown = fallback.CoolDown()
+        #: Idle instances stopped for reuse (idle_action='stop').
+        self.stopped = warmpool.StoppedPool()
         self._stopping = False
         #: The master's botmaster: its ``shuttingDown`` says the master is stopping.
         self.botmaster: Any = None
@@ -218,6 +220,8 @@ class Fleet:
         for group in self.groups.values():
             if group.instance is not None:
                 owners.setdefault(group.instance.instance_id, []).append(group)
+        for instance_id in self.stopped.by_instance():
+            owners.setdefault(instance_id, []).append(self.stopped)
         return owners
 
     @defer.inlineCallbacks
@@ -411,6 +415,7 @@ class Reconciler:
             seen.update(found)
         self.view = view
         self._suspects = suspects
+        self._retire_stopped()
         self.checked_at = fleet.reactor.seconds()
         self.passes += 1
         if errors:
@@ -438,6 +443,18 @@ class Reconciler:
         for status in decided.lost:
             for owner in tracked.get(status.instance_id, []):
                 owner.instance_lost(status)
+
+    def _retire_stopped(self) -> None:
+        """Stopped instances past ``max_stopped_age`` (or the count) are terminated."""
+        fleet = self.fleet
+        pool = fleet.stopped
+        for entry in warmpool.to_retire(list(pool.entries.values()), fleet.reactor.seconds(),
+                                        pool.max_count, pool.max_age):
+            pool.take(entry.owner)
+            log.msg(f"dockerami: terminating stopped instance {entry.instance_id} of "
+                    f"{entry.owner}: beyond max_stopped or max_stopped_age")
+            fleet.terminate(entry.instance.client, entry.instance_id).addErrback(
+                lambda f: log.msg(f"dockerami: {f.getErrorMessage()}"))
 
     def terminate_untracked(self, instance_id: str, claimed_by: str) -> None:
         """A worker connected from ``instance_id``, which no worker tracks: end it if

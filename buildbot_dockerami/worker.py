@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import re
 import secrets
 import socket
@@ -22,10 +23,11 @@ from buildbot.util.latent import CompatibleLatentWorkerMixin
 from buildbot.worker.latent import AbstractLatentWorker, States
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
+from twisted.internet.task import deferLater
 from twisted.python import log
 from twisted.spread import pb
 
-from buildbot_dockerami import fallback, policy, pools, reconcile, settings, userdata
+from buildbot_dockerami import fallback, policy, pools, reconcile, settings, userdata, warmpool
 from buildbot_dockerami.checks import config_problems, rendered_problems
 from buildbot_dockerami.cloud import DEFAULT_TIMEOUT, AsyncEc2, LaunchSpec
 from buildbot_dockerami.fleet import Fleet, InstanceGroup
@@ -35,6 +37,8 @@ DEFAULT_BUILD_WAIT_TIMEOUT = 10 * 60
 #: States in which a slot worker is on its way to expecting its next container.
 REARMING_STATES = (States.INSUBSTANTIATING_SUBSTANTIATING, States.SUBSTANTIATING)
 CONNECTION_WAIT_SECONDS = 30
+#: How many times (2 s apart) a start waits for a stopping instance to be stopped.
+STOPPED_WAIT_CHECKS = 45
 #: Longest console output tail logged when an instance never connected.
 CONSOLE_TAIL_CHARS = 4000
 #: The worker-info key (a file in the worker's info/ directory) carrying the id of the
@@ -58,6 +62,9 @@ class LaunchedInstance:
     #: Epoch seconds RunInstances answered.
     launched_at: float = 0.0
     market: str = "on-demand"
+    #: warmpool.launch_key of what it was launched with: a stopped one is reused only
+    #: while it matches.
+    key: str = ""
 
 
 def pb_port(port_setting: Any) -> int | None:
@@ -100,6 +107,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     idle_timeout: float = DEFAULT_BUILD_WAIT_TIMEOUT
     _prewarming = False
     _prewarm_timer: Any = None
+    #: This insubstantiation is the idle timeout's (the instance may be stopped).
+    _idle_stop = False
     pool: str | None = None
     #: Why the last launch or boot failed, for the Fleet page.
     last_failure = ""
@@ -140,6 +149,9 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         reconcile_interval: Any = reconcile.DEFAULT_INTERVAL,
         ec2_timeout: Any = DEFAULT_TIMEOUT,
         market: Any = "on-demand",
+        idle_action: Any = "terminate",
+        max_stopped: Any = warmpool.DEFAULT_MAX_STOPPED,
+        max_stopped_age: Any = warmpool.DEFAULT_MAX_STOPPED_AGE,
         **kwargs: Any,
     ) -> None:
         super().checkConfig(name, password, **kwargs)
@@ -174,6 +186,17 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
                 problems.append(f"{setting}: {value!r} must be a number of seconds >= {least:g}")
         if market not in fallback.MARKETS:
             problems.append(f"market: {market!r} is not one of {', '.join(fallback.MARKETS)}")
+        if idle_action not in warmpool.IDLE_ACTIONS:
+            problems.append(f"idle_action: {idle_action!r} is not one of "
+                            f"{', '.join(warmpool.IDLE_ACTIONS)}")
+        elif idle_action == "stop" and isolation != "none":
+            problems.append("idle_action: 'stop' needs isolation='none' (an isolated build "
+                            "never reuses what another build left on the disk)")
+        if isinstance(max_stopped, bool) or not isinstance(max_stopped, int) or max_stopped < 0:
+            problems.append(f"max_stopped: {max_stopped!r} must be a whole number >= 0")
+        if (isinstance(max_stopped_age, bool) or not isinstance(max_stopped_age, int | float)
+                or max_stopped_age <= 0):
+            problems.append(f"max_stopped_age: {max_stopped_age!r} must be seconds > 0")
         for problem in problems:
             config.error(f"DockerAMILatentWorker {name!r}: {problem}")
 
@@ -207,6 +230,9 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         reconcile_interval: float = reconcile.DEFAULT_INTERVAL,
         ec2_timeout: float = DEFAULT_TIMEOUT,
         market: str = "on-demand",
+        idle_action: str = "terminate",
+        max_stopped: int = warmpool.DEFAULT_MAX_STOPPED,
+        max_stopped_age: float = warmpool.DEFAULT_MAX_STOPPED_AGE,
         **kwargs: Any,
     ) -> Any:
         self.image = image
@@ -231,6 +257,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         self.session = session
         self.ec2_timeout = ec2_timeout
         self.market = market
+        self.idle_action = idle_action
         self.reconcile_interval = reconcile_interval
         self.fleet = Fleet.for_master(self.master)
         self.fleet.workers.add(self)
@@ -238,6 +265,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             min(w.reconcile_interval for w in list(self.fleet.workers)))
         self.fleet.after_release = self.botmaster.maybeStartBuildsForAllBuilders
         self.fleet.botmaster = self.botmaster
+        self.fleet.stopped.max_count = max_stopped
+        self.fleet.stopped.max_age = max_stopped_age
         self.pool = pool
         if pool is not None:
             if pool not in self.fleet.pool_limits:
@@ -373,6 +402,17 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             self._count_failure("invalid_setting", str(e))
             raise LatentWorkerCannotSubstantiate(self.name, str(e)) from e
         owner = group.name if group is not None else self.name
+        key = warmpool.launch_key({
+            **values, "ami": ami, "subnet_id": self.subnet_id, "market": self.market,
+            "security_group_ids": self.security_group_ids, "keypair_name": self.keypair_name,
+            "instance_profile": self.instance_profile, "tags": self.tags,
+            "block_device_mappings": self.block_device_mappings,
+            "metadata_options": self.metadata_options,
+        })
+        if group is None:
+            restarted = yield self._start_stopped(key, text)
+            if restarted is not None:
+                return (restarted, copy.deepcopy(values))
         choices = self.fleet.cooldown.order(
             fallback.options(values["instance_type"], self.subnet_id, self.market),
             self.master.reactor.seconds())
@@ -402,9 +442,55 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         self.fleet.metrics.inc("dockerami_instance_launches_total", {"worker": owner})
         instance = LaunchedInstance(
             client, status.instance_id, option.instance_type, values["image"], ami,
-            status.availability_zone, self.master.reactor.seconds(), option.market,
+            status.availability_zone, self.master.reactor.seconds(), option.market, key,
         )
         return (instance, copy.deepcopy(values))
+
+    @defer.inlineCallbacks
+    def _start_stopped(self, key: str, user_data: str) -> Any:
+        """This worker's stopped instance, started again with ``user_data`` (a fresh
+        credential), if it still matches ``key``; None to launch a new one."""
+        pool = self.fleet.stopped
+        entry = pool.take(self.name)
+        if entry is None:
+            return None
+        instance = entry.instance
+        now = self.master.reactor.seconds()
+        if not warmpool.reusable(entry, key, now, pool.max_age):
+            why = "stale: launched with other settings" if entry.key != key else "too old"
+            yield self._retire(entry, why)
+            return None
+        try:
+            yield self._wait_stopped(instance)
+            yield instance.client.set_user_data(instance.instance_id, user_data)
+            yield instance.client.start([instance.instance_id])
+        except Exception as e:
+            yield self._retire(entry, f"could not start it: {e}")
+            return None
+        log.msg(f"{self}: started stopped instance {instance.instance_id} with a fresh "
+                "credential")
+        self.fleet.metrics.inc("dockerami_stopped_starts_total", {})
+        self.timeline["started_from_stopped"] = now
+        return dataclasses.replace(instance, launched_at=now)
+
+    @defer.inlineCallbacks
+    def _wait_stopped(self, instance: LaunchedInstance) -> Any:
+        """EC2 takes a while to stop an instance; its user data changes only once it has."""
+        for _ in range(STOPPED_WAIT_CHECKS):
+            status = (yield instance.client.describe([instance.instance_id])).get(
+                instance.instance_id)
+            if status is None or status.state == "stopped":
+                return
+            yield deferLater(self.master.reactor, 2, lambda: None)
+        raise LatentWorkerFailedToSubstantiate(self.name, "still not stopped")
+
+    @defer.inlineCallbacks
+    def _retire(self, entry: warmpool.StoppedInstance, why: str) -> Any:
+        log.msg(f"{self}: terminating stopped instance {entry.instance_id}: {why}")
+        try:
+            yield self.fleet.terminate(entry.instance.client, entry.instance_id)
+        except Exception as e:
+            log.msg(f"{self}: {e}")
 
     @defer.inlineCallbacks
     def _run_instance(self, client: AsyncEc2, option: fallback.Option, ami: str,
@@ -651,7 +737,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             self._start_prewarm_timer()  # still needed for the pool's warm minimum
             return
         if not self.busy and self.instance is not None:
-            log.msg(f"{self}: pre-warmed instance had no build; terminating it")
+            log.msg(f"{self}: pre-warmed instance had no build; ending it")
+            self._idle_stop = True
             self._deferwaiter.add(self.insubstantiate())
 
     def buildStarted(self, wfb: Any) -> None:
@@ -717,9 +804,39 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         if self.group is not None:
             self._leave_slot(self.group, instance)
             return True
+        idle, self._idle_stop = self._idle_stop, False
+        if (idle and self.idle_action == "stop" and self._connected and not cancelled
+                and not self.fleet.stopping and self.fleet.stopped.max_count > 0):
+            stopped = yield self._stop_for_reuse(instance)
+            if stopped:
+                self.fleet.after_release()
+                return True
         state = yield self.fleet.terminate(instance.client, instance.instance_id)
         log.msg(f"{self}: instance {instance.instance_id} is {state}")
         self.fleet.after_release()
+        return True
+
+    def _soft_disconnect(self, fast: bool = False, stopping_service: bool = False) -> Any:
+        # The idle timer's way out (and build_wait_timeout=0's): the one that may stop.
+        self._idle_stop = not stopping_service
+        return super()._soft_disconnect(fast, stopping_service)
+
+    @defer.inlineCallbacks
+    def _stop_for_reuse(self, instance: LaunchedInstance) -> Any:
+        """Stop (not terminate) the idle instance, for a start in seconds later."""
+        try:
+            yield instance.client.stop([instance.instance_id])
+        except Exception as e:
+            log.msg(f"{self}: could not stop {instance.instance_id} ({e}); terminating it")
+            return False
+        pool = self.fleet.stopped
+        now = self.master.reactor.seconds()
+        pool.add(warmpool.StoppedInstance(self.name, instance, instance.key, now))
+        log.msg(f"{self}: instance {instance.instance_id} stopped for reuse")
+        for entry in warmpool.to_retire(pool.entries.values(), now, pool.max_count,
+                                        pool.max_age):
+            pool.take(entry.owner)
+            yield self._retire(entry, "beyond max_stopped or max_stopped_age")
         return True
 
     def _leave_slot(self, group: InstanceGroup, instance: LaunchedInstance) -> None:

@@ -80,6 +80,20 @@ def worker_row(worker: Any, now: float, prices: Mapping[str, float]) -> Any:
     return row
 
 
+def stopped_row(entry: Any, now: float, prices: Mapping[str, float]) -> dict[str, Any]:
+    """A stopped instance kept for reuse; it costs its storage (``prices['stopped']``,
+    USD per hour per stopped instance, if the operator gives one)."""
+    age = max(0.0, now - entry.stopped_at)
+    price = prices.get("stopped")
+    instance = entry.instance
+    return {
+        "id": instance.instance_id, "worker": entry.owner, "type": instance.instance_type,
+        "image": instance.image, "stopped_at": entry.stopped_at,
+        "stopped_seconds": round(age, 1),
+        "storage_cost_so_far": None if price is None else round(price * age / 3600, 4),
+    }
+
+
 def orphans(fleet: Fleet) -> defer.Deferred:
     """Instances tagged for this master that no live worker owns (e.g. left by a crash),
     as the reconciler last saw them: readers never call EC2. The reconciler terminates
@@ -105,6 +119,8 @@ def fleet_status(fleet: Fleet, now: float, prices: Mapping[str, float]) -> Any:
             {k: v for k, v in o.items() if k != "client"} for o in (yield orphans(fleet))
         ],
         "terminations_failing": fleet.undead,
+        "stopped": [stopped_row(entry, now, prices)
+                    for entry in sorted(fleet.stopped.entries.values(), key=lambda e: e.owner)],
         "reconciler": {
             "interval": fleet.reconciler.interval,
             "checked_at": fleet.reconciler.checked_at,
