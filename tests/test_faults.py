@@ -61,12 +61,12 @@ def test_master_crash_leaves_no_instance_and_no_build_on_an_untracked_one(
 
     master.start()
     restarted = time.monotonic()  # the bound runs from "BuildMaster is running"
-    wait_for(lambda: old not in live(cloud), INTERVAL + 10, "the old instance to be terminated")
+    wait_for(lambda: old not in live(cloud), 2 * INTERVAL + 15, "the old instance to end")
     ended_after = time.monotonic() - restarted
     build = master.wait_request(brid, 120)
     assert build["results"] == SUCCESS, master.log()[-3000:]
     assert instance_of_build(master, build) != old, "a build ran on the untracked instance"
-    assert ended_after < INTERVAL + 5, ended_after
+    assert ended_after < 2 * INTERVAL + 5, ended_after  # two passes (README)
     log = master.log()
     assert f"{old}" in log and ("no worker tracks it" in log or "refusing" in log)
     if password:
@@ -248,4 +248,4 @@ def test_shutdown_is_clean_and_bounded_with_workers_in_every_state(make_master, 
     left = live(cloud)
     assert left, "the refusal should have left instances for the restart to end"
     master.start()
-    wait_for(lambda: not live(cloud), INTERVAL + 10, "the restarted master to end them")
+    wait_for(lambda: not live(cloud), 2 * INTERVAL + 15, "the restarted master to end them")
