@@ -596,6 +596,11 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         """
         reported = str(conn.info.get(INSTANCE_ID_INFO) or "").strip()
         expected = self.instance.instance_id if self.instance is not None else None
+        if (self.group is None and self.state != States.SUBSTANTIATING_STARTING
+                and self.build_wait_timeout >= 0):
+            # e.g. the worker of an instance being terminated reconnects: buildbot would
+            # refuse it with a logged RuntimeError; refuse it quietly (it may retry).
+            self._refuse(conn, f"not expecting a connection ({self.state.name.lower()})")
         if not reported or reported == expected:
             return
         self.fleet.metrics.inc("dockerami_connections_refused_total", {})
