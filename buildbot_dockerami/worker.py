@@ -596,18 +596,17 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         """
         reported = str(conn.info.get(INSTANCE_ID_INFO) or "").strip()
         expected = self.instance.instance_id if self.instance is not None else None
+        if reported and reported != expected:
+            self.fleet.metrics.inc("dockerami_connections_refused_total", {})
+            if reported not in self.fleet.tracked():
+                self.fleet.reconciler.terminate_untracked(reported, self.name)
+            self._refuse(conn, f"it runs on {reported}, not on this worker's instance "
+                               f"{expected or '(none)'}")
         if (self.group is None and self.state != States.SUBSTANTIATING_STARTING
                 and self.build_wait_timeout >= 0):
             # e.g. the worker of an instance being terminated reconnects: buildbot would
             # refuse it with a logged RuntimeError; refuse it quietly (it may retry).
             self._refuse(conn, f"not expecting a connection ({self.state.name.lower()})")
-        if not reported or reported == expected:
-            return
-        self.fleet.metrics.inc("dockerami_connections_refused_total", {})
-        if reported not in self.fleet.tracked():
-            self.fleet.reconciler.terminate_untracked(reported, self.name)
-        self._refuse(conn, f"it runs on {reported}, not on this worker's instance "
-                           f"{expected or '(none)'}")
 
     @defer.inlineCallbacks
     def attached(self, conn: Any) -> Any:
@@ -660,6 +659,33 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         if "Spot" in status.reason:  # reclaimed without its notice having been seen
             self.fleet.metrics.inc("dockerami_spot_interruptions_total", {})
         self._let_go(reconcile.lost_reason(status))
+
+    def detached(self) -> Any:
+        # A connection lost unasked may be the instance dying: ask EC2 once, now, so
+        # the reason is known without waiting for the reconciler.
+        instance = self.instance
+        if (instance is not None and self.group is None and not self._stopping
+                and self.state == States.SUBSTANTIATED and not self.fleet.stopping):
+            self._deferwaiter.add(self._why_lost(instance))
+        return super().detached()
+
+    @defer.inlineCallbacks
+    def _why_lost(self, instance: LaunchedInstance) -> Any:
+        try:
+            status = (yield instance.client.describe([instance.instance_id])).get(
+                instance.instance_id)
+        except Exception as e:
+            log.msg(f"{self}: connection lost; state of {instance.instance_id} unknown: {e}")
+            return
+        if status is not None and status.state in reconcile.LOST_STATES:
+            reason = reconcile.lost_reason(status)
+            log.msg(f"{self}: connection lost: {reason}")
+            self.last_failure = reason
+            self.fleet.metrics.inc("dockerami_instances_lost_total", {"state": status.state})
+            if "Spot" in status.reason:
+                self.fleet.metrics.inc("dockerami_spot_interruptions_total", {})
+            if self.instance is instance and self.state == States.SUBSTANTIATED:
+                yield self.insubstantiate()
 
     def _let_go(self, reason: str) -> None:
         """The instance cannot serve any longer: builds RETRY with ``reason`` (built again
