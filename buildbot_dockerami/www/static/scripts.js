@@ -46,7 +46,7 @@
     return (s / 3600).toFixed(1) + " h";
   }
 
-  // One span per step, so a narrow window wraps the timeline between steps.
+  // One line per step: keeps the column narrow enough for a 1280 px window.
   function timeline(t) {
     if (!t || t.requested == null) return "";
     var steps = [["running", "instance running"], ["connected", "worker connected"],
@@ -74,7 +74,7 @@
     if (w.instance) {
       controls.push(button("Terminate", "btn-danger dockerami-terminate", confirmed(
         "Terminate instance " + i.id + " of worker " + w.name + "?" +
-          (w.builds.length ? " Its running build will fail." : ""),
+          (w.builds.length ? " Its running build will be interrupted." : ""),
         function () { send({action: "terminate", worker: w.name}, report); })));
     }
     var where = [i.type, i.availability_zone, i.market].filter(Boolean).join(" \u00b7 ");
