@@ -1,21 +1,51 @@
 """The Fleet page in buildbot's web UI, in a real browser: Debian's chromium driven by
-Playwright (no browser download). Screenshots go to test-artifacts/."""
+Playwright (no browser download), in a 1280x800 window. Screenshots go to test-artifacts/."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import requests
 
-from tests.harness import REPO, SUCCESS, master_cfg
+from tests.harness import REPO, SUCCESS, master_cfg, wait_for
 
 pytestmark = pytest.mark.integration
 
 CHROMIUM = os.environ.get("DOCKERAMI_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts"
+VIEWPORT = {"width": 1280, "height": 800}
+
+#: Elements that scroll sideways (the page itself, or a box with overflow-x), as the
+#: operator would see a horizontal scrollbar.
+SIDEWAYS = """() => {
+  const found = [];
+  const root = document.scrollingElement;
+  if (root.scrollWidth > root.clientWidth) found.push("document " + root.scrollWidth);
+  for (const el of document.querySelectorAll("*")) {
+    const x = getComputedStyle(el).overflowX;
+    if ((x === "auto" || x === "scroll") && el.scrollWidth > el.clientWidth + 1)
+      found.push(el.tagName + "." + el.className + " " + el.scrollWidth + ">" + el.clientWidth);
+  }
+  return found;
+}"""
+
+
+def visible_style(page: Any, selector: str) -> dict[str, str]:
+    """The button's computed background and border colour."""
+    return page.locator(selector).first.evaluate(
+        "b => { const s = getComputedStyle(b); return {background: s.backgroundColor,"
+        " border: s.borderTopColor, width: s.borderTopWidth}; }")
+
+
+def is_visible_style(style: dict[str, str]) -> bool:
+    clear = ("transparent", "rgba(0, 0, 0, 0)")
+    return style["background"] not in clear or (
+        style["border"] not in clear and style["width"] != "0px")
 
 
 @pytest.fixture(scope="module")
@@ -41,26 +71,51 @@ def browser() -> Iterator[object]:
 
 
 def test_fleet_page_shows_the_instance_a_build_booted(make_master, cloud, browser):
-    config = master_cfg(build_wait_timeout=600, workers=1).replace(
+    config = master_cfg(build_wait_timeout=600, workers=1, command="sleep 20").replace(
         "'plugins': {}", "'plugins': {'dockerami': {'prices': {'t3.micro': 0.0104}}}")
     master = make_master(config)
-    assert master.wait_request(master.force(), 90)["results"] == SUCCESS
-    (reservation,) = cloud.client().describe_instances()["Reservations"]
-    instance_id = reservation["Instances"][0]["InstanceId"]
+    brid = master.force()
+    # The build exists while its worker boots; it runs (sleep 20) once the worker connects.
+    build = wait_for(lambda: next(iter(master.builds_for(brid)), None), 90, "the build")
+    workerid = next(w["workerid"] for w in master.get("workers") if w["name"] == "w0")
+    base = f"http://127.0.0.1:{master.www_port}/"
 
-    page = browser.new_page(viewport={"width": 1600, "height": 900})
+    page = browser.new_page(viewport=VIEWPORT)
     try:
-        page.goto(f"http://127.0.0.1:{master.www_port}/#/dockerami")
+        page.goto(f"{base}#/dockerami")
         row = page.locator("tr[data-worker='w0']")
-        row.locator(".dockerami-state", has_text="connected").wait_for(timeout=30_000)
+        row.locator(".dockerami-timeline", has_text="build started").wait_for(timeout=90_000)
+        assert row.locator(".dockerami-state").inner_text() == "building"
+        (reservation,) = cloud.client().describe_instances()["Reservations"]
+        instance_id = reservation["Instances"][0]["InstanceId"]
         assert row.locator(".dockerami-instance").inner_text() == instance_id
         assert "worker connected" in row.locator(".dockerami-timeline").inner_text()
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}",
+                            row.locator(".dockerami-launched").inner_text())
         assert page.get_by_text("Fleet", exact=True).first.is_visible()  # the menu entry
         page.locator(".dockerami-no-orphans").wait_for()
+        assert page.evaluate(SIDEWAYS) == []
+        table = page.locator("table.dockerami-workers").bounding_box()
+        assert table is not None and table["x"] + table["width"] <= VIEWPORT["width"]
+        style = visible_style(page, "tr[data-worker='w0'] .dockerami-terminate")
+        assert is_visible_style(style), style
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "fleet-page.png"), full_page=True)
+
+        build_link = row.locator("a.dockerami-build")
+        build_href = f"#/builders/{build['builderid']}/builds/{build['number']}"
+        assert build_link.get_attribute("href") == build_href
+        build_link.click()
+        page.wait_for_url(base + build_href)
+        page.go_back()
+        worker_link = row.locator("a.dockerami-worker-link")
+        assert worker_link.get_attribute("href") == f"#/workers/{workerid}"
+        worker_link.click()
+        page.wait_for_url(f"{base}#/workers/{workerid}")
+        page.get_by_text("w0").first.wait_for()  # buildbot's own worker page
     finally:
         page.close()
+    assert master.wait_request(brid, 90)["results"] == SUCCESS
 
 
 AUTHZ = """
@@ -79,7 +134,7 @@ def test_prewarm_and_terminate_clicks_and_refusal_for_anonymous(make_master, clo
     base = f"http://127.0.0.1:{master.www_port}"
     ARTIFACTS.mkdir(exist_ok=True)
 
-    anonymous = browser.new_page(viewport={"width": 1600, "height": 900})
+    anonymous = browser.new_page(viewport=VIEWPORT)
     try:
         anonymous.goto(f"{base}/#/dockerami")
         anonymous.locator("tr[data-worker='w0'] .dockerami-prewarm").click()
@@ -91,17 +146,35 @@ def test_prewarm_and_terminate_clicks_and_refusal_for_anonymous(make_master, clo
 
     context = browser.new_context(http_credentials={"username": "admin", "password": "adminpw"})
     admin = context.new_page()
-    admin.set_viewport_size({"width": 1600, "height": 900})
+    admin.set_viewport_size(VIEWPORT)
     try:
         admin.goto(f"{base}/auth/login")
         admin.goto(f"{base}/#/dockerami")
         row = admin.locator("tr[data-worker='w0']")
+        assert is_visible_style(visible_style(admin, "tr[data-worker='w0'] .dockerami-prewarm"))
         row.locator(".dockerami-prewarm").click()
         row.locator(".dockerami-state", has_text="connected").wait_for(timeout=60_000)
         admin.screenshot(path=str(ARTIFACTS / "fleet-prewarmed.png"), full_page=True)
         instance_id = row.locator(".dockerami-instance").inner_text()
+
+        questions: list[str] = []
+
+        def answer(dialog: Any, accept: bool) -> None:
+            questions.append(dialog.message)
+            dialog.accept() if accept else dialog.dismiss()
+
+        admin.once("dialog", lambda dialog: answer(dialog, accept=False))
+        row.locator(".dockerami-terminate").click()
+        admin.wait_for_timeout(3000)  # a poll or more: still running
+        assert questions == [f"Terminate instance {instance_id} of worker w0?"]
+        assert "connected" in row.locator(".dockerami-state").inner_text()
+        (reservation,) = cloud.client().describe_instances()["Reservations"]
+        assert reservation["Instances"][0]["State"]["Name"] == "running"
+
+        admin.once("dialog", lambda dialog: answer(dialog, accept=True))
         row.locator(".dockerami-terminate").click()
         row.locator(".dockerami-state", has_text="not running").wait_for(timeout=30_000)
+        assert len(questions) == 2
     finally:
         context.close()
     (reservation,) = cloud.client().describe_instances()["Reservations"]
@@ -113,10 +186,11 @@ def test_pool_cap_set_from_the_page(make_master, cloud, browser):
     config = master_cfg(pool="'pool', count=2").replace(
         "'plugins': {}", "'plugins': {'dockerami': {}}")
     master = make_master(config)
-    page = browser.new_page(viewport={"width": 1600, "height": 900})
+    page = browser.new_page(viewport=VIEWPORT)
     try:
         page.goto(f"http://127.0.0.1:{master.www_port}/#/dockerami")
         row = page.locator("tr[data-pool='pool']")
+        assert page.evaluate(SIDEWAYS) == []
         row.locator(".dockerami-cap").fill("1")
         row.locator(".dockerami-apply-pool").click()
         page.locator(".dockerami-outcome", has_text="pool pool: cap 1").wait_for()
@@ -127,3 +201,50 @@ def test_pool_cap_set_from_the_page(make_master, cloud, browser):
     fleet = requests.get(f"http://127.0.0.1:{master.www_port}/plugins/dockerami/api/fleet",
                          timeout=10).json()
     assert fleet["pools"]["pool"]["cap"] == 1
+
+
+#: In the page, before its scripts: every fetch of the fleet API is held 2.5 s (a slow
+#: master) and counted, with how many were in flight at once and how many were aborted.
+SLOW_FLEET = """
+window.__fleet = {started: 0, inflight: 0, most: 0, aborted: 0};
+const realFetch = window.fetch;
+window.fetch = function (url, init) {
+  if (!String(url).includes("plugins/dockerami/api/fleet")) return realFetch(url, init);
+  const s = window.__fleet;
+  s.started++; s.inflight++; s.most = Math.max(s.most, s.inflight);
+  if (init && init.signal) init.signal.addEventListener("abort", () => { s.aborted++; });
+  return new Promise(r => setTimeout(r, 2500))
+    .then(() => realFetch(url, init))
+    .finally(() => { s.inflight--; });
+};
+"""
+
+
+def test_polls_one_at_a_time_and_stop_when_leaving(make_master, cloud, browser):
+    config = master_cfg().replace("'plugins': {}", "'plugins': {'dockerami': {}}")
+    master = make_master(config)
+    page = browser.new_page(viewport=VIEWPORT)
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.add_init_script(SLOW_FLEET)
+    try:
+        page.goto(f"http://127.0.0.1:{master.www_port}/#/dockerami")
+        page.locator("tr[data-worker='w0']").wait_for(timeout=30_000)
+        # With a 2.5 s answer a poll every 2 s by the clock would overlap by now.
+        page.wait_for_function("window.__fleet.started >= 3", timeout=30_000)
+        assert page.evaluate("window.__fleet.most") == 1
+        # Leave while a poll is in flight: it is aborted and nothing polls afterwards.
+        page.wait_for_function("window.__fleet.inflight === 1", timeout=10_000)
+        page.evaluate("window.location.hash = '#/builders'")
+        page.get_by_text("Orphaned instances").wait_for(state="detached")
+        page.wait_for_timeout(4000)
+        stats = page.evaluate("window.__fleet")
+        assert stats["aborted"] == 1 and stats["inflight"] == 0, stats
+        started = stats["started"]
+        page.wait_for_timeout(3000)
+        assert page.evaluate("window.__fleet.started") == started
+        assert page.locator("text=Last refresh failed").count() == 0
+    finally:
+        page.close()
+    assert problems == []

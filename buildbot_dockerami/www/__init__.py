@@ -19,6 +19,7 @@ from buildbot.www.plugin import Application
 from twisted.web import resource
 
 from buildbot_dockerami.fleet import Fleet
+from buildbot_dockerami.www import restfix
 from buildbot_dockerami.www.controls import ControlResource
 from buildbot_dockerami.www.jsonapi import AppResource, answer
 from buildbot_dockerami.www.status import fleet_status
@@ -82,6 +83,12 @@ class FleetApplication(Application):
         api.putChild(b"fleet", FleetResource(self))
         api.putChild(b"control", ControlResource(self))
         self.resource.putChild(b"api", api)
+
+    def setConfiguration(self, config: Any) -> None:
+        # Called only when the plugin is configured (buildbot imports every installed
+        # plugin); the workaround for buildbot's threaded REST writes goes in here.
+        super().setConfiguration(config)
+        restfix.install()
 
 
 ep = FleetApplication()

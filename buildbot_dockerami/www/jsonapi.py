@@ -19,6 +19,8 @@ class ApiError(Exception):
 
 
 def reply(request: Any, status: int, payload: Any) -> None:
+    if request.finished or request.channel is None:
+        return  # the client left before the answer was ready (finish() would raise)
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
     request.write(json.dumps(payload).encode())

@@ -1,6 +1,8 @@
 // buildbot-dockerami: the Fleet page in buildbot's web UI.
 // Plain JavaScript on the globals buildbot's UI exports (React, BuildbotPluginSupport),
-// so it needs no build step. Data: plugins/dockerami/api/fleet, refreshed every 2 s.
+// so it needs no build step. Data: plugins/dockerami/api/fleet, polled 2 s after each
+// answer (never two requests at once from one tab); leaving the page cancels the poll.
+// Buttons use the Bootstrap 4 classes buildbot's stylesheet ships (btn-primary, btn-danger).
 (function () {
   "use strict";
   var React = window.React;
@@ -19,8 +21,21 @@
   }
 
   function button(label, className, onClick) {
-    return h("button", {className: "btn btn-sm btn-default " + className, onClick: onClick,
-                        style: {marginRight: "0.3em"}}, label);
+    return h("button", {type: "button", className: "btn btn-sm " + className, onClick: onClick},
+             label);
+  }
+
+  // Terminate ends a machine (and fails a build running on it): ask first.
+  function confirmed(question, action) {
+    return function () { if (window.confirm(question)) action(); };
+  }
+
+  // Local date and time, sortable and unambiguous: 2026-11-28 17:05:09.
+  function when(epoch) {
+    var d = new Date(epoch * 1000);
+    function two(n) { return (n < 10 ? "0" : "") + n; }
+    return d.getFullYear() + "-" + two(d.getMonth() + 1) + "-" + two(d.getDate()) + " " +
+      two(d.getHours()) + ":" + two(d.getMinutes()) + ":" + two(d.getSeconds());
   }
 
   function ago(seconds) {
@@ -31,19 +46,21 @@
     return (s / 3600).toFixed(1) + " h";
   }
 
+  // One line per step: keeps the column narrow enough for a 1280 px window.
   function timeline(t) {
     if (!t || t.requested == null) return "";
     var steps = [["running", "instance running"], ["connected", "worker connected"],
                  ["build_started", "build started"]];
     return ["requested"].concat(steps.filter(function (s) { return t[s[0]] != null; })
-      .map(function (s) { return s[1] + " +" + (t[s[0]] - t.requested).toFixed(1) + " s"; }))
-      .join(" \u2192 ");
+      .map(function (s) { return "\u2192 " + s[1] + " +" + (t[s[0]] - t.requested).toFixed(1) + " s"; }))
+      .map(function (text) { return h("span", {key: text, className: "dockerami-step"}, text); });
   }
 
   function buildLinks(builds) {
     return builds.map(function (b) {
-      return h("a", {key: b.buildid, href: "#/builders/" + b.builderid + "/builds/" + b.number,
-                     className: "dockerami-build"}, b.builder + " #" + b.number);
+      return h("div", {key: b.buildid}, h("a", {
+        href: "#/builders/" + b.builderid + "/builds/" + b.number, className: "dockerami-build"},
+        b.builder + " #" + b.number));
     });
   }
 
@@ -51,30 +68,38 @@
     var w = props.worker, i = w.instance || {}, report = props.report;
     var controls = [];
     if (w.state === "not running") {
-      controls.push(button("Start now", "dockerami-prewarm", function () {
+      controls.push(button("Start now", "btn-primary dockerami-prewarm", function () {
         send({action: "prewarm", worker: w.name}, report); }));
     }
     if (w.instance) {
-      controls.push(button("Terminate", "dockerami-terminate", function () {
-        send({action: "terminate", worker: w.name}, report); }));
+      controls.push(button("Terminate", "btn-danger dockerami-terminate", confirmed(
+        "Terminate instance " + i.id + " of worker " + w.name + "?" +
+          (w.builds.length ? " Its running build will be interrupted." : ""),
+        function () { send({action: "terminate", worker: w.name}, report); })));
     }
+    var where = [i.type, i.availability_zone, i.market].filter(Boolean).join(" \u00b7 ");
+    var running = [i.uptime_seconds == null ? "" : "up " + ago(i.uptime_seconds),
+                   i.cost_so_far == null ? "" : "$" + i.cost_so_far.toFixed(4)];
     return h("tr", {"data-worker": w.name, className: "dockerami-worker"},
-      h("td", null, w.name),
-      h("td", {className: "dockerami-state", title: w.last_failure || ""},
-        w.state + (w.paused ? " (paused)" : "") +
-        ((w.state === "quarantine" || w.state === "not running") && w.last_failure
-          ? ": " + w.last_failure : "")),
-      h("td", {className: "dockerami-instance"}, i.id || ""),
-      h("td", null, i.type || ""),
-      h("td", null, i.availability_zone || ""),
-      h("td", null, i.market || ""),
-      h("td", null, i.image || ""),
-      h("td", null, i.launched_at ? new Date(i.launched_at * 1000).toLocaleTimeString() : ""),
-      h("td", null, ago(i.uptime_seconds)),
-      h("td", null, i.cost_so_far == null ? "" : "$" + i.cost_so_far.toFixed(4)),
-      h("td", null, buildLinks(w.builds)),
+      h("td", {className: "dockerami-name"}, w.workerid == null ? w.name
+        : h("a", {className: "dockerami-worker-link", href: "#/workers/" + w.workerid}, w.name)),
+      h("td", null,
+        h("div", {className: "dockerami-state", title: w.last_failure || ""},
+          w.state + (w.paused ? " (paused)" : "") +
+          ((w.state === "quarantine" || w.state === "not running") && w.last_failure
+            ? ": " + w.last_failure : "")),
+        buildLinks(w.builds)),
+      h("td", null, h("div", {className: "dockerami-instance"}, i.id || ""),
+        where ? h("small", {className: "text-muted"}, where) : null),
+      h("td", {className: "dockerami-image"}, i.image || ""),
+      h("td", null,
+        i.launched_at ? h("div", {className: "dockerami-launched",
+                                  title: new Date(i.launched_at * 1000).toString()},
+                          when(i.launched_at)) : null,
+        running.join("") ? h("small", {className: "text-muted dockerami-running"},
+                             running.filter(Boolean).join(" \u00b7 ")) : null),
       h("td", {className: "dockerami-timeline"}, timeline(w.timeline)),
-      h("td", null, controls));
+      h("td", {className: "dockerami-controls"}, controls));
   }
 
   function PoolRow(props) {
@@ -93,62 +118,89 @@
         value: capState[0], onChange: function (e) { capState[1](e.target.value); }})),
       h("td", null, h("input", {className: "dockerami-min-warm", size: 4,
         value: warmState[0], onChange: function (e) { warmState[1](e.target.value); }})),
-      h("td", null, button("Apply", "dockerami-apply-pool", apply)));
+      h("td", null, button("Apply", "btn-primary dockerami-apply-pool", apply)));
+  }
+
+  // Polls url: the next request only `interval` ms after the previous answer (a slow
+  // master is never sent a second request while it still works on the first); stop()
+  // aborts the request in flight, whose AbortError is expected and not reported.
+  function poller(url, interval, onData, onError) {
+    var controller = null, timer = null, stopped = false, again = false;
+    function schedule(delay) { clearTimeout(timer); timer = setTimeout(load, delay); }
+    function load() {
+      timer = null;
+      controller = new AbortController();
+      fetch(url, {signal: controller.signal, headers: {Accept: "application/json"}})
+        .then(function (r) {
+          if (!r.ok) throw new Error("HTTP " + r.status);
+          return r.json();
+        })
+        .then(function (d) { if (!stopped) onData(d); },
+              function (e) { if (!stopped && e.name !== "AbortError") onError(String(e)); })
+        .then(function () {
+          controller = null;
+          if (!stopped) schedule(again ? 0 : interval);
+          again = false;
+        });
+    }
+    load();
+    return {
+      // Refresh soon (after a control), still one request at a time.
+      now: function () { if (controller) again = true; else if (!stopped) schedule(0); },
+      stop: function () { stopped = true; clearTimeout(timer); if (controller) controller.abort(); }
+    };
   }
 
   function FleetPage() {
     var state = React.useState(null), data = state[0], setData = state[1];
     var err = React.useState(null), error = err[0], setError = err[1];
     var msg = React.useState(null), outcome = msg[0], setOutcome = msg[1];
+    var poll = React.useRef(null);
     React.useEffect(function () {
-      var stopped = false;
-      function load() {
-        fetch(API).then(function (r) {
-          if (!r.ok) throw new Error("HTTP " + r.status);
-          return r.json();
-        }).then(function (d) { if (!stopped) { setData(d); setError(null); } },
-                function (e) { if (!stopped) setError(String(e)); });
-      }
-      load();
-      var timer = setInterval(load, 2000);
-      return function () { stopped = true; clearInterval(timer); };
+      poll.current = poller(API, 2000, function (d) { setData(d); setError(null); }, setError);
+      return function () { poll.current.stop(); };
     }, []);
+    function report(result) {
+      setOutcome(result);
+      if (poll.current) poll.current.now();
+    }
     if (!data) return h("div", {className: "container"}, error ? "Fleet: " + error : "Loading fleet\u2026");
-    var head = ["Worker", "State", "Instance", "Type", "AZ", "Market", "Image", "Launched",
-                "Uptime", "Cost so far", "Build", "Provisioning", ""];
+    var head = ["Worker", "State, build", "Instance", "Image", "Launched, cost so far",
+                "Provisioning", ""];
     return h("div", {className: "container-fluid dockerami-fleet"},
       h("h2", null, "Fleet"),
       h("p", null, "Master " + data.master_id + ". " + data.workers.length + " workers."),
       outcome ? h("p", {className: "dockerami-outcome " +
                           (outcome.error ? "text-danger" : "text-success")},
                   outcome.error || outcome.ok) : null,
-      h("table", {className: "table table-condensed table-striped dockerami-workers"},
+      h("table", {className: "table table-sm table-striped dockerami-workers"},
         h("thead", null, h("tr", null, head.map(function (c) { return h("th", {key: c}, c); }))),
         h("tbody", null, data.workers.map(function (w) {
-          return h(WorkerRow, {key: w.name, worker: w, report: setOutcome});
+          return h(WorkerRow, {key: w.name, worker: w, report: report});
         }))),
       Object.keys(data.pools).length
         ? h("div", null, h("h3", null, "Pools"),
-            h("table", {className: "table table-condensed dockerami-pools"},
+            h("table", {className: "table table-sm dockerami-pools"},
               h("thead", null, h("tr", null, ["Pool", "Instances", "Idle", "Cap",
                 "Warm minimum", ""].map(function (c) { return h("th", {key: c}, c); }))),
               h("tbody", null, Object.keys(data.pools).map(function (name) {
                 return h(PoolRow, {key: name, name: name, pool: data.pools[name],
-                                   report: setOutcome});
+                                   report: report});
               }))))
         : null,
       h("h3", null, "Orphaned instances"),
       data.orphans.length === 0
         ? h("p", {className: "dockerami-no-orphans"}, "None: every instance tagged for this master is owned by a worker.")
-        : h("table", {className: "table table-condensed dockerami-orphans"},
+        : h("table", {className: "table table-sm dockerami-orphans"},
             h("thead", null, h("tr", null, ["Instance", "State", "Type", "AZ", ""].map(function (c) {
               return h("th", {key: c}, c); }))),
             h("tbody", null, data.orphans.map(function (o) {
               return h("tr", {key: o.id, "data-orphan": o.id},
                 h("td", null, o.id), h("td", null, o.state), h("td", null, o.type),
                 h("td", null, o.availability_zone),
-                h("td", null, button("Terminate", "dockerami-terminate-orphan", function () {
-                  send({action: "terminate_orphan", instance_id: o.id}, setOutcome); })));
+                h("td", null, button("Terminate", "btn-danger dockerami-terminate-orphan",
+                  confirmed("Terminate orphaned instance " + o.id + "?", function () {
+                    send({action: "terminate_orphan", instance_id: o.id}, report); }))));
             }))),
       data.terminations_failing.length
         ? h("p", {className: "text-danger"}, "Terminations failing (retried every minute): " +
