@@ -49,8 +49,15 @@
   // One line per step: keeps the column narrow enough for a 1280 px window.
   function timeline(t) {
     if (!t || t.requested == null) return "";
-    var steps = [["running", "instance running"], ["connected", "worker connected"],
-                 ["build_started", "build started"]];
+    // Capacity fallbacks ("fallback N: <option>: <code>") and a start from the stopped
+    // pool come first, in the order they happened.
+    var extra = Object.keys(t).filter(function (k) {
+      return k.indexOf("fallback ") === 0 || k === "started_from_stopped";
+    }).sort(function (a, b) { return t[a] - t[b]; }).map(function (k) {
+      return [k, k === "started_from_stopped" ? "started stopped instance" : k];
+    });
+    var steps = extra.concat([["running", "instance running"], ["connected", "worker connected"],
+                              ["build_started", "build started"]]);
     return ["requested"].concat(steps.filter(function (s) { return t[s[0]] != null; })
       .map(function (s) { return "\u2192 " + s[1] + " +" + (t[s[0]] - t.requested).toFixed(1) + " s"; }))
       .map(function (text) { return h("span", {key: text, className: "dockerami-step"}, text); });
@@ -202,6 +209,19 @@
                   confirmed("Terminate orphaned instance " + o.id + "?", function () {
                     send({action: "terminate_orphan", instance_id: o.id}, report); }))));
             }))),
+      (data.stopped || []).length
+        ? h("div", null, h("h3", null, "Stopped for reuse"),
+            h("table", {className: "table table-sm dockerami-stopped"},
+              h("thead", null, h("tr", null, ["Instance", "Worker", "Type", "Stopped for",
+                "Storage cost"].map(function (c) { return h("th", {key: c}, c); }))),
+              h("tbody", null, data.stopped.map(function (e) {
+                return h("tr", {key: e.id, "data-stopped": e.id},
+                  h("td", null, e.id), h("td", null, e.worker), h("td", null, e.type),
+                  h("td", null, ago(e.stopped_seconds)),
+                  h("td", null, e.storage_cost_so_far == null ? "" :
+                    "$" + e.storage_cost_so_far.toFixed(4)));
+              }))))
+        : null,
       data.terminations_failing.length
         ? h("p", {className: "text-danger"}, "Terminations failing (retried every minute): " +
             data.terminations_failing.join(", "))
