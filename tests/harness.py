@@ -55,14 +55,21 @@ def _template_basedir(root: Path) -> Path:
     return _TEMPLATE_DIR
 
 
+#: buildbot's own tracebacks that are not faults of the plugin: a rejected worker
+#: password (logged for every invalid login, e.g. an orphan's old one), and a worker
+#: logging in while the master shuts down (buildbot 4.3's PB dispatcher releases
+#: ``self.master.initLock`` after the master was detached from it).
+BUILDBOT_NOISE = ("twisted.cred.error.UnauthorizedLogin",
+                  "in requestAvatarId\n\t    eventually(self.master.initLock.release)")
+
+
 def unhandled_errors(log: str) -> list[str]:
-    """The log's "Unhandled Error" tracebacks, except buildbot's for an invalid worker
-    login (it logs every rejected password that way, e.g. an orphan's old one)."""
+    """The log's "Unhandled Error" tracebacks, except BUILDBOT_NOISE."""
     blocks = log.split("Unhandled Error")[1:]
     found = []
     for block in blocks:
         traceback = block.split("\n20")[0]  # up to the next timestamped line
-        if "twisted.cred.error.UnauthorizedLogin" not in traceback:
+        if not any(noise in traceback for noise in BUILDBOT_NOISE):
             found.append(traceback[-1500:])
     return found
 
