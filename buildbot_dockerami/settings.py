@@ -238,7 +238,7 @@ def check_seconds(setting: str, value: Any, *, minimum: float, allow_never: bool
 
 def check_max_builds(value: Any) -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        shown = short(value) if isinstance(value, int) else _type_name(value)
+        shown = short(value) if _is_number(value) else _type_name(value)
         raise SettingError("max_builds", f"must be None (no limit) or a whole number >= 1, "
                            f"not {shown}")
 
