@@ -300,3 +300,18 @@ def test_hostile_bodies_with_the_anonymous_opt_in(make_master, cloud):
         assert len(response.content) < 300
     assert "dockerami: fleet control" not in master.log()
     assert master.stop()
+
+
+def test_parse_and_quote_never_raise_anything_but_a_400():
+    from buildbot_dockerami.www.jsonapi import ApiError, parse_object, quote
+
+    nested: object = None
+    for _ in range(5000):
+        nested = [nested]
+    assert quote(nested) == "<deeply nested list>"
+    assert quote("x" * 1000).endswith("...") and len(quote("x" * 1000)) == QUOTE_CHARS
+    for raw in (DEEP_ARRAY, DEEP_OBJECT, b"\xff", b"[]", b"1e999999", b"9" * 5000, b"{"):
+        with pytest.raises(ApiError) as info:
+            parse_object(raw)
+        assert info.value.status == 400
+    assert parse_object(b"") == {} and parse_object(b'{"a": 1}') == {"a": 1}

@@ -55,7 +55,10 @@ class AppResource(resource.Resource):
 
 def quote(value: Any) -> str:
     """A short repr of untrusted input for an error message: never the whole body back."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:  # parsed near the depth limit, then asked deeper in the stack
+        text = f"<deeply nested {type(value).__name__}>"
     return text if len(text) <= QUOTE_CHARS else text[: QUOTE_CHARS - 3] + "..."
 
 
