@@ -6,6 +6,9 @@ build. The checks themselves live in userdata.py and settings.py.
 
 from __future__ import annotations
 
+import difflib
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from buildbot.interfaces import IRenderable
@@ -48,6 +51,10 @@ def config_problems(
     session: Any,
     isolation: Any = "none",
     instance_group: Any = None,
+    keypair_name: Any = None,
+    instance_profile: Any = None,
+    endpoint_url: Any = None,
+    pool: Any = None,
 ) -> list[str]:
     """Every problem checkable before a build exists, as "setting: message" strings."""
     problems: list[str] = []
@@ -58,9 +65,12 @@ def config_problems(
         except UserDataError as e:
             problems.append(str(e))
 
-    check(userdata.check_word, "name", name)
+    if name is None:
+        problems.append("name: is required (the worker's name, the first argument)")
+    else:
+        check(userdata.check_word, "name", name)
     if password is not None and not _is_renderable(password):
-        check(userdata.check_word, "password", password)
+        check(userdata.check_secret_word, "password", password)
     if image is None:
         problems.append("image: is required (the Docker image the instance runs)")
     elif not _is_renderable(image):
@@ -82,6 +92,7 @@ def config_problems(
     for setting, value in (("setup_repo", setup_repo), ("setup_branch", setup_branch)):
         if value is not None and not _is_renderable(value):
             check(userdata.check_word, setting, value)
+            check(check_not_option, setting, value)
     if setup_branch is not None and setup_repo is None:
         problems.append("setup_branch: needs setup_repo")
     if subnet_id is not None:
@@ -94,6 +105,22 @@ def config_problems(
         check(settings.check_block_device_mappings, block_device_mappings)
     if metadata_options is not None:
         check(settings.check_metadata_options, metadata_options)
+    plain: list[tuple[str, Any, Callable[[Any], None]]] = [
+        ("keypair_name", keypair_name, settings.check_keypair_name),
+        ("instance_profile", instance_profile, settings.check_instance_profile),
+        ("region", region, settings.check_region),
+        ("endpoint_url", endpoint_url, settings.check_endpoint_url),
+        ("session", session, settings.check_session),
+    ]
+    for setting, value, fn in plain:
+        if value is None:
+            continue
+        if _is_renderable(value):
+            problems.append(f"{setting}: cannot be a renderable (it is not rendered per build)")
+        else:
+            check(fn, value)
+    if pool is not None and (not isinstance(pool, str) or not pool.strip()):
+        problems.append(f"pool: {settings.short(pool)} must be a non-empty name")
     if isolation not in ISOLATION_MODES:
         problems.append(f"isolation: {isolation!r} is not one of {', '.join(ISOLATION_MODES)}")
     if instance_group is not None:
@@ -105,7 +132,8 @@ def config_problems(
             or any(c.isspace() for c in instance_group)
         ):
             problems.append(f"instance_group: {instance_group!r} must be a non-empty word")
-    if not resolve_region(region, session):
+    bad_source = any(p.startswith(("region:", "session:")) for p in problems)
+    if not bad_source and not resolve_region(region, session):
         problems.append(
             "region: no AWS region configured; pass region=... or set AWS_REGION / "
             "AWS_DEFAULT_REGION (or a region in ~/.aws/config)"
@@ -125,21 +153,93 @@ def config_problems(
     return problems
 
 
+def check_not_option(setting: str, value: str) -> None:
+    """The image hands setup_repo and setup_branch to git: a leading '-' is an option."""
+    if isinstance(value, str) and value.startswith("-"):
+        raise UserDataError(setting, "must not start with '-' (git would take it as an option)")
+
+
 def rendered_problems(values: dict[str, Any]) -> list[str]:
-    """Checks for values only known once rendered for a build."""
+    """Checks for values only known once rendered for a build. A rendered value may hold
+    a secret (util.Secret, util.Interpolate('%(secret:...)s')), so no message quotes it."""
     problems: list[str] = []
-    checks: list[tuple[Any, tuple]] = [
-        (userdata.check_image, (values["image"],)),
-        (settings.check_instance_type, (values["instance_type"],)),
+    checks: list[tuple[Any, str, tuple]] = [
+        (userdata.check_image, "image", (values["image"],)),
+        (settings.check_instance_type, "instance_type", (values["instance_type"],)),
     ]
     if values["ami"] is not None:
-        checks.append((settings.check_ami_id, (values["ami"],)))
+        checks.append((settings.check_ami_id, "ami", (values["ami"],)))
     for setting in ("setup_repo", "setup_branch"):
         if values[setting] is not None:
-            checks.append((userdata.check_word, (setting, values[setting])))
-    for fn, args in checks:
+            checks.append((userdata.check_secret_word, setting, (setting, values[setting])))
+            checks.append((check_not_option, setting, (setting, values[setting])))
+    for fn, setting, args in checks:
         try:
             fn(*args)
         except UserDataError as e:
-            problems.append(f"rendered {e}")
+            value = values[setting]
+            message = e.message.replace(repr(value), "the rendered value")
+            if isinstance(value, str) and value:
+                message = message.replace(value, "***")
+            problems.append(f"rendered {e.setting}: {message}")
     return problems
+
+
+# -- buildbot's own worker settings and unknown keywords --------------------------------
+
+
+def accepted_keywords(cls: type) -> set[str]:
+    """Every keyword some checkConfig in ``cls``'s MRO names: ours and buildbot's."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        fn = klass.__dict__.get("checkConfig")
+        if fn is None:
+            continue
+        for p in inspect.signature(fn).parameters.values():
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self":
+                names.add(p.name)
+    return names
+
+
+def _optional(fn: Callable[[Any], None]) -> Callable[[Any], None]:
+    return lambda value: None if value is None else fn(value)
+
+
+#: buildbot's latent-worker settings and what each must be. build_wait_timeout 0 ends
+#: the instance after each build, -1 keeps it; missing_timeout bounds a boot.
+BUILDBOT_SETTINGS: Mapping[str, Callable[[Any], None]] = {
+    "build_wait_timeout": lambda v: settings.check_seconds(
+        "build_wait_timeout", v, minimum=0, allow_never=True),
+    "missing_timeout": lambda v: settings.check_seconds("missing_timeout", v, minimum=1),
+    "check_instance_interval": lambda v: settings.check_seconds(
+        "check_instance_interval", v, minimum=settings.MIN_CHECK_INSTANCE_INTERVAL),
+    "keepalive_interval": _optional(lambda v: settings.check_seconds(
+        "keepalive_interval", v, minimum=1)),
+    "max_builds": settings.check_max_builds,
+    "properties": _optional(lambda v: settings.check_mapping("properties", v)),
+    "defaultProperties": _optional(lambda v: settings.check_mapping("defaultProperties", v)),
+}
+
+
+def buildbot_settings(kwargs: Mapping[str, Any],
+                      accepted: set[str]) -> tuple[list[str], dict[str, Any]]:
+    """Problems with the keywords our checkConfig does not name itself (buildbot's, or
+    misspelled ones), and those keywords minus the bad ones: what buildbot's own
+    checkConfig can take without raising a TypeError at the operator."""
+    problems: list[str] = []
+    usable: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key not in accepted:
+            close = difflib.get_close_matches(key, sorted(accepted), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"{key}: unknown setting{hint}")
+            continue
+        check = BUILDBOT_SETTINGS.get(key)
+        try:
+            if check is not None:
+                check(value)
+        except UserDataError as e:
+            problems.append(str(e))
+            continue
+        usable[key] = value
+    return problems, usable

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import sys
 import time
 import urllib.request
@@ -13,8 +15,20 @@ import boto3
 RESULTS = ["SUCCESS", "WARNINGS", "FAILURE", "SKIPPED", "EXCEPTION", "RETRY", "CANCELLED"]
 
 
+#: Keeps the web session cookie: master.cfg.example lets only a logged-in admin force.
+_opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+
+
+def _login(base_url: str, user: str, password: str) -> None:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    request = urllib.request.Request(f"{base_url}/auth/login",
+                                     headers={"Authorization": f"Basic {token}"})
+    with _opener.open(request, timeout=10):
+        pass
+
+
 def _get(api: str, path: str) -> Any:
-    with urllib.request.urlopen(f"{api}/{path}", timeout=10) as response:
+    with _opener.open(f"{api}/{path}", timeout=10) as response:
         body = json.load(response)
     return body[next(k for k in body if k != "meta")]
 
@@ -23,12 +37,15 @@ def _post(url: str, payload: dict) -> Any:
     request = urllib.request.Request(
         url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
     )
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with _opener.open(request, timeout=10) as response:
         return json.load(response)
 
 
 def main(base_url: str, builder: str, endpoint_url: str) -> int:
     api = f"{base_url}/api/v2"
+    password = os.environ.get("BUILDBOT_ADMIN_PASSWORD")
+    if password:
+        _login(base_url, "admin", password)
     builderid = next(b["builderid"] for b in _get(api, "builders") if b["name"] == builder)
     answer = _post(f"{api}/forceschedulers/force", {
         "jsonrpc": "2.0", "method": "force", "id": 1, "params": {"builderid": str(builderid)},
@@ -48,7 +65,7 @@ def main(base_url: str, builder: str, endpoint_url: str) -> int:
         for log in _get(api, f"steps/{step['stepid']}/logs"):
             if log["name"] == "stdio" and step["name"] == "hello":
                 url = f"{api}/logs/{log['logid']}/raw"
-                with urllib.request.urlopen(url, timeout=10) as response:
+                with _opener.open(url, timeout=10) as response:
                     lines = response.read().decode().splitlines()
                 output = [line for line in lines if line.startswith("building as")]
                 print(f"  step {step['name']} printed: {output[0] if output else lines[-1:]}")

@@ -7,9 +7,13 @@ only known once rendered for a build).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
+
+import boto3.session
 
 from buildbot_dockerami.userdata import UserDataError
 
@@ -125,8 +129,15 @@ def check_metadata_options(value: Any) -> None:
             "metadata_options",
             f"unknown keys {sorted(unknown)}; allowed: {sorted(METADATA_OPTION_KEYS)}",
         )
-    if value.get("HttpTokens", "required") not in ("required", "optional"):
-        raise SettingError("metadata_options", "HttpTokens must be 'required' or 'optional'")
+    for key, choices in _METADATA_CHOICES.items():
+        if key in value and value[key] not in choices:
+            raise SettingError("metadata_options", f"{key} must be one of {', '.join(choices)}, "
+                               f"not {short(value[key])}")
+    hops = value.get("HttpPutResponseHopLimit", HOP_LIMIT_RANGE[0])
+    low, high = HOP_LIMIT_RANGE
+    if not isinstance(hops, int) or isinstance(hops, bool) or not low <= hops <= high:
+        raise SettingError("metadata_options", f"HttpPutResponseHopLimit must be a whole "
+                           f"number {low}-{high}, not {short(hops)}")
 
 
 def check_block_device_mappings(value: Any) -> None:
@@ -136,3 +147,102 @@ def check_block_device_mappings(value: Any) -> None:
         raise SettingError(
             "block_device_mappings", "must be a list of dicts, each with a 'DeviceName'"
         )
+
+
+# -- types and ranges of the remaining settings ---------------------------------------
+
+_REGION = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
+_PROFILE_NAME = re.compile(r"^[\w+=,.@-]{1,128}$")
+_PROFILE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:instance-profile/[\w+=,.@/-]{1,512}$")
+
+#: Values EC2 accepts for the string-valued MetadataOptions.
+_METADATA_CHOICES: Mapping[str, tuple[str, ...]] = {
+    "HttpTokens": ("required", "optional"),
+    "HttpEndpoint": ("enabled", "disabled"),
+    "HttpProtocolIpv6": ("enabled", "disabled"),
+    "InstanceMetadataTags": ("enabled", "disabled"),
+}
+#: EC2's range for HttpPutResponseHopLimit.
+HOP_LIMIT_RANGE = (1, 64)
+
+#: Below this, check_instance_interval would poll EC2 many times a second per booting
+#: worker (the checks share one DescribeInstances, but the timers do not).
+MIN_CHECK_INSTANCE_INTERVAL = 1.0
+
+
+def short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: enough to recognise, never a dump."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def check_region(value: Any) -> None:
+    if not isinstance(value, str):
+        raise SettingError("region",
+                           f"must be a string such as 'us-east-1', not {_type_name(value)}")
+    if not _REGION.match(value):
+        raise SettingError("region", f"{short(value)} is not a region name such as 'us-east-1'")
+
+
+def check_keypair_name(value: Any) -> None:
+    if not isinstance(value, str):
+        raise SettingError("keypair_name", f"must be a string, not {_type_name(value)}")
+    if not 1 <= len(value) <= 255 or not value.isascii() or not value.isprintable():
+        raise SettingError("keypair_name", "must be 1-255 printable ASCII characters")
+
+
+def check_instance_profile(value: Any) -> None:
+    if not isinstance(value, str):
+        raise SettingError("instance_profile",
+                           f"must be a string (a name or an ARN), not {_type_name(value)}")
+    pattern = _PROFILE_ARN if value.startswith("arn:") else _PROFILE_NAME
+    if not pattern.match(value):
+        raise SettingError("instance_profile", f"{short(value)} is not an instance profile "
+                           "name or arn:aws:iam::<account>:instance-profile/<name>")
+
+
+def check_endpoint_url(value: Any) -> None:
+    if not isinstance(value, str):
+        raise SettingError("endpoint_url", f"must be a URL string, not {_type_name(value)}")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as e:
+        raise SettingError("endpoint_url", f"{short(value)} is not a URL: {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingError("endpoint_url", f"{short(value)} must be an http(s)://host[:port] URL")
+
+
+def check_session(value: Any) -> None:
+    if not isinstance(value, boto3.session.Session):
+        raise SettingError("session", f"must be a boto3.session.Session, not {_type_name(value)}")
+
+
+def check_seconds(setting: str, value: Any, *, minimum: float, allow_never: bool = False) -> None:
+    """A number of seconds >= ``minimum`` (or -1, "never", where buildbot allows it)."""
+    if _is_number(value) and (value >= minimum or (allow_never and value == -1)):
+        return
+    wanted = f"a number of seconds >= {minimum:g}" + (" (or -1: never)" if allow_never else "")
+    shown = _type_name(value) if not _is_number(value) else short(value)
+    raise SettingError(setting, f"must be {wanted}, not {shown}")
+
+
+def check_max_builds(value: Any) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        shown = short(value) if _is_number(value) else _type_name(value)
+        raise SettingError("max_builds", f"must be None (no limit) or a whole number >= 1, "
+                           f"not {shown}")
+
+
+def check_mapping(setting: str, value: Any) -> None:
+    if not isinstance(value, Mapping):
+        raise SettingError(setting, f"must be a dict, not {_type_name(value)}")

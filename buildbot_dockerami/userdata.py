@@ -76,15 +76,28 @@ class UserData:
         return int(self.master.rsplit(":", 1)[1])
 
 
-def check_word(setting: str, value: str) -> None:
-    """A value of line 1, 3 or 4: one non-empty word, since readers split on spaces."""
+def check_word(setting: str, value: str, *, secret: bool = False) -> None:
+    """A value of line 1, 3 or 4: one non-empty word, since readers split on spaces.
+
+    A ``secret`` value is never quoted in the error; only what kind of character is wrong.
+    """
     if not isinstance(value, str):
         raise UserDataError(setting, f"must be a string, not {type(value).__name__}")
     if not value:
         raise UserDataError(setting, "must not be empty")
-    bad = sorted({c for c in value if c.isspace() or ord(c) < 32 or ord(c) == 127})
-    if bad:
-        raise UserDataError(setting, f"{value!r} contains whitespace or control characters {bad!r}")
+    kinds = [kind for kind, present in (
+        ("whitespace", any(c.isspace() for c in value)),
+        ("control characters", any(not c.isspace() and (ord(c) < 32 or ord(c) == 127)
+                                   for c in value)),
+    ) if present]
+    if kinds:
+        shown = "the value" if secret else repr(value)
+        raise UserDataError(setting, f"{shown} contains {' and '.join(kinds)}")
+
+
+def check_secret_word(setting: str, value: str) -> None:
+    """check_word for a password or a rendered value: errors never include the value."""
+    check_word(setting, value, secret=True)
 
 
 def check_master_address(value: str, setting: str = "master_address") -> None:
@@ -132,7 +145,7 @@ def check_extension(key: str, value: str) -> None:
 def render(data: UserData) -> str:
     """The exact user-data text, after validating every field."""
     check_word("name", data.worker_name)
-    check_word("password", data.password)
+    check_secret_word("password", data.password)
     check_master_address(data.master)
     check_image(data.image)
     lines = [f"{data.worker_name} {data.password} {data.master}", data.image]

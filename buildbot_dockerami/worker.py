@@ -28,7 +28,12 @@ from twisted.python import log
 from twisted.spread import pb
 
 from buildbot_dockerami import fallback, policy, pools, reconcile, settings, userdata, warmpool
-from buildbot_dockerami.checks import config_problems, rendered_problems
+from buildbot_dockerami.checks import (
+    accepted_keywords,
+    buildbot_settings,
+    config_problems,
+    rendered_problems,
+)
 from buildbot_dockerami.cloud import DEFAULT_TIMEOUT, AsyncEc2, LaunchSpec
 from buildbot_dockerami.fleet import Fleet, InstanceGroup
 from buildbot_dockerami.userdata import UserData, UserDataError
@@ -118,11 +123,14 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         self._expecting_connection: Notifier[None] = Notifier()
         #: When this substantiation was requested, connected, started its first build.
         self.timeline: dict[str, float] = {}
+        if "name" in kwargs and not args:
+            # buildbot takes name= before checkConfig could check it; pass it on as ours.
+            args = (kwargs.pop("name"),)
         super().__init__(*args, **kwargs)
 
     def checkConfig(
         self,
-        name: str,
+        name: Any = None,
         password: Any = None,
         *,
         image: Any = None,
@@ -154,7 +162,6 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         max_stopped_age: Any = warmpool.DEFAULT_MAX_STOPPED_AGE,
         **kwargs: Any,
     ) -> None:
-        super().checkConfig(name, password, **kwargs)
         problems = config_problems(
             name,
             password,
@@ -175,9 +182,11 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             session=session,
             isolation=isolation,
             instance_group=instance_group,
+            keypair_name=keypair_name,
+            instance_profile=instance_profile,
+            endpoint_url=endpoint_url,
+            pool=pool,
         )
-        if pool is not None and (not isinstance(pool, str) or not pool.strip()):
-            problems.append(f"pool: {pool!r} must be a non-empty name")
         for setting, value, least in (
             ("reconcile_interval", reconcile_interval, reconcile.MIN_INTERVAL),
             ("ec2_timeout", ec2_timeout, 1),
@@ -197,8 +206,15 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         if (isinstance(max_stopped_age, bool) or not isinstance(max_stopped_age, int | float)
                 or max_stopped_age <= 0):
             problems.append(f"max_stopped_age: {max_stopped_age!r} must be seconds > 0")
-        for problem in problems:
+        bad, kwargs = buildbot_settings(kwargs, accepted_keywords(type(self)))
+        for problem in problems + bad:
             config.error(f"DockerAMILatentWorker {name!r}: {problem}")
+        # buildbot's checks get what is left, and a usable name, so they raise no TypeError.
+        usable_name = name if isinstance(name, str) else f"unnamed-{id(self):x}"
+        try:
+            super().checkConfig(usable_name, password, **kwargs)
+        except (TypeError, ValueError, AttributeError) as e:
+            config.error(f"DockerAMILatentWorker {name!r}: {e}")
 
     @defer.inlineCallbacks
     def reconfigService(

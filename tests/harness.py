@@ -216,7 +216,7 @@ c['title'] = 'dockerami test'
 c['buildbotURL'] = 'http://127.0.0.1:%s/' % os.environ['BUILDBOT_WWW_PORT']
 c['protocols'] = {{'pb': {{'port': 'tcp:%s:interface=127.0.0.1' % os.environ['BUILDBOT_PB_PORT']}}}}
 c['www'] = {{'port': 'tcp:%s:interface=127.0.0.1' % os.environ['BUILDBOT_WWW_PORT'],
-            'plugins': {{}}}}
+            'plugins': {plugins}}}
 c['db'] = {{'db_url': 'sqlite:///state.sqlite'}}
 c['buildbotNetUsageData'] = None
 c['collapseRequests'] = False
@@ -245,14 +245,26 @@ c['schedulers'] = [schedulers.ForceScheduler(name='force', builderNames=['runtes
 """
 
 
+#: Web users as master.cfg.example has them: only 'admins' may act (force, worker and
+#: Fleet controls); 'viewer' may log in but not act.
+USERS_AUTHZ = """
+c['www']['auth'] = util.UserPasswordAuth({'admin': 'adminpw', 'viewer': 'viewerpw'})
+c['www']['authz'] = util.Authz(
+    allowRules=[util.AnyControlEndpointMatcher(role='admins')],
+    roleMatchers=[util.RolesFromUsername(roles=['admins'], usernames=['admin'])],
+)
+"""
+
+
 def master_cfg(*, image: str = "localhost/dockerami/worker:test", instance_type: str = "t3.micro",
                build_wait_timeout: float = 2, missing_timeout: float = 120,
                check_interval: float = 1, workers: int = 1,
                command: str = "echo hello from $(hostname)", worker_extra: str = "",
-               pool: str | None = None) -> str:
+               pool: str | None = None, plugins: dict | None = None, users: bool = False) -> str:
     """A master.cfg with ``workers`` DockerAMILatentWorkers (or, with ``pool``, the
     workers of ``worker_pool(pool)``, e.g. "'pool', slots=2"); ``worker_extra`` is
-    inserted verbatim into the workers' keyword arguments ("isolation='container',")."""
+    inserted verbatim into the workers' keyword arguments ("isolation='container',").
+    ``plugins`` is c['www']['plugins'] (e.g. {'dockerami': {}}); ``users`` adds USERS_AUTHZ."""
     workers_expr = (
         f"worker_pool({pool}, **COMMON)" if pool else
         f"[worker.DockerAMILatentWorker('w%d' % i, **COMMON) for i in range({workers})]"
@@ -261,7 +273,8 @@ def master_cfg(*, image: str = "localhost/dockerami/worker:test", instance_type:
         image=image, instance_type=instance_type, build_wait_timeout=build_wait_timeout,
         missing_timeout=missing_timeout, check_interval=check_interval,
         command=["sh", "-c", command], worker_extra=worker_extra, workers_expr=workers_expr,
-    )
+        plugins="{}" if plugins is None else repr(plugins),
+    ) + (USERS_AUTHZ if users else "")
 
 
 def control_worker(master: Master, name: str, action: str, reason: str = "test") -> None:

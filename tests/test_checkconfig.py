@@ -31,6 +31,55 @@ BAD_WORKERS = {
     "grp": ("image='org/w:1', instance_group='g'", "'instance_group: ", "only with"),
     "imds": ("image='org/w:1', metadata_options={'HttpTokens': 'maybe'}", "'metadata_options: ",
              "HttpTokens"),
+    # Wrong types and ranges that used to fail later, in a loop (issue 9).
+    "kpint": ("image='org/w:1', keypair_name=5", "'keypair_name: ", "must be a string"),
+    "kpempty": ("image='org/w:1', keypair_name=''", "'keypair_name: ", "1-255 printable"),
+    "profint": ("image='org/w:1', instance_profile=5", "'instance_profile: ", "must be a string"),
+    "profbad": ("image='org/w:1', instance_profile='a b'", "'instance_profile: ",
+                "not an instance profile"),
+    "regionint": ("image='org/w:1', region=5", "'region: ", "must be a string"),
+    "regionbad": ("image='org/w:1', region='US East'", "'region: ", "not a region name"),
+    "urlint": ("image='org/w:1', endpoint_url=5", "'endpoint_url: ", "must be a URL string"),
+    "urlftp": ("image='org/w:1', endpoint_url='ftp://x'", "'endpoint_url: ", "http(s)://"),
+    "urlport": ("image='org/w:1', endpoint_url='http://h:99999'", "'endpoint_url: ",
+                "is not a URL"),
+    "session": ("image='org/w:1', session='x'", "'session: ", "boto3.session.Session"),
+    "hops": ("image='org/w:1', metadata_options={'HttpPutResponseHopLimit': 'two'}",
+             "'metadata_options: ", "HttpPutResponseHopLimit must be a whole number 1-64"),
+    "hops0": ("image='org/w:1', metadata_options={'HttpPutResponseHopLimit': 0}",
+              "'metadata_options: ", "HttpPutResponseHopLimit"),
+    "mdend": ("image='org/w:1', metadata_options={'HttpEndpoint': True}",
+              "'metadata_options: ", "HttpEndpoint must be one of enabled, disabled"),
+    "mdtags": ("image='org/w:1', metadata_options={'InstanceMetadataTags': 'yes'}",
+               "'metadata_options: ", "InstanceMetadataTags"),
+    "bwtstr": ("image='org/w:1', build_wait_timeout='x'", "'build_wait_timeout: ",
+               "must be a number of seconds >= 0 (or -1: never), not str"),
+    "bwtneg": ("image='org/w:1', build_wait_timeout=-5", "'build_wait_timeout: ", "not -5"),
+    "misstr": ("image='org/w:1', missing_timeout='x'", "'missing_timeout: ", "not str"),
+    "mis0": ("image='org/w:1', missing_timeout=0", "'missing_timeout: ", ">= 1, not 0"),
+    "misnone": ("image='org/w:1', missing_timeout=None", "'missing_timeout: ", "not NoneType"),
+    "maxstr": ("image='org/w:1', max_builds='x'", "'max_builds: ", "whole number >= 1, not str"),
+    "max0": ("image='org/w:1', max_builds=0", "'max_builds: ", "not 0"),
+    "maxbool": ("image='org/w:1', max_builds=True", "'max_builds: ", "not bool"),
+    "ciistr": ("image='org/w:1', check_instance_interval='x'", "'check_instance_interval: ",
+               "not str"),
+    "cii0": ("image='org/w:1', check_instance_interval=0", "'check_instance_interval: ",
+             ">= 1, not 0"),
+    "ciismall": ("image='org/w:1', check_instance_interval=0.01", "'check_instance_interval: ",
+                 "not 0.01"),
+    "props": ("image='org/w:1', properties='x'", "'properties: ", "must be a dict"),
+    "repoopt": ("image='org/w:1', setup_repo='--upload-pack=touch /tmp/x'", "'setup_repo: ",
+                "must not start with '-'"),
+    "branchopt": ("image='org/w:1', setup_repo='https://x/r', setup_branch='-b'",
+                  "'setup_branch: ", "must not start with '-'"),
+    "kprender": ("image='org/w:1', keypair_name=util.Property('kp')", "'keypair_name: ",
+                 "cannot be a renderable"),
+    "pool": ("image='org/w:1', pool=['p']", "'pool: ", "must be a non-empty name"),
+    "typo": ("image='org/w:1', imagee='org/w:2'", "'imagee: ",
+             "unknown setting; did you mean 'image'?"),
+    "typo2": ("image='org/w:1', bild_wait_timeout=3", "'bild_wait_timeout: ",
+              "did you mean 'build_wait_timeout'?"),
+    "junk": ("image='org/w:1', zzz=3", "'zzz: ", "unknown setting"),
 }
 
 BAD_CFG = """\
@@ -120,3 +169,83 @@ def test_pool_with_slots_but_without_container_isolation_is_refused(
     assert result.returncode != 0
     assert "worker_pool 'p': slots: several slots need isolation='container'" in (
         result.stdout + result.stderr)
+
+
+def test_bad_config_output_has_no_traceback(bad_output: str) -> None:
+    assert "Traceback" not in bad_output and "error while parsing" not in bad_output, bad_output
+
+
+#: BAD_CFG plus what a config that passes needs.
+SCHEDULER = "from buildbot.plugins import schedulers\n" \
+    "c['schedulers'] = [schedulers.ForceScheduler(name='force', builderNames=['b'])]\n"
+
+GOOD_WORKERS = [
+    # Legal edge values that must stay accepted, renderables where they are rendered.
+    "build_wait_timeout=0", "build_wait_timeout=-1", "build_wait_timeout=0.5",
+    "missing_timeout=1", "max_builds=None", "max_builds=3", "check_instance_interval=1",
+    "keypair_name='ops'", "instance_profile='buildbot-worker'",
+    "instance_profile='arn:aws:iam::123456789012:instance-profile/ci/worker'",
+    "region='eu-west-1'", "endpoint_url='http://127.0.0.1:5000'",
+    "endpoint_url='https://ec2.us-east-1.amazonaws.com'",
+    "session=boto3.session.Session(region_name='us-east-1')",
+    "metadata_options={'HttpPutResponseHopLimit': 1, 'HttpEndpoint': 'enabled', "
+    "'HttpProtocolIpv6': 'disabled', 'InstanceMetadataTags': 'enabled'}",
+    "password=util.Secret('worker-password')", "password='.*'",
+    "image=util.Property('image', default='org/w:1')",
+    "setup_repo=util.Interpolate('%(prop:repo)s'), setup_branch='main'",
+    "setup_repo='https://x/r-1', setup_branch='feature-x'",
+    "properties={'a': 1}",
+]
+
+
+def test_legal_values_pass(masters_root: Path, checkconfig_env: dict[str, str]) -> None:
+    master = _master(masters_root, "good-values", checkconfig_env)
+    workers = "\n".join(
+        f"    worker.DockerAMILatentWorker('g{i}', **{{**base, 'image': 'org/w:1', **dict({kw})}}),"
+        for i, kw in enumerate(GOOD_WORKERS)
+    )
+    master.write_config("import boto3\n" + BAD_CFG.format(workers=workers) + SCHEDULER)
+    result = master.checkconfig()
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_bad_names_and_keywords_are_named_not_a_traceback(
+        masters_root: Path, checkconfig_env: dict[str, str]) -> None:
+    master = _master(masters_root, "bad-names", checkconfig_env)
+    master.write_config(BAD_CFG.format(workers="""
+    worker.DockerAMILatentWorker(123, image='org/w:1', **base),
+    worker.DockerAMILatentWorker(name=124, image='org/w:1', **base),
+    worker.DockerAMILatentWorker(image='org/w:1', **base),
+    worker.DockerAMILatentWorker(b'bytes', image='org/w:1', **base),
+"""))
+    result = master.checkconfig()
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Traceback" not in output and "error while parsing" not in output, output
+    assert "DockerAMILatentWorker 123: name: must be a string, not int" in output
+    assert "DockerAMILatentWorker 124: name: must be a string, not int" in output
+    assert "DockerAMILatentWorker None: name: is required" in output
+    assert "DockerAMILatentWorker b'bytes': name: must be a string, not bytes" in output
+
+
+def test_keyword_name_still_works(masters_root: Path, checkconfig_env: dict[str, str]) -> None:
+    master = _master(masters_root, "kw-name", checkconfig_env)
+    worker = "    worker.DockerAMILatentWorker(name='kw', image='org/w:1', **base),"
+    master.write_config(BAD_CFG.format(workers=worker) + SCHEDULER)
+    result = master.checkconfig()
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_password_errors_never_show_the_password(
+        masters_root: Path, checkconfig_env: dict[str, str]) -> None:
+    master = _master(masters_root, "pw-secret", checkconfig_env)
+    master.write_config(BAD_CFG.format(workers="""
+    worker.DockerAMILatentWorker('sp', password='Bad Secret 7a6b', image='org/w:1', **base),
+    worker.DockerAMILatentWorker('ctl', password='Bad\\x01Secret7a6b', image='org/w:1', **base),
+"""))
+    result = master.checkconfig()
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "DockerAMILatentWorker 'sp': password: the value contains whitespace" in output
+    assert "DockerAMILatentWorker 'ctl': password: the value contains control characters" in output
+    assert "Secret" not in output and "7a6b" not in output, output

@@ -183,8 +183,8 @@ def test_prewarm_and_terminate_clicks_and_refusal_for_anonymous(make_master, clo
 
 
 def test_pool_cap_set_from_the_page(make_master, cloud, browser):
-    config = master_cfg(pool="'pool', count=2").replace(
-        "'plugins': {}", "'plugins': {'dockerami': {}}")
+    config = master_cfg(pool="'pool', count=2").replace(  # anonymous, opted in
+        "'plugins': {}", "'plugins': {'dockerami': {'anonymous_control': True}}")
     master = make_master(config)
     page = browser.new_page(viewport=VIEWPORT)
     try:

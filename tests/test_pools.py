@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 def pool_master(make_master, count: int, **kwargs):
     config = master_cfg(pool=f"'pool', count={count}", **kwargs).replace(
-        "'plugins': {}", "'plugins': {'dockerami': {}}")
+        "'plugins': {}", "'plugins': {'dockerami': {'anonymous_control': True}}")
     return make_master(config)
 
 

@@ -7,7 +7,8 @@ Serves, under ``/plugins/dockerami/``:
   ``api/control`` POST: pre-warm a worker, terminate an instance or an orphan (authz).
 
 Plugin settings: ``{'prices': {'t3.large': 0.0832, ...}}``, on-demand USD per hour,
-for the estimated cost so far.
+for the estimated cost so far; ``'anonymous_control': True`` lets visitors who are not
+logged in use the controls (authz still applies; off unless set, see controls.py).
 """
 
 from __future__ import annotations

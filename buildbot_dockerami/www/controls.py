@@ -1,28 +1,79 @@
 """Fleet controls from the Fleet page: start a worker now, terminate its instance,
-terminate an orphan, set a pool's cap and warm minimum. Each is allowed to exactly
-the users buildbot's ``authz`` lets control that worker (the Workers page's Stop);
-others get 403 and nothing changes."""
+terminate an orphan, set a pool's cap and warm minimum.
+
+A control needs a logged-in user (anonymous visitors are refused even where buildbot's
+``authz`` would let them act, unless the plugin setting ``anonymous_control`` is True),
+and that user must be allowed by ``authz`` to control the worker (the Workers page's
+Stop). Others get 403 and nothing changes. The body is untrusted: it is size-limited,
+parsed defensively, type-checked, and quoted back only in short pieces.
+"""
 
 from __future__ import annotations
 
-import json
+import re
 from typing import Any
 
 from buildbot.www.authz.authz import Forbidden
 from twisted.internet import defer
 from twisted.web import server
+from twisted.web.error import Error as WwwError
 
 from buildbot_dockerami import pools
 from buildbot_dockerami.fleet import Fleet
-from buildbot_dockerami.www.jsonapi import ApiError, AppResource, answer, reply
+from buildbot_dockerami.www.jsonapi import (
+    ApiError,
+    AppResource,
+    answer,
+    body_size,
+    parse_object,
+    quote,
+    reply,
+)
 from buildbot_dockerami.www.status import orphans
 
+#: Larger bodies are refused with 413, unread. Controls are a few short fields; the
+#: limit still lets a 100k-deep JSON nesting through to be refused as bad JSON (400).
+MAX_BODY_BYTES = 256 * 1024
+#: The plugin setting that lets anonymous visitors use the controls (authz still applies).
+ANONYMOUS_CONTROL = "anonymous_control"
+#: Highest cap or warm minimum a pool accepts.
+MAX_POOL_LIMIT = 10_000
+_INSTANCE_ID = re.compile(r"^i-[0-9a-f]{8,17}$")
 
-def _worker(fleet: Fleet, name: Any) -> Any:
+
+def _string(body: dict[str, Any], field: str) -> str:
+    value = body.get(field)
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, f"{field} must be a non-empty string, not {quote(value)}")
+    return value
+
+
+def _worker(fleet: Fleet, body: dict[str, Any]) -> Any:
+    name = _string(body, "worker")
     worker = next((w for w in list(fleet.workers) if w.name == name), None)
     if worker is None:
-        raise ApiError(404, f"no DockerAMILatentWorker named {name!r}")
+        raise ApiError(404, f"no DockerAMILatentWorker named {quote(name)}")
     return worker
+
+
+def anonymous_allowed(plugin_config: Any) -> bool:
+    """Only an explicit ``True`` opens the controls to visitors who are not logged in."""
+    return isinstance(plugin_config, dict) and plugin_config.get(ANONYMOUS_CONTROL) is True
+
+
+@defer.inlineCallbacks
+def _logged_in(master: Any, request: Any, plugin_config: Any) -> Any:
+    """A logged-in user (or the operator's opt-in), before the body is even parsed."""
+    if anonymous_allowed(plugin_config):
+        return
+    try:  # as buildbot's own API does: a reverse proxy's user header logs in here
+        yield master.www.auth.maybeAutoLogin(request)
+    except WwwError as e:  # its message quotes the header: not echoed
+        raise ApiError(403, "not authorized: no valid user from the reverse proxy") from e
+    user = master.www.getUserInfos(request) or {}
+    if user.get("anonymous") or not user.get("username"):
+        raise ApiError(403, "not authorized: log in first (anonymous control is off; see "
+                            f"the plugin setting {ANONYMOUS_CONTROL!r})")
 
 
 @defer.inlineCallbacks
@@ -39,21 +90,23 @@ def control(master: Any, request: Any, body: dict[str, Any]) -> Any:
     fleet = Fleet.for_master(master)
     action = body.get("action")
     if action == "prewarm":
-        worker = _worker(fleet, body.get("worker"))
+        worker = _worker(fleet, body)
         yield _allowed(master, request, worker)
         if not worker.prewarm():
             raise ApiError(409, f"{worker.name} is already running or paused")
         return {"ok": True, "message": f"{worker.name}: starting an instance"}
     if action == "terminate":
-        worker = _worker(fleet, body.get("worker"))
+        worker = _worker(fleet, body)
         yield _allowed(master, request, worker)
         if worker.instance is None:
             raise ApiError(409, f"{worker.name} has no instance")
         yield worker.shutdown()
         return {"ok": True, "message": f"{worker.name}: instance terminated"}
     if action == "terminate_orphan":
+        instance_id = _string(body, "instance_id")
+        if not _INSTANCE_ID.match(instance_id):
+            raise ApiError(400, f"{quote(instance_id)} is not an instance id (i-...)")
         yield _allowed(master, request, None)
-        instance_id = body.get("instance_id")
         orphan = next((o for o in (yield orphans(fleet)) if o["id"] == instance_id), None)
         if orphan is None:
             # Never another master's machine, nor one a worker still owns.
@@ -61,11 +114,11 @@ def control(master: Any, request: Any, body: dict[str, Any]) -> Any:
         state = yield fleet.terminate(orphan["client"], instance_id)
         return {"ok": True, "message": f"{instance_id} is {state}"}
     if action == "set_pool":
-        yield _allowed(master, request, None)
-        pool = body.get("pool")
-        if pool not in fleet.pool_limits:
-            raise ApiError(404, f"no pool named {pool!r}")
+        pool = _string(body, "pool")
         limits = _pool_limits(body)
+        yield _allowed(master, request, None)
+        if pool not in fleet.pool_limits:
+            raise ApiError(404, f"no pool named {quote(pool)}")
         yield pools.save_limits(master, pool, limits)
         fleet.pool_limits[pool] = limits
         fleet.after_release()  # a raised cap lets waiting builds start now
@@ -73,30 +126,39 @@ def control(master: Any, request: Any, body: dict[str, Any]) -> Any:
             fleet.keeper.tick()
         return {"ok": True, "message": f"pool {pool}: cap {limits.cap}, "
                                        f"warm minimum {limits.min_warm}"}
-    raise ApiError(400, f"unknown action {action!r}")
+    raise ApiError(400, f"unknown action {quote(action)}")
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_POOL_LIMIT
 
 
 def _pool_limits(body: dict[str, Any]) -> pools.PoolLimits:
     cap, min_warm = body.get("cap"), body.get("min_warm", 0)
-    if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 0):
-        raise ApiError(400, "cap must be a whole number >= 0, or null for no cap")
-    if not isinstance(min_warm, int) or isinstance(min_warm, bool) or min_warm < 0:
-        raise ApiError(400, "min_warm must be a whole number >= 0")
+    if cap is not None and not _whole(cap):
+        raise ApiError(400, f"cap must be a whole number 0-{MAX_POOL_LIMIT}, or null for no cap")
+    if not _whole(min_warm):
+        raise ApiError(400, f"min_warm must be a whole number 0-{MAX_POOL_LIMIT}")
     if cap is not None and min_warm > cap:
         raise ApiError(400, f"min_warm ({min_warm}) cannot exceed the cap ({cap})")
     return pools.PoolLimits(cap=cap, min_warm=min_warm)
 
 
+@defer.inlineCallbacks
+def _handle(app: Any, request: Any) -> Any:
+    yield _logged_in(app.master, request, app.config)
+    body = parse_object(request.content.read(MAX_BODY_BYTES + 1))
+    result = yield control(app.master, request, body)
+    return result
+
+
 class ControlResource(AppResource):
     def render_POST(self, request: Any) -> Any:
+        if body_size(request) > MAX_BODY_BYTES:
+            reply(request, 413, {"error": f"body larger than {MAX_BODY_BYTES} bytes"})
+            return server.NOT_DONE_YET
         # JSON only: a cross-site form cannot send it without a CORS preflight.
         if not (request.getHeader(b"content-type") or b"").startswith(b"application/json"):
             reply(request, 415, {"error": "send application/json"})
             return server.NOT_DONE_YET
-        try:
-            body = json.loads(request.content.read() or b"{}")
-        except ValueError:
-            reply(request, 400, {"error": "body is not JSON"})
-            return server.NOT_DONE_YET
-        d = control(self.app.master, request, body if isinstance(body, dict) else {})
-        return answer(request, d, "fleet control")
+        return answer(request, _handle(self.app, request), "fleet control")

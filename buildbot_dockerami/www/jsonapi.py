@@ -9,9 +9,12 @@ from twisted.internet import defer
 from twisted.python import log
 from twisted.web import resource, server
 
+#: Longest piece of a request's input an answer quotes.
+QUOTE_CHARS = 40
+
 
 class ApiError(Exception):
-    """A refusal with an HTTP status (400, 403, 404, 409, 415) and a message for people."""
+    """A refusal with an HTTP status (400, 403, 404, 409, 413, 415) and a message for people."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -35,7 +38,8 @@ def answer(request: Any, d: defer.Deferred, what: str) -> Any:
             reply(request, failure.value.status, {"error": str(failure.value)})
         else:
             log.err(failure, f"dockerami: {what}")
-            reply(request, 500, {"error": failure.getErrorMessage()})
+            # Not the exception's text: it may quote the request.
+            reply(request, 500, {"error": f"{what} failed; the master log says why"})
 
     d.addCallbacks(lambda result: reply(request, 200, result), failed)
     return server.NOT_DONE_YET
@@ -49,3 +53,35 @@ class AppResource(resource.Resource):
     def __init__(self, app: Any) -> None:
         super().__init__()
         self.app = app
+
+
+def quote(value: Any) -> str:
+    """A short repr of untrusted input for an error message: never the whole body back."""
+    try:
+        text = repr(value)
+    except RecursionError:  # parsed near the depth limit, then asked deeper in the stack
+        text = f"<deeply nested {type(value).__name__}>"
+    return text if len(text) <= QUOTE_CHARS else text[: QUOTE_CHARS - 3] + "..."
+
+
+def parse_object(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, or ApiError 400 for anything else: invalid JSON,
+    bad UTF-8, a number Python will not parse, or nesting too deep for the parser."""
+    try:
+        body = json.loads(raw or b"{}")
+    except RecursionError:
+        raise ApiError(400, "body is not usable JSON: nested too deep") from None
+    except ValueError:  # includes UnicodeDecodeError and int digit-limit errors
+        raise ApiError(400, "body is not JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"body must be a JSON object, not {type(body).__name__}")
+    return body
+
+
+def body_size(request: Any) -> int:
+    """Bytes in the request body (twisted has buffered it by the time we render)."""
+    content = request.content
+    content.seek(0, 2)
+    size = content.tell()
+    content.seek(0)
+    return size
