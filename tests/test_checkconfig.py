@@ -113,6 +113,18 @@ def test_example_config_passes(masters_root: Path, checkconfig_env: dict[str, st
     assert "Config file is good" in result.stdout
 
 
+def test_example_config_passes_without_any_aws_environment(
+        masters_root: Path, tmp_path: Path) -> None:
+    """As shipped, on a machine where AWS was never configured (no AWS_* variables, no
+    ~/.aws): the example names its region."""
+    master = _master(masters_root, "example-no-aws", {"HOME": str(tmp_path)})
+    master.env = {k: v for k, v in master.env.items() if not k.startswith("AWS_")}
+    shutil.copy(REPO / "master.cfg.example", master.basedir / "master.cfg")
+    result = master.checkconfig()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Config file is good" in result.stdout
+
+
 @pytest.fixture(scope="module")
 def bad_output(masters_root: Path, checkconfig_env: dict[str, str]) -> str:
     master = _master(masters_root, "bad", checkconfig_env)

@@ -60,3 +60,9 @@ def test_userdata_show_errors_name_the_problem(tmp_path: Path) -> None:
 def test_image_push_needs_a_tag() -> None:
     result = run("image", "push", "org/worker")
     assert result.returncode == 1 and "has no tag" in result.stderr
+
+
+def test_image_build_without_a_dockerfile_says_so(tmp_path: Path) -> None:
+    # Checked before the engine is asked for: runs without Docker.
+    missing = run("image", "build", str(tmp_path / "nowhere"))
+    assert missing.returncode == 1 and "has no Dockerfile" in missing.stderr
