@@ -1,6 +1,10 @@
 """buildbot-dockerami: elastic EC2 build machines for buildbot, defined by Docker images."""
 
+from importlib.resources import files
+
 from buildbot_dockerami.worker import DockerAMILatentWorker, worker_pool
 
 __all__ = ["DockerAMILatentWorker", "worker_pool"]
-__version__ = "0.1.0"
+#: The one version source is www/VERSION: buildbot's plugin loader requires that file,
+#: and setup.cfg reads it too.
+__version__ = files(__name__).joinpath("www", "VERSION").read_text().strip()

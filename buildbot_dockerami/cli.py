@@ -10,13 +10,23 @@ import sys
 import threading
 from pathlib import Path
 
-from buildbot_dockerami import __version__
+from buildbot_dockerami import __version__, assets
 
 RUNTIMES = ("process", "container", "legacy")
 
 
+class MissingExtra(Exception):
+    """A command whose optional dependencies (a setup.cfg extra) are not installed."""
+
+
 def _local_cloud(args: argparse.Namespace) -> int:
-    from buildbot_dockerami.localcloud import LocalCloud
+    try:
+        from buildbot_dockerami.localcloud import LocalCloud
+    except ModuleNotFoundError as e:
+        raise MissingExtra(
+            f"local-cloud needs the 'demo' extra (no module {e.name!r}): "
+            "pip install 'buildbot-dockerami[demo]'"
+        ) from None
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cloud = LocalCloud(state_dir=args.state_dir, port=args.port, region=args.region,
@@ -42,7 +52,6 @@ def _local_cloud(args: argparse.Namespace) -> int:
 
 def _image_build(args: argparse.Namespace) -> int:
     from buildbot_dockerami import images
-
     context = args.directory.resolve()
     tag = args.tag or images.default_tag(args.repo or f"dockerami/{context.name}")
     build_args = dict(_key_value(a) for a in args.build_arg)
@@ -113,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build DIR/Dockerfile with the local Docker engine, never pulling, and tag "
                     "it with today's date (the seed's convention).",
     )
-    build.add_argument("directory", type=Path, metavar="DIR", help="image folder, e.g. "
-                       "images/worker-linux")
+    build.add_argument("directory", type=Path, metavar="DIR", nargs="?",
+                       default=assets.default_image_dir(),
+                       help="image folder (default: the reference image, %(default)s)")
     build.add_argument("--repo", help="repository name (default dockerami/<DIR name>); include "
                        "the registry, e.g. registry.example.com:5000/org/worker-linux")
     build.add_argument("--tag", help="full tag instead of REPO:YYYY-MM-DD")
@@ -154,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ImageError, PreviewError) as e:
+    except (ImageError, PreviewError, MissingExtra) as e:
         print(f"buildbot-dockerami: {e}", file=sys.stderr)
         return 1
 

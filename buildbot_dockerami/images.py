@@ -14,10 +14,10 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import docker
-from docker.errors import DockerException
+if TYPE_CHECKING:
+    import docker
 
 Printer = Callable[[str], None]
 
@@ -31,6 +31,14 @@ def default_tag(repo: str, today: datetime.date | None = None) -> str:
 
 
 def engine() -> docker.DockerClient:
+    """The local engine. The Docker SDK is the optional 'images' extra: imported here."""
+    try:
+        import docker
+        from docker.errors import DockerException
+    except ModuleNotFoundError:
+        raise ImageError(
+            "the image commands need the Docker SDK: pip install 'buildbot-dockerami[images]'"
+        ) from None
     try:
         client = docker.from_env()
         client.ping()
@@ -99,11 +107,13 @@ def build(context: Path, tag: str, build_args: dict[str, str], out: Printer = pr
         raise ImageError(f"{context} has no Dockerfile")
     (context / "wheels").mkdir(exist_ok=True)
     client = engine()
+    from docker.errors import ImageNotFound  # installed: engine() answered
+
     # The engine would try a public registry for a missing base: refuse before it does.
     for base in base_images(dockerfile.read_text(), build_args):
         try:
             client.images.get(base)
-        except docker.errors.ImageNotFound:
+        except ImageNotFound:
             raise ImageError(
                 f"base image {base!r} is not on this Docker engine; make one (dev/engine "
                 "makes dockerami/base:bookworm) and pass --base, or pull it yourself"

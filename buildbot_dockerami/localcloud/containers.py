@@ -29,12 +29,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from buildbot_dockerami import assets
 from buildbot_dockerami.localcloud.hypervisor import Booting
 
 log = logging.getLogger("dockerami.localcloud")
 
-#: The repository's ami/ folder, which holds the bootstrap the runtime executes.
-AMI_DIR = Path(__file__).resolve().parents[2] / "ami"
+#: The ami/ folder (checkout or installed wheel), which holds the bootstrap the runtime runs.
+AMI_DIR = assets.ami_dir()
 
 
 class MetadataService:
