@@ -1,44 +1,90 @@
-"""Fleet metrics in the Prometheus text format. Pure: counters, histograms, rendering.
+"""Fleet metrics for Prometheus: counts kept by the fleet, exposed through a
+``prometheus_client`` custom collector that reads the fleet's state at scrape time.
 
-No client library: a handful of series, rendered on request by the www plugin
-(``/plugins/dockerami/metrics``).
+Counters and histograms are plain numbers under a lock (EC2 request counts arrive
+from the boto3 thread pool); gauges are computed from the workers when scraped.
+Series every fleet has are present from the start with zero, so that ``rate()`` and
+``increase()`` alerts see a counter before it first fires. The www plugin serves
+them (``/plugins/dockerami/metrics``, www/metrics.py).
 """
 
 from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
 
 Labels = tuple[tuple[str, str], ...]
 
 #: Provisioning latency buckets, seconds: from a launch request to the worker connecting.
 LATENCY_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 
-HELP = {
-    "dockerami_instance_launches_total": ("counter", "Instances launched (RunInstances)."),
-    "dockerami_launch_failures_total": (
-        "counter", "Launches or boots that failed, by reason."),
-    "dockerami_provisioning_seconds": (
-        "histogram", "Seconds from a launch request to its worker connecting."),
-    "dockerami_ec2_requests_total": (
-        "counter", "EC2 API requests sent (retries included), by operation."),
-    "dockerami_ec2_throttles_total": (
-        "counter", "EC2 API requests refused for throttling, by operation."),
-    "dockerami_launch_answers_lost_total": (
-        "counter", "RunInstances calls that never answered, by what the token lookup found."),
-    "dockerami_untracked_terminated_total": (
+#: The EC2 operations the plugin calls: their request counters exist from the start.
+EC2_OPERATIONS = ("DescribeImages", "DescribeInstances", "GetConsoleOutput", "RunInstances",
+                  "TerminateInstances")
+#: Launch failure reasons that are not EC2 error codes (``RunInstances:<code>`` are).
+FAILURE_REASONS = ("instance_not_found", "instance_shutting-down", "instance_stopped",
+                   "instance_stopping", "instance_terminated", "never_connected")
+ISOLATION_MODES = ("none", "container", "instance")
+INSTANCE_STATES = ("booting", "connected", "building", "idle", "terminating")
+
+
+@dataclass(frozen=True)
+class Family:
+    kind: str
+    help: str
+    label: str | None = None
+    #: Label values present (at zero) before anything is counted.
+    seeds: tuple[str, ...] = ()
+
+
+#: Names as callers use them (``inc("dockerami_ec2_requests_total", ...)``); for counters
+#: prometheus_client adds ``_total`` itself, so the family is named without it.
+FAMILIES = {
+    "dockerami_instance_launches_total": Family(
+        "counter", "Instances launched (RunInstances that succeeded), by worker.", "worker"),
+    "dockerami_launch_failures_total": Family(
+        "counter", "Launches or boots that failed, by reason.", "reason", FAILURE_REASONS),
+    "dockerami_provisioning_seconds": Family(
+        "histogram", "Seconds from a launch request to its worker connecting.", "isolation",
+        ISOLATION_MODES),
+    "dockerami_ec2_requests_total": Family(
+        "counter", "EC2 API requests sent (retries included), by operation.", "operation",
+        EC2_OPERATIONS),
+    "dockerami_ec2_throttles_total": Family(
+        "counter", "EC2 API requests refused for throttling, by operation.", "operation",
+        EC2_OPERATIONS),
+    "dockerami_launch_answers_lost_total": Family(
+        "counter", "RunInstances calls that never answered, by what the token lookup found.",
+        "outcome", ("found", "not_found")),
+    "dockerami_launch_fallbacks_total": Family(
+        "counter", "Launch attempts refused for capacity and retried with the next "
+        "(type, subnet, market), by EC2 error code.", "code"),
+    "dockerami_untracked_terminated_total": Family(
         "counter", "Instances tagged for this master that no worker tracked, terminated."),
-    "dockerami_instances_lost_total": (
-        "counter", "Tracked instances EC2 reported gone (spot, console, ...), by state."),
-    "dockerami_spot_interruptions_total": (
+    "dockerami_instances_lost_total": Family(
+        "counter", "Tracked instances EC2 reported gone (spot, console, ...), by state.",
+        "state", ("shutting-down", "stopped", "stopping", "terminated")),
+    "dockerami_spot_interruptions_total": Family(
         "counter", "Spot instances interrupted by EC2 (notice or reclaim)."),
-    "dockerami_launch_fallbacks_total": (
-        "counter", "Launch options EC2 refused for capacity, the next one tried, by code."),
-    "dockerami_connections_refused_total": (
+    "dockerami_stopped_starts_total": Family(
+        "counter", "Stopped warm instances started again for a build."),
+    "dockerami_connections_refused_total": Family(
         "counter", "Worker connections refused: not from the instance launched for them."),
-    "dockerami_instances": ("gauge", "Instances this master owns, by state."),
-    "dockerami_terminations_failing": (
+    "dockerami_instances": Family(
+        "gauge", "Instances this master owns, by state.", "state", INSTANCE_STATES),
+    "dockerami_terminations_failing": Family(
         "gauge", "Instances whose termination failed and is being retried."),
 }
 
@@ -47,18 +93,8 @@ def _labels(labels: Mapping[str, str] | None) -> Labels:
     return tuple(sorted((labels or {}).items()))
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _format(name: str, labels: Labels, value: float) -> str:
-    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
-    number = repr(float(value)) if value != int(value) else str(int(value))
-    return f"{name}{{{inner}}} {number}" if inner else f"{name} {number}"
-
-
 class Metrics:
-    """Thread-safe: EC2 request counts arrive from the boto3 thread pool."""
+    """The fleet's counters and histograms. Thread-safe."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -79,37 +115,115 @@ class Metrics:
         with self._lock:
             return self._counters.get(name, {}).get(_labels(labels), 0)
 
-    def render(self, gauges: Mapping[str, Iterable[tuple[Mapping[str, str], float]]]) -> str:
-        """The exposition text; ``gauges`` are computed by the caller at scrape time."""
-        lines: list[str] = []
-
-        def header(name: str) -> None:
-            kind, text = HELP.get(name, ("untyped", name))
-            lines.append(f"# HELP {name} {text}")
-            lines.append(f"# TYPE {name} {kind}")
-
+    def snapshot(self) -> tuple[dict[str, dict[Labels, float]], dict[str, dict[Labels, list]]]:
         with self._lock:
-            counters = {n: dict(s) for n, s in self._counters.items()}
-            histograms = {
-                n: {k: list(v) for k, v in s.items()} for n, s in self._histograms.items()
-            }
-        for name in sorted(set(counters) | {n for n, (k, _) in HELP.items() if k == "counter"}):
-            header(name)
-            for labels, value in sorted(counters.get(name, {}).items()):
-                lines.append(_format(name, labels, value))
-        for name in sorted(set(histograms) | {n for n, (k, _) in HELP.items()
-                                              if k == "histogram"}):
-            header(name)
-            for labels, values in sorted(histograms.get(name, {}).items()):
-                ordered = sorted(values)
-                for bound in LATENCY_BUCKETS:
-                    count = bisect.bisect_right(ordered, bound)
-                    lines.append(_format(f"{name}_bucket", (*labels, ("le", str(bound))), count))
-                lines.append(_format(f"{name}_bucket", (*labels, ("le", "+Inf")), len(ordered)))
-                lines.append(_format(f"{name}_sum", labels, sum(ordered)))
-                lines.append(_format(f"{name}_count", labels, len(ordered)))
-        for name, series in sorted(gauges.items()):
-            header(name)
-            for labels, value in series:
-                lines.append(_format(name, _labels(labels), value))
-        return "\n".join(lines) + "\n"
+            return ({n: dict(s) for n, s in self._counters.items()},
+                    {n: {k: list(v) for k, v in s.items()} for n, s in self._histograms.items()})
+
+
+def _label_names(series: Iterable[Labels], family: Family | None) -> tuple[str, ...]:
+    names = {name for labels in series for name, _ in labels}
+    if family is not None and family.label:
+        names.add(family.label)
+    return tuple(sorted(names))
+
+
+def _seeded(series: Mapping[Labels, Any], family: Family | None, seeds: Iterable[str],
+            zero: Any) -> dict[Labels, Any]:
+    """``series`` plus a zero sample for every seed value not yet in it (for a family
+    without labels: its one sample)."""
+    result = dict(series)
+    if family is not None and family.label:
+        for value in seeds:
+            result.setdefault(((family.label, value),), zero)
+    elif family is not None:
+        result.setdefault((), zero)
+    return result
+
+
+def _buckets(values: list[float]) -> list[tuple[str, float]]:
+    ordered = sorted(values)
+    counts = [(floatToGoString(b), bisect.bisect_right(ordered, b)) for b in LATENCY_BUCKETS]
+    return [*counts, ("+Inf", len(ordered))]
+
+
+def families(metrics: Metrics, gauges: Mapping[str, Mapping[Labels, float]],
+             workers: Iterable[str] = ()) -> list[Metric]:
+    """Every metric family, from the counts, the scrape-time ``gauges`` and the names of
+    the fleet's workers (instance groups for slots), which get a zero launch counter."""
+    counters, histograms = metrics.snapshot()
+    seeds = {"dockerami_instance_launches_total": tuple(workers)}
+    result: list[Metric] = []
+    for name in sorted(set(counters) | {n for n, f in FAMILIES.items() if f.kind == "counter"}):
+        family = FAMILIES.get(name)
+        series = _seeded(counters.get(name, {}), family,
+                         seeds.get(name, family.seeds if family else ()), 0)
+        names = _label_names(series, family)
+        metric = CounterMetricFamily(name, family.help if family else name, labels=names)
+        for labels, value in sorted(series.items()):
+            given = dict(labels)
+            metric.add_metric([given.get(n, "") for n in names], value)
+        result.append(metric)
+    for name in sorted(set(histograms) | {n for n, f in FAMILIES.items()
+                                          if f.kind == "histogram"}):
+        family = FAMILIES.get(name)
+        series = _seeded(histograms.get(name, {}), family, family.seeds if family else (), [])
+        names = _label_names(series, family)
+        metric = HistogramMetricFamily(name, family.help if family else name, labels=names)
+        for labels, values in sorted(series.items()):
+            given = dict(labels)
+            metric.add_metric([given.get(n, "") for n in names], _buckets(values), sum(values))
+        result.append(metric)
+    for name, values in sorted(gauges.items()):
+        family = FAMILIES.get(name)
+        series = _seeded(values, family, family.seeds if family else (), 0)
+        names = _label_names(series, family)
+        metric = GaugeMetricFamily(name, family.help if family else name, labels=names)
+        for labels, value in sorted(series.items()):
+            given = dict(labels)
+            metric.add_metric([given.get(n, "") for n in names], value)
+        result.append(metric)
+    return result
+
+
+#: Most advanced first: an instance shown once, in the state of its busiest slot.
+_STATE_RANK = {"booting": 0, "connected": 1, "building": 2}
+
+
+def instance_states(fleet: Any) -> Counter[str]:
+    """How many instances this master owns, by state."""
+    states: dict[str, str] = {}
+    for worker in list(fleet.workers):
+        instance = worker.instance
+        if instance is None:
+            continue
+        if worker.busy:
+            state = "building"
+        elif worker.conn is not None:
+            state = "connected"
+        else:
+            state = "booting"
+        previous = states.get(instance.instance_id)
+        if previous is None or _STATE_RANK[state] > _STATE_RANK[previous]:
+            states[instance.instance_id] = state
+    for group in fleet.groups.values():
+        if group.instance is not None and group.instance.instance_id not in states:
+            states[group.instance.instance_id] = "terminating" if group.terminating else "idle"
+    return Counter(states.values())
+
+
+class FleetCollector:
+    """A prometheus_client collector over one master's fleet (fleet.Fleet)."""
+
+    def __init__(self, fleet: Any) -> None:
+        self.fleet = fleet
+
+    def collect(self) -> Iterator[Metric]:
+        fleet = self.fleet
+        counts = instance_states(fleet)
+        gauges = {
+            "dockerami_instances": {(("state", s),): counts.get(s, 0) for s in INSTANCE_STATES},
+            "dockerami_terminations_failing": {(): len(fleet.undead)},
+        }
+        owners = {w.group.name if w.group is not None else w.name for w in list(fleet.workers)}
+        yield from families(fleet.metrics, gauges, sorted(owners))

@@ -1,45 +1,118 @@
-"""Fleet metrics: the Prometheus rendering, and the www plugin on a real master."""
+"""Fleet metrics: both Prometheus formats, parsed by prometheus_client's own parsers, and
+the www plugin on a real master."""
 
 from __future__ import annotations
 
-import re
+from collections.abc import Iterable
+from typing import Any
 
 import pytest
 import requests
+from prometheus_client import parser as text_format
+from prometheus_client.openmetrics import parser as openmetrics_format
+from twisted.internet import task
 
+from buildbot_dockerami.fleet import Fleet
 from buildbot_dockerami.metrics import Metrics
+from buildbot_dockerami.www.metrics import exposition
 from tests.harness import SUCCESS, master_cfg, wait_for
 
+PROMETHEUS_ACCEPT = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
 
-def test_render_counters_histograms_and_gauges() -> None:
-    metrics = Metrics()
-    metrics.inc("dockerami_instance_launches_total", {"worker": "w0"})
-    metrics.inc("dockerami_instance_launches_total", {"worker": "w0"})
-    metrics.inc("dockerami_launch_failures_total", {"reason": 'say "hi"\n'})
+
+def fleet_with_counts() -> Fleet:
+    fleet = Fleet(task.Clock(), "metrics-test")
+    fleet.metrics.inc("dockerami_instance_launches_total", {"worker": "w0"})
+    fleet.metrics.inc("dockerami_instance_launches_total", {"worker": "w0"})
+    fleet.metrics.inc("dockerami_launch_failures_total", {"reason": 'say "hi"\n'})
+    fleet.metrics.inc("dockerami_ec2_requests_total", {"operation": "RunInstances"}, by=3)
     for seconds in (0.5, 3, 700):
-        metrics.observe("dockerami_provisioning_seconds", seconds, {"isolation": "none"})
-    text = metrics.render({"dockerami_instances": [({"state": "booting"}, 2)]})
-    lines = text.splitlines()
-    assert 'dockerami_instance_launches_total{worker="w0"} 2' in lines
-    assert 'dockerami_launch_failures_total{reason="say \\"hi\\"\\n"} 1' in lines
-    assert 'dockerami_provisioning_seconds_bucket{isolation="none",le="1"} 1' in lines
-    assert 'dockerami_provisioning_seconds_bucket{isolation="none",le="5"} 2' in lines
-    assert 'dockerami_provisioning_seconds_bucket{isolation="none",le="+Inf"} 3' in lines
-    assert 'dockerami_provisioning_seconds_count{isolation="none"} 3' in lines
-    assert 'dockerami_provisioning_seconds_sum{isolation="none"} 703.5' in lines
-    assert 'dockerami_instances{state="booting"} 2' in lines
-    assert "# TYPE dockerami_provisioning_seconds histogram" in lines
-    # Series with no samples yet still announce themselves.
-    assert "# TYPE dockerami_ec2_throttles_total counter" in lines
+        fleet.metrics.observe("dockerami_provisioning_seconds", seconds, {"isolation": "none"})
+    return fleet
 
 
-def scrape(master) -> dict[str, float]:
+def samples(families: Iterable[Any]) -> dict[tuple[str, frozenset], float]:
+    return {(s.name, frozenset(s.labels.items())): s.value for f in families for s in f.samples}
+
+
+def sample(found: dict, name: str, **labels: str) -> float:
+    return found[(name, frozenset(labels.items()))]
+
+
+@pytest.mark.parametrize(("accept", "content_type", "parse"), [
+    ("", "text/plain; version=0.0.4", text_format.text_string_to_metric_families),
+    ("text/plain", "text/plain; version=0.0.4", text_format.text_string_to_metric_families),
+    (PROMETHEUS_ACCEPT, "application/openmetrics-text",
+     openmetrics_format.text_string_to_metric_families),
+])
+def test_both_formats_parse_with_counts_zeros_and_histograms(
+        accept: str, content_type: str, parse: Any) -> None:
+    body, served_as = exposition(fleet_with_counts(), accept)
+    assert served_as.startswith(content_type)
+    found = samples(parse(body.decode()))  # the parsers reject clashing or malformed series
+    assert sample(found, "dockerami_instance_launches_total", worker="w0") == 2
+    assert sample(found, "dockerami_launch_failures_total", reason='say "hi"\n') == 1
+    assert sample(found, "dockerami_ec2_requests_total", operation="RunInstances") == 3
+    # Counters that never fired are there, at zero, for rate() alerts.
+    assert sample(found, "dockerami_ec2_throttles_total", operation="RunInstances") == 0
+    assert sample(found, "dockerami_ec2_requests_total", operation="TerminateInstances") == 0
+    assert sample(found, "dockerami_launch_failures_total", reason="never_connected") == 0
+    assert sample(found, "dockerami_provisioning_seconds_bucket", isolation="none", le="1.0") == 1
+    assert sample(found, "dockerami_provisioning_seconds_bucket", isolation="none", le="5.0") == 2
+    assert sample(found, "dockerami_provisioning_seconds_bucket", isolation="none",
+                  le="+Inf") == 3
+    assert sample(found, "dockerami_provisioning_seconds_count", isolation="none") == 3
+    assert sample(found, "dockerami_provisioning_seconds_sum", isolation="none") == 703.5
+    assert sample(found, "dockerami_provisioning_seconds_count", isolation="container") == 0
+    assert sample(found, "dockerami_instances", state="booting") == 0
+    assert sample(found, "dockerami_terminations_failing") == 0
+
+
+def test_openmetrics_names_counters_without_their_total_suffix() -> None:
+    body, _ = exposition(fleet_with_counts(), PROMETHEUS_ACCEPT)
+    text = body.decode()
+    assert "# TYPE dockerami_ec2_requests counter" in text
+    assert "# TYPE dockerami_ec2_requests_total" not in text
+    assert text.endswith("# EOF\n")
+    families = {f.name: f.type for f in openmetrics_format.text_string_to_metric_families(text)}
+    assert families["dockerami_instance_launches"] == "counter"
+    assert families["dockerami_provisioning_seconds"] == "histogram"
+    assert families["dockerami_instances"] == "gauge"
+
+
+def test_the_interface_callers_use_keeps_counting() -> None:
+    metrics = Metrics()
+    metrics.inc("dockerami_ec2_requests_total", {"operation": "RunInstances"})
+    metrics.inc("dockerami_ec2_requests_total", {"operation": "RunInstances"}, by=2)
+    assert metrics.counter("dockerami_ec2_requests_total", {"operation": "RunInstances"}) == 3
+    assert metrics.counter("dockerami_ec2_requests_total", {"operation": "Other"}) == 0
+    # A counter the table does not know yet is exposed too, with its own labels.
+    metrics.inc("dockerami_reconciled_total", {"action": "adopted"})
+    fleet = Fleet(task.Clock(), "m")
+    fleet.metrics = metrics
+    found = samples(text_format.text_string_to_metric_families(
+        exposition(fleet, "")[0].decode()))
+    assert sample(found, "dockerami_reconciled_total", action="adopted") == 1
+
+
+def scrape(master, accept: str = "") -> dict[str, float]:
+    """The page as a plain client or (with ``accept``) Prometheus sees it, parsed by
+    prometheus_client; keys like 'name{label="value"}'."""
     url = f"http://127.0.0.1:{master.www_port}/plugins/dockerami/metrics"
-    response = requests.get(url, timeout=10)
+    response = requests.get(url, timeout=10, headers={"Accept": accept} if accept else {})
     response.raise_for_status()
-    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
-    return {m.group(1): float(m.group(2))
-            for m in re.finditer(r"^(\S+) (\S+)$", response.text, re.MULTILINE)}
+    if accept:
+        assert response.headers["content-type"].startswith("application/openmetrics-text")
+        parsed = openmetrics_format.text_string_to_metric_families(response.text)
+    else:
+        assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+        parsed = text_format.text_string_to_metric_families(response.text)
+    values = {}
+    for family in parsed:
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            values[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return values
 
 
 @pytest.mark.integration
@@ -57,6 +130,12 @@ def test_metrics_page_counts_launches_requests_throttles_and_latency(make_master
     assert values['dockerami_provisioning_seconds_count{isolation="none"}'] == 1
     assert values['dockerami_instances{state="building"}'] == 0
     assert values["dockerami_terminations_failing"] == 0
+    # What Prometheus itself asks for: the same numbers, as OpenMetrics.
+    scraped = scrape(master, PROMETHEUS_ACCEPT)
+    assert scraped['dockerami_instance_launches_total{worker="w0"}'] == 1
+    assert scraped['dockerami_ec2_throttles_total{operation="RunInstances"}'] == 1
+    assert scraped['dockerami_launch_failures_total{reason="never_connected"}'] == 0
+    assert scraped['dockerami_instances{state="connected"}'] == 1
 
 
 @pytest.mark.integration

@@ -2,7 +2,7 @@
 
 Serves, under ``/plugins/dockerami/``:
   ``scripts.js`` the Fleet page of the web UI (menu entry "Fleet", route #/dockerami);
-  ``metrics``    the fleet's metrics in the Prometheus text format;
+  ``metrics``    the fleet's metrics for Prometheus (text format or OpenMetrics);
   ``api/fleet``  every worker's state and instance, and orphaned instances, as JSON;
   ``api/control`` POST: pre-warm a worker, terminate an instance or an orphan (authz).
 
@@ -13,7 +13,6 @@ logged in use the controls (authz still applies; off unless set, see controls.py
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 from buildbot.www.plugin import Application
@@ -23,47 +22,8 @@ from buildbot_dockerami.fleet import Fleet
 from buildbot_dockerami.www import restfix
 from buildbot_dockerami.www.controls import ControlResource
 from buildbot_dockerami.www.jsonapi import AppResource, answer
+from buildbot_dockerami.www.metrics import MetricsResource
 from buildbot_dockerami.www.status import fleet_status
-
-#: Most advanced first: an instance shown once, in the state of its busiest slot.
-_STATE_RANK = {"booting": 0, "connected": 1, "building": 2}
-
-
-def instance_states(fleet: Fleet) -> Counter[str]:
-    """How many instances this master owns, by state."""
-    states: dict[str, str] = {}
-    for worker in list(fleet.workers):
-        instance = worker.instance
-        if instance is None:
-            continue
-        if worker.busy:
-            state = "building"
-        elif worker.conn is not None:
-            state = "connected"
-        else:
-            state = "booting"
-        previous = states.get(instance.instance_id)
-        if previous is None or _STATE_RANK[state] > _STATE_RANK[previous]:
-            states[instance.instance_id] = state
-    for group in fleet.groups.values():
-        if group.instance is not None and group.instance.instance_id not in states:
-            states[group.instance.instance_id] = "terminating" if group.terminating else "idle"
-    return Counter(states.values())
-
-
-class MetricsResource(AppResource):
-    def render_GET(self, request: Any) -> bytes:
-        fleet = Fleet.for_master(self.app.master)
-        counts = instance_states(fleet)
-        gauges = {
-            "dockerami_instances": [
-                ({"state": state}, counts.get(state, 0))
-                for state in ("booting", "connected", "building", "idle", "terminating")
-            ],
-            "dockerami_terminations_failing": [({}, len(fleet.undead))],
-        }
-        request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
-        return fleet.metrics.render(gauges).encode()
 
 
 class FleetResource(AppResource):
