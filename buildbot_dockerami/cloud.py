@@ -101,6 +101,14 @@ class LaunchSpec:
         return args
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """Explicit AWS keys (the workers' identifier / secret_identifier settings)."""
+
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+
+
 def resolve_region(region: str | None, session: boto3.session.Session | None = None) -> str | None:
     """Explicit region, then the session chain (AWS_DEFAULT_REGION, config), then AWS_REGION."""
     if region:
@@ -151,7 +159,13 @@ class Ec2:
         on_throttle: Observer | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
+        credentials: Credentials | None = None,
     ) -> None:
+        if credentials is not None:
+            session = boto3.session.Session(
+                aws_access_key_id=credentials.access_key_id,
+                aws_secret_access_key=credentials.secret_access_key,
+            )
         session = session or boto3.session.Session()
         self.region = resolve_region(region, session)
         if not self.region:

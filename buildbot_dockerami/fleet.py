@@ -191,13 +191,14 @@ class Fleet:
 
     @defer.inlineCallbacks
     def client(self, region: str | None, endpoint_url: str | None, session: Any,
-               timeout: float = DEFAULT_TIMEOUT) -> Any:
+               timeout: float = DEFAULT_TIMEOUT, credentials: Any = None) -> Any:
         """An AsyncEc2 for these settings, shared by every worker that uses them.
 
         Built in a thread: botocore reads config files and endpoint data when it
         creates a client.
         """
-        key = (region, endpoint_url, id(session) if session is not None else None, timeout)
+        key = (region, endpoint_url, id(session) if session is not None else None, timeout,
+               credentials)
         if key not in self._clients:
             pool = self._thread_pool()
             metrics = self.metrics
@@ -206,6 +207,7 @@ class Fleet:
                 lambda op: metrics.inc("dockerami_ec2_requests_total", {"operation": op}),
                 lambda op: metrics.inc("dockerami_ec2_throttles_total", {"operation": op}),
                 timeout=timeout,
+                credentials=credentials,
             )
             # Another worker may have built one meanwhile: keep the first.
             self._clients.setdefault(key, AsyncEc2(ec2, pool, self.reactor))

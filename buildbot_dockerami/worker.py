@@ -34,7 +34,8 @@ from buildbot_dockerami.checks import (
     config_problems,
     rendered_problems,
 )
-from buildbot_dockerami.cloud import DEFAULT_TIMEOUT, AsyncEc2, LaunchSpec
+from buildbot_dockerami.cloud import DEFAULT_TIMEOUT, AsyncEc2, Credentials, LaunchSpec
+from buildbot_dockerami.credentials import key_problems
 from buildbot_dockerami.fleet import Fleet, InstanceGroup
 from buildbot_dockerami.userdata import UserData, UserDataError
 
@@ -117,6 +118,10 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     pool: str | None = None
     #: Why the last launch or boot failed, for the Fleet page.
     last_failure = ""
+    #: Settings buildbot renders through the secrets providers before reconfigService
+    #: (a class attribute: methods still see the ``secrets`` module).
+    secrets = ["identifier", "secret_identifier"]
+    credentials: Credentials | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Fired when a slot worker starts expecting its next container (see attached).
@@ -151,6 +156,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         metadata_options: dict[str, Any] | None = None,
         endpoint_url: str | None = None,
         session: Any = None,
+        identifier: Any = None,
+        secret_identifier: Any = None,
         isolation: str = "none",
         instance_group: str | None = None,
         pool: str | None = None,
@@ -206,6 +213,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         if (isinstance(max_stopped_age, bool) or not isinstance(max_stopped_age, int | float)
                 or max_stopped_age <= 0):
             problems.append(f"max_stopped_age: {max_stopped_age!r} must be seconds > 0")
+        problems += key_problems(identifier, secret_identifier, session)
         bad, kwargs = buildbot_settings(kwargs, accepted_keywords(type(self)))
         for problem in problems + bad:
             config.error(f"DockerAMILatentWorker {name!r}: {problem}")
@@ -240,6 +248,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         metadata_options: dict[str, Any] | None = None,
         endpoint_url: str | None = None,
         session: Any = None,
+        identifier: Any = None,
+        secret_identifier: Any = None,
         isolation: str = "none",
         instance_group: str | None = None,
         pool: str | None = None,
@@ -275,6 +285,10 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         self.market = market
         self.idle_action = idle_action
         self.reconcile_interval = reconcile_interval
+        # Rendered by buildbot (``secrets`` above) before they get here.
+        self.credentials = (
+            None if identifier is None else Credentials(identifier, secret_identifier)
+        )
         self.fleet = Fleet.for_master(self.master)
         self.fleet.workers.add(self)
         self.fleet.reconciler.start(
@@ -368,7 +382,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
 
     def ec2_client(self) -> defer.Deferred:
         """The (shared) EC2 client for this worker's region and endpoint."""
-        return self.fleet.client(self.region, self.endpoint_url, self.session, self.ec2_timeout)
+        return self.fleet.client(self.region, self.endpoint_url, self.session, self.ec2_timeout,
+                                 credentials=self.credentials)
 
     @defer.inlineCallbacks
     def renew_password(self) -> Any:
