@@ -8,8 +8,8 @@ import copy
 import dataclasses
 import re
 import secrets
-import socket
 import uuid
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ from buildbot.process.properties import Properties
 from buildbot.process.results import RETRY
 from buildbot.util import Notifier
 from buildbot.util.latent import CompatibleLatentWorkerMixin
+from buildbot.warnings import ConfigWarning
 from buildbot.worker.latent import AbstractLatentWorker, States
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
@@ -27,7 +28,16 @@ from twisted.internet.task import deferLater
 from twisted.python import log
 from twisted.spread import pb
 
-from buildbot_dockerami import fallback, policy, pools, reconcile, settings, userdata, warmpool
+from buildbot_dockerami import (
+    address,
+    fallback,
+    policy,
+    pools,
+    reconcile,
+    settings,
+    userdata,
+    warmpool,
+)
 from buildbot_dockerami.checks import (
     accepted_keywords,
     buildbot_settings,
@@ -85,9 +95,10 @@ def pb_port(port_setting: Any) -> int | None:
 
 
 def default_master_address(protocols: dict[str, Any]) -> str | None:
-    """This host's FQDN and the master's PB port: where instances connect by default."""
+    """This host (its EC2 private IPv4 or FQDN, see address.py) and the master's PB port:
+    where instances connect by default."""
     port = pb_port(protocols.get("pb", {}).get("port"))
-    return None if port is None else f"{socket.getfqdn()}:{port}"
+    return None if port is None else f"{address.default_host()}:{port}"
 
 
 class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
@@ -223,6 +234,10 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             super().checkConfig(usable_name, password, **kwargs)
         except (TypeError, ValueError, AttributeError) as e:
             config.error(f"DockerAMILatentWorker {name!r}: {e}")
+        warning = address.loopback_warning() if master_address is None else None
+        if warning:
+            warnings.warn(f"DockerAMILatentWorker {name!r}: master_address: {warning}",
+                          ConfigWarning, stacklevel=2)
 
     @defer.inlineCallbacks
     def reconfigService(
