@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -83,3 +84,19 @@ class Registry:
 
 def container_names(client: docker.DockerClient, prefix: str = "dockerami-") -> list[str]:
     return [c.name for c in client.containers.list(all=True) if c.name.startswith(prefix)]
+
+
+def images_of(client: docker.DockerClient, prefix: str) -> list[str]:
+    """Tags on the engine that start with ``prefix`` (e.g. a throwaway registry's address)."""
+    return [tag for image in client.images.list() for tag in image.tags if tag.startswith(prefix)]
+
+
+def remove_repository(client: docker.DockerClient, prefix: str) -> None:
+    """Remove the containers started from, and the images tagged with, ``prefix``."""
+    tags = images_of(client, prefix)
+    for container in client.containers.list(all=True):
+        if any(tag in container.image.tags for tag in tags):
+            container.remove(force=True)
+    for tag in tags:
+        with contextlib.suppress(ImageNotFound):
+            client.images.remove(tag, force=True)
