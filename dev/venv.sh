@@ -5,7 +5,16 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
     echo "buildbot-dockerami needs Python >= 3.11 (set PYTHON=/path/to/python3.11)" >&2
     exit 1
 fi
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-# (The grep drops pip's notes about unreachable local index mirrors on some machines.)
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[$1]" \
-    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+if [ ! -x .venv/bin/python ]; then
+    echo "== creating .venv; installing buildbot-dockerami[$1] and its dependencies (first run: a few minutes)"
+    "$PYTHON" -m venv .venv
+fi
+# pip's progress in short: one line per package it fetches, so a first run is not
+# silent; an up-to-date .venv prints two lines. (The grep drops pip's notes about
+# unreachable local index mirrors on some machines; pipefail keeps pip's status.)
+set -o pipefail
+.venv/bin/python -m pip install --disable-pip-version-check --progress-bar off -e ".[$1]" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2) |
+    awk '/^Collecting / { print "   fetching " $2; fflush() }
+         /^Installing collected packages:/ { print "   installing " NF - 3 " packages"; fflush() }
+         /^Successfully installed/ { print "   installed"; fflush() }'
