@@ -35,7 +35,8 @@ EC2_OPERATIONS = ("DescribeImages", "DescribeInstances", "GetConsoleOutput", "Ru
                   "TerminateInstances")
 #: Launch failure reasons that are not EC2 error codes (``RunInstances:<code>`` are).
 FAILURE_REASONS = ("instance_not_found", "instance_shutting-down", "instance_stopped",
-                   "instance_stopping", "instance_terminated", "never_connected")
+                   "instance_stopping", "instance_terminated", "invalid_setting",
+                   "never_connected")
 ISOLATION_MODES = ("none", "container", "instance")
 INSTANCE_STATES = ("booting", "connected", "building", "idle", "terminating")
 
