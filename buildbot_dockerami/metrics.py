@@ -38,7 +38,7 @@ FAILURE_REASONS = ("instance_not_found", "instance_shutting-down", "instance_sto
                    "instance_stopping", "instance_terminated", "invalid_setting",
                    "never_connected")
 ISOLATION_MODES = ("none", "container", "instance")
-INSTANCE_STATES = ("booting", "connected", "building", "idle", "terminating")
+INSTANCE_STATES = ("booting", "connected", "building", "idle", "terminating", "stopped")
 
 
 @dataclass(frozen=True)
@@ -210,6 +210,8 @@ def instance_states(fleet: Any) -> Counter[str]:
     for group in fleet.groups.values():
         if group.instance is not None and group.instance.instance_id not in states:
             states[group.instance.instance_id] = "terminating" if group.terminating else "idle"
+    for instance_id in fleet.stopped.by_instance():
+        states.setdefault(instance_id, "stopped")
     return Counter(states.values())
 
 
