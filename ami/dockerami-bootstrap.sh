@@ -4,11 +4,13 @@
 # Replaces the seed's `@reboot sleep 20 && docker run ...` crontab line. Run by
 # dockerami-bootstrap.service (systemd restarts it, and so the container, if it exits):
 #   1. wait until dockerd answers;
-#   2. read the user data from the metadata service (IMDSv2 token; v1 if no token);
+#   2. read the user data from the metadata service (IMDSv2 token; v1 if no token)
+#      into a root-only directory, and close the metadata service to containers;
 #   3. pull the image named on line 2, retrying with backoff, progress in the journal;
-#   4. run it with host networking and the user data mounted read-only, so the
-#      container itself needs no metadata access; one container per slot (user-data
-#      extension slots=N), each replaced by a fresh one whenever it exits.
+#   4. run it with host networking, one container per slot (user-data extension
+#      slots=N), each replaced by a fresh one whenever it exits. A container sees only
+#      its own slot's credential (a user-data file with its own line 1), never the
+#      instance's user data nor other slots' secrets.
 # If the image cannot be pulled at all, it says why on the console and powers the
 # instance off (EC2 then terminates it), so the master sees the failure at once.
 #
@@ -22,6 +24,13 @@ PULL_ATTEMPTS=${DOCKERAMI_PULL_ATTEMPTS:-12}       # then give up and power off
 PULL_MAX_DELAY=${DOCKERAMI_PULL_MAX_DELAY:-30}     # backoff cap between pulls, seconds
 RUN_OPTIONS=${DOCKERAMI_RUN_OPTIONS:-}             # extra `docker run` options
 POWEROFF=${DOCKERAMI_POWEROFF:-systemctl poweroff}
+# Containers' processes carry this supplementary group; the firewall rejects its
+# traffic to the metadata service. "no" leaves the metadata service open to them
+# (only for images that read the user data themselves, like the seed's).
+BLOCK_METADATA=${DOCKERAMI_BLOCK_METADATA:-yes}
+CONTAINER_GID=${DOCKERAMI_CONTAINER_GID:-64999}
+IPTABLES=${DOCKERAMI_IPTABLES:-iptables}
+FIREWALL_TAG=${DOCKERAMI_FIREWALL_TAG:-dockerami-bootstrap}   # comment on our rules
 set -eu
 
 log() { echo "dockerami-bootstrap: $*"; }
@@ -50,7 +59,40 @@ imds_get() {
     fi
 }
 
-mkdir -p "$STATE_DIR"
+# The metadata service is closed to containers before any of them exists: a build
+# must reach neither the user data (every slot's secret) nor the instance role's
+# credentials. Host networking shares the host's stack, so the rule matches the
+# containers' processes by the supplementary group every one of them is given.
+imds_address=${IMDS#*://}
+imds_address=${imds_address%%/*}
+case $imds_address in
+    *:*) imds_host=${imds_address%:*} imds_port=${imds_address##*:} ;;
+    *) imds_host=$imds_address imds_port= ;;
+esac
+metadata_rule() {
+    # shellcheck disable=SC2086 # the port match is absent or three words
+    $IPTABLES -w "$1" OUTPUT -d "$imds_host" ${imds_port:+-p tcp --dport $imds_port} \
+        -m owner --gid-owner "$CONTAINER_GID" --suppl-groups \
+        -m comment --comment "$FIREWALL_TAG" -j REJECT
+}
+unblock_metadata() {
+    [ "$BLOCK_METADATA" = no ] && return 0
+    while metadata_rule -D 2>/dev/null; do :; done
+}
+container_options=""
+if [ "$BLOCK_METADATA" != no ]; then
+    case $CONTAINER_GID in "" | *[!0-9]*) give_up "bad DOCKERAMI_CONTAINER_GID=$CONTAINER_GID" ;; esac
+    metadata_rule -C 2>/dev/null || metadata_rule -I \
+        || give_up "cannot close the metadata service ($imds_address) to containers with $IPTABLES"
+    log "metadata service $imds_address closed to containers (group $CONTAINER_GID)"
+    # The group sticks: no process in the container may change its groups or gain
+    # privileges (setuid binaries), so even a root process cannot leave it.
+    container_options="--group-add $CONTAINER_GID --cap-drop SETGID --security-opt no-new-privileges"
+else
+    log "WARNING: DOCKERAMI_BLOCK_METADATA=no: containers can read the user data"
+fi
+
+(umask 077 && mkdir -p "$STATE_DIR")
 chmod 700 "$STATE_DIR"
 attempt=1
 until imds_get user-data > "$STATE_DIR/user-data.new"; do
@@ -59,8 +101,8 @@ until imds_get user-data > "$STATE_DIR/user-data.new"; do
     sleep 2
     attempt=$((attempt + 1))
 done
-# Readable inside the container (its user is not root); the directory keeps others out.
-chmod 644 "$STATE_DIR/user-data.new"
+# Root's only: it holds every slot's secret. Containers get their own file (below).
+chmod 600 "$STATE_DIR/user-data.new"
 mv "$STATE_DIR/user-data.new" "$STATE_DIR/user-data"
 
 image=$(sed -n 2p "$STATE_DIR/user-data")
@@ -83,7 +125,8 @@ done
 instance_id=$(imds_get meta-data/instance-id) || instance_id=unknown
 
 # Extensions (lines 5+, ignored by the seed's readers): isolation=container makes each
-# worker serve one build and exit; slots=N runs N workers, slot.K=<name> <password>.
+# worker serve one build and exit; slots=N runs N workers, slot.K=<name> <password>;
+# secret.K=<hex> gives slot K one-time passwords (see container_password).
 extension() { sed -n '5,$p' "$STATE_DIR/user-data" | sed -n "s/^$1=//p" | head -n 1; }
 isolation=$(extension isolation)
 slots=$(extension slots)
@@ -93,29 +136,63 @@ master=$(sed -n 1p "$STATE_DIR/user-data" | cut -d' ' -f3)
 
 slot_container() { if [ "$1" -eq 0 ]; then echo "$CONTAINER"; else echo "$CONTAINER-$1"; fi; }
 
-# Each slot's container sees user data whose line 1 is its own worker.
-slot_user_data() {
-    file="$STATE_DIR/user-data.$1"
+# "<name> <password>" of slot $1, as the master wrote it.
+slot_credentials() {
     if [ "$1" -eq 0 ]; then
-        cp "$STATE_DIR/user-data" "$file"
+        sed -n 1p "$STATE_DIR/user-data" | cut -d' ' -f1,2
     else
-        credentials=$(extension "slot.$1")
-        [ -n "$credentials" ] || give_up "user data has slots=$slots but no slot.$1"
-        { printf '%s %s\n' "$credentials" "$master"; sed -n '2,$p' "$STATE_DIR/user-data"; } > "$file"
+        extension "slot.$1"
     fi
-    chmod 644 "$file"
+}
+
+# The password of the $2-th container of a slot whose secret is $1; the master derives
+# the same (buildbot_dockerami/credentials.py). The secret goes through a pipe, never
+# onto a command line.
+container_password() {
+    printf 'dockerami-container-password:%s:%s' "$1" "$2" | sha256sum | cut -c1-32
+}
+
+# The user data a container of slot $1 sees: its own line 1 (name, password of its
+# container number $2, master), lines 2-4, and isolation. Nothing of other slots.
+write_slot_user_data() {
+    credentials=$(slot_credentials "$1")
+    worker=${credentials%% *}
+    password=${credentials#* }
+    secret=$(extension "secret.$1")
+    [ -z "$secret" ] || password=$(container_password "$secret" "$2")
+    {
+        printf '%s %s %s\n' "$worker" "$password" "$master"
+        printf '%s\n' "$image" "$(sed -n 3p "$STATE_DIR/user-data")" \
+            "$(sed -n 4p "$STATE_DIR/user-data")"
+        [ -z "$isolation" ] || printf 'isolation=%s\n' "$isolation"
+    } > "$STATE_DIR/slot.$1/user-data.new"
+    # Mounted read-only into this slot's container only; its worker must read it.
+    chmod 644 "$STATE_DIR/slot.$1/user-data.new"
+    mv "$STATE_DIR/slot.$1/user-data.new" "$STATE_DIR/slot.$1/user-data"
 }
 
 # A container that exits (a finished isolated build, or a crash) is replaced at once
-# by a fresh one from the same image.
+# by a fresh one from the same image. A slot's container number only moves on once
+# a container has connected (so the master has spent its password): a container that
+# died before connecting is replaced by one with the same password.
 run_slot() {
     name=$(slot_container "$1")
+    dir="$STATE_DIR/slot.$1"
+    (umask 077 && mkdir -p "$dir")
+    number=$(cat "$dir/number" 2>/dev/null || echo 0)
     while :; do
-        $DOCKER rm -f "$name" >/dev/null 2>&1 || true
+        if $DOCKER container inspect "$name" >/dev/null 2>&1; then
+            if $DOCKER logs "$name" 2>&1 | grep -q 'Connected to buildmaster'; then
+                number=$((number + 1))
+                echo "$number" > "$dir/number"
+            fi
+            $DOCKER rm -f "$name" >/dev/null 2>&1 || true
+        fi
+        write_slot_user_data "$1" "$number"
         log "starting $image as $name"
-        # shellcheck disable=SC2086 # RUN_OPTIONS is a list of options
-        $DOCKER run --rm --name "$name" --network host $RUN_OPTIONS \
-            --mount "type=bind,source=$STATE_DIR/user-data.$1,target=/run/dockerami/user-data,readonly" \
+        # shellcheck disable=SC2086 # option lists
+        $DOCKER run --name "$name" --network host $container_options $RUN_OPTIONS \
+            --mount "type=bind,source=$dir/user-data,target=/run/dockerami/user-data,readonly" \
             --env DOCKERAMI_USER_DATA_FILE=/run/dockerami/user-data \
             --env DOCKERAMI_INSTANCE_ID="$instance_id" --env DOCKERAMI_SLOT="$1" \
             "$image" || log "$name exited with status $?"
@@ -132,13 +209,20 @@ stop_slots() {
         $DOCKER rm -f "$(slot_container "$slot")" >/dev/null 2>&1 || true
         slot=$((slot + 1))
     done
+    unblock_metadata
     exit 0
 }
 trap stop_slots TERM INT
 
 slot=0
 while [ "$slot" -lt "$slots" ]; do
-    slot_user_data "$slot"
+    credentials=$(slot_credentials "$slot")
+    case $credentials in *" "*) ;; *) give_up "user data has slots=$slots but no slot.$slot" ;; esac
+    case $(extension "secret.$slot") in *[!0-9a-f]*) give_up "bad secret.$slot in user data" ;; esac
+    slot=$((slot + 1))
+done
+slot=0
+while [ "$slot" -lt "$slots" ]; do
     run_slot "$slot" &
     slot=$((slot + 1))
 done

@@ -1,8 +1,8 @@
 """Container runtimes for the local cloud: the real base-AMI bootstrap on a real Docker engine.
 
-Each booted instance gets its own metadata service on 127.0.0.1 (IMDSv2 token
-and user data, like 169.254.169.254 on EC2) and a "machine" thread that runs
-what the base AMI runs at boot:
+Each booted instance gets its own metadata service on 127.0.0.1 (IMDSv2 token,
+user data and a role's credentials, like 169.254.169.254 on EC2) and a "machine"
+thread that runs what the base AMI runs at boot:
 
 * ``ContainerRuntime``: ``ami/dockerami-bootstrap.sh``, restarted when it exits
   as systemd's ``Restart=always`` would;
@@ -36,6 +36,30 @@ log = logging.getLogger("dockerami.localcloud")
 
 #: The ami/ folder (checkout or installed wheel), which holds the bootstrap the runtime runs.
 AMI_DIR = assets.ami_dir()
+ROLE_CREDENTIALS_PATH = "/latest/meta-data/iam/security-credentials"
+ROLE_NAME = "dockerami-local-role"
+
+
+def firewall_tag(instance_id: str) -> str:
+    """The comment on the bootstrap's firewall rules for one local instance."""
+    return f"dockerami-{instance_id}"
+
+
+def remove_firewall_rules(tag: str, iptables: str = "iptables") -> int:
+    """Delete the OUTPUT rules carrying ``tag``, e.g. left by a bootstrap that was
+    killed before it could remove them; the machine's firewall is the host's here."""
+    try:
+        listed = subprocess.run([iptables, "-w", "-S", "OUTPUT"], capture_output=True,
+                                text=True, check=False)
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    for line in listed.stdout.splitlines():
+        words = shlex.split(line)
+        if words[:2] == ["-A", "OUTPUT"] and tag in words:
+            subprocess.run([iptables, "-w", "-D", *words[1:]], capture_output=True, check=False)
+            removed += 1
+    return removed
 
 
 class MetadataService:
@@ -43,6 +67,12 @@ class MetadataService:
 
     def __init__(self, booting: Booting) -> None:
         self.booting = booting
+        # What a build must never get: stands for the instance role's credentials.
+        self.role_credentials = json.dumps({
+            "Code": "Success", "Type": "AWS-HMAC",
+            "AccessKeyId": "ASIA" + secrets.token_hex(8).upper(),
+            "SecretAccessKey": secrets.token_urlsafe(30), "Token": secrets.token_urlsafe(60),
+        })
         self.tokens: set[str] = set()
         #: The spot interruption notice (JSON), once one is given.
         self.spot = ""
@@ -88,6 +118,10 @@ class MetadataService:
                     self._reply(200, service.booting.instance_id)
                 elif self.path == "/latest/meta-data/spot/instance-action" and service.spot:
                     self._reply(200, service.spot)
+                elif self.path == f"{ROLE_CREDENTIALS_PATH}/":
+                    self._reply(200, ROLE_NAME)
+                elif self.path == f"{ROLE_CREDENTIALS_PATH}/{ROLE_NAME}":
+                    self._reply(200, service.role_credentials)
                 else:
                     self._reply(404)
 
@@ -167,6 +201,7 @@ class _Machine:
             subprocess.run([self.docker, "rm", "-f", *listed.stdout.split()],
                            capture_output=True, check=False)
         self.thread.join(timeout=15)
+        remove_firewall_rules(firewall_tag(self.instance_id))
         self.metadata.stop()
 
 
@@ -212,6 +247,8 @@ class ContainerRuntime:
             "DOCKERAMI_PULL_MAX_DELAY": str(self.pull_max_delay),
             "DOCKERAMI_RUN_OPTIONS": self.run_options,
             "DOCKERAMI_POWEROFF": f"touch {shlex.quote(str(directory / 'poweroff'))}",
+            # The bootstrap closes this instance's metadata port to its containers.
+            "DOCKERAMI_FIREWALL_TAG": firewall_tag(booting.instance_id),
         }
         machine = _Machine(
             booting.instance_id, directory, self.boot_command(metadata, container), env,

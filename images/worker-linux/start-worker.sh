@@ -34,8 +34,12 @@ if [ -n "${DOCKERAMI_USER_DATA_FILE:-}" ] || [ -z "${WORKERNAME:-}" ]; then
     else
         USER_DATA=$(fetch_user_data) || { log "cannot read user data from the metadata service"; exit 1; }
     fi
-    # shellcheck disable=SC2046 # line 1 is three words by protocol
+    # Line 1 is three words by protocol: split on spaces, never glob (a password may
+    # be `.*`).
+    set -f
+    # shellcheck disable=SC2046
     set -- $(user_data_line 1)
+    set +f
     if [ $# -ne 3 ]; then
         log "user data line 1 must be '<name> <password> <host>:<port>'"
         exit 1
@@ -52,13 +56,18 @@ BUILDMASTER_PORT=${BUILDMASTER_PORT:-9989}
 SETUP_REPO=${SETUP_REPO:-} SETUP_BRANCH=${SETUP_BRANCH:-}
 
 if [ -n "$SETUP_REPO" ]; then
+    # Never an option to git (`--upload-pack=...` runs a command), whatever it says.
+    case $SETUP_REPO in -*) log "refusing a setup repo that starts with -"; exit 1 ;; esac
+    case $SETUP_BRANCH in -*) log "refusing a setup branch that starts with -"; exit 1 ;; esac
     log "cloning $SETUP_REPO ${SETUP_BRANCH:+(branch $SETUP_BRANCH)}"
     rm -rf "$HOME/setup"
-    # Shallow first; dumb-HTTP servers cannot do shallow, so then a full clone.
-    git clone --quiet --depth 1 ${SETUP_BRANCH:+--branch "$SETUP_BRANCH"} "$SETUP_REPO" \
-        "$HOME/setup" 2>/dev/null \
+    # Shallow first; dumb-HTTP servers cannot do shallow, so then a full clone. Options
+    # are joined to their values and `--` ends them, so no value is read as an option.
+    git -c protocol.ext.allow=never clone --quiet --depth 1 \
+        ${SETUP_BRANCH:+"--branch=$SETUP_BRANCH"} -- "$SETUP_REPO" "$HOME/setup" 2>/dev/null \
         || { rm -rf "$HOME/setup"
-             git clone --quiet ${SETUP_BRANCH:+--branch "$SETUP_BRANCH"} "$SETUP_REPO" "$HOME/setup"; }
+             git -c protocol.ext.allow=never clone --quiet \
+                 ${SETUP_BRANCH:+"--branch=$SETUP_BRANCH"} -- "$SETUP_REPO" "$HOME/setup"; }
     for script in setup-worker.sh setup-slave.sh; do
         if [ -f "$HOME/setup/$script" ]; then
             log "running $script"
@@ -70,11 +79,15 @@ fi
 
 BASEDIR=${WORKER_BASEDIR:-$HOME/worker}
 mkdir -p "$BASEDIR"
-# The password goes to a file read by buildbot.tac, never onto a command line.
+case $BUILDMASTER_PORT in "" | *[!0-9]*) log "bad master port '$BUILDMASTER_PORT'"; exit 1 ;; esac
+# The password goes to a file read by buildbot.tac, never onto a command line; the
+# other values too, so that no value is ever read as Python.
 umask 077
 printf '%s' "$WORKERPASS" > "$BASEDIR/.password"
+printf '%s\n' "$WORKERNAME" "$BUILDMASTER" "$BUILDMASTER_PORT" \
+    "${DOCKERAMI_ONE_CONNECTION:-0}" > "$BASEDIR/.worker"
 umask 022
-cat > "$BASEDIR/buildbot.tac" <<TAC
+cat > "$BASEDIR/buildbot.tac" <<'TAC'
 import os
 from buildbot_worker.bot import Worker
 from twisted.application import service
@@ -83,23 +96,25 @@ basedir = os.path.abspath(os.path.dirname(__file__))
 application = service.Application('buildbot-worker')
 with open(os.path.join(basedir, ".password")) as f:
     passwd = f.read()
-worker = Worker("$BUILDMASTER", $BUILDMASTER_PORT, "$WORKERNAME", passwd, basedir,
+with open(os.path.join(basedir, ".worker")) as f:
+    name, host, port, one_connection = f.read().split("\n")[:4]
+worker = Worker(host, int(port), name, passwd, basedir,
                 keepalive=60, umask=0o022, maxdelay=10, allow_shutdown="signal",
                 maxRetries=None)
 worker.setServiceParent(application)
 
-if "${DOCKERAMI_ONE_CONNECTION:-}" == "1":
+if one_connection == "1":
     # Per-build isolation: when the master drops this connection (after the build),
     # exit instead of reconnecting, so the next build gets a fresh container.
     from twisted.internet import reactor
 
     connected = worker.bf.gotPerspective
 
-    def one_connection(perspective):
+    def serve_one_connection(perspective):
         perspective.broker.notifyOnDisconnect(lambda: reactor.callLater(0, reactor.stop))
         return connected(perspective)
 
-    worker.bf.gotPerspective = one_connection
+    worker.bf.gotPerspective = serve_one_connection
 TAC
 unset WORKERPASS USER_DATA
 log "worker $WORKERNAME connecting to $BUILDMASTER:$BUILDMASTER_PORT"
