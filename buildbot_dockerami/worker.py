@@ -45,6 +45,7 @@ from buildbot_dockerami.checks import (
     rendered_problems,
 )
 from buildbot_dockerami.cloud import DEFAULT_TIMEOUT, AsyncEc2, Credentials, LaunchSpec
+from buildbot_dockerami.container_passwords import SECRET_KEY, OneTimeCredentials
 from buildbot_dockerami.credentials import key_problems
 from buildbot_dockerami.fleet import Fleet, InstanceGroup
 from buildbot_dockerami.userdata import UserData, UserDataError
@@ -133,6 +134,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     #: (a class attribute: methods still see the ``secrets`` module).
     secrets = ["identifier", "secret_identifier"]
     credentials: Credentials | None = None
+    #: A container slot's one-time passwords (container_passwords.py), with a fresh password.
+    one_time: OneTimeCredentials | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Fired when a slot worker starts expecting its next container (see attached).
@@ -338,7 +341,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         # getRandomPass keeps the live one if an instance is booting or connected.
         self.random_password = password is None
         if password is None:
-            password = self.getRandomPass()
+            # A slot keeps the password its next container will bring.
+            password = self.one_time.password if self.one_time else self.getRandomPass()
         result = yield super().reconfigService(name, password, **kwargs)
         return result
 
@@ -401,10 +405,13 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
                                  credentials=self.credentials)
 
     @defer.inlineCallbacks
-    def renew_password(self) -> Any:
-        """A fresh password per instance when none is configured."""
+    def renew_password(self, one_time: bool = False) -> Any:
+        """A fresh password per instance when none is configured; with ``one_time``
+        (container slots), a fresh secret whose passwords each serve one container."""
+        self.one_time = OneTimeCredentials.fresh() if (
+            one_time and self.random_password) else None
         if self.random_password:
-            self.password = secrets.token_hex(16)
+            self.password = self.one_time.password if self.one_time else secrets.token_hex(16)
             yield self.registration.update(self, self.master.config)
         return self.password
 
@@ -424,7 +431,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         members = [group.members[n] for n in sorted(group.members)] if group else [self]
         credentials = []
         for member in members:
-            credentials.append((member.name, (yield member.renew_password())))
+            credentials.append((member.name, (yield member.renew_password(group is not None))))
         extensions: dict[str, str] = {}
         if group is not None:
             extensions["isolation"] = "container"
@@ -432,6 +439,9 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
                 extensions["slots"] = str(len(credentials))
                 for slot, (name, password) in enumerate(credentials[1:], start=1):
                     extensions[f"slot.{slot}"] = f"{name} {password}"
+            for slot, member in enumerate(members):
+                if member.one_time is not None:
+                    extensions[SECRET_KEY.format(slot=slot)] = member.one_time.secret
         try:
             text = userdata.render(
                 UserData(
@@ -674,6 +684,10 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         if graceful and not self._graceful:
             self._graceful = True
             self._update_graceful()
+        if self.one_time is not None and self.conn is not None:
+            # This container's password is spent: accepted once, never again.
+            self.password = self.one_time.spend()
+            yield self.registration.update(self, self.master.config)
         if self.instance is not None and self.conn is not None:
             self.timeline["connected"] = self.master.reactor.seconds()
             if self.busy:  # the build that asked for this instance starts now
