@@ -285,6 +285,12 @@ class ContainerRuntime:
             when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 120))
             machine.metadata.spot = json.dumps({"action": "terminate", "time": when})
 
+    def metadata_url(self, instance_id: str) -> str | None:
+        """Where this instance's metadata service listens (its 169.254.169.254)."""
+        with self._lock:
+            machine = self._machines.get(instance_id)
+        return machine.metadata.url if machine else None
+
     def metadata_requests(self, instance_id: str) -> list[tuple[str, str, bool]]:
         with self._lock:
             machine = self._machines.get(instance_id)
