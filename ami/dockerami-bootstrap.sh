@@ -129,6 +129,8 @@ instance_id=$(imds_get meta-data/instance-id) || instance_id=unknown
 # secret.K=<hex> gives slot K one-time passwords (see container_password).
 extension() { sed -n '5,$p' "$STATE_DIR/user-data" | sed -n "s/^$1=//p" | head -n 1; }
 isolation=$(extension isolation)
+tls_sha256=$(extension tls.sha256)   # the master's pinned certificate, checked by the image
+case $tls_sha256 in *[!0-9a-f]*) give_up "bad tls.sha256 in user data" ;; esac
 slots=$(extension slots)
 slots=${slots:-1}
 case $slots in "" | *[!0-9]* | 0) give_up "bad slots=$slots in user data" ;; esac
@@ -153,7 +155,7 @@ container_password() {
 }
 
 # The user data a container of slot $1 sees: its own line 1 (name, password of its
-# container number $2, master), lines 2-4, and isolation. Nothing of other slots.
+# container number $2, master), lines 2-4, isolation and TLS. Nothing of other slots.
 write_slot_user_data() {
     credentials=$(slot_credentials "$1")
     worker=${credentials%% *}
@@ -165,6 +167,7 @@ write_slot_user_data() {
         printf '%s\n' "$image" "$(sed -n 3p "$STATE_DIR/user-data")" \
             "$(sed -n 4p "$STATE_DIR/user-data")"
         [ -z "$isolation" ] || printf 'isolation=%s\n' "$isolation"
+        [ -z "$tls_sha256" ] || printf 'tls.sha256=%s\n' "$tls_sha256"
     } > "$STATE_DIR/slot.$1/user-data.new"
     # Mounted read-only into this slot's container only; its worker must read it.
     chmod 644 "$STATE_DIR/slot.$1/user-data.new"
@@ -181,10 +184,13 @@ run_slot() {
     (umask 077 && mkdir -p "$dir")
     number=$(cat "$dir/number" 2>/dev/null || echo 0)
     while :; do
+        # The last container (also one a restarted bootstrap finds) is spent or not.
         if $DOCKER container inspect "$name" >/dev/null 2>&1; then
             if $DOCKER logs "$name" 2>&1 | grep -q 'Connected to buildmaster'; then
                 number=$((number + 1))
                 echo "$number" > "$dir/number"
+            elif [ "$isolation" = container ]; then
+                sleep 2  # one that fails before connecting must not spin
             fi
             $DOCKER rm -f "$name" >/dev/null 2>&1 || true
         fi

@@ -59,7 +59,7 @@ def _image_build(args: argparse.Namespace) -> int:
         build_args["BASE"] = args.base
     if args.wheels:
         version = build_args.get("BUILDBOT_WORKER_VERSION", "4.3.*")
-        images.fetch_wheels(context, f"buildbot-worker=={version}")
+        images.fetch_wheels(context, f"buildbot-worker=={version}", *images.WORKER_EXTRAS)
         build_args.setdefault("PIP_OPTIONS", "--no-index")
     images.build(context, tag, build_args)
     print(tag)

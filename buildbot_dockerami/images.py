@@ -49,18 +49,24 @@ def engine() -> docker.DockerClient:
     return client
 
 
-def fetch_wheels(context: Path, requirement: str, python_version: str = "3.11",
+#: What the reference image installs next to the worker (its Dockerfile's WORKER_EXTRAS):
+#: Twisted's TLS extra (pyOpenSSL, service_identity), for ``master_tls_fingerprint``.
+WORKER_EXTRAS = ("twisted[tls]",)
+
+
+def fetch_wheels(context: Path, *requirements: str, python_version: str = "3.11",
                  out: Printer = print) -> None:
     """Download the worker's wheels into ``context/wheels`` with this host's pip, so the
     image builds with ``PIP_OPTIONS=--no-index`` where the engine cannot reach PyPI."""
     target = context / "wheels"
     target.mkdir(exist_ok=True)
     arch = platform.machine()
-    out(f"fetching wheels for {requirement} (CPython {python_version}, {arch}) into {target}")
+    out(f"fetching wheels for {' '.join(requirements)} (CPython {python_version}, {arch}) "
+        f"into {target}")
     subprocess.run(
         [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(target),
          "--only-binary=:all:", "--platform", f"manylinux2014_{arch}",
-         "--python-version", python_version, "--implementation", "cp", requirement],
+         "--python-version", python_version, "--implementation", "cp", *requirements],
         check=True,
     )
 

@@ -35,6 +35,7 @@ from buildbot_dockerami import (
     pools,
     reconcile,
     settings,
+    tls,
     userdata,
     warmpool,
 )
@@ -181,6 +182,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         idle_action: Any = "terminate",
         max_stopped: Any = warmpool.DEFAULT_MAX_STOPPED,
         max_stopped_age: Any = warmpool.DEFAULT_MAX_STOPPED_AGE,
+        master_tls_fingerprint: str | None = None,
         **kwargs: Any,
     ) -> None:
         problems = config_problems(
@@ -228,6 +230,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
                 or max_stopped_age <= 0):
             problems.append(f"max_stopped_age: {max_stopped_age!r} must be seconds > 0")
         problems += key_problems(identifier, secret_identifier, session)
+        problems += tls.fingerprint_problems(master_tls_fingerprint)
         bad, kwargs = buildbot_settings(kwargs, accepted_keywords(type(self)))
         for problem in problems + bad:
             config.error(f"DockerAMILatentWorker {name!r}: {problem}")
@@ -277,6 +280,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         idle_action: str = "terminate",
         max_stopped: int = warmpool.DEFAULT_MAX_STOPPED,
         max_stopped_age: float = warmpool.DEFAULT_MAX_STOPPED_AGE,
+        master_tls_fingerprint: str | None = None,
         **kwargs: Any,
     ) -> Any:
         self.image = image
@@ -307,6 +311,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         self.credentials = (
             None if identifier is None else Credentials(identifier, secret_identifier)
         )
+        self.master_tls_fingerprint = master_tls_fingerprint
         self.fleet = Fleet.for_master(self.master)
         self.fleet.workers.add(self)
         self.fleet.reconciler.start(
@@ -442,6 +447,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             for slot, member in enumerate(members):
                 if member.one_time is not None:
                     extensions[SECRET_KEY.format(slot=slot)] = member.one_time.secret
+        if self.master_tls_fingerprint is not None:
+            extensions[tls.EXTENSION] = tls.normalize_fingerprint(self.master_tls_fingerprint)
         try:
             text = userdata.render(
                 UserData(

@@ -7,7 +7,9 @@
 #   3. the instance user data from the metadata service (IMDSv2 token, then v1), as the
 #      seed's images did; DOCKERAMI_IMDS overrides http://169.254.169.254.
 # With user-data line "isolation=container" (or DOCKERAMI_ONE_CONNECTION=1) the worker
-# exits when its connection ends, so every build gets a fresh container.
+# exits when its connection ends, so every build gets a fresh container. With
+# "tls.sha256=<fingerprint>" (or MASTER_TLS_SHA256) it connects over TLS to a master
+# whose certificate has exactly that SHA-256 fingerprint, and to no other.
 # User-data lines: 1 "name password host:port", 2 image, 3 setup repo, 4 setup branch.
 # When a setup repo is given it is cloned and its setup script run (seed behaviour).
 set -eu
@@ -50,6 +52,8 @@ if [ -n "${DOCKERAMI_USER_DATA_FILE:-}" ] || [ -z "${WORKERNAME:-}" ]; then
     if printf '%s\n' "$USER_DATA" | sed -n '5,$p' | grep -qx 'isolation=container'; then
         DOCKERAMI_ONE_CONNECTION=1
     fi
+    MASTER_TLS_SHA256=$(printf '%s\n' "$USER_DATA" | sed -n '5,$p' \
+        | sed -n 's/^tls\.sha256=//p' | head -n 1)
 fi
 : "${WORKERPASS:?WORKERPASS is required}" "${BUILDMASTER:?BUILDMASTER is required}"
 BUILDMASTER_PORT=${BUILDMASTER_PORT:-9989}
@@ -80,12 +84,46 @@ fi
 BASEDIR=${WORKER_BASEDIR:-$HOME/worker}
 mkdir -p "$BASEDIR"
 case $BUILDMASTER_PORT in "" | *[!0-9]*) log "bad master port '$BUILDMASTER_PORT'"; exit 1 ;; esac
+
+# TLS, pinned: fetch the master's certificate, refuse it unless its SHA-256 fingerprint
+# is the pinned one, then make it the only trusted certificate of the worker's own TLS
+# connection (so the check is not merely done once, before it).
+pin_master_certificate() {
+    want=$(printf '%s' "$MASTER_TLS_SHA256" | tr -d : | tr 'A-F' 'a-f')
+    ca="$BASEDIR/master-ca"
+    rm -rf "$ca"
+    mkdir -p "$ca"
+    attempt=1
+    until openssl s_client -connect "$BUILDMASTER:$BUILDMASTER_PORT" </dev/null 2>/dev/null \
+            | openssl x509 -outform PEM > "$ca/master.pem" 2>/dev/null; do
+        if [ "$attempt" -ge 60 ]; then
+            log "FATAL: no TLS certificate from the master at $BUILDMASTER:$BUILDMASTER_PORT"
+            exit 1
+        fi
+        log "no TLS answer from $BUILDMASTER:$BUILDMASTER_PORT (attempt $attempt); retrying"
+        sleep 5
+        attempt=$((attempt + 1))
+    done
+    got=$(openssl x509 -in "$ca/master.pem" -noout -fingerprint -sha256 | sed 's/.*=//' \
+        | tr -d : | tr 'A-F' 'a-f')
+    if [ "$got" != "$want" ]; then
+        log "FATAL: the master at $BUILDMASTER:$BUILDMASTER_PORT presented a TLS certificate" \
+            "with SHA-256 fingerprint $got, not the pinned $want; not connecting"
+        exit 1
+    fi
+    log "master certificate pinned (SHA-256 $got)"
+}
+TLS=0
+if [ -n "${MASTER_TLS_SHA256:-}" ]; then
+    pin_master_certificate
+    TLS=1
+fi
 # The password goes to a file read by buildbot.tac, never onto a command line; the
 # other values too, so that no value is ever read as Python.
 umask 077
 printf '%s' "$WORKERPASS" > "$BASEDIR/.password"
 printf '%s\n' "$WORKERNAME" "$BUILDMASTER" "$BUILDMASTER_PORT" \
-    "${DOCKERAMI_ONE_CONNECTION:-0}" > "$BASEDIR/.worker"
+    "${DOCKERAMI_ONE_CONNECTION:-0}" "$TLS" > "$BASEDIR/.worker"
 umask 022
 cat > "$BASEDIR/buildbot.tac" <<'TAC'
 import os
@@ -97,10 +135,16 @@ application = service.Application('buildbot-worker')
 with open(os.path.join(basedir, ".password")) as f:
     passwd = f.read()
 with open(os.path.join(basedir, ".worker")) as f:
-    name, host, port, one_connection = f.read().split("\n")[:4]
-worker = Worker(host, int(port), name, passwd, basedir,
-                keepalive=60, umask=0o022, maxdelay=10, allow_shutdown="signal",
-                maxRetries=None)
+    name, host, port, one_connection, tls = f.read().split("\n")[:5]
+options = dict(keepalive=60, umask=0o022, maxdelay=10, allow_shutdown="signal",
+               maxRetries=None)
+if tls == "1":
+    # Verified against the pinned certificate only (start-worker checked its fingerprint).
+    ca = os.path.join(basedir, "master-ca")
+    connection = f"ssl:host={host.replace(':', chr(92) + ':')}:port={port}:caCertsDir={ca}"
+    worker = Worker(None, None, name, passwd, basedir, connection_string=connection, **options)
+else:
+    worker = Worker(host, int(port), name, passwd, basedir, **options)
 worker.setServiceParent(application)
 
 if one_connection == "1":
