@@ -182,13 +182,15 @@ run_slot() {
     name=$(slot_container "$1")
     dir="$STATE_DIR/slot.$1"
     (umask 077 && mkdir -p "$dir")
-    number=$(cat "$dir/number" 2>/dev/null || echo 0)
+    # Counted per secret: user data with new secrets (a restarted instance) starts at 0.
+    counter="$dir/number.$(extension "secret.$1" | sha256sum | cut -c1-16)"
+    number=$(cat "$counter" 2>/dev/null || echo 0)
     while :; do
         # The last container (also one a restarted bootstrap finds) is spent or not.
         if $DOCKER container inspect "$name" >/dev/null 2>&1; then
             if $DOCKER logs "$name" 2>&1 | grep -q 'Connected to buildmaster'; then
                 number=$((number + 1))
-                echo "$number" > "$dir/number"
+                echo "$number" > "$counter"
             elif [ "$isolation" = container ]; then
                 sleep 2  # one that fails before connecting must not spin
             fi
