@@ -213,8 +213,10 @@ class ContainerRuntime:
     def __init__(self, state_dir: Path, *, docker: str = "docker",
                  bootstrap: Path = AMI_DIR / "dockerami-bootstrap.sh",
                  pull_attempts: int = 12, pull_max_delay: int = 30,
-                 restart_delay: float = 2.0, run_options: str = "") -> None:
+                 restart_delay: float = 2.0, run_options: str = "",
+                 iptables: str = "iptables") -> None:
         self.state_dir = state_dir
+        self.iptables = iptables
         self.docker = docker
         self.bootstrap = bootstrap
         self.pull_attempts = pull_attempts
@@ -249,6 +251,7 @@ class ContainerRuntime:
             "DOCKERAMI_POWEROFF": f"touch {shlex.quote(str(directory / 'poweroff'))}",
             # The bootstrap closes this instance's metadata port to its containers.
             "DOCKERAMI_FIREWALL_TAG": firewall_tag(booting.instance_id),
+            "DOCKERAMI_IPTABLES": self.iptables,
         }
         machine = _Machine(
             booting.instance_id, directory, self.boot_command(metadata, container), env,

@@ -27,9 +27,14 @@ import requests
 
 from buildbot_dockerami import userdata
 from buildbot_dockerami.credentials import container_password
-from buildbot_dockerami.localcloud.containers import ROLE_CREDENTIALS_PATH, ROLE_NAME
+from buildbot_dockerami.localcloud.containers import (
+    ROLE_CREDENTIALS_PATH,
+    ROLE_NAME,
+    ContainerRuntime,
+)
 from tests.containers.conftest import only_instance
 from tests.containers.test_isolation import LEFTOVERS, facts
+from tests.docker_support import container_names
 from tests.harness import SUCCESS, master_cfg, wait_for
 
 pytestmark = pytest.mark.integration
@@ -217,3 +222,22 @@ def test_a_hostile_build_gets_no_credential_no_metadata_and_leaves_nothing(
         assert [seen[k] for k in ("workspace", "home", "tmp", "process")] == ["no"] * 4
     assert "invalid login from user 'pool-1-2'" in master.log()
     assert master.stop(timeout=30), "the master did not stop within 30s"
+
+
+@pytest.mark.parametrize("runtime", [lambda d: ContainerRuntime(d, iptables="false")])
+def test_without_its_firewall_rule_the_bootstrap_runs_no_container(
+        make_master, cloud, engine, worker_image):
+    """Fail closed: a bootstrap that cannot close the metadata service powers off."""
+    master = make_master(master_cfg(image=worker_image, worker_extra="isolation='container',",
+                                    missing_timeout=600))
+    master.force()
+    wait_for(lambda: "latent worker crashed before connecting" in master.log(), 90,
+             "the substantiation to fail")
+    failure = next(line for line in master.log().splitlines()
+                   if "latent worker crashed before connecting" in line)
+    assert "FATAL: cannot close the metadata service" in failure
+    instance_id = only_instance(cloud)["InstanceId"]
+    assert "starting" not in cloud.runtime.console(instance_id)  # no container, no pull
+    assert not container_names(engine)
+    wait_for(lambda: only_instance(cloud)["State"]["Name"] == "terminated", 30,
+             "the instance to be terminated")
