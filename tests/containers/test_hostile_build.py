@@ -238,6 +238,6 @@ def test_without_its_firewall_rule_the_bootstrap_runs_no_container(
     assert "FATAL: cannot close the metadata service" in failure
     instance_id = only_instance(cloud)["InstanceId"]
     assert "starting" not in cloud.runtime.console(instance_id)  # no container, no pull
-    assert not container_names(engine)
+    assert not container_names(engine, ContainerRuntime.container_name(instance_id))
     wait_for(lambda: only_instance(cloud)["State"]["Name"] == "terminated", 30,
              "the instance to be terminated")
