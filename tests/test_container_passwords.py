@@ -7,7 +7,11 @@ import subprocess
 
 import pytest
 
-from buildbot_dockerami.container_passwords import OneTimeCredentials, container_password, new_secret
+from buildbot_dockerami.container_passwords import (
+    OneTimeCredentials,
+    container_password,
+    new_secret,
+)
 from tests.harness import REPO
 
 
