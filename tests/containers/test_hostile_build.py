@@ -26,7 +26,7 @@ import pytest
 import requests
 
 from buildbot_dockerami import userdata
-from buildbot_dockerami.credentials import container_password
+from buildbot_dockerami.container_passwords import container_password
 from buildbot_dockerami.localcloud.containers import (
     ROLE_CREDENTIALS_PATH,
     ROLE_NAME,
