@@ -31,6 +31,7 @@ BLOCK_METADATA=${DOCKERAMI_BLOCK_METADATA:-yes}
 CONTAINER_GID=${DOCKERAMI_CONTAINER_GID:-64999}
 IPTABLES=${DOCKERAMI_IPTABLES:-iptables}
 FIREWALL_TAG=${DOCKERAMI_FIREWALL_TAG:-dockerami-bootstrap}   # comment on our rules
+SPOT_POLL=${DOCKERAMI_SPOT_POLL:-5}               # seconds between interruption checks
 set -eu
 
 log() { echo "dockerami-bootstrap: $*"; }
@@ -209,6 +210,25 @@ run_slot() {
     done
 }
 
+# A spot instance gets a two-minute notice (meta-data/spot/instance-action) before EC2
+# reclaims it. Ask every worker to shut down (SIGHUP: buildbot-worker's graceful
+# shutdown request), which the master takes as the interruption: it retries the builds
+# elsewhere at once instead of losing them with the instance.
+watch_spot() {
+    while :; do
+        if notice=$(imds_get meta-data/spot/instance-action 2>/dev/null) && [ -n "$notice" ]; then
+            log "spot interruption notice: $notice; asking the workers to shut down"
+            slot=0
+            while [ "$slot" -lt "$slots" ]; do
+                $DOCKER kill --signal HUP "$(slot_container "$slot")" >/dev/null 2>&1 || true
+                slot=$((slot + 1))
+            done
+            return 0
+        fi
+        sleep "$SPOT_POLL"
+    done
+}
+
 stop_slots() {
     log "stopping"
     for job in $(jobs -p); do kill "$job" 2>/dev/null || true; done
@@ -234,4 +254,5 @@ while [ "$slot" -lt "$slots" ]; do
     run_slot "$slot" &
     slot=$((slot + 1))
 done
+watch_spot &
 wait

@@ -18,23 +18,26 @@ log() { echo "start-worker: $*" >&2; }
 
 user_data_line() { printf '%s\n' "$USER_DATA" | sed -n "${1}p"; }
 
-fetch_user_data() {
+imds_get() {
     imds=${DOCKERAMI_IMDS:-http://169.254.169.254}
     token=$(curl -sf --max-time 5 -X PUT -H "X-aws-ec2-metadata-token-ttl-seconds: 300" \
         "$imds/latest/api/token") || token=""
     if [ -n "$token" ]; then
-        curl -sf --max-time 10 -H "X-aws-ec2-metadata-token: $token" "$imds/latest/user-data"
+        curl -sf --max-time 10 -H "X-aws-ec2-metadata-token: $token" "$imds/latest/$1"
     else
         log "no IMDSv2 token; trying IMDSv1"
-        curl -sf --max-time 10 "$imds/latest/user-data"
+        curl -sf --max-time 10 "$imds/latest/$1"
     fi
 }
+
+fetch_user_data() { imds_get user-data; }
 
 if [ -n "${DOCKERAMI_USER_DATA_FILE:-}" ] || [ -z "${WORKERNAME:-}" ]; then
     if [ -n "${DOCKERAMI_USER_DATA_FILE:-}" ]; then
         USER_DATA=$(cat "$DOCKERAMI_USER_DATA_FILE")
     else
         USER_DATA=$(fetch_user_data) || { log "cannot read user data from the metadata service"; exit 1; }
+        FROM_IMDS=1
     fi
     # Line 1 is three words by protocol: split on spaces, never glob (a password may
     # be `.*`).
@@ -83,6 +86,18 @@ fi
 
 BASEDIR=${WORKER_BASEDIR:-$HOME/worker}
 mkdir -p "$BASEDIR"
+# Tell the master which instance this worker runs on (worker info "instance_id"): it
+# accepts a connection only from the instance it launched for this worker. The
+# bootstrap passes the id; under the seed's crontab the metadata service tells.
+INSTANCE_ID=${DOCKERAMI_INSTANCE_ID:-}
+if [ -z "$INSTANCE_ID" ] && [ "${FROM_IMDS:-0}" = 1 ]; then
+    INSTANCE_ID=$(imds_get meta-data/instance-id 2>/dev/null) || INSTANCE_ID=""
+fi
+mkdir -p "$BASEDIR/info"
+case $INSTANCE_ID in
+    i-*) printf '%s' "$INSTANCE_ID" > "$BASEDIR/info/instance_id" ;;
+    *) rm -f "$BASEDIR/info/instance_id" ;;
+esac
 case $BUILDMASTER_PORT in "" | *[!0-9]*) log "bad master port '$BUILDMASTER_PORT'"; exit 1 ;; esac
 
 # TLS, pinned: fetch the master's certificate, refuse it unless its SHA-256 fingerprint
