@@ -86,16 +86,11 @@ class Postgres:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
     def sql(self, statement: str, database: str = "postgres") -> None:
-        import psycopg2
+        import psycopg  # SQLAlchemy's (and so buildbot's) driver for postgresql:// URLs
 
-        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres",
-                                dbname=database)
-        conn.autocommit = True
-        try:
-            with conn.cursor() as cursor:
-                cursor.execute(statement)
-        finally:
-            conn.close()
+        with psycopg.connect(host="127.0.0.1", port=self.port, user="postgres",
+                             dbname=database, autocommit=True) as conn:
+            conn.execute(statement)
 
     def make_template(self, buildbot: Path) -> None:
         """A database with buildbot's schema, copied for each test (create-master takes
