@@ -136,9 +136,8 @@ def crossbar_config(port: int, realm: str = "realm1") -> dict:
                 }],
             }],
             "transports": [{
-                "type": "web",
+                "type": "websocket",
                 "endpoint": {"type": "tcp", "port": port, "interface": "127.0.0.1"},
-                "paths": {"/": {"type": "nodeinfo"}, "ws": {"type": "websocket"}},
             }],
         }],
     }
