@@ -277,13 +277,32 @@ class Coordinator:
             if not mine:
                 continue
             terminated = yield self._terminate_instances_of(corpse)
+            brids = yield self._release_requests(corpse.masterid)
             yield self.master.db.pool.do(shared.reclaimed, corpse.masterid, self.masterid)
             self.reclaimed[corpse.name] = terminated
             log.msg(f"dockerami: master {corpse.name} (id {corpse.masterid}) is inactive "
                     f"since its heartbeat at {corpse.last_active}; reclaimed its instances: "
-                    f"{', '.join(terminated) or 'none'}")
-            # buildbot gave its build requests back; they may start here now.
+                    f"{', '.join(terminated) or 'none'}; gave back its build requests: "
+                    f"{', '.join(map(str, brids)) or 'none'}")
+            # Its build requests may start here now.
             self.fleet.after_release()
+
+    @defer.inlineCallbacks
+    def _release_requests(self, dead: int) -> Any:
+        """buildbot 4.3's housekeeping of a dead master retries its builds but unclaims its
+        build requests as the master doing the housekeeping (deleting that master's own
+        claims), so the dead master's requests would stay claimed for ever. Give them
+        back, and tell every master (the 'unclaimed' event buildbot would send)."""
+        db = self.master.db
+        requests = yield db.buildrequests.getBuildRequests(complete=False, claimed=dead)
+        brids = sorted(r.buildrequestid for r in requests)
+        if brids:
+            yield db.pool.do(shared.unclaim_requests, db.model.buildrequest_claims, brids, dead)
+            try:
+                yield self.master.data.rtypes.buildrequest.generateEvent(brids, "unclaimed")
+            except Exception as e:  # the requests are free; only the news is late
+                log.msg(f"dockerami: could not announce unclaimed requests {brids}: {e}")
+        return brids
 
     @defer.inlineCallbacks
     def _terminate_instances_of(self, corpse: MasterRow) -> Any:

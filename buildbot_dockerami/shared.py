@@ -231,3 +231,10 @@ def forget(conn: Any, masterids: list[int]) -> None:
     """Drop the rows of masters that stopped cleanly (they ended their own instances)."""
     conn.execute(instances.delete().where(instances.c.masterid.in_(masterids)))
     conn.commit()
+
+
+def unclaim_requests(conn: Any, claims: sa.Table, brids: list[int], dead: int) -> None:
+    """Give back build requests a dead master had claimed (buildbot's ``buildrequest_claims``
+    table, passed in from its model)."""
+    conn.execute(claims.delete().where(claims.c.brid.in_(brids), claims.c.masterid == dead))
+    conn.commit()
