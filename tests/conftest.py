@@ -82,7 +82,7 @@ def make_fleet(make_master, postgres, crossbar):
                 "FLEET_DB_URL": db_url, "FLEET_ROUTER_URL": crossbar.router_url,
                 "FLEET_REALM": crossbar.realm, "FLEET_LISTEN": "127.0.0.1",
                 "FLEET_IMAGE": "localhost/dockerami/worker:test",
-                "FLEET_INSTANCE_TYPE": "t3.micro", **env,
+                "FLEET_INSTANCE_TYPE": "t3.micro", "FLEET_ANONYMOUS_CONTROL": "1", **env,
             })
             masters.append(master)
         for master in masters if start else []:
