@@ -107,3 +107,16 @@ def test_dead_leader_and_counts_decisions():
             Row(3, "b", "p", 1, "", "", "claimed", (), 0),
             Row(3, "c", "q", None, "i-3", "", "building", ("c",), 0)]
     assert multimaster.count(rows, "p") == multimaster.PoolCounts(in_use=2, idle=1, starting=1)
+
+
+def test_every_series_carries_the_master_label_when_asked():
+    from buildbot_dockerami.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.inc("dockerami_instance_launches_total", {"worker": "w0"})
+    metrics.observe("dockerami_provisioning_seconds", 3, {"isolation": "none"})
+    text = metrics.render({"dockerami_instances": [({"state": "idle"}, 1)]}, {"master": "m-1"})
+    series = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert series and all('master="m-1"' in line for line in series)
+    assert 'dockerami_instance_launches_total{master="m-1",worker="w0"} 1' in series
+    assert 'dockerami_instances{master="m-1",state="idle"} 1' in series
