@@ -19,7 +19,7 @@ from twisted.internet import defer, task, threads
 from twisted.python import failure, log
 from twisted.python.threadpool import ThreadPool
 
-from buildbot_dockerami import fallback, policy, reconcile, warmpool
+from buildbot_dockerami import fallback, multimaster, policy, reconcile, warmpool
 from buildbot_dockerami.cloud import DEFAULT_TIMEOUT, AsyncEc2, CloudError, Ec2
 from buildbot_dockerami.metrics import Metrics
 from buildbot_dockerami.policy import InstanceStatus
@@ -122,6 +122,8 @@ class Fleet:
             fleet = cls(master.reactor, master.name)
             master.reactor.addSystemEventTrigger("before", "shutdown", fleet.begin_stopping)
             cls._by_master[master] = fleet
+            fleet.shared = multimaster.Coordinator(fleet, master)
+            fleet.shared.start()
         return fleet
 
     def __init__(self, reactor: Any, master_name: str) -> None:
@@ -153,6 +155,8 @@ class Fleet:
         self.botmaster: Any = None
         #: Instance id -> the callers waiting for its termination in progress.
         self._terminations: dict[str, list[defer.Deferred]] = {}
+        #: This master's part in the fleet all masters share (multimaster.Coordinator).
+        self.shared: multimaster.Coordinator | None = None
 
     def group(self, name: str) -> InstanceGroup:
         """The shared instance of the slot workers named for ``name``."""
@@ -175,9 +179,13 @@ class Fleet:
     def begin_stopping(self) -> None:
         self._stopping = True
         self.reconciler.stop()
+        if self.shared is not None:
+            self.shared.stop()
 
     def _stop(self) -> None:
         self.reconciler.stop()
+        if self.shared is not None:
+            self.shared.stop()
         if self._undead:
             log.msg(
                 "dockerami: master stopping with instances whose termination failed: "

@@ -83,6 +83,8 @@ FAMILIES = {
         "counter", "Stopped warm instances started again for a build."),
     "dockerami_connections_refused_total": Family(
         "counter", "Worker connections refused: not from the instance launched for them."),
+    "dockerami_reclaimed_total": Family(
+        "counter", "Instances of a dead master (heartbeat expired) this master terminated."),
     "dockerami_instances": Family(
         "gauge", "Instances this master owns, by state.", "state", INSTANCE_STATES),
     "dockerami_terminations_failing": Family(
@@ -187,6 +189,23 @@ def families(metrics: Metrics, gauges: Mapping[str, Mapping[Labels, float]],
     return result
 
 
+def labelled(metrics: Iterable[Metric], common: Mapping[str, str]) -> list[Metric]:
+    """The families with ``common`` labels on every sample: with several masters,
+    ``master``, so that each series is one master's own doing and a sum over masters
+    is the fleet's."""
+    result = list(metrics)
+    for metric in result:
+        metric.samples = [s._replace(labels={**s.labels, **common}) for s in metric.samples]
+    return result
+
+
+def common_labels(fleet: Any) -> dict[str, str]:
+    """``{'master': <tag id>}`` under ``c['multiMaster']``; nothing for one master."""
+    shared = getattr(fleet, "shared", None)
+    config = getattr(getattr(shared, "master", None), "config", None)
+    return {"master": fleet.master_id} if getattr(config, "multiMaster", False) else {}
+
+
 #: Most advanced first: an instance shown once, in the state of its busiest slot.
 _STATE_RANK = {"booting": 0, "connected": 1, "building": 2}
 
@@ -229,4 +248,5 @@ class FleetCollector:
             "dockerami_terminations_failing": {(): len(fleet.undead)},
         }
         owners = {w.group.name if w.group is not None else w.name for w in list(fleet.workers)}
-        yield from families(fleet.metrics, gauges, sorted(owners))
+        yield from labelled(families(fleet.metrics, gauges, sorted(owners)),
+                            common_labels(fleet))

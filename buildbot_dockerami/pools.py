@@ -55,19 +55,53 @@ def instances_in_use(workers: Iterable[Any]) -> dict[str, list[Any]]:
 
 
 def may_launch(worker: Any) -> bool:
-    """False when starting this worker would need a new instance beyond its pool's cap."""
+    """False when starting this worker would need a new instance beyond its pool's cap,
+    counting every master's instances (as last read from the shared database)."""
     if worker.pool is None:
         return True
     limits = worker.fleet.pool_limits.get(worker.pool, PoolLimits())
     in_use = instances_in_use(members(worker.fleet, worker.pool))
-    return instance_key(worker) in in_use or policy.may_launch(len(in_use), limits.cap)
+    key = instance_key(worker)
+    shared = getattr(worker.fleet, "shared", None)
+    if key in in_use or (shared is not None and key in shared.pending):
+        return True
+    count = len(in_use) if shared is None else max(len(in_use), shared.counts(worker.pool).in_use)
+    return policy.may_launch(count, limits.cap)
+
+
+def reserve(worker: Any) -> defer.Deferred:
+    """Whether the worker may have an instance, its pool's slot claimed in the shared
+    database if it needs a new one (multimaster.Coordinator.reserve)."""
+    shared = getattr(worker.fleet, "shared", None)
+    if shared is None:
+        return defer.succeed(may_launch(worker))
+    return shared.reserve(worker)
+
+
+def claim_for_launch(worker: Any) -> defer.Deferred:
+    """Right before RunInstances: the slot must be held (reserve took it)."""
+    shared = getattr(worker.fleet, "shared", None)
+    if shared is None or worker.pool is None:
+        return defer.succeed(True)
+    return shared.claim(worker)
+
+
+def _counts(fleet: Any, pool: str) -> tuple[int, int, int]:
+    """(instances, idle, starting) of the pool on every master."""
+    shared = getattr(fleet, "shared", None)
+    if shared is not None:
+        c = shared.counts(pool)
+        return c.in_use, c.idle, c.starting
+    in_use = instances_in_use(members(fleet, pool))
+    starting = sum(1 for ws in in_use.values() if not any(w.conn for w in ws))
+    return len(in_use), idle_count(in_use), starting
 
 
 def pool_status(fleet: Any, pool: str) -> dict[str, Any]:
+    """The pool's limits and its instances on every master."""
     limits = fleet.pool_limits.get(pool, PoolLimits())
-    in_use = instances_in_use(members(fleet, pool))
-    idle = idle_count(in_use)
-    return {**asdict(limits), "instances": len(in_use), "idle": idle}
+    instances, idle, _ = _counts(fleet, pool)
+    return {**asdict(limits), "instances": instances, "idle": idle}
 
 
 def _idle(workers: list[Any]) -> bool:
@@ -88,31 +122,42 @@ class PoolKeeper:
         self._loop.clock = fleet.reactor
 
     def start(self) -> None:
+        if getattr(self.fleet, "shared", None) is not None:
+            return  # ticked by the shared pass, on the one master that leads
         if not self._loop.running:
             self._loop.start(KEEPER_INTERVAL, now=False).addErrback(log.err, "dockerami pools")
 
-    def tick(self) -> None:
+    @defer.inlineCallbacks
+    def tick(self) -> Any:
+        """Counts are the whole fleet's; only the leading master calls this (see
+        multimaster), so a minimum is kept once, not once per master."""
+        shared = getattr(self.fleet, "shared", None)
         for pool, limits in list(self.fleet.pool_limits.items()):
             if limits.min_warm <= 0:
                 continue
             workers = members(self.fleet, pool)
             in_use = instances_in_use(workers)
-            idle = idle_count(in_use)
-            starting = sum(1 for ws in in_use.values() if not any(w.conn for w in ws))
-            wanted = policy.warm_shortfall(idle, starting, len(in_use), limits.min_warm,
+            instances, idle, starting = _counts(self.fleet, pool)
+            wanted = policy.warm_shortfall(idle, starting, instances, limits.min_warm,
                                            limits.cap)
-            spare = [w for w in workers if instance_key(w) not in in_use]
-            for worker in spare[:wanted]:
+            spare = [w for w in workers if instance_key(w) not in in_use
+                     and (shared is None or instance_key(w) not in shared.pending)]
+            for worker in spare:
+                if wanted <= 0:
+                    break
+                if not (yield reserve(worker)):
+                    break
                 log.msg(f"dockerami: pool {pool}: pre-warming {worker.name} "
-                        f"({idle} idle, minimum {limits.min_warm})")
-                worker.prewarm()
+                        f"({idle} idle fleet-wide, minimum {limits.min_warm})")
+                if worker.prewarm():
+                    wanted -= 1
 
     def keeps_warm(self, worker: Any) -> bool:
         """Whether ending this idle worker's instance would drop its pool below minimum."""
         if worker.pool is None:
             return False
         limits = self.fleet.pool_limits.get(worker.pool, PoolLimits())
-        idle = idle_count(instances_in_use(members(self.fleet, worker.pool)))
+        _, idle, _ = _counts(self.fleet, worker.pool)
         return idle <= limits.min_warm
 
 

@@ -472,6 +472,10 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             "block_device_mappings": self.block_device_mappings,
             "metadata_options": self.metadata_options,
         })
+        if not (yield pools.claim_for_launch(self)):
+            message = f"pool {self.pool} is at its cap on all masters"
+            self._count_failure("pool_cap", message)
+            raise LatentWorkerFailedToSubstantiate(self.name, message)
         if group is None:
             restarted = yield self._start_stopped(key, text)
             if restarted is not None:
@@ -799,12 +803,16 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         # A build that would need a new instance waits while its pool is at its cap.
         return super().canStartBuild() and pools.may_launch(self)
 
+    @defer.inlineCallbacks
     def isCompatibleWithBuild(self, build_props: Any) -> Any:
         # Asked again for every build buildbot is about to start (canStartBuild is only
         # asked once per batch), after the builds before it have taken their workers.
         if not pools.may_launch(self):
-            return defer.succeed(False)
-        return super().isCompatibleWithBuild(build_props)
+            return False
+        if not (yield super().isCompatibleWithBuild(build_props)):
+            return False
+        # Last: a pool slot claimed in the shared database, across masters.
+        return (yield pools.reserve(self))
 
     def prewarm(self) -> bool:
         """Boot an instance now, before any build asks (the Fleet page's Start, or the

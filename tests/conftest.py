@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,8 +39,66 @@ def make_master(masters_root: Path, cloud: LocalCloud, request: pytest.FixtureRe
     assert not unhandled, f"masters that logged 'Unhandled Error': {unhandled}"
 
 
+@pytest.fixture(scope="session")
+def postgres(masters_root: Path) -> Iterator[Any]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 with buildbot's schema in a template."""
+    from tests.harness import BIN
+    from tests.services import Postgres
+
+    server = Postgres()
+    try:
+        server.start()
+        server.make_template(BIN / "buildbot")
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def crossbar() -> Iterator[Any]:
+    """A Crossbar.io WAMP router on 127.0.0.1 (from .venv-crossbar, see dev/multimaster)."""
+    from tests.services import Crossbar
+
+    router = Crossbar()
+    try:
+        yield router.start()
+    finally:
+        router.stop()
+
+
+@pytest.fixture
+def make_fleet(make_master, postgres, crossbar):
+    """``make_fleet(n, **env)``: n masters running multimaster.cfg.example against one
+    fresh PostgreSQL database, the router and the local cloud, as an operator would."""
+    from tests.harness import REPO
+
+    def make(count: int, start: bool = True, **env: str) -> list[Master]:
+        db_url = postgres.new_database()
+        config = (REPO / "multimaster.cfg.example").read_text()
+        masters = []
+        for _ in range(count):
+            master = make_master(config, start=False)
+            master.env.update({
+                "FLEET_DB_URL": db_url, "FLEET_ROUTER_URL": crossbar.router_url,
+                "FLEET_REALM": crossbar.realm, "FLEET_LISTEN": "127.0.0.1",
+                "FLEET_IMAGE": "localhost/dockerami/worker:test",
+                "FLEET_INSTANCE_TYPE": "t3.micro", "FLEET_ANONYMOUS_CONTROL": "1", **env,
+            })
+            masters.append(master)
+        for master in masters if start else []:
+            master.start(timeout=180)
+        return masters
+
+    return make
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     from tests.docker_support import SKIPPED_FOR_DOCKER
+    from tests.services import SKIPPED_FOR_SERVICES
+
+    if SKIPPED_FOR_SERVICES:
+        terminalreporter.write_sep(
+            "!", "MULTI-MASTER TESTS SKIPPED: " + SKIPPED_FOR_SERVICES[0], red=True, bold=True)
 
     if SKIPPED_FOR_DOCKER:
         terminalreporter.write_sep(

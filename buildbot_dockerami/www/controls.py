@@ -15,6 +15,7 @@ from typing import Any
 
 from buildbot.www.authz.authz import Forbidden
 from twisted.internet import defer
+from twisted.python import log
 from twisted.web import server
 from twisted.web.error import Error as WwwError
 
@@ -76,6 +77,18 @@ def _logged_in(master: Any, request: Any, plugin_config: Any) -> Any:
                             f"the plugin setting {ANONYMOUS_CONTROL!r})")
 
 
+def _refuse_foreign(fleet: Fleet, instance_id: Any) -> None:
+    """Another master's instance is that master's to act on: it tracks its workers and
+    builds, and two masters must never act on one instance."""
+    if not instance_id or fleet.shared is None:
+        return
+    row = next((r for r in fleet.shared.view() if r["instance_id"] == instance_id), None)
+    if row is not None and not row["here"]:
+        dead = "" if row["master_active"] else " (inactive: a live master reclaims it)"
+        raise ApiError(409, f"{instance_id} belongs to master {row['master']}{dead}; only "
+                            "its own master acts on it: use that master's Fleet page")
+
+
 @defer.inlineCallbacks
 def _allowed(master: Any, request: Any, worker: Any | None) -> Any:
     endpoint = ("workers", str(worker.workerid)) if worker is not None else ("workers",)
@@ -92,12 +105,16 @@ def control(master: Any, request: Any, body: dict[str, Any]) -> Any:
     if action == "prewarm":
         worker = _worker(fleet, body)
         yield _allowed(master, request, worker)
+        if not (yield pools.reserve(worker)):
+            raise ApiError(409, f"{worker.name}: pool {worker.pool} is at its cap "
+                                "(counting every master's instances)")
         if not worker.prewarm():
             raise ApiError(409, f"{worker.name} is already running or paused")
         return {"ok": True, "message": f"{worker.name}: starting an instance"}
     if action == "terminate":
         worker = _worker(fleet, body)
         yield _allowed(master, request, worker)
+        _refuse_foreign(fleet, body.get("instance_id"))
         if worker.instance is None:
             raise ApiError(409, f"{worker.name} has no instance")
         yield worker.shutdown()
@@ -122,8 +139,8 @@ def control(master: Any, request: Any, body: dict[str, Any]) -> Any:
         yield pools.save_limits(master, pool, limits)
         fleet.pool_limits[pool] = limits
         fleet.after_release()  # a raised cap lets waiting builds start now
-        if fleet.keeper is not None:
-            fleet.keeper.tick()
+        if fleet.keeper is not None and (fleet.shared is None or fleet.shared.leads()):
+            fleet.keeper.tick().addErrback(log.err, "dockerami: keeping pools warm")
         return {"ok": True, "message": f"pool {pool}: cap {limits.cap}, "
                                        f"warm minimum {limits.min_warm}"}
     raise ApiError(400, f"unknown action {quote(action)}")

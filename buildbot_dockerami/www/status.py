@@ -8,7 +8,7 @@ from typing import Any
 from buildbot.worker.latent import States
 from twisted.internet import defer
 
-from buildbot_dockerami import pools
+from buildbot_dockerami import policy, pools
 from buildbot_dockerami.fleet import Fleet
 
 
@@ -126,4 +126,25 @@ def fleet_status(fleet: Fleet, now: float, prices: Mapping[str, float]) -> Any:
             "checked_at": fleet.reconciler.checked_at,
             "error": fleet.reconciler.last_error,
         },
+        **shared_status(fleet),
+    }
+
+
+def shared_status(fleet: Fleet) -> dict[str, Any]:
+    """The fleet of every master sharing this database: its masters, and one row per
+    instance with its owning master (the others' as last read, at most a few seconds
+    old). Only an instance's own master acts on it."""
+    shared = fleet.shared
+    if shared is None:
+        return {"master": None, "masters": [], "fleet": []}
+    return {
+        "master": {"id": shared.masterid, "name": shared.master.name, "tag": fleet.master_id,
+                   "leads": shared.leads()},
+        "masters": [
+            {"id": m.masterid, "name": m.name, "active": m.active,
+             "tag": policy.master_id(m.name), "reclaimed": shared.reclaimed.get(m.name)}
+            for m in sorted(shared.masters, key=lambda m: m.masterid)
+        ],
+        "fleet": shared.view(),
+        "shared_error": shared.last_error,
     }

@@ -195,6 +195,18 @@
                                    report: report});
               }))))
         : null,
+      (data.fleet || []).some(function (r) { return !r.here; })
+        ? h("div", null, h("h3", null, "Other masters' instances (only their own master acts on them)"),
+            h("table", {className: "table table-condensed dockerami-other-masters"},
+              h("thead", null, h("tr", null, ["Master", "Workers", "Instance", "State", "Type", "Pool"]
+                .map(function (c) { return h("th", {key: c}, c); }))),
+              h("tbody", null, data.fleet.filter(function (r) { return !r.here; }).map(function (r) {
+                return h("tr", {key: r.masterid + "/" + r.owner, "data-instance": r.instance_id},
+                  h("td", null, r.master + (r.master_active ? "" : " (inactive)")),
+                  h("td", null, r.workers.join(", ")), h("td", null, r.instance_id),
+                  h("td", null, r.state), h("td", null, r.instance_type), h("td", null, r.pool || ""));
+              }))))
+        : null,
       h("h3", null, "Orphaned instances"),
       data.orphans.length === 0
         ? h("p", {className: "dockerami-no-orphans"}, "None: every instance tagged for this master is owned by a worker.")
