@@ -163,3 +163,25 @@ def test_setup_repo_from_user_data_is_cloned_and_its_script_run(
     build = master.wait_request(master.force(), 180)
     assert build["results"] == SUCCESS, master.log()[-3000:]
     assert "setup ran in /home/builder/setup on branch ci" in master.step_log(build["buildid"])
+
+
+def test_spot_notice_seen_by_the_bootstrap_retries_the_build_and_worker_reports_its_instance(
+        make_master, cloud, engine, worker_image):
+    """The real image reports its instance id (the master checks it) and the real
+    bootstrap answers a spot interruption notice by asking the worker to shut down."""
+    master = make_master(master_cfg(
+        image=worker_image, command="echo started; sleep 30", build_wait_timeout=600,
+        worker_extra="market='spot',"))
+    brid = master.force()
+    build = wait_for(lambda: master.builds_for(brid), 120, "the build to start")[0]
+    wait_for(lambda: "started" in master.step_log(build["buildid"]), 180, "the step to run")
+    instance_id = only_instance(cloud)["InstanceId"]
+    cloud.hypervisor.interrupt(instance_id, notice=20)
+    wait_for(lambda: "spot interruption" in master.log(), 30, "the master to hear of it")
+    console = cloud.runtime.console(instance_id)
+    assert "spot interruption notice" in console
+    assert master.builds_for(brid)[0]["results"] in (None, RETRY)
+    final = master.wait_request(brid, 300)
+    assert final["results"] == SUCCESS, master.log()[-3000:]
+    assert master.builds_for(brid)[0]["results"] == RETRY
+    assert "refusing a connection" not in master.log()  # the reported ids matched
