@@ -7,6 +7,7 @@ survive a restart. Decisions are in policy.py; this module counts and acts.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -54,13 +55,91 @@ def instances_in_use(workers: Iterable[Any]) -> dict[str, list[Any]]:
     }
 
 
+class InUse:
+    """Per pool, the instances in use (running or on their way), kept current as the
+    workers change (``note``), so that a scheduling check is O(1) instead of a pass
+    over the pool: buildbot asks for every candidate of every build, and a burst of
+    N builds would cost O(N^2) passes. ``resync`` recounts from scratch (the keeper
+    does every tick), bounding what a missed change could cost.
+    """
+
+    def __init__(self) -> None:
+        #: worker -> (pool, instance key, counted as active) as last noted.
+        self._counted: dict[Any, tuple[str, str, bool]] = {}
+        self._active: Counter[tuple[str, str]] = Counter()
+        self._groups: dict[tuple[str, str], Any] = {}
+        self._in_use: dict[str, set[str]] = {}
+
+    def note(self, worker: Any) -> None:
+        """The worker's state, instance, builds, pool or group may have changed."""
+        self._uncount(worker)
+        if worker.pool is None:
+            return
+        slot = (worker.pool, instance_key(worker))
+        active = _active(worker)
+        self._counted[worker] = (*slot, active)
+        if worker.group is not None:
+            self._groups[slot] = worker.group
+        if active:
+            self._active[slot] += 1
+        self._refresh(slot)
+
+    def forget(self, worker: Any) -> None:
+        self._uncount(worker)
+
+    def group_changed(self, group: Any) -> None:
+        """A shared instance came or went."""
+        for slot in [s for s, g in self._groups.items() if g is group]:
+            self._refresh(slot)
+
+    def resync(self, workers: Iterable[Any]) -> None:
+        self._counted.clear()
+        self._active.clear()
+        self._groups.clear()
+        self._in_use.clear()
+        for worker in workers:
+            self.note(worker)
+
+    def count(self, pool: str) -> int:
+        return len(self._in_use.get(pool, ()))
+
+    def uses(self, pool: str, key: str) -> bool:
+        return key in self._in_use.get(pool, ())
+
+    def _uncount(self, worker: Any) -> None:
+        old = self._counted.pop(worker, None)
+        if old is not None:
+            pool, key, active = old
+            if active:
+                self._active[(pool, key)] -= 1
+            self._refresh((pool, key))
+
+    def _refresh(self, slot: tuple[str, str]) -> None:
+        group = self._groups.get(slot)
+        used = self._active[slot] > 0 or (group is not None and group.instance is not None)
+        keys = self._in_use.setdefault(slot[0], set())
+        if used:
+            keys.add(slot[1])
+        else:
+            keys.discard(slot[1])
+
+
 def may_launch(worker: Any) -> bool:
-    """False when starting this worker would need a new instance beyond its pool's cap."""
+    """False when starting this worker would need a new instance beyond its pool's cap.
+    O(1): answered from the fleet's InUse index."""
     if worker.pool is None:
         return True
     limits = worker.fleet.pool_limits.get(worker.pool, PoolLimits())
-    in_use = instances_in_use(members(worker.fleet, worker.pool))
-    return instance_key(worker) in in_use or policy.may_launch(len(in_use), limits.cap)
+    if limits.cap is None:
+        return True
+    in_use = worker.fleet.in_use
+    return (in_use.uses(worker.pool, instance_key(worker))
+            or policy.may_launch(in_use.count(worker.pool), limits.cap))
+
+
+def capped(pool: str | None, fleet: Any) -> bool:
+    """Whether a cap may be holding builds of this pool back (so a release matters)."""
+    return pool is not None and fleet.pool_limits.get(pool, PoolLimits()).cap is not None
 
 
 def pool_status(fleet: Any, pool: str) -> dict[str, Any]:
@@ -92,6 +171,7 @@ class PoolKeeper:
             self._loop.start(KEEPER_INTERVAL, now=False).addErrback(log.err, "dockerami pools")
 
     def tick(self) -> None:
+        self.fleet.in_use.resync(w for w in list(self.fleet.workers) if w.pool is not None)
         for pool, limits in list(self.fleet.pool_limits.items()):
             if limits.min_warm <= 0:
                 continue

@@ -18,6 +18,7 @@ from buildbot import config
 from buildbot.interfaces import LatentWorkerCannotSubstantiate, LatentWorkerFailedToSubstantiate
 from buildbot.process.properties import Properties
 from buildbot.process.results import RETRY
+from buildbot.process.workerforbuilder import States as WfbStates
 from buildbot.util import Notifier
 from buildbot.util.latent import CompatibleLatentWorkerMixin
 from buildbot.warnings import ConfigWarning
@@ -108,7 +109,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     ``buildbot reconfig`` and used from the next launch on.
     """
 
-    instance: LaunchedInstance | None = None
+    _instance: LaunchedInstance | None = None
+    _state = States.NOT_SUBSTANTIATED
     group: InstanceGroup | None = None
     isolation = "none"
     #: Whether this substantiation's worker connected (else: log the console).
@@ -123,6 +125,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     #: The user's build_wait_timeout (buildbot's is forced to 0 under isolation).
     idle_timeout: float = DEFAULT_BUILD_WAIT_TIMEOUT
     _prewarming = False
+    _early_failure: tuple[Any, Any] | None = None
     _prewarm_timer: Any = None
     #: This insubstantiation is the idle timeout's (the instance may be stopped).
     _idle_stop = False
@@ -143,6 +146,31 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             # buildbot takes name= before checkConfig could check it; pass it on as ours.
             args = (kwargs.pop("name"),)
         super().__init__(*args, **kwargs)
+
+    # The pool index (pools.InUse) is told of every change that can make an instance
+    # count against a cap: the state, the instance, builds starting and finishing.
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self._state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self._state = value
+        self._note_use()
+
+    @property
+    def instance(self) -> LaunchedInstance | None:
+        return self._instance
+
+    @instance.setter
+    def instance(self, value: LaunchedInstance | None) -> None:
+        self._instance = value
+        self._note_use()
+
+    def _note_use(self) -> None:
+        fleet = getattr(self, "fleet", None)
+        if fleet is not None:
+            fleet.in_use.note(self)
 
     def checkConfig(
         self,
@@ -312,6 +340,9 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         self.fleet.botmaster = self.botmaster
         self.fleet.stopped.max_count = max_stopped
         self.fleet.stopped.max_age = max_stopped_age
+        # Built now (once for all workers sharing it), not by the first launch of a burst.
+        self.ec2_client().addErrback(
+            lambda f: log.msg(f"{self}: no EC2 client yet: {f.getErrorMessage()}"))
         self.pool = pool
         if pool is not None:
             if pool not in self.fleet.pool_limits:
@@ -334,6 +365,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             self.group = self.fleet.group(instance_group or name)
             self.group.join(self)
             self.group.idle_timeout = idle_timeout
+        self._note_use()
         # None means a fresh password per instance (see start_instance); until then,
         # getRandomPass keeps the live one if an instance is booting or connected.
         self.random_password = password is None
@@ -821,14 +853,48 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     def buildStarted(self, wfb: Any) -> None:
         # buildbot calls this when it claims the worker, before substantiating it.
         super().buildStarted(wfb)
+        self._note_use()
         self._cancel_prewarm_timer()
         if self.conn is not None:
             self.timeline.setdefault("build_started", self.master.reactor.seconds())
         if self.group is not None:
             self.group.build_started()
+        self._launch_early(wfb)
+
+    def _launch_early(self, wfb: Any) -> None:
+        """Substantiate for the build buildbot just gave this worker, now.
+
+        buildbot's Build.startBuild writes about ten database rows before it asks
+        for the worker, one at a time on the database thread (SQLite has one), queued
+        behind every other build of a burst: 2-3 s per build at 50 builds. The launch
+        need not wait for them; the build's own substantiate joins this one.
+        """
+        builder = getattr(wfb, "builder", None)
+        if (self.state != States.NOT_SUBSTANTIATED or self._stopping or self.isPaused()
+                or self.group is not None or builder is None or not builder.building
+                or self.locks or (builder.config is not None and builder.config.locks)):
+            return
+        build = builder.building[-1]  # appended just before buildbot called us
+        if getattr(build, "workerforbuilder", None) is not None:
+            return
+        self.substantiate(wfb, build).addErrback(self._early_failed, build)
+
+    def _early_failed(self, failure: Any, build: Any) -> None:
+        self._early_failure = (build, failure)  # the build's own substantiate gets it
+
+    def substantiate(self, wfb: Any, build: Any) -> defer.Deferred:
+        failed, self._early_failure = self._early_failure, None
+        if failed is not None and failed[0] is build:
+            return defer.fail(failed[1])
+        d = super().substantiate(wfb, build)
+        if wfb is not None and self.substantiated and wfb.state == WfbStates.DETACHED:
+            # Connected before buildbot asked (an early launch): what attached() does.
+            wfb.state = WfbStates.BUILDING
+        return d
 
     def buildFinished(self, wfb: Any) -> None:
         super().buildFinished(wfb)
+        self._note_use()
         if self.group is not None:
             self.group.build_finished()
         # A graceful Stop waits for this (buildbot's latent workers never check it).
@@ -860,6 +926,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         self._stopping = True
         yield super().stopService()
         self.fleet.workers.discard(self)
+        self.fleet.in_use.forget(self)
         if self.group is not None:
             yield self.group.leave(self)
 
@@ -890,7 +957,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
                 return True
         state = yield self.fleet.terminate(instance.client, instance.instance_id)
         log.msg(f"{self}: instance {instance.instance_id} is {state}")
-        self.fleet.after_release()
+        self.fleet.released(self.pool)
         return True
 
     def _soft_disconnect(self, fast: bool = False, stopping_service: bool = False) -> Any:
