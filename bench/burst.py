@@ -32,13 +32,18 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+import requests
 
 from buildbot_dockerami.localcloud import LOCAL_ACCESS_KEY, Delays, LocalCloud
 from buildbot_dockerami.localcloud.hypervisor import ProcessRuntime
 from tests.harness import SUCCESS, Master, wait_for
 
+T = TypeVar("T")
 PASSWORD = "bench-password"
 IMAGE = "localhost/dockerami/worker:bench"
 
@@ -150,7 +155,27 @@ def master_calls(cloud: LocalCloud) -> Counter:
                         if key == LOCAL_ACCESS_KEY})
 
 
-def run_kind(kind: str, cloud: LocalCloud, root: Path, workers: int, idle: float) -> Result:
+def retrying(call: Callable[[], T], attempts: int = 5) -> T:
+    """A REST call to a master under load: a slow or garbled answer is asked again."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except requests.RequestException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(2)
+    raise AssertionError("unreachable")
+
+
+def wait_build(master: Master, brid: int, timeout: float) -> dict:
+    def done() -> dict | None:
+        request = retrying(lambda: master.get(f"buildrequests/{brid}"))[0]
+        return retrying(lambda: master.builds_for(brid))[-1] if request["complete"] else None
+    return wait_for(done, timeout, f"build request {brid}", interval=1)
+
+
+def run_kind(kind: str, cloud: LocalCloud, root: Path, workers: int, idle: float, *,
+             profile: float = 0.0) -> Result:
     env = {**cloud.env(), "BENCH_WORKERS": str(workers), "BENCH_AMI": cloud.base_ami_id}
     master = Master(root, f"master-{kind}", env)
     master.write_config(master_config(kind, idle))
@@ -162,18 +187,25 @@ def run_kind(kind: str, cloud: LocalCloud, root: Path, workers: int, idle: float
         master.builder_id("burst")
         time.sleep(3)  # start-up done (the reconciler's first pass, client creation)
         calls_before = master_calls(cloud)
+        if profile:
+            # Collapsed stacks (flamegraph input) of the master's first PROFILE seconds.
+            subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "100",
+                              "--format", "raw", "--duration", str(int(profile)),
+                              "--output", str(root / f"profile-{kind}.txt")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         cpu_before = cpu_seconds(pid)
         wall0 = time.time()
         t0 = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            brids = list(pool.map(lambda _: master.force("burst"), range(workers)))
+            brids = list(pool.map(lambda _: retrying(lambda: master.force("burst"), 1),
+                                  range(workers)))
         result.force_seconds = time.monotonic() - t0
-        builds = [master.wait_request(brid, 900) for brid in brids]
+        builds = [wait_build(master, brid, 900) for brid in brids]
         result.finished = max(b["complete_at"] for b in builds) - wall0
         result.cpu = cpu_seconds(pid) - cpu_before
         result.all_success = all(b["results"] == SUCCESS for b in builds)
         for build in builds:
-            text = master.step_log(build["buildid"], "run")
+            text = retrying(lambda b=build: master.step_log(b["buildid"], "run"))
             match = re.search(r"stamp=(\d+\.\d+)", text)
             if match:
                 result.running.append(float(match.group(1)) - wall0)
@@ -239,6 +271,9 @@ def main() -> int:
                         help="dockerami (this plugin), ec2 (buildbot's EC2LatentWorker)")
     parser.add_argument("--idle", type=float, default=5.0,
                         help="build_wait_timeout: idle seconds before termination")
+    parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
+                        help="py-spy the master for this long from the first force "
+                             "(collapsed stacks in profile-KIND.txt; needs py-spy)")
     args = parser.parse_args()
     pending = args.boot / 2 if args.pending is None else args.pending
     root = Path(tempfile.mkdtemp(prefix="dockerami-burst-"))
@@ -251,7 +286,7 @@ def main() -> int:
     print(f"# load before: {load}")
     with LocalCloud(state_dir=root / "cloud", runtime=runtime, delays=delays) as cloud:
         for kind in args.kinds.split(","):
-            result = run_kind(kind, cloud, root, args.workers, args.idle)
+            result = run_kind(kind, cloud, root, args.workers, args.idle, profile=args.profile)
             report(result, args.boot, args.workers)
     load = subprocess.run(["uptime"], check=False, capture_output=True, text=True).stdout.strip()
     print(f"# load after: {load}")

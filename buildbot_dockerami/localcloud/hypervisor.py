@@ -273,7 +273,9 @@ class Hypervisor:
         self._first_seen.pop(instance_id, None)
         if booted is not None:
             log.info("%s: instance is %s, stopping its machine", instance_id, state)
-            self.runtime.stop(instance_id)
+            # In a thread: machines power off together, not one after another.
+            threading.Thread(target=self.runtime.stop, args=(instance_id,),
+                             name=f"halt-{instance_id}", daemon=True).start()
 
     def _spawn(self, instance_id: str, http_tokens: str, due: float,
                prepare: Callable[[Booting, float], None] | None) -> None:
