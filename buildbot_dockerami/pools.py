@@ -67,6 +67,7 @@ class InUse:
         #: worker -> (pool, instance key, counted as active) as last noted.
         self._counted: dict[Any, tuple[str, str, bool]] = {}
         self._active: Counter[tuple[str, str]] = Counter()
+        self._members: Counter[tuple[str, str]] = Counter()
         self._groups: dict[tuple[str, str], Any] = {}
         self._in_use: dict[str, set[str]] = {}
 
@@ -78,6 +79,7 @@ class InUse:
         slot = (worker.pool, instance_key(worker))
         active = _active(worker)
         self._counted[worker] = (*slot, active)
+        self._members[slot] += 1
         if worker.group is not None:
             self._groups[slot] = worker.group
         if active:
@@ -95,6 +97,7 @@ class InUse:
     def resync(self, workers: Iterable[Any]) -> None:
         self._counted.clear()
         self._active.clear()
+        self._members.clear()
         self._groups.clear()
         self._in_use.clear()
         for worker in workers:
@@ -112,6 +115,9 @@ class InUse:
             pool, key, active = old
             if active:
                 self._active[(pool, key)] -= 1
+            self._members[(pool, key)] -= 1
+            if self._members[(pool, key)] <= 0:
+                self._groups.pop((pool, key), None)
             self._refresh((pool, key))
 
     def _refresh(self, slot: tuple[str, str]) -> None:
