@@ -179,7 +179,7 @@ def run_kind(kind: str, cloud: LocalCloud, root: Path, workers: int, idle: float
     env = {**cloud.env(), "BENCH_WORKERS": str(workers), "BENCH_AMI": cloud.base_ami_id}
     master = Master(root, f"master-{kind}", env)
     master.write_config(master_config(kind, idle))
-    master.start()
+    master.start(timeout=600)  # 50 EC2LatentWorkers each make boto3 sessions at load
     result = Result(kind)
     assert master.process is not None
     pid = master.process.pid
@@ -271,12 +271,17 @@ def main() -> int:
                         help="dockerami (this plugin), ec2 (buildbot's EC2LatentWorker)")
     parser.add_argument("--idle", type=float, default=5.0,
                         help="build_wait_timeout: idle seconds before termination")
+    parser.add_argument("--dir", default="/dev/shm" if Path("/dev/shm").is_dir() else None,
+                        help="where the masters (and their SQLite databases) live "
+                             "(default /dev/shm)")
     parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
                         help="py-spy the master for this long from the first force "
                              "(collapsed stacks in profile-KIND.txt; needs py-spy)")
     args = parser.parse_args()
     pending = args.boot / 2 if args.pending is None else args.pending
-    root = Path(tempfile.mkdtemp(prefix="dockerami-burst-"))
+    # On tmpfs by default: buildbot's SQLite commits (several fsyncs per transaction,
+    # one transaction at a time) otherwise measure this VM's disk, not the masters.
+    root = Path(tempfile.mkdtemp(prefix="dockerami-burst-", dir=args.dir))
     delays = Delays(pending=pending, boot=args.boot)
     runtime = ProcessRuntime(root / "cloud" / "instances", nice=10)
     load = subprocess.run(["uptime"], check=False, capture_output=True, text=True).stdout.strip()

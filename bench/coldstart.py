@@ -108,7 +108,7 @@ def run_kind(kind: str, cloud: LocalCloud, root: Path, rounds: int,
     env = {**cloud.env(), "BENCH_WORKERS": "1", "BENCH_AMI": cloud.base_ami_id}
     master = Master(root, f"master-{kind}", env)
     master.write_config(config(kind))
-    master.start()
+    master.start(timeout=600)
     results: dict[str, list[float]] = {}
     try:
         master.builder_id("burst")
@@ -134,8 +134,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--kinds", default="dockerami,ec2")
+    parser.add_argument("--dir", default="/dev/shm" if Path("/dev/shm").is_dir() else None,
+                        help="where the masters live (default /dev/shm, see burst.py)")
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="dockerami-coldstart-"))
+    root = Path(tempfile.mkdtemp(prefix="dockerami-coldstart-", dir=args.dir))
     delays = Delays(pending=PENDING, boot=BOOT, start=START)
     runtime = ProcessRuntime(root / "cloud" / "instances", nice=10)
     load = subprocess.run(["uptime"], check=False, capture_output=True, text=True).stdout

@@ -102,7 +102,7 @@ class Master:
             check=False, env=self.env, capture_output=True, text=True, timeout=120,
         )
 
-    def start(self) -> Master:
+    def start(self, timeout: float = 60) -> Master:
         """Start (or restart) the master and wait until it says it is running."""
         runs = self.log().count("BuildMaster is running")
         self.process = subprocess.Popen(
@@ -116,7 +116,7 @@ class Master:
         wait_for(
             lambda: self.log().count("BuildMaster is running") > runs
             or self.process.poll() is not None,
-            60, "the master to start",
+            timeout, "the master to start",
         )
         if self.process.poll() is not None:
             output = (self.basedir / "stdout.log").read_text()
