@@ -3,8 +3,9 @@ EC2LatentWorker, on one honest local cloud in one run.
 
 The local cloud keeps each instance ``pending`` for PENDING seconds and starts its
 worker BOOT (+ PULL) seconds after RunInstances, every instance in parallel (the
-worker processes are prepared ahead and niced, so their start-up CPU does not land
-on the master's cores: on EC2 it is other machines'). Each kind gets its own real
+worker processes are prepared ahead under SCHED_IDLE, so their start-up CPU does not
+take the master's cores: on EC2 it is other machines'; "machines late" says how far
+after their due time the slowest actually started). Each kind gets its own real
 buildbot master (subprocess) with N workers and one builder; N force requests are
 sent at once. Each build's command prints the time it starts on the worker.
 
@@ -137,6 +138,7 @@ class Result:
     all_success: bool = False
     all_terminated: bool = False
     force_seconds: float = 0.0
+    machines_late: float = 0.0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -147,6 +149,18 @@ def cpu_seconds(pid: int) -> float:
 def peak_rss_mb(pid: int) -> float:
     match = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
     return int(match.group(1)) / 1024 if match else 0.0
+
+
+def machines_late(instances: Path, skip: set[str]) -> float:
+    """Seconds the latest worker process started after its due time."""
+    late = 0.0
+    for directory in instances.iterdir():
+        tac, booted = directory / "buildbot.tac", directory / "booted_at"
+        if directory.name in skip or not booted.exists():
+            continue
+        due = float(tac.read_text().split("time.sleep(max(0.0, ")[1].split(" - ")[0])
+        late = max(late, float(booted.read_text()) - due)
+    return late
 
 
 def master_calls(cloud: LocalCloud) -> Counter:
@@ -187,6 +201,9 @@ def run_kind(kind: str, cloud: LocalCloud, root: Path, workers: int, idle: float
         master.builder_id("burst")
         time.sleep(3)  # start-up done (the reconciler's first pass, client creation)
         calls_before = master_calls(cloud)
+        instances = cloud.state_dir / "instances"
+        instances.mkdir(parents=True, exist_ok=True)
+        old_instances = {d.name for d in instances.iterdir()}
         if profile:
             # Collapsed stacks (flamegraph input) of the master's first PROFILE seconds.
             subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "100",
@@ -222,6 +239,7 @@ def run_kind(kind: str, cloud: LocalCloud, root: Path, workers: int, idle: float
         except AssertionError:
             result.all_terminated = False
         result.calls = master_calls(cloud) - calls_before
+        result.machines_late = machines_late(instances, old_instances)
         result.peak_rss_mb = peak_rss_mb(pid)
         wall_end = wall0 + result.finished
     finally:
@@ -254,7 +272,8 @@ def report(result: Result, boot: float, workers: int) -> None:
           f"p99 {percentile(result.lateness, 0.99):6.1f} ms; full GCs {len(result.gc_pauses)}"
           f" (longest {max(result.gc_pauses or [0]):.0f} ms)")
     print(f"{'':<10} master CPU {result.cpu:5.1f} s, peak RSS {result.peak_rss_mb:5.0f} MB; "
-          f"forcing took {result.force_seconds:.1f} s")
+          f"forcing took {result.force_seconds:.1f} s; machines late <= "
+          f"{result.machines_late:.1f} s")
     print(f"{'':<10} EC2 calls: {calls}")
     print(f"{'':<10} all {workers} builds SUCCESS and every instance terminated: "
           f"{'yes' if ok else 'NO'}", flush=True)
@@ -283,7 +302,7 @@ def main() -> int:
     # one transaction at a time) otherwise measure this VM's disk, not the masters.
     root = Path(tempfile.mkdtemp(prefix="dockerami-burst-", dir=args.dir))
     delays = Delays(pending=pending, boot=args.boot)
-    runtime = ProcessRuntime(root / "cloud" / "instances", nice=10)
+    runtime = ProcessRuntime(root / "cloud" / "instances", idle_priority=True)
     load = subprocess.run(["uptime"], check=False, capture_output=True, text=True).stdout.strip()
     print(f"# burst: {args.workers} builds at once, boot {args.boot:g} s (pending "
           f"{pending:g} s), {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "

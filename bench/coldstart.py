@@ -139,7 +139,7 @@ def main() -> int:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="dockerami-coldstart-", dir=args.dir))
     delays = Delays(pending=PENDING, boot=BOOT, start=START)
-    runtime = ProcessRuntime(root / "cloud" / "instances", nice=10)
+    runtime = ProcessRuntime(root / "cloud" / "instances", idle_priority=True)
     load = subprocess.run(["uptime"], check=False, capture_output=True, text=True).stdout
     print(f"# cold starts: pending {PENDING:g} s, boot {BOOT:g} s, pull {PULL:g} s, "
           f"start from stopped {START:g} s; {args.rounds} rounds; "

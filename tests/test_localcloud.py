@@ -156,7 +156,7 @@ def test_terminated_while_booting_never_starts(timed_cloud: LocalCloud,
 
 def test_process_runtime_prepares_ahead(tmp_path: Path) -> None:
     """The worker process starts at once and waits, after its imports, for its boot time."""
-    runtime = ProcessRuntime(tmp_path / "instances", nice=5)
+    runtime = ProcessRuntime(tmp_path / "instances")
     with LocalCloud(state_dir=tmp_path / "cloud", runtime=runtime,
                     delays=Delays(boot=3.0)) as cloud:
         (iid,), _ = launch(cloud)
