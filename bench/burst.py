@@ -199,7 +199,7 @@ def run_kind(kind: str, cloud: LocalCloud, root: Path, workers: int, idle: float
     pid = master.process.pid
     try:
         master.builder_id("burst")
-        time.sleep(3)  # start-up done (the reconciler's first pass, client creation)
+        time.sleep(12)  # start-up done: first reconciler pass, EC2 client, heap frozen
         calls_before = master_calls(cloud)
         instances = cloud.state_dir / "instances"
         instances.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from twisted.internet import defer, task, threads
 from twisted.python import failure, log
 from twisted.python.threadpool import ThreadPool
 
-from buildbot_dockerami import fallback, policy, pools, reconcile, warmpool
+from buildbot_dockerami import fallback, heap, policy, pools, reconcile, warmpool
 from buildbot_dockerami.cloud import DEFAULT_TIMEOUT, AsyncEc2, CloudError, Ec2
 from buildbot_dockerami.metrics import Metrics
 from buildbot_dockerami.policy import InstanceStatus
@@ -122,6 +122,7 @@ class Fleet:
             fleet = cls(master.reactor, master.name)
             master.reactor.addSystemEventTrigger("before", "shutdown", fleet.begin_stopping)
             cls._by_master[master] = fleet
+            heap.freeze_after_startup(master.reactor)
         return fleet
 
     def __init__(self, reactor: Any, master_name: str) -> None:

@@ -2,8 +2,9 @@
 
 It watches the EC2 server like a cloud's control plane would, and when an
 instance's boot is due (``timing.BootClock``: launch + boot + pull, or start from
-stopped) it hands the instance's user data to a runtime, which plays the base AMI + image. When the instance
-stops or terminates, the runtime's machine goes away with it.
+stopped) it hands the instance's user data to a runtime, which plays the base
+AMI + image. When the instance stops or terminates, the runtime's machine goes away
+with it.
 
 ``ProcessRuntime`` runs the worker as a plain ``buildbot-worker`` process
 configured from user-data line 1, exactly what the image's setup script does
