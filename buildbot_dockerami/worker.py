@@ -18,7 +18,6 @@ from buildbot import config
 from buildbot.interfaces import LatentWorkerCannotSubstantiate, LatentWorkerFailedToSubstantiate
 from buildbot.process.properties import Properties
 from buildbot.process.results import RETRY
-from buildbot.process.workerforbuilder import States as WfbStates
 from buildbot.util import Notifier
 from buildbot.util.latent import CompatibleLatentWorkerMixin
 from buildbot.warnings import ConfigWarning
@@ -125,7 +124,6 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     #: The user's build_wait_timeout (buildbot's is forced to 0 under isolation).
     idle_timeout: float = DEFAULT_BUILD_WAIT_TIMEOUT
     _prewarming = False
-    _early_failure: tuple[Any, Any] | None = None
     _prewarm_timer: Any = None
     #: This insubstantiation is the idle timeout's (the instance may be stopped).
     _idle_stop = False
@@ -859,38 +857,6 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             self.timeline.setdefault("build_started", self.master.reactor.seconds())
         if self.group is not None:
             self.group.build_started()
-        self._launch_early(wfb)
-
-    def _launch_early(self, wfb: Any) -> None:
-        """Substantiate for the build buildbot just gave this worker, now.
-
-        buildbot's Build.startBuild writes about ten database rows before it asks
-        for the worker, one at a time on the database thread (SQLite has one), queued
-        behind every other build of a burst: 2-3 s per build at 50 builds. The launch
-        need not wait for them; the build's own substantiate joins this one.
-        """
-        builder = getattr(wfb, "builder", None)
-        if (self.state != States.NOT_SUBSTANTIATED or self._stopping or self.isPaused()
-                or self.group is not None or builder is None or not builder.building
-                or self.locks or (builder.config is not None and builder.config.locks)):
-            return
-        build = builder.building[-1]  # appended just before buildbot called us
-        if getattr(build, "workerforbuilder", None) is not None:
-            return
-        self.substantiate(wfb, build).addErrback(self._early_failed, build)
-
-    def _early_failed(self, failure: Any, build: Any) -> None:
-        self._early_failure = (build, failure)  # the build's own substantiate gets it
-
-    def substantiate(self, wfb: Any, build: Any) -> defer.Deferred:
-        failed, self._early_failure = self._early_failure, None
-        if failed is not None and failed[0] is build:
-            return defer.fail(failed[1])
-        d = super().substantiate(wfb, build)
-        if wfb is not None and self.substantiated and wfb.state == WfbStates.DETACHED:
-            # Connected before buildbot asked (an early launch): what attached() does.
-            wfb.state = WfbStates.BUILDING
-        return d
 
     def buildFinished(self, wfb: Any) -> None:
         super().buildFinished(wfb)
