@@ -105,26 +105,26 @@ def test_boots_overlap(timed_cloud: LocalCloud, runtime: RecordingRuntime) -> No
     starts = sorted(runtime.started[i] - launched for i in ids)
     assert starts[0] >= 1.0
     # One at a time, the last would start 3 s after the first.
-    assert starts[-1] - starts[0] < 0.8, starts
+    assert starts[-1] - starts[0] < 1.5, starts
 
 
 def test_pull_delay_per_image_and_size(timed_cloud: LocalCloud,
                                        runtime: RecordingRuntime) -> None:
-    timed_cloud.delays.boot = 0.5
-    timed_cloud.delays.pull = {"big:1": {"t3.micro": 2.0, "*": 1.0}, "small:1": 0.0}
-    timed_cloud.delays.default_pull = 1.0
+    timed_cloud.delays.boot = 1.0
+    timed_cloud.delays.pull = {"big:1": {"t3.micro": 4.0, "*": 2.0}, "small:1": 0.0}
+    timed_cloud.delays.default_pull = 2.0
     (big_micro,), t0 = launch(timed_cloud, "big:1", "t3.micro")
     (big_large,), t1 = launch(timed_cloud, "big:1", "c5.large")
     (small,), t2 = launch(timed_cloud, "small:1")
     (unnamed,), t3 = launch(timed_cloud, "other:1")
-    wait_for(lambda: len(runtime.started) == 4, 10, "four workers to start")
+    wait_for(lambda: len(runtime.started) == 4, 15, "four workers to start")
     took = {iid: runtime.started[iid] - t for iid, t in
             ((big_micro, t0), (big_large, t1), (small, t2), (unnamed, t3))}
-    tolerance = 0.6  # the hypervisor polls every 0.1 s; the machine is shared
-    assert 2.5 <= took[big_micro] < 2.5 + tolerance, took
-    assert 1.5 <= took[big_large] < 1.5 + tolerance, took
-    assert 0.5 <= took[small] < 0.5 + tolerance, took
-    assert 1.5 <= took[unnamed] < 1.5 + tolerance, took
+    tolerance = 1.5  # the hypervisor polls every 0.1 s; the machine is shared
+    assert 5.0 <= took[big_micro] < 5.0 + tolerance, took
+    assert 3.0 <= took[big_large] < 3.0 + tolerance, took
+    assert 1.0 <= took[small] < 1.0 + tolerance, took
+    assert 3.0 <= took[unnamed] < 3.0 + tolerance, took
     assert runtime.images[big_micro] == "big:1"
 
 
@@ -141,7 +141,7 @@ def test_start_from_stopped(timed_cloud: LocalCloud, runtime: RecordingRuntime) 
     assert state(timed_cloud, iid) == "pending"
     wait_for(lambda: iid in runtime.started, 5, "the worker to start")
     took = runtime.started[iid] - started
-    assert 1.0 <= took < 1.6, took  # the start delay, not 30 s of pull
+    assert 1.0 <= took < 2.5, took  # the start delay, not 30 s of pull
     assert runtime.images[iid] == "img:1"
 
 
