@@ -4,10 +4,11 @@ on the local cloud with EC2-like delays (see bench/README.md for why these).
 Paths, each measured ROUNDS times on one master per kind:
   full pull    RunInstances; boot; the image is pulled (PULL s); the worker starts
   baked image  RunInstances; boot; the image is already in the AMI (no pull)
-  stopped      StartInstances of a stopped instance that ran the image before (START s,
-               no pull). The plugin's stopped pool is not on main yet: this is the
-               local cloud's path, driven directly (a static buildbot worker on an
-               instance the bench stops and starts), i.e. the floor such a pool gets.
+  stopped pool this plugin with idle_action='stop': the idle instance is stopped, the
+               next build starts it again (fresh credential, StartInstances; START s,
+               no pull)
+  stopped      the local cloud's StartInstances path driven directly (a static
+               buildbot worker on an instance the bench stops and starts): the floor
 
 Reproduce:
     .venv/bin/python -m bench.coldstart [--rounds 2] [--kinds dockerami,ec2]
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import requests
 
-from bench.burst import BUILDER, HEADER, IMAGE, PASSWORD, WORKERS
+from bench.burst import BUILDER, HEADER, IMAGE, PASSWORD, WORKERS, retrying, wait_build
 from buildbot_dockerami.localcloud import Delays, LocalCloud
 from buildbot_dockerami.localcloud.hypervisor import ProcessRuntime
 from tests.harness import SUCCESS, Master, wait_for
@@ -50,9 +51,13 @@ c['schedulers'].append(schedulers.ForceScheduler(name='force-static', builderNam
 
 
 def config(kind: str) -> str:
+    pool = kind == "pool"
+    kind = "dockerami" if pool else kind
     workers = WORKERS[kind].replace("%(image)r", repr(IMAGE)).replace("%(image)s", IMAGE)
     workers = workers.replace("%(password)r", repr(PASSWORD)).replace("%(password)s", PASSWORD)
     workers = workers.replace("%(idle)r", "1").replace("%%s", "%s")
+    if pool:
+        workers = workers.replace("max_builds=1)", "max_builds=1, idle_action='stop')")
     return HEADER + workers + BUILDER + STATIC % {"password": PASSWORD}
 
 
@@ -60,13 +65,14 @@ def force_and_time(master: Master, builder: str, scheduler: str,
                    then: object = None) -> float:
     """Seconds from the force to the build's command running on the worker."""
     wall0 = time.time()
-    brid = master.force(builder, scheduler)
+    brid = retrying(lambda: master.force(builder, scheduler), 1)
     if callable(then):
         then()
-    build = master.wait_request(brid, 600)
+    build = wait_build(master, brid, 600)
     if build["results"] != SUCCESS:
         raise SystemExit(f"build {build['buildid']} failed; see {master.log_path}")
-    stamp = re.search(r"stamp=(\d+\.\d+)", master.step_log(build["buildid"], "run"))
+    text = retrying(lambda: master.step_log(build["buildid"], "run"))
+    stamp = re.search(r"stamp=(\d+\.\d+)", text)
     assert stamp, "no stamp in the build's log"
     return float(stamp.group(1)) - wall0
 
@@ -78,7 +84,7 @@ def instances_gone(cloud: LocalCloud) -> bool:
 
 
 def connected(master: Master, name: str) -> bool:
-    worker = next(w for w in master.get("workers") if w["name"] == name)
+    worker = next(w for w in retrying(lambda: master.get("workers")) if w["name"] == name)
     return bool(worker["connected_to"])
 
 
@@ -117,6 +123,15 @@ def run_kind(kind: str, cloud: LocalCloud, root: Path, rounds: int,
             if path == "stopped":
                 results[path] = stopped_path(cloud, master, rounds)
                 continue
+            if path == "stopped pool":
+                cloud.delays.default_pull = 0.0
+                force_and_time(master, "burst", "force")  # launches; stopped when idle
+                results[path] = []
+                for _ in range(rounds):
+                    wait_for(lambda: instances_gone(cloud), 120, "the instance to stop",
+                             interval=1)
+                    results[path].append(force_and_time(master, "burst", "force"))
+                continue
             cloud.delays.default_pull = PULL if path == "full pull" else 0.0
             results[path] = []
             for _ in range(rounds):
@@ -133,7 +148,8 @@ def run_kind(kind: str, cloud: LocalCloud, root: Path, rounds: int,
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--kinds", default="dockerami,ec2")
+    parser.add_argument("--kinds", default="dockerami,pool,ec2",
+                        help="dockerami, pool (dockerami with idle_action='stop'), ec2")
     parser.add_argument("--dir", default="/dev/shm" if Path("/dev/shm").is_dir() else None,
                         help="where the masters live (default /dev/shm, see burst.py)")
     args = parser.parse_args()
@@ -151,9 +167,10 @@ def main() -> int:
     with LocalCloud(state_dir=root / "cloud", runtime=runtime, delays=delays) as cloud:
         for kind in args.kinds.split(","):
             # buildbot's EC2LatentWorker cannot start a stopped instance.
-            paths = ["full pull", "baked image"] + (["stopped"] if kind == "dockerami" else [])
+            paths = (["stopped pool"] if kind == "pool" else
+                     ["full pull", "baked image"] + (["stopped"] if kind == "dockerami" else []))
             for path, times in run_kind(kind, cloud, root, args.rounds, paths).items():
-                label = "static+Start" if path == "stopped" else kind
+                label = {"stopped": "static+Start", "stopped pool": "dockerami"}.get(path, kind)
                 print(f"{label:<10} {path:<12} {statistics.median(times):7.1f} "
                       f"{min(times):7.1f} {max(times):7.1f}", flush=True)
     load = subprocess.run(["uptime"], check=False, capture_output=True, text=True).stdout
