@@ -130,8 +130,8 @@ def test_pull_delay_per_image_and_size(timed_cloud: LocalCloud,
 
 def test_start_from_stopped(timed_cloud: LocalCloud, runtime: RecordingRuntime) -> None:
     timed_cloud.delays.pull = {"img:1": 30.0}
-    timed_cloud.delays.start = 1.0
-    timed_cloud.delays.pending = 0.5
+    timed_cloud.delays.start = 3.0
+    timed_cloud.delays.pending = 2.0
     (iid,), _ = launch(timed_cloud)
     ec2 = timed_cloud.client()
     ec2.stop_instances(InstanceIds=[iid])
@@ -141,7 +141,7 @@ def test_start_from_stopped(timed_cloud: LocalCloud, runtime: RecordingRuntime) 
     assert state(timed_cloud, iid) == "pending"
     wait_for(lambda: iid in runtime.started, 5, "the worker to start")
     took = runtime.started[iid] - started
-    assert 1.0 <= took < 2.5, took  # the start delay, not 30 s of pull
+    assert 3.0 <= took < 4.5, took  # the start delay, not 30 s of pull
     assert runtime.images[iid] == "img:1"
 
 
