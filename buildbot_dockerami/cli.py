@@ -21,7 +21,7 @@ class MissingExtra(Exception):
 
 def _local_cloud(args: argparse.Namespace) -> int:
     try:
-        from buildbot_dockerami.localcloud import LocalCloud
+        from buildbot_dockerami.localcloud import Delays, LocalCloud
     except ModuleNotFoundError as e:
         raise MissingExtra(
             f"local-cloud needs the 'demo' extra (no module {e.name!r}): "
@@ -29,8 +29,19 @@ def _local_cloud(args: argparse.Namespace) -> int:
         ) from None
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    pulls: dict[str, dict[str, float]] = {}
+    for spec in args.pull_delay:
+        image, seconds, size = _pull_delay(spec)
+        pulls.setdefault(image, {})[size] = seconds
+    delays = Delays(pending=args.pending_delay, boot=args.boot_delay, pull=pulls,
+                    default_pull=args.default_pull_delay, start=args.start_delay)
+    try:
+        delays.validate()
+    except ValueError as e:
+        print(f"buildbot-dockerami: {e}", file=sys.stderr)
+        return 2
     cloud = LocalCloud(state_dir=args.state_dir, port=args.port, region=args.region,
-                       boot_delay=args.boot_delay, runtime=args.runtime)
+                       runtime=args.runtime, delays=delays)
     try:
         cloud.start()
     except OSError as e:
@@ -48,6 +59,20 @@ def _local_cloud(args: argparse.Namespace) -> int:
     stopped.wait()
     cloud.stop()
     return 0
+
+
+def _pull_delay(spec: str) -> tuple[str, float, str]:
+    """``IMAGE=SECONDS`` or ``IMAGE@INSTANCE_TYPE=SECONDS``."""
+    target, sep, seconds = spec.rpartition("=")
+    image, _, size = target.partition("@")
+    try:
+        value = float(seconds)
+    except ValueError:
+        value = -1.0
+    if not sep or not image or value < 0:
+        raise SystemExit(f"buildbot-dockerami: --pull-delay {spec!r}: expected "
+                         "IMAGE=SECONDS or IMAGE@INSTANCE_TYPE=SECONDS")
+    return image, value, size or "*"
 
 
 def _image_build(args: argparse.Namespace) -> int:
@@ -104,7 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     cloud.add_argument("--port", type=int, default=5000, help="EC2 endpoint port (default 5000)")
     cloud.add_argument("--region", default="us-east-1", help="region to serve (default us-east-1)")
     cloud.add_argument("--boot-delay", type=float, default=0.0, metavar="SECONDS",
-                       help="simulated boot time before an instance's worker starts")
+                       help="simulated boot time from RunInstances until the base AMI "
+                            "starts the image (default 0)")
+    cloud.add_argument("--pending-delay", type=float, default=0.0, metavar="SECONDS",
+                       help="instances are 'pending' this long after RunInstances or "
+                            "StartInstances, then 'running' (default 0)")
+    cloud.add_argument("--pull-delay", action="append", default=[],
+                       metavar="IMAGE[@TYPE]=SECONDS",
+                       help="simulated image pull added to the boot of a launch, per image "
+                            "and optionally per instance type (repeatable)")
+    cloud.add_argument("--default-pull-delay", type=float, default=0.0, metavar="SECONDS",
+                       help="pull delay for images not named by --pull-delay (default 0)")
+    cloud.add_argument("--start-delay", type=float, default=None, metavar="SECONDS",
+                       help="StartInstances of a stopped instance until its image starts "
+                            "(no pull: it is on disk; default: the boot delay)")
     cloud.add_argument("--state-dir", type=Path, default=None,
                        help="where instance worker directories go (default: a temp dir)")
     cloud.add_argument("--env-file", type=Path, default=None,

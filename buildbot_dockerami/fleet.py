@@ -19,7 +19,7 @@ from twisted.internet import defer, task, threads
 from twisted.python import failure, log
 from twisted.python.threadpool import ThreadPool
 
-from buildbot_dockerami import fallback, multimaster, policy, reconcile, warmpool
+from buildbot_dockerami import fallback, heap, multimaster, policy, pools, reconcile, warmpool
 from buildbot_dockerami.cloud import DEFAULT_TIMEOUT, AsyncEc2, CloudError, Ec2
 from buildbot_dockerami.metrics import Metrics
 from buildbot_dockerami.policy import InstanceStatus
@@ -122,8 +122,11 @@ class Fleet:
             fleet = cls(master.reactor, master.name)
             master.reactor.addSystemEventTrigger("before", "shutdown", fleet.begin_stopping)
             cls._by_master[master] = fleet
-            fleet.shared = multimaster.Coordinator(fleet, master)
-            fleet.shared.start()
+            if getattr(master.config, "multiMaster", False):
+                # Several masters share pools and reclaim each other's instances.
+                fleet.shared = multimaster.Coordinator(fleet, master)
+                fleet.shared.start()
+            heap.freeze_after_startup(master.reactor)
         return fleet
 
     def __init__(self, reactor: Any, master_name: str) -> None:
@@ -132,6 +135,7 @@ class Fleet:
         self.monitor = StateMonitor(clock=reactor.seconds)
         self._pool: ThreadPool | None = None
         self._clients: dict[Hashable, AsyncEc2] = {}
+        self._creating: dict[Hashable, list[defer.Deferred]] = {}
         self._undead: dict[str, AsyncEc2] = {}
         self._undead_loop: task.LoopingCall | None = None
         self.groups: dict[str, InstanceGroup] = {}
@@ -143,6 +147,8 @@ class Fleet:
         self.keeper: Any = None
         #: Called when an instance is gone, so builds waiting on a pool cap can start.
         self.after_release: Callable[[], Any] = lambda: None
+        #: Instances in use per pool, for O(1) cap checks.
+        self.in_use = pools.InUse()
         #: ClientToken -> owner of every RunInstances call still in flight.
         self.launching: dict[str, str] = {}
         self.reconciler = Reconciler(self)
@@ -197,29 +203,51 @@ class Fleet:
             self._pool.stop()
             self._pool = None
 
-    @defer.inlineCallbacks
     def client(self, region: str | None, endpoint_url: str | None, session: Any,
-               timeout: float = DEFAULT_TIMEOUT, credentials: Any = None) -> Any:
+               timeout: float = DEFAULT_TIMEOUT, credentials: Any = None) -> defer.Deferred:
         """An AsyncEc2 for these settings, shared by every worker that uses them.
 
-        Built in a thread: botocore reads config files and endpoint data when it
-        creates a client.
+        Built in a thread (botocore reads config files and endpoint data, ~0.2 CPU-s),
+        once: callers arriving while it is built wait for the same one. Workers ask
+        for it at (re)configuration, so the first launch of a burst does not pay.
         """
         key = (region, endpoint_url, id(session) if session is not None else None, timeout,
                credentials)
-        if key not in self._clients:
+        if key in self._clients:
+            return defer.succeed(self._clients[key])
+        if key not in self._creating:
             pool = self._thread_pool()
             metrics = self.metrics
-            ec2 = yield threads.deferToThreadPool(
+            d = threads.deferToThreadPool(
                 self.reactor, pool, Ec2, region, endpoint_url, session,
                 lambda op: metrics.inc("dockerami_ec2_requests_total", {"operation": op}),
                 lambda op: metrics.inc("dockerami_ec2_throttles_total", {"operation": op}),
                 timeout=timeout,
                 credentials=credentials,
             )
-            # Another worker may have built one meanwhile: keep the first.
-            self._clients.setdefault(key, AsyncEc2(ec2, pool, self.reactor))
-        return self._clients[key]
+            self._creating[key] = []
+            d.addBoth(self._client_created, key, pool)
+        waiter: defer.Deferred = defer.Deferred()
+        self._creating[key].append(waiter)
+        return waiter
+
+    def _client_created(self, result: Any, key: Hashable, pool: ThreadPool) -> None:
+        waiters = self._creating.pop(key, [])
+        if isinstance(result, failure.Failure):
+            for waiter in waiters:  # the next caller tries again
+                waiter.errback(result)
+            return
+        client = self._clients.setdefault(key, AsyncEc2(result, pool, self.reactor))
+        for waiter in waiters:
+            waiter.callback(client)
+
+    def released(self, pool: str | None, group: Any = None) -> None:
+        """An instance of ``pool`` is gone. Only a cap holds builds back until then, so
+        only then is buildbot asked to schedule again (a pass over every builder)."""
+        if group is not None:
+            self.in_use.group_changed(group)
+        if pools.capped(pool, self):
+            self.after_release()
 
     def tracked(self) -> dict[str, list[Any]]:
         """Instance id -> the workers (or slot groups) that own it."""
@@ -616,7 +644,7 @@ class InstanceGroup:
         finally:
             self.instance = self.launch_values = None
             self.terminating = False
-            self.fleet.after_release()
+            self.fleet.released(next((m.pool for m in self.members.values()), None), self)
             waiters, self._gone_waiters = self._gone_waiters, []
             for waiter in waiters:
                 waiter.callback(None)

@@ -7,6 +7,7 @@ survive a restart. Decisions are in policy.py; this module counts and acts.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -54,19 +55,104 @@ def instances_in_use(workers: Iterable[Any]) -> dict[str, list[Any]]:
     }
 
 
+class InUse:
+    """Per pool, the instances in use (running or on their way), kept current as the
+    workers change (``note``), so that a scheduling check is O(1) instead of a pass
+    over the pool: buildbot asks for every candidate of every build, and a burst of
+    N builds would cost O(N^2) passes. ``resync`` recounts from scratch (the keeper
+    does every tick), bounding what a missed change could cost.
+    """
+
+    def __init__(self) -> None:
+        #: worker -> (pool, instance key, counted as active) as last noted.
+        self._counted: dict[Any, tuple[str, str, bool]] = {}
+        self._active: Counter[tuple[str, str]] = Counter()
+        self._members: Counter[tuple[str, str]] = Counter()
+        self._groups: dict[tuple[str, str], Any] = {}
+        self._in_use: dict[str, set[str]] = {}
+
+    def note(self, worker: Any) -> None:
+        """The worker's state, instance, builds, pool or group may have changed."""
+        self._uncount(worker)
+        if worker.pool is None:
+            return
+        slot = (worker.pool, instance_key(worker))
+        active = _active(worker)
+        self._counted[worker] = (*slot, active)
+        self._members[slot] += 1
+        if worker.group is not None:
+            self._groups[slot] = worker.group
+        if active:
+            self._active[slot] += 1
+        self._refresh(slot)
+
+    def forget(self, worker: Any) -> None:
+        self._uncount(worker)
+
+    def group_changed(self, group: Any) -> None:
+        """A shared instance came or went."""
+        for slot in [s for s, g in self._groups.items() if g is group]:
+            self._refresh(slot)
+
+    def resync(self, workers: Iterable[Any]) -> None:
+        self._counted.clear()
+        self._active.clear()
+        self._members.clear()
+        self._groups.clear()
+        self._in_use.clear()
+        for worker in workers:
+            self.note(worker)
+
+    def count(self, pool: str) -> int:
+        return len(self._in_use.get(pool, ()))
+
+    def uses(self, pool: str, key: str) -> bool:
+        return key in self._in_use.get(pool, ())
+
+    def _uncount(self, worker: Any) -> None:
+        old = self._counted.pop(worker, None)
+        if old is not None:
+            pool, key, active = old
+            if active:
+                self._active[(pool, key)] -= 1
+            self._members[(pool, key)] -= 1
+            if self._members[(pool, key)] <= 0:
+                self._groups.pop((pool, key), None)
+            self._refresh((pool, key))
+
+    def _refresh(self, slot: tuple[str, str]) -> None:
+        group = self._groups.get(slot)
+        used = self._active[slot] > 0 or (group is not None and group.instance is not None)
+        keys = self._in_use.setdefault(slot[0], set())
+        if used:
+            keys.add(slot[1])
+        else:
+            keys.discard(slot[1])
+
+
 def may_launch(worker: Any) -> bool:
     """False when starting this worker would need a new instance beyond its pool's cap,
-    counting every master's instances (as last read from the shared database)."""
+    counting every master's instances (as last read from the shared database). On one
+    master O(1): answered from the fleet's InUse index."""
     if worker.pool is None:
         return True
     limits = worker.fleet.pool_limits.get(worker.pool, PoolLimits())
-    in_use = instances_in_use(members(worker.fleet, worker.pool))
+    if limits.cap is None:
+        return True
+    in_use = worker.fleet.in_use
     key = instance_key(worker)
     shared = getattr(worker.fleet, "shared", None)
-    if key in in_use or (shared is not None and key in shared.pending):
+    if in_use.uses(worker.pool, key) or (shared is not None and key in shared.pending):
         return True
-    count = len(in_use) if shared is None else max(len(in_use), shared.counts(worker.pool).in_use)
+    count = in_use.count(worker.pool)
+    if shared is not None:
+        count = max(count, shared.counts(worker.pool).in_use)
     return policy.may_launch(count, limits.cap)
+
+
+def capped(pool: str | None, fleet: Any) -> bool:
+    """Whether a cap may be holding builds of this pool back (so a release matters)."""
+    return pool is not None and fleet.pool_limits.get(pool, PoolLimits()).cap is not None
 
 
 def reserve(worker: Any) -> defer.Deferred:
@@ -131,6 +217,7 @@ class PoolKeeper:
     def tick(self) -> Any:
         """Counts are the whole fleet's; only the leading master calls this (see
         multimaster), so a minimum is kept once, not once per master."""
+        self.fleet.in_use.resync(w for w in list(self.fleet.workers) if w.pool is not None)
         shared = getattr(self.fleet, "shared", None)
         for pool, limits in list(self.fleet.pool_limits.items()):
             if limits.min_warm <= 0:

@@ -110,7 +110,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     ``buildbot reconfig`` and used from the next launch on.
     """
 
-    instance: LaunchedInstance | None = None
+    _instance: LaunchedInstance | None = None
+    _state = States.NOT_SUBSTANTIATED
     group: InstanceGroup | None = None
     isolation = "none"
     #: Whether this substantiation's worker connected (else: log the console).
@@ -147,6 +148,31 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             # buildbot takes name= before checkConfig could check it; pass it on as ours.
             args = (kwargs.pop("name"),)
         super().__init__(*args, **kwargs)
+
+    # The pool index (pools.InUse) is told of every change that can make an instance
+    # count against a cap: the state, the instance, builds starting and finishing.
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self._state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self._state = value
+        self._note_use()
+
+    @property
+    def instance(self) -> LaunchedInstance | None:
+        return self._instance
+
+    @instance.setter
+    def instance(self, value: LaunchedInstance | None) -> None:
+        self._instance = value
+        self._note_use()
+
+    def _note_use(self) -> None:
+        fleet = getattr(self, "fleet", None)
+        if fleet is not None:
+            fleet.in_use.note(self)
 
     def checkConfig(
         self,
@@ -320,6 +346,9 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         self.fleet.botmaster = self.botmaster
         self.fleet.stopped.max_count = max_stopped
         self.fleet.stopped.max_age = max_stopped_age
+        # Built now (once for all workers sharing it), not by the first launch of a burst.
+        self.ec2_client().addErrback(
+            lambda f: log.msg(f"{self}: no EC2 client yet: {f.getErrorMessage()}"))
         self.pool = pool
         if pool is not None:
             if pool not in self.fleet.pool_limits:
@@ -342,6 +371,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             self.group = self.fleet.group(instance_group or name)
             self.group.join(self)
             self.group.idle_timeout = idle_timeout
+        self._note_use()
         # None means a fresh password per instance (see start_instance); until then,
         # getRandomPass keeps the live one if an instance is booting or connected.
         self.random_password = password is None
@@ -850,6 +880,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     def buildStarted(self, wfb: Any) -> None:
         # buildbot calls this when it claims the worker, before substantiating it.
         super().buildStarted(wfb)
+        self._note_use()
         self._cancel_prewarm_timer()
         if self.conn is not None:
             self.timeline.setdefault("build_started", self.master.reactor.seconds())
@@ -858,6 +889,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
 
     def buildFinished(self, wfb: Any) -> None:
         super().buildFinished(wfb)
+        self._note_use()
         if self.group is not None:
             self.group.build_finished()
         # A graceful Stop waits for this (buildbot's latent workers never check it).
@@ -889,6 +921,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         self._stopping = True
         yield super().stopService()
         self.fleet.workers.discard(self)
+        self.fleet.in_use.forget(self)
         if self.group is not None:
             yield self.group.leave(self)
 
@@ -919,7 +952,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
                 return True
         state = yield self.fleet.terminate(instance.client, instance.instance_id)
         log.msg(f"{self}: instance {instance.instance_id} is {state}")
-        self.fleet.after_release()
+        self.fleet.released(self.pool)
         return True
 
     def _soft_disconnect(self, fast: bool = False, stopping_service: bool = False) -> Any:

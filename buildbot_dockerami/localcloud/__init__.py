@@ -3,7 +3,8 @@
 ``LocalCloud`` = a moto EC2 server on 127.0.0.1 (with fault injection) + a
 hypervisor that boots each running instance's user data with a runtime. A
 master pointed at it through ``AWS_ENDPOINT_URL`` cannot tell it from EC2,
-except that instances are free and start in a blink.
+except that instances are free and, unless ``delays`` say otherwise (see
+``timing.Delays``), start in a blink.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import boto3
 from buildbot_dockerami.localcloud.containers import ContainerRuntime, LegacyCrontabRuntime
 from buildbot_dockerami.localcloud.ec2server import Ec2Server
 from buildbot_dockerami.localcloud.hypervisor import Hypervisor, ProcessRuntime, Runtime
+from buildbot_dockerami.localcloud.timing import Delays
 
 #: Name of the base AMI registered in the local cloud; ami_filters can find it.
 BASE_AMI_NAME = "dockerami-base-local"
 LOCAL_ACCESS_KEY = "AKIDLOCALCLOUD"
 
-__all__ = ["BASE_AMI_NAME", "LocalCloud", "make_runtime"]
+__all__ = ["BASE_AMI_NAME", "Delays", "LocalCloud", "make_runtime"]
 
 
 def make_runtime(runtime: str | Runtime, directory: Path) -> Runtime:
@@ -45,13 +47,20 @@ def make_runtime(runtime: str | Runtime, directory: Path) -> Runtime:
 class LocalCloud:
     def __init__(self, state_dir: Path | str | None = None, port: int = 0,
                  region: str = "us-east-1", boot_delay: float = 0.0,
-                 runtime: str | Runtime = "process") -> None:
+                 runtime: str | Runtime = "process", *, delays: Delays | None = None) -> None:
+        """``boot_delay`` is a shorthand for ``delays.boot``."""
         self.region = region
         self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="dockerami-cloud-"))
         self.server = Ec2Server(port=port)
+        self.delays = delays if delays is not None else Delays()
+        if boot_delay:
+            self.delays.boot = boot_delay
+        self.delays.validate()
+        self.server.faults.clock.delays = self.delays
         self.runtime = make_runtime(runtime, self.state_dir / "instances")
         self.hypervisor = Hypervisor(
-            self.server.endpoint_url, region, self.runtime, boot_delay=boot_delay
+            self.server.endpoint_url, region, self.runtime, boot_delay=self.delays.boot,
+            clock=self.server.faults.clock,
         )
         self.server.faults.console = self.hypervisor.console_output
         self.base_ami_id = ""

@@ -26,9 +26,19 @@ from moto.moto_server.werkzeug_app import (
 )
 from werkzeug.serving import BaseWSGIServer, make_server
 
+from buildbot_dockerami.localcloud.timing import BootClock, image_of
+
 #: Access key the hypervisor uses, so its own polling is not counted as the master's.
 HYPERVISOR_ACCESS_KEY = "AKIDLOCALHYPERVISOR"
 _CREDENTIAL = re.compile(r"Credential=([^/,\s]+)/")
+_INSTANCE_ID = re.compile(rb"<instanceId>(i-[0-9a-f]+)</instanceId>")
+#: An instance item's id up to its state, when that state is running (moto's XML puts
+#: instanceState after instanceId, and never another instanceId between them).
+_RUNNING_ITEM = re.compile(
+    rb"<instanceId>(i-[0-9a-f]+)</instanceId>((?:(?!<instanceId>).)*?)"
+    rb"<instanceState><code>16</code><name>running</name></instanceState>",
+    re.DOTALL,
+)
 
 
 @dataclass
@@ -67,6 +77,8 @@ class FaultInjector:
         self._lock = threading.Lock()
         #: Serves GetConsoleOutput from what the local machine printed, when set.
         self.console: Callable[[str], str | None] | None = None
+        #: Launch/start times: DescribeInstances says ``pending`` until they are due.
+        self.clock = BootClock()
 
     def inject(self, action: str, code: str, message: str, count: int = 1,
                status: int = 400) -> None:
@@ -145,6 +157,8 @@ class FaultInjector:
                 return _console_response(instance_id, output, start_response)
         if fault is None:
             status, headers, answer = self._answer(action, body, environ)
+            if status.startswith("200"):
+                answer, headers = self._timed(action, body, answer, headers)
             if stall is not None and stall.kind == "drop":
                 self._released.wait(stall.seconds)
                 raise ConnectionAbortedError(f"{action}: answer lost")
@@ -162,6 +176,34 @@ class FaultInjector:
         )
         return [payload]
 
+
+    def _timed(self, action: str, body: bytes, answer: bytes,
+               headers: list) -> tuple[bytes, list]:
+        """Record launches and starts; answer ``pending`` for instances not yet due."""
+        if action in ("RunInstances", "StartInstances"):
+            params = parse_qs(body.decode("utf-8", "replace"))
+            ids = [m.decode() for m in _INSTANCE_ID.findall(answer)]
+            if action == "RunInstances":
+                self.clock.launched(ids, image_of(params.get("UserData", [""])[0]),
+                                    params.get("InstanceType", ["m1.small"])[0])
+            else:
+                self.clock.started(ids)
+            return answer, headers
+        if action != "DescribeInstances" or self.clock.delays.pending <= 0:
+            return answer, headers
+
+        def pending(match: re.Match) -> bytes:
+            if not self.clock.is_pending(match.group(1).decode()):
+                return match.group(0)
+            return (b"<instanceId>" + match.group(1) + b"</instanceId>" + match.group(2)
+                    + b"<instanceState><code>0</code><name>pending</name></instanceState>")
+
+        rewritten = _RUNNING_ITEM.sub(pending, answer)
+        if rewritten is answer or rewritten == answer:
+            return answer, headers
+        headers = [(k, str(len(rewritten)) if k.lower() == "content-length" else v)
+                   for k, v in headers]
+        return rewritten, headers
 
     def _answer(self, action: str, body: bytes, environ: dict) -> tuple[str, list, bytes]:
         """moto's answer, or for a RunInstances whose ClientToken was seen, the answer

@@ -1,0 +1,195 @@
+"""The local cloud's timing knobs, on a real moto server through boto3."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from buildbot_dockerami import userdata
+from buildbot_dockerami.cli import _pull_delay
+from buildbot_dockerami.localcloud import Delays, LocalCloud
+from buildbot_dockerami.localcloud.hypervisor import Booting, ProcessRuntime
+from buildbot_dockerami.localcloud.timing import BootClock
+from tests.harness import wait_for
+
+
+class RecordingRuntime:
+    """Plays a machine whose start takes ``start_seconds`` and notes when each began:
+    a serial hypervisor would show the starts one ``start_seconds`` apart."""
+
+    def __init__(self, start_seconds: float = 0.0) -> None:
+        self.start_seconds = start_seconds
+        self.started: dict[str, float] = {}
+        self.images: dict[str, str] = {}
+        self.stopped: list[str] = []
+        self._lock = threading.Lock()
+
+    def start(self, booting: Booting) -> None:
+        with self._lock:
+            self.started[booting.instance_id] = time.monotonic()
+            self.images[booting.instance_id] = userdata.parse(booting.user_data).image
+        time.sleep(self.start_seconds)
+
+    def stop(self, instance_id: str) -> None:
+        with self._lock:
+            self.started.pop(instance_id, None)
+            self.stopped.append(instance_id)
+
+    def running(self) -> list[str]:
+        with self._lock:
+            return list(self.started)
+
+    def console(self, instance_id: str) -> str | None:
+        return None
+
+    def poweroff_requested(self, instance_id: str) -> bool:
+        return False
+
+
+def user_data(image: str, name: str = "w") -> str:
+    return f"{name} secret 127.0.0.1:9\n{image}"
+
+
+@pytest.fixture
+def runtime() -> RecordingRuntime:
+    return RecordingRuntime()
+
+
+@pytest.fixture
+def timed_cloud(tmp_path: Path, runtime: RecordingRuntime) -> Iterator[LocalCloud]:
+    with LocalCloud(state_dir=tmp_path / "cloud", runtime=runtime, delays=Delays()) as cloud:
+        yield cloud
+
+
+def launch(cloud: LocalCloud, image: str = "img:1", instance_type: str = "t3.micro",
+           count: int = 1) -> tuple[list[str], float]:
+    ec2 = cloud.client()
+    answer = ec2.run_instances(ImageId=cloud.base_ami_id, MinCount=count, MaxCount=count,
+                               InstanceType=instance_type, UserData=user_data(image))
+    return [i["InstanceId"] for i in answer["Instances"]], time.monotonic()
+
+
+def state(cloud: LocalCloud, instance_id: str) -> str:
+    found = cloud.client().describe_instances(InstanceIds=[instance_id])
+    return found["Reservations"][0]["Instances"][0]["State"]["Name"]
+
+
+def test_defaults_are_instant(timed_cloud: LocalCloud, runtime: RecordingRuntime) -> None:
+    (iid,), launched = launch(timed_cloud)
+    assert state(timed_cloud, iid) == "running"
+    wait_for(lambda: iid in runtime.started, 5, "the worker to start")
+    assert runtime.started[iid] - launched < 1.0
+
+
+def test_pending_until_the_pending_delay(timed_cloud: LocalCloud) -> None:
+    timed_cloud.delays.pending = 1.5
+    (iid, other), launched = launch(timed_cloud, count=2)
+    assert state(timed_cloud, iid) == "pending"
+    answer = timed_cloud.client().describe_instances()
+    codes = {i["InstanceId"]: i["State"]["Code"] for r in answer["Reservations"]
+             for i in r["Instances"]}
+    assert codes == {iid: 0, other: 0}
+    wait_for(lambda: state(timed_cloud, iid) == "running", 5, "running")
+    assert time.monotonic() - launched >= 1.5
+
+
+def test_boots_overlap(timed_cloud: LocalCloud, runtime: RecordingRuntime) -> None:
+    runtime.start_seconds = 1.0  # each machine's start takes a second
+    timed_cloud.delays.boot = 1.0
+    ids, launched = launch(timed_cloud, count=4)
+    wait_for(lambda: len(runtime.started) == 4, 10, "four workers to start")
+    starts = sorted(runtime.started[i] - launched for i in ids)
+    assert starts[0] >= 1.0
+    # One at a time, the last would start 3 s after the first.
+    assert starts[-1] - starts[0] < 1.5, starts
+
+
+def test_pull_delay_per_image_and_size(timed_cloud: LocalCloud,
+                                       runtime: RecordingRuntime) -> None:
+    timed_cloud.delays.boot = 1.0
+    timed_cloud.delays.pull = {"big:1": {"t3.micro": 4.0, "*": 2.0}, "small:1": 0.0}
+    timed_cloud.delays.default_pull = 2.0
+    (big_micro,), t0 = launch(timed_cloud, "big:1", "t3.micro")
+    (big_large,), t1 = launch(timed_cloud, "big:1", "c5.large")
+    (small,), t2 = launch(timed_cloud, "small:1")
+    (unnamed,), t3 = launch(timed_cloud, "other:1")
+    wait_for(lambda: len(runtime.started) == 4, 15, "four workers to start")
+    took = {iid: runtime.started[iid] - t for iid, t in
+            ((big_micro, t0), (big_large, t1), (small, t2), (unnamed, t3))}
+    tolerance = 1.5  # the hypervisor polls every 0.1 s; the machine is shared
+    assert 5.0 <= took[big_micro] < 5.0 + tolerance, took
+    assert 3.0 <= took[big_large] < 3.0 + tolerance, took
+    assert 1.0 <= took[small] < 1.0 + tolerance, took
+    assert 3.0 <= took[unnamed] < 3.0 + tolerance, took
+    assert runtime.images[big_micro] == "big:1"
+
+
+def test_start_from_stopped(timed_cloud: LocalCloud, runtime: RecordingRuntime) -> None:
+    timed_cloud.delays.pull = {"img:1": 30.0}
+    timed_cloud.delays.start = 3.0
+    timed_cloud.delays.pending = 2.0
+    (iid,), _ = launch(timed_cloud)
+    ec2 = timed_cloud.client()
+    ec2.stop_instances(InstanceIds=[iid])
+    time.sleep(0.3)  # the hypervisor sees it stopped
+    ec2.start_instances(InstanceIds=[iid])
+    started = time.monotonic()
+    assert state(timed_cloud, iid) == "pending"
+    wait_for(lambda: iid in runtime.started, 5, "the worker to start")
+    took = runtime.started[iid] - started
+    assert 3.0 <= took < 4.5, took  # the start delay, not 30 s of pull
+    assert runtime.images[iid] == "img:1"
+
+
+def test_terminated_while_booting_never_starts(timed_cloud: LocalCloud,
+                                               runtime: RecordingRuntime) -> None:
+    timed_cloud.delays.boot = 1.0
+    (iid,), _ = launch(timed_cloud)
+    timed_cloud.client().terminate_instances(InstanceIds=[iid])
+    time.sleep(1.6)
+    assert iid not in runtime.started
+
+
+def test_process_runtime_prepares_ahead(tmp_path: Path) -> None:
+    """The worker process starts at once and waits, after its imports, for its boot time."""
+    runtime = ProcessRuntime(tmp_path / "instances")
+    with LocalCloud(state_dir=tmp_path / "cloud", runtime=runtime,
+                    delays=Delays(boot=3.0)) as cloud:
+        (iid,), _ = launch(cloud)
+        wait_for(lambda: iid in runtime.running(), 5, "the process to be started early")
+        tac = (tmp_path / "instances" / iid / "buildbot.tac").read_text()
+        start_at = float(tac.split("time.sleep(max(0.0, ")[1].split(" - ")[0])
+        assert 2.0 < start_at - time.time() <= 3.0
+        cloud.client().terminate_instances(InstanceIds=[iid])
+        wait_for(lambda: not runtime.running(), 10, "the process to end with its instance")
+
+
+def test_boot_clock_rules() -> None:
+    now = [100.0]
+    clock = BootClock(Delays(pending=5, boot=20, pull={"a": {"m": 40, "*": 60}},
+                             default_pull=10, start=8), clock=lambda: now[0])
+    clock.launched(["i-1"], "a", "m")
+    clock.launched(["i-2"], "a", "x")
+    clock.launched(["i-3"], "b", "m")
+    assert [clock.worker_due(i) for i in ("i-1", "i-2", "i-3")] == [160, 180, 130]
+    assert clock.is_pending("i-1")
+    now[0] = 105.0
+    assert not clock.is_pending("i-1")
+    clock.started(["i-1"])
+    assert clock.worker_due("i-1") == 113 and clock.is_pending("i-1")
+    assert clock.worker_due("i-unknown") is None and not clock.is_pending("i-unknown")
+    clock.launched(["i-2"], "other", "m")  # a replayed ClientToken: the first launch stands
+    assert clock.worker_due("i-2") == 180
+
+
+def test_bad_delays_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"pull\['a'\]\['m'\]=-1"):
+        LocalCloud(state_dir=tmp_path, delays=Delays(pull={"a": {"m": -1}}))
+    assert _pull_delay("repo/img:1@c5.large=12.5") == ("repo/img:1", 12.5, "c5.large")
+    assert _pull_delay("127.0.0.1:5000/img:1=3") == ("127.0.0.1:5000/img:1", 3.0, "*")
+    with pytest.raises(SystemExit, match="IMAGE=SECONDS"):
+        _pull_delay("img:1")
