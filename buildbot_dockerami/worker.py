@@ -50,6 +50,7 @@ from buildbot_dockerami.container_passwords import SECRET_KEY, OneTimeCredential
 from buildbot_dockerami.credentials import key_problems
 from buildbot_dockerami.fleet import Fleet, InstanceGroup
 from buildbot_dockerami.userdata import UserData, UserDataError
+from buildbot_dockerami.www import restfix
 
 DEFAULT_BUILD_WAIT_TIMEOUT = 10 * 60
 #: States in which a slot worker is on its way to expecting its next container.
@@ -329,6 +330,9 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         )
         self.endpoint_url = endpoint_url
         self.session = session
+        # buildbot 4.2-4.3's REST API can take the web server down (www/restfix.py):
+        # any master with this worker gets the workaround, plugin page or not.
+        restfix.install()
         self.ec2_timeout = ec2_timeout
         self.market = market
         self.idle_action = idle_action
