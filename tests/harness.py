@@ -56,11 +56,14 @@ def _template_basedir(root: Path) -> Path:
 
 
 #: buildbot's own tracebacks that are not faults of the plugin: a rejected worker
-#: password (logged for every invalid login, e.g. an orphan's old one), and a worker
+#: password (logged for every invalid login, e.g. an orphan's old one), a worker
 #: logging in while the master shuts down (buildbot 4.3's PB dispatcher releases
-#: ``self.master.initLock`` after the master was detached from it).
+#: ``self.master.initLock`` after the master was detached from it), and buildbot's
+#: arbitration between two connections under one worker name (an orphan's and the
+#: tracked instance's; the plugin then refuses the orphan).
 BUILDBOT_NOISE = ("twisted.cred.error.UnauthorizedLogin",
-                  "in requestAvatarId\n\t    eventually(self.master.initLock.release)")
+                  "in requestAvatarId\n\t    eventually(self.master.initLock.release)",
+                  'raise RuntimeError("rejecting duplicate worker")')
 
 
 def unhandled_errors(log: str) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -236,8 +237,13 @@ def test_without_its_firewall_rule_the_bootstrap_runs_no_container(
     failure = next(line for line in master.log().splitlines()
                    if "latent worker crashed before connecting" in line)
     assert "FATAL: cannot close the metadata service" in failure
-    instance_id = only_instance(cloud)["InstanceId"]
+    # buildbot retries the request, so a second instance may be on its way: this one is
+    # the one the failure names.
+    instance_id = re.search(r"instance (i-[0-9a-f]+)", failure).group(1)
     assert "starting" not in cloud.runtime.console(instance_id)  # no container, no pull
     assert not container_names(engine, ContainerRuntime.container_name(instance_id))
-    wait_for(lambda: only_instance(cloud)["State"]["Name"] == "terminated", 30,
-             "the instance to be terminated")
+
+    def state() -> str:
+        reservations = cloud.client().describe_instances(InstanceIds=[instance_id])
+        return reservations["Reservations"][0]["Instances"][0]["State"]["Name"]
+    wait_for(lambda: state() == "terminated", 30, "the instance to be terminated")
