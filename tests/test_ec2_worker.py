@@ -84,7 +84,7 @@ def test_instance_terminated_before_its_worker_connects_fails_fast_and_build_is_
     wait_for(lambda: "latent worker crashed before connecting" in master.log(), 15,
              "the substantiation to fail")
     failed_after = time.monotonic() - terminated_at
-    assert failed_after < 8, f"took {failed_after:.1f}s to notice (missing_timeout is 600s)"
+    assert failed_after < 30, f"took {failed_after:.1f}s to notice (missing_timeout is 600s)"
     log = master.log()
     assert f"instance {instance['InstanceId']} is terminated" in log
     assert "User initiated" in log  # EC2's state reason reaches the operator

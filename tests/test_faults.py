@@ -154,7 +154,7 @@ def test_an_instance_terminated_from_outside_is_seen_within_one_interval(
                 and instance_id in row["last_failure"])
     wait_for(gone, INTERVAL + 10, "the Fleet page to show the instance gone")
     seen_after = time.monotonic() - killed
-    assert seen_after < INTERVAL + 3, seen_after
+    assert seen_after < INTERVAL + 6, seen_after  # one check interval, not ~9 minutes
     row = fleet(master)["workers"][0]
     assert f"instance {instance_id} terminated" in row["last_failure"]
     metrics = requests.get(
@@ -196,7 +196,9 @@ def test_fleet_readers_never_drive_ec2(make_master, cloud):
         body = requests.get(url, timeout=10).json()
         slowest = max(slowest, time.monotonic() - t0)
     assert body["workers"][0]["state"] == "connected"
-    assert slowest < 0.1, slowest
+    # Far below the 20 s hold: the answer never waits for EC2 (a loaded CI machine
+    # can take a few hundred ms for one local GET, so no tighter bound here).
+    assert slowest < 2.0, slowest
     cloud.faults.clear()
     cloud.faults.release()
 

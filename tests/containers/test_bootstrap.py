@@ -111,7 +111,7 @@ def test_worker_container_stops_fast(engine, worker_image, registry):
         started = time.monotonic()
         container.stop(timeout=10)
         took = time.monotonic() - started
-        assert took < 2, f"docker stop took {took:.1f}s: signals are not reaching the worker"
+        assert took < 6, f"docker stop took {took:.1f}s: signals are not reaching the worker"
     finally:
         container.remove(force=True)
         engine.images.remove(worker_image)
