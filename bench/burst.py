@@ -28,6 +28,7 @@ import datetime
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -206,7 +207,8 @@ def run_kind(kind: str, cloud: LocalCloud, root: Path, workers: int, idle: float
         old_instances = {d.name for d in instances.iterdir()}
         if profile:
             # Collapsed stacks (flamegraph input) of the master's first PROFILE seconds.
-            subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "100",
+            spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+            subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "100",
                               "--format", "raw", "--duration", str(int(profile)),
                               "--output", str(root / f"profile-{kind}.txt")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
