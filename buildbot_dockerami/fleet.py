@@ -19,7 +19,16 @@ from twisted.internet import defer, task, threads
 from twisted.python import failure, log
 from twisted.python.threadpool import ThreadPool
 
-from buildbot_dockerami import fallback, heap, multimaster, policy, pools, reconcile, warmpool
+from buildbot_dockerami import (
+    demand,
+    fallback,
+    heap,
+    multimaster,
+    policy,
+    pools,
+    reconcile,
+    warmpool,
+)
 from buildbot_dockerami.cloud import DEFAULT_TIMEOUT, AsyncEc2, CloudError, Ec2
 from buildbot_dockerami.metrics import Metrics
 from buildbot_dockerami.policy import InstanceStatus
@@ -126,6 +135,9 @@ class Fleet:
                 # Several masters share pools and reclaim each other's instances.
                 fleet.shared = multimaster.Coordinator(fleet, master)
                 fleet.shared.start()
+            else:
+                fleet.demand = demand.LaunchOnRequest(fleet, master)
+                fleet.demand.start().addErrback(log.err, "dockerami: launch on request")
             heap.freeze_after_startup(master.reactor)
         return fleet
 
@@ -163,6 +175,8 @@ class Fleet:
         self._terminations: dict[str, list[defer.Deferred]] = {}
         #: This master's part in the fleet all masters share (multimaster.Coordinator).
         self.shared: multimaster.Coordinator | None = None
+        #: Launches idle workers for queued build requests (one master only).
+        self.demand: demand.LaunchOnRequest | None = None
 
     def group(self, name: str) -> InstanceGroup:
         """The shared instance of the slot workers named for ``name``."""
@@ -184,6 +198,8 @@ class Fleet:
 
     def begin_stopping(self) -> None:
         self._stopping = True
+        if self.demand is not None:
+            self.demand.stop()
         self.reconciler.stop()
         if self.shared is not None:
             self.shared.stop()

@@ -30,6 +30,7 @@ from twisted.spread import pb
 
 from buildbot_dockerami import (
     address,
+    demand,
     fallback,
     policy,
     pools,
@@ -210,6 +211,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         max_stopped: Any = warmpool.DEFAULT_MAX_STOPPED,
         max_stopped_age: Any = warmpool.DEFAULT_MAX_STOPPED_AGE,
         master_tls_fingerprint: str | None = None,
+        launch_on_request: Any = True,
         **kwargs: Any,
     ) -> None:
         problems = config_problems(
@@ -256,6 +258,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         if (isinstance(max_stopped_age, bool) or not isinstance(max_stopped_age, int | float)
                 or max_stopped_age <= 0):
             problems.append(f"max_stopped_age: {max_stopped_age!r} must be seconds > 0")
+        if not isinstance(launch_on_request, bool):
+            problems.append(f"launch_on_request: {launch_on_request!r} must be True or False")
         problems += key_problems(identifier, secret_identifier, session)
         problems += tls.fingerprint_problems(master_tls_fingerprint)
         bad, kwargs = buildbot_settings(kwargs, accepted_keywords(type(self)))
@@ -308,6 +312,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         max_stopped: int = warmpool.DEFAULT_MAX_STOPPED,
         max_stopped_age: float = warmpool.DEFAULT_MAX_STOPPED_AGE,
         master_tls_fingerprint: str | None = None,
+        launch_on_request: bool = True,
         **kwargs: Any,
     ) -> Any:
         self.image = image
@@ -337,6 +342,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         self.market = market
         self.idle_action = idle_action
         self.reconcile_interval = reconcile_interval
+        self.launch_on_request = launch_on_request
         # Rendered by buildbot (``secrets`` above) before they get here.
         self.credentials = (
             None if identifier is None else Credentials(identifier, secret_identifier)
@@ -837,10 +843,23 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         # A build that would need a new instance waits while its pool is at its cap.
         return super().canStartBuild() and pools.may_launch(self)
 
+    @property
+    def stopping(self) -> bool:
+        """The worker is being removed or the master stops: no new instance for it."""
+        return self._stopping
+
+    def may_launch_ahead(self) -> bool:
+        """Whether launch on request may start this worker before a build asks for it."""
+        return (self.group is None and self.state == States.NOT_SUBSTANTIATED
+                and not self._stopping and self.canStartBuild()
+                and demand.same_for_every_build(self))
+
     @defer.inlineCallbacks
     def isCompatibleWithBuild(self, build_props: Any) -> Any:
         # Asked again for every build buildbot is about to start (canStartBuild is only
         # asked once per batch), after the builds before it have taken their workers.
+        if demand.prefers_spare(self, build_props.getProperty("buildername")):
+            return False  # buildbot then tries the worker whose instance is on its way
         if not pools.may_launch(self):
             return False
         if not (yield super().isCompatibleWithBuild(build_props)):
@@ -849,8 +868,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         return (yield pools.reserve(self))
 
     def prewarm(self) -> bool:
-        """Boot an instance now, before any build asks (the Fleet page's Start, or the
-        pool's warm minimum)."""
+        """Boot an instance now, before any build asks (the Fleet page's Start, the
+        pool's warm minimum, or build requests waiting: demand.py)."""
         if (self.state != States.NOT_SUBSTANTIATED or self.isPaused() or self._stopping
                 or not pools.may_launch(self)):
             return False

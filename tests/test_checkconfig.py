@@ -58,6 +58,8 @@ BAD_WORKERS = {
     "misstr": ("image='org/w:1', missing_timeout='x'", "'missing_timeout: ", "not str"),
     "mis0": ("image='org/w:1', missing_timeout=0", "'missing_timeout: ", ">= 1, not 0"),
     "misnone": ("image='org/w:1', missing_timeout=None", "'missing_timeout: ", "not NoneType"),
+    "lorstr": ("image='org/w:1', launch_on_request='no'", "'launch_on_request: ",
+               "must be True or False"),
     "maxstr": ("image='org/w:1', max_builds='x'", "'max_builds: ", "whole number >= 1, not str"),
     "max0": ("image='org/w:1', max_builds=0", "'max_builds: ", "not 0"),
     "maxbool": ("image='org/w:1', max_builds=True", "'max_builds: ", "not bool"),

@@ -1,0 +1,168 @@
+"""Launching when build requests are queued, not when buildbot hands each build out.
+
+Why: buildbot hands a builder's builds out one at a time, each after a dozen database
+transactions (on SQLite, queued on one thread behind the writes of the builds already
+started): in a burst of 50 the last launch would come 10-15 s after the first, and the
+last build would run that much after one boot time. Launched as soon as the requests
+are queued, the instances boot while buildbot hands the builds out.
+
+Two halves: ``plan`` (pure) decides how many idle workers to launch for the requests
+waiting; ``prefers_spare`` makes buildbot give a build to a worker whose instance is
+already on its way, rather than to an idle worker (buildbot picks at random), so that
+a launched (or pre-warmed) instance is used instead of launching another one.
+
+Only for builders whose workers are all this plugin's, with launch settings that are
+the same for every build (no renderables): any such instance fits any of their builds.
+Off with several masters, where any master may claim a request (the launches would be
+repeated on every master).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from buildbot.data import resultspec
+from buildbot.interfaces import IRenderable
+from buildbot.worker.latent import States
+from twisted.internet import defer
+from twisted.python import log
+
+#: Launch settings that may differ per build (rendered with its properties).
+PER_BUILD_SETTINGS = ("image", "instance_type", "ami", "setup_repo", "setup_branch")
+#: An instance launching or up.
+ON_ITS_WAY = (States.SUBSTANTIATING, States.SUBSTANTIATING_STARTING, States.SUBSTANTIATED)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An idle worker that could be launched, and the builders it serves."""
+
+    name: str
+    builders: frozenset[str]
+
+
+def plan(waiting: Mapping[str, int], spare: Mapping[str, int],
+         candidates: Iterable[Candidate]) -> list[str]:
+    """The workers to launch so that every builder has an instance on its way for each
+    request waiting. A launched worker counts for every builder it serves (as a spare
+    one does), so a worker shared by builders never brings more instances than any one
+    of them asked for: the rest are launched by buildbot when it hands the builds out."""
+    short = {b: n - spare.get(b, 0) for b, n in waiting.items() if n > spare.get(b, 0)}
+    chosen = []
+    for candidate in candidates:
+        if any(short.get(b, 0) > 0 for b in candidate.builders):
+            chosen.append(candidate.name)
+            for b in candidate.builders:
+                short[b] = short.get(b, 0) - 1
+    return chosen
+
+
+def same_for_every_build(worker: Any) -> bool:
+    return not any(IRenderable.providedBy(getattr(worker, name, None))
+                   for name in PER_BUILD_SETTINGS)
+
+
+def is_spare(worker: Any, wfb: Any) -> bool:
+    """An instance on its way or up, with no build, that buildbot may give a build to."""
+    return (worker.state in ON_ITS_WAY and not worker.building and not worker.stopping
+            and (worker.state != States.SUBSTANTIATED or worker.conn is not None)
+            and same_for_every_build(worker) and wfb.isAvailable())
+
+
+def prefers_spare(worker: Any, buildername: str | None) -> bool:
+    """Whether buildbot should give this build to another worker than ``worker``
+    (idle, no instance): one whose instance is already on its way for the builder."""
+    if buildername is None or worker.state != States.NOT_SUBSTANTIATED:
+        return False
+    for other in list(worker.fleet.workers):
+        if other is worker:
+            continue
+        wfb = other.workerforbuilders.get(buildername)
+        if wfb is not None and is_spare(other, wfb):
+            return True
+    return False
+
+
+def _ours_only(builder: Any, fleet: Any) -> bool:
+    ours = set(fleet.workers)
+    return bool(builder.workers) and all(
+        wfb.worker in ours and wfb.worker.launch_on_request for wfb in builder.workers)
+
+
+class LaunchOnRequest:
+    """Watches buildbot's queue (message queue events for new and unclaimed build
+    requests) and launches idle workers for the requests waiting."""
+
+    EVENTS = (("buildrequests", None, "new"), ("buildrequests", None, "unclaimed"))
+
+    def __init__(self, fleet: Any, master: Any) -> None:
+        self.fleet = fleet
+        self.master = master
+        self._consumers: list[Any] = []
+        self._builderids: set[int] = set()
+        #: The pass in progress; events during it ask for one more pass after it.
+        self._running: defer.Deferred | None = None
+        self._again = False
+
+    @defer.inlineCallbacks
+    def start(self) -> Any:
+        if self._consumers:
+            return
+        for event in self.EVENTS:
+            self._consumers.append(
+                (yield self.master.mq.startConsuming(self._queued, event)))
+
+    def stop(self) -> None:
+        for consumer in self._consumers:
+            consumer.stopConsuming()
+        self._consumers = []
+
+    def _queued(self, _key: Any, request: dict[str, Any]) -> None:
+        if not request.get("claimed"):
+            self._builderids.add(request["builderid"])
+            self._run()
+
+    def _run(self) -> None:
+        if self._running is not None:
+            self._again = True
+            return
+        self._running = defer.maybeDeferred(self._launch_for_waiting)
+        self._running.addErrback(log.err, "dockerami: launch on request")
+        self._running.addBoth(self._done)
+
+    def _done(self, _: Any) -> None:
+        self._running = None
+        if self._again:
+            self._again = False
+            self._run()
+
+    @defer.inlineCallbacks
+    def _launch_for_waiting(self) -> Any:
+        builderids, self._builderids = self._builderids, set()
+        fleet, botmaster = self.fleet, self.master.botmaster
+        if fleet.stopping or fleet.shared is not None or botmaster is None:
+            return
+        waiting: dict[str, int] = {}
+        for builder in list(botmaster.builders.values()):
+            if not _ours_only(builder, fleet):
+                continue
+            builderid = yield builder.getBuilderId()
+            if builderid in builderids:
+                unclaimed = yield self.master.data.get(
+                    ("builders", builderid, "buildrequests"),
+                    [resultspec.Filter("claimed", "eq", [False])])
+                waiting[builder.name] = len(unclaimed)
+        if not waiting:
+            return
+        workers = sorted(fleet.workers, key=lambda w: w.name)
+        spare = {name: sum(1 for w in workers if name in w.workerforbuilders
+                           and is_spare(w, w.workerforbuilders[name]))
+                 for name in waiting}
+        candidates = [Candidate(w.name, frozenset(w.workerforbuilders)) for w in workers
+                      if w.launch_on_request and w.may_launch_ahead()]
+        by_name = {w.name: w for w in workers}
+        for name in plan(waiting, spare, candidates):
+            if by_name[name].prewarm():
+                log.msg(f"dockerami: launching {name} for the build requests waiting")

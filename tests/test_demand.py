@@ -1,0 +1,106 @@
+"""Launch on request: instances for queued build requests boot before buildbot hands
+the builds out, and buildbot gives a build to the worker whose instance is on its way
+(not to a random idle worker, which would launch a second instance)."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from buildbot_dockerami.demand import Candidate, plan
+from tests.harness import SUCCESS, control_worker, master_cfg, wait_for
+from tests.test_ec2_worker import instances
+
+
+def test_plan_launches_one_worker_per_request_beyond_the_spares() -> None:
+    candidates = [Candidate(f"w{i}", frozenset({"a"})) for i in range(10)]
+    assert plan({"a": 4}, {"a": 1}, candidates) == ["w0", "w1", "w2"]
+    assert plan({"a": 2}, {"a": 2}, candidates) == []
+    assert plan({"a": 0}, {}, candidates) == []
+    assert plan({"a": 20}, {}, candidates[:3]) == ["w0", "w1", "w2"]  # only who is idle
+
+
+def test_plan_counts_a_shared_worker_for_every_builder_it_serves() -> None:
+    both = Candidate("ab", frozenset({"a", "b"}))
+    only_b = Candidate("b1", frozenset({"b"}))
+    only_c = Candidate("c1", frozenset({"c"}))
+    # One request each on a and b: the shared worker covers both, b1 stays idle.
+    assert plan({"a": 1, "b": 1}, {}, [both, only_b]) == ["ab"]
+    assert plan({"a": 1, "b": 2}, {}, [both, only_b]) == ["ab", "b1"]
+    assert plan({"a": 1}, {}, [only_c]) == []  # serves no builder with requests
+
+
+GATE = """
+import os as _os
+def _gate(builder, wfb, request):
+    return _os.path.exists({gate!r})
+"""
+
+
+def gated_master(make_master, gate, **kwargs):
+    """A builder that hands nothing out until the gate file exists: requests queue up
+    as in a burst where buildbot has not got to them yet."""
+    config = master_cfg(workers=6, build_wait_timeout=30, **kwargs).replace(
+        "c['builders'] = [", GATE.format(gate=str(gate)) + "c['builders'] = [",
+    ).replace("factory=factory),", "factory=factory, canStartBuild=_gate),")
+    return make_master(config)
+
+
+def launched(cloud) -> list[dict]:
+    return [i for i in instances(cloud) if i["State"]["Name"] in ("pending", "running")]
+
+
+@pytest.mark.integration
+def test_queued_requests_launch_instances_that_their_builds_then_use(
+        make_master, cloud, tmp_path):
+    gate = tmp_path / "gate"
+    cloud.delays.boot = 4.0
+    master = gated_master(make_master, gate)
+    requests_ = [master.force() for _ in range(3)]
+    # Nothing was handed out (the gate is shut), yet three instances boot.
+    wait_for(lambda: len(launched(cloud)) == 3, 30, "three instances for three requests")
+    assert all(not master.builds_for(brid) for brid in requests_)
+    ids = {i["InstanceId"] for i in launched(cloud)}
+    gate.touch()
+    for name in ("w0", "w1"):  # buildbot looks at the queue again when a worker unpauses
+        control_worker(master, name, "pause")
+        control_worker(master, name, "unpause")
+    results = [master.wait_request(brid, 120)["results"] for brid in requests_]
+    assert results == [SUCCESS] * 3
+    assert cloud.faults.count("RunInstances") == 3, "a build launched another instance"
+    assert {i["InstanceId"] for i in instances(cloud)} == ids
+    assert master.stop()
+
+
+@pytest.mark.integration
+def test_launch_on_request_can_be_turned_off(make_master, cloud, tmp_path):
+    master = gated_master(make_master, tmp_path / "gate", worker_extra="launch_on_request=False,")
+    master.force()
+    wait_for(lambda: "added buildset" in master.log(), 30, "the request")
+    with pytest.raises(AssertionError):
+        wait_for(lambda: launched(cloud), 5, "an instance")
+    assert master.stop()
+
+
+@pytest.mark.integration
+def test_a_build_goes_to_the_prewarmed_worker_not_a_random_one(make_master, cloud):
+    config = master_cfg(workers=10, build_wait_timeout=60).replace(
+        "'plugins': {}", "'plugins': {'dockerami': {'anonymous_control': True}}")
+    master = make_master(config)
+    url = f"http://127.0.0.1:{master.www_port}/plugins/dockerami/api"
+
+    def state(name: str) -> str:
+        rows = requests.get(f"{url}/fleet", timeout=10).json()["workers"]
+        return next(r["state"] for r in rows if r["name"] == name)
+    for round_, name in enumerate(("w7", "w3")):
+        assert requests.post(f"{url}/control", json={"action": "prewarm", "worker": name},
+                             timeout=10).status_code == 200
+        wait_for(lambda name=name: state(name) == "connected", 60, f"{name} to connect")
+        brid = master.force()
+        assert master.wait_request(brid, 120)["results"] == SUCCESS
+        workerid = master.builds_for(brid)[0]["workerid"]
+        worker = next(w["name"] for w in master.get("workers") if w["workerid"] == workerid)
+        # Round 2: w7 is still up and idle too; either is right, a third instance is not.
+        assert worker in ("w7", "w3")[:round_ + 1], f"round {round_}: the build went to {worker}"
+        assert cloud.faults.count("RunInstances") == round_ + 1
+    assert master.stop()
