@@ -140,6 +140,8 @@ class Result:
     all_terminated: bool = False
     force_seconds: float = 0.0
     machines_late: float = 0.0
+    #: Per build: from its worker connecting (master log) to its command running.
+    after_connect: list[float] = field(default_factory=list)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -223,11 +225,16 @@ def run_kind(kind: str, cloud: LocalCloud, root: Path, workers: int, idle: float
         result.finished = max(b["complete_at"] for b in builds) - wall0
         result.cpu = cpu_seconds(pid) - cpu_before
         result.all_success = all(b["results"] == SUCCESS for b in builds)
+        names = {w["workerid"]: w["name"] for w in master.get("workers")}
+        attached = attach_times(master.log())
         for build in builds:
             text = retrying(lambda b=build: master.step_log(b["buildid"], "run"))
             match = re.search(r"stamp=(\d+\.\d+)", text)
             if match:
                 result.running.append(float(match.group(1)) - wall0)
+                connected = attached.get(names.get(build["workerid"], ""))
+                if connected is not None:
+                    result.after_connect.append(float(match.group(1)) - connected)
         ec2 = cloud.client()
 
         def all_gone() -> bool:
@@ -258,6 +265,15 @@ def run_kind(kind: str, cloud: LocalCloud, root: Path, workers: int, idle: float
     return result
 
 
+def attach_times(log: str) -> dict[str, float]:
+    """When each worker last connected, from the master's log (local time, ms)."""
+    times = {}
+    for stamp, name in re.findall(
+            r"^(\S+ \S+) \[.*?\] Worker (\S+) attached to burst$", log, re.M):
+        times[name] = datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").timestamp()
+    return times
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
@@ -276,6 +292,10 @@ def report(result: Result, boot: float, workers: int) -> None:
     print(f"{'':<10} master CPU {result.cpu:5.1f} s, peak RSS {result.peak_rss_mb:5.0f} MB; "
           f"forcing took {result.force_seconds:.1f} s; machines late <= "
           f"{result.machines_late:.1f} s")
+    gap = result.after_connect
+    print(f"{'':<10} worker connected -> its build running: median "
+          f"{percentile(gap, 0.5):.2f} s, p90 {percentile(gap, 0.9):.2f} s, max "
+          f"{max(gap or [float('nan')]):.2f} s ({len(gap)} builds)")
     print(f"{'':<10} EC2 calls: {calls}")
     print(f"{'':<10} all {workers} builds SUCCESS and every instance terminated: "
           f"{'yes' if ok else 'NO'}", flush=True)

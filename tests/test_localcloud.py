@@ -82,7 +82,8 @@ def test_defaults_are_instant(timed_cloud: LocalCloud, runtime: RecordingRuntime
     (iid,), launched = launch(timed_cloud)
     assert state(timed_cloud, iid) == "running"
     wait_for(lambda: iid in runtime.started, 5, "the worker to start")
-    assert runtime.started[iid] - launched < 3.0  # no emulated delay, only this machine's own latency
+    # No emulated delay: only this machine's own latency.
+    assert runtime.started[iid] - launched < 3.0
 
 
 def test_pending_until_the_pending_delay(timed_cloud: LocalCloud) -> None:
