@@ -29,6 +29,10 @@ class PoolLimits:
     min_warm: int = 0
 
 
+#: How long buildbot may take from approving a worker for a build to starting it.
+RESERVATION_SECONDS = 30.0
+
+
 def instance_key(worker: Any) -> str:
     """The instance a worker runs on: its group's for slots, its own otherwise."""
     return worker.group.name if worker.group is not None else worker.name
@@ -70,6 +74,18 @@ class InUse:
         self._members: Counter[tuple[str, str]] = Counter()
         self._groups: dict[tuple[str, str], Any] = {}
         self._in_use: dict[str, set[str]] = {}
+        #: pool -> instance key -> when its reservation lapses.
+        self._reserved: dict[str, dict[str, float]] = {}
+
+    def reserve(self, pool: str, key: str, until: float) -> None:
+        if key not in self._in_use.get(pool, ()):
+            self._reserved.setdefault(pool, {})[key] = until
+
+    def _lapse(self, pool: str, now: float) -> dict[str, float]:
+        reserved = self._reserved.get(pool, {})
+        for key in [k for k, until in reserved.items() if until < now]:
+            del reserved[key]
+        return reserved
 
     def note(self, worker: Any) -> None:
         """The worker's state, instance, builds, pool or group may have changed."""
@@ -103,11 +119,14 @@ class InUse:
         for worker in workers:
             self.note(worker)
 
-    def count(self, pool: str) -> int:
-        return len(self._in_use.get(pool, ()))
+    def count(self, pool: str, now: float) -> int:
+        """Instances in use or reserved (reservations are few and short-lived)."""
+        in_use = self._in_use.get(pool, set())
+        reserved = self._lapse(pool, now)
+        return len(in_use) + sum(1 for key in reserved if key not in in_use)
 
-    def uses(self, pool: str, key: str) -> bool:
-        return key in self._in_use.get(pool, ())
+    def uses(self, pool: str, key: str, now: float) -> bool:
+        return key in self._in_use.get(pool, ()) or key in self._lapse(pool, now)
 
     def _uncount(self, worker: Any) -> None:
         old = self._counted.pop(worker, None)
@@ -126,6 +145,7 @@ class InUse:
         keys = self._in_use.setdefault(slot[0], set())
         if used:
             keys.add(slot[1])
+            self._reserved.get(slot[0], {}).pop(slot[1], None)  # served
         else:
             keys.discard(slot[1])
 
@@ -141,10 +161,11 @@ def may_launch(worker: Any) -> bool:
         return True
     in_use = worker.fleet.in_use
     key = instance_key(worker)
+    now = worker.fleet.reactor.seconds()
     shared = getattr(worker.fleet, "shared", None)
-    if in_use.uses(worker.pool, key) or (shared is not None and key in shared.pending):
+    if in_use.uses(worker.pool, key, now) or (shared is not None and key in shared.pending):
         return True
-    count = in_use.count(worker.pool)
+    count = in_use.count(worker.pool, now)
     if shared is not None:
         count = max(count, shared.counts(worker.pool).in_use)
     return policy.may_launch(count, limits.cap)
@@ -159,9 +180,14 @@ def reserve(worker: Any) -> defer.Deferred:
     """Whether the worker may have an instance, its pool's slot claimed in the shared
     database if it needs a new one (multimaster.Coordinator.reserve)."""
     shared = getattr(worker.fleet, "shared", None)
-    if shared is None:
-        return defer.succeed(may_launch(worker))
-    return shared.reserve(worker)
+    if shared is not None:
+        return shared.reserve(worker)
+    if not may_launch(worker):
+        return defer.succeed(False)
+    if capped(worker.pool, worker.fleet):
+        worker.fleet.in_use.reserve(worker.pool, instance_key(worker),
+                                    worker.fleet.reactor.seconds() + RESERVATION_SECONDS)
+    return defer.succeed(True)
 
 
 def claim_for_launch(worker: Any) -> defer.Deferred:

@@ -58,14 +58,34 @@ def test_index_follows_every_change() -> None:
         index.note(worker)
         for pool in ("a", "b"):
             expected = recount(workers, pool)
-            assert index.count(pool) == len(expected)
-            assert all(index.uses(pool, key) for key in expected)
+            assert index.count(pool, 0.0) == len(expected)
+            assert all(index.uses(pool, key, 0.0) for key in expected)
 
 
 def test_forgotten_workers_free_their_instance() -> None:
     worker = Worker("w", "a", instance=object())
     index = pools.InUse()
     index.note(worker)
-    assert index.count("a") == 1 and index.uses("a", "w")
+    assert index.count("a", 0.0) == 1 and index.uses("a", "w", 0.0)
     index.forget(worker)
-    assert index.count("a") == 0
+    assert index.count("a", 0.0) == 0
+
+
+def test_a_reservation_counts_until_its_worker_starts_or_it_lapses() -> None:
+    """buildbot approved w1 for a build but has not started it yet: a launch decided
+    in between must count it (else a cap of 1 lets two instances run)."""
+    w1, w2 = Worker("w1", "a"), Worker("w2", "a")
+    index = pools.InUse()
+    index.resync([w1, w2])
+    index.reserve("a", "w1", until=30.0)
+    assert index.count("a", 1.0) == 1 and index.uses("a", "w1", 1.0)
+    assert not index.uses("a", "w2", 1.0)
+    w1.state = States.SUBSTANTIATING  # started: the reservation is served
+    index.note(w1)
+    assert index.count("a", 1.0) == 1
+    w1.state = States.NOT_SUBSTANTIATED
+    index.note(w1)
+    assert index.count("a", 1.0) == 0  # not held again by the served reservation
+    index.reserve("a", "w2", until=30.0)
+    assert index.count("a", 29.0) == 1
+    assert index.count("a", 31.0) == 0  # buildbot dropped the build: it lapses
