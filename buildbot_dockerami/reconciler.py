@@ -12,6 +12,7 @@ from twisted.python import failure, log
 from buildbot_dockerami import policy, reconcile, warmpool
 from buildbot_dockerami.cloud import AsyncEc2
 from buildbot_dockerami.policy import InstanceStatus
+from buildbot_dockerami.singleflight import SingleFlight
 
 if TYPE_CHECKING:
     from buildbot_dockerami.fleet import Fleet
@@ -32,7 +33,7 @@ class Reconciler:
         self.last_error = ""
         self.passes = 0
         self._loop: task.LoopingCall | None = None
-        self._running: defer.Deferred | None = None
+        self._flight = SingleFlight(self._pass, self._done)
         self._first: Any = None
         #: Untracked instances of the last pass: terminated if still untracked now.
         self._suspects: set[str] = set()
@@ -68,13 +69,9 @@ class Reconciler:
         if self.fleet.stopping:
             self.stop()
             return defer.succeed(None)
-        if self._running is None:  # never two passes at once
-            self._running = self._pass()
-            self._running.addBoth(self._done)
-        return defer.succeed(None)
+        return self._flight.tick()
 
     def _done(self, result: Any) -> None:
-        self._running = None
         if isinstance(result, failure.Failure):
             log.err(result, "dockerami: reconciler pass")
 
