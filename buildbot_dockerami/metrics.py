@@ -156,36 +156,26 @@ def families(metrics: Metrics, gauges: Mapping[str, Mapping[Labels, float]],
     the fleet's workers (instance groups for slots), which get a zero launch counter."""
     counters, histograms = metrics.snapshot()
     seeds = {"dockerami_instance_launches_total": tuple(workers)}
+    # Per kind: its series by name, which declared families are present even unused
+    # (gauges: only those given), the family type, a zero sample and a sample's values.
+    kinds = (
+        (counters, "counter", CounterMetricFamily, 0, lambda value: (value,)),
+        (histograms, "histogram", HistogramMetricFamily, [],
+         lambda values: (_buckets(values), sum(values))),
+        (gauges, "", GaugeMetricFamily, 0, lambda value: (value,)),
+    )
     result: list[Metric] = []
-    for name in sorted(set(counters) | {n for n, f in FAMILIES.items() if f.kind == "counter"}):
-        family = FAMILIES.get(name)
-        series = _seeded(counters.get(name, {}), family,
-                         seeds.get(name, family.seeds if family else ()), 0)
-        names = _label_names(series, family)
-        metric = CounterMetricFamily(name, family.help if family else name, labels=names)
-        for labels, value in sorted(series.items()):
-            given = dict(labels)
-            metric.add_metric([given.get(n, "") for n in names], value)
-        result.append(metric)
-    for name in sorted(set(histograms) | {n for n, f in FAMILIES.items()
-                                          if f.kind == "histogram"}):
-        family = FAMILIES.get(name)
-        series = _seeded(histograms.get(name, {}), family, family.seeds if family else (), [])
-        names = _label_names(series, family)
-        metric = HistogramMetricFamily(name, family.help if family else name, labels=names)
-        for labels, values in sorted(series.items()):
-            given = dict(labels)
-            metric.add_metric([given.get(n, "") for n in names], _buckets(values), sum(values))
-        result.append(metric)
-    for name, values in sorted(gauges.items()):
-        family = FAMILIES.get(name)
-        series = _seeded(values, family, family.seeds if family else (), 0)
-        names = _label_names(series, family)
-        metric = GaugeMetricFamily(name, family.help if family else name, labels=names)
-        for labels, value in sorted(series.items()):
-            given = dict(labels)
-            metric.add_metric([given.get(n, "") for n in names], value)
-        result.append(metric)
+    for by_name, declared, make, zero, sample in kinds:
+        for name in sorted(set(by_name) | {n for n, f in FAMILIES.items() if f.kind == declared}):
+            family = FAMILIES.get(name)
+            series = _seeded(by_name.get(name, {}), family,
+                             seeds.get(name, family.seeds if family else ()), zero)
+            names = _label_names(series, family)
+            metric = make(name, family.help if family else name, labels=names)
+            for labels, value in sorted(series.items()):
+                given = dict(labels)
+                metric.add_metric([given.get(n, "") for n in names], *sample(value))
+            result.append(metric)
     return result
 
 

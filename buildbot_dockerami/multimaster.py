@@ -27,6 +27,7 @@ from twisted.python import failure, log
 
 from buildbot_dockerami import policy, pools, reconcile, shared
 from buildbot_dockerami.shared import MasterRow, Row
+from buildbot_dockerami.singleflight import SingleFlight
 
 #: Seconds between two passes: mirror this master's instances, read everyone's.
 SYNC_INTERVAL = 2.0
@@ -132,7 +133,7 @@ class Coordinator:
         self.reclaimed: dict[str, list[str]] = {}
         self._tables = False
         self._lock = defer.DeferredLock()
-        self._running: defer.Deferred | None = None
+        self._flight = SingleFlight(self._pass, self._done)
         self._last_reclaim = float("-inf")
         self._free: dict[str, int] = {}
         self._loop = task.LoopingCall(self.tick)
@@ -215,13 +216,11 @@ class Coordinator:
         return ok
 
     def tick(self) -> defer.Deferred:
-        if self._running is None and self.masterid is not None:
-            self._running = self._pass()
-            self._running.addBoth(self._done)
-        return defer.succeed(None)
+        if self.masterid is None:
+            return defer.succeed(None)
+        return self._flight.tick()
 
     def _done(self, result: Any) -> None:
-        self._running = None
         if isinstance(result, failure.Failure):
             self.last_error = result.getErrorMessage()
             log.msg(f"dockerami: shared fleet pass failed: {self.last_error}")

@@ -1,5 +1,5 @@
 """What the reconciler decides: EC2's view of this master's instances against what its
-workers track. Pure; fleet.Reconciler polls EC2 and carries the plan out.
+workers track. Pure; reconciler.Reconciler polls EC2 and carries the plan out.
 
 EC2 is the truth and the master's memory a cache: an instance tagged for this master
 that no worker tracks (left by a crash, a lost launch answer, a removed worker) is

@@ -49,7 +49,8 @@ from buildbot_dockerami.checks import (
 from buildbot_dockerami.cloud import DEFAULT_TIMEOUT, AsyncEc2, Credentials, LaunchSpec
 from buildbot_dockerami.container_passwords import SECRET_KEY, OneTimeCredentials
 from buildbot_dockerami.credentials import key_problems
-from buildbot_dockerami.fleet import Fleet, InstanceGroup
+from buildbot_dockerami.fleet import Fleet
+from buildbot_dockerami.groups import InstanceGroup
 from buildbot_dockerami.userdata import UserData, UserDataError
 from buildbot_dockerami.www import restfix
 

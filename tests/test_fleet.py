@@ -9,7 +9,8 @@ from botocore.exceptions import ClientError
 from twisted.internet import defer, task
 
 from buildbot_dockerami.cloud import CloudError
-from buildbot_dockerami.fleet import Fleet, StateMonitor
+from buildbot_dockerami.fleet import Fleet
+from buildbot_dockerami.monitor import StateMonitor
 from buildbot_dockerami.policy import InstanceStatus
 
 

@@ -1,0 +1,189 @@
+"""The reconciler loop: every interval, EC2's view of this master's instances against
+what its workers track. The decisions are reconcile.plan's (pure); this module polls
+EC2 and carries them out."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer, task
+from twisted.python import failure, log
+
+from buildbot_dockerami import policy, reconcile, warmpool
+from buildbot_dockerami.cloud import AsyncEc2
+from buildbot_dockerami.policy import InstanceStatus
+from buildbot_dockerami.singleflight import SingleFlight
+
+if TYPE_CHECKING:
+    from buildbot_dockerami.fleet import Fleet
+
+
+class Reconciler:
+    """Compares EC2's view of every instance tagged for this master with what the
+    workers track, once at start-up and then every ``interval`` seconds, with one
+    DescribeInstances per EC2 endpoint however many workers and readers there are.
+    The decisions are reconcile.plan's; a failed poll only delays them."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.interval = reconcile.DEFAULT_INTERVAL
+        #: Instance id -> (client, status) as last seen; what the status page shows.
+        self.view: dict[str, tuple[AsyncEc2, InstanceStatus]] = {}
+        self.checked_at: float | None = None
+        self.last_error = ""
+        self.passes = 0
+        self._loop: task.LoopingCall | None = None
+        self._flight = SingleFlight(self._pass, self._done)
+        self._first: Any = None
+        #: Untracked instances of the last pass: terminated if still untracked now.
+        self._suspects: set[str] = set()
+
+    def start(self, interval: float, first_delay: float = 1.0) -> None:
+        """(Re)start with the shortest interval any worker asked for. The first pass
+        waits ``first_delay`` so that every worker of the config is known to it."""
+        if self._loop is not None and self._loop.running and interval == self.interval:
+            return
+        self.interval = interval
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = task.LoopingCall(self.tick)
+        self._loop.clock = self.fleet.reactor
+        if self._first is None and self.passes == 0:
+            self._first = self.fleet.reactor.callLater(first_delay, self._start_loop)
+        else:
+            self._start_loop()
+
+    def _start_loop(self) -> None:
+        self._first = None
+        if self._loop is not None and not self._loop.running and not self.fleet.stopping:
+            self._loop.start(self.interval, now=True).addErrback(log.err, "dockerami reconciler")
+
+    def stop(self) -> None:
+        if self._first is not None and self._first.active():
+            self._first.cancel()
+        self._first = None
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def tick(self) -> defer.Deferred:
+        if self.fleet.stopping:
+            self.stop()
+            return defer.succeed(None)
+        return self._flight.tick()
+
+    def _done(self, result: Any) -> None:
+        if isinstance(result, failure.Failure):
+            log.err(result, "dockerami: reconciler pass")
+
+    @defer.inlineCallbacks
+    def _pass(self) -> Any:
+        fleet = self.fleet
+        clients: list[AsyncEc2] = []
+        for worker in list(fleet.workers):
+            try:
+                client = yield worker.ec2_client()
+            except Exception as e:
+                log.msg(f"dockerami: reconciler: no EC2 client for {worker.name}: {e}")
+                continue
+            if client not in clients:
+                clients.append(client)
+        view: dict[str, tuple[AsyncEc2, InstanceStatus]] = {}
+        seen: dict[str, InstanceStatus] = {}
+        suspects: set[str] = set()
+        errors = []
+        for client in clients:
+            try:
+                found = yield client.describe_tagged(policy.MASTER_TAG, fleet.master_id)
+            except Exception as e:
+                errors.append(str(e))
+                # Not knowing is no reason to act: keep what was last seen.
+                view.update({i: v for i, v in self.view.items() if v[0] is client})
+                suspects |= {i for i, v in self.view.items()
+                             if v[0] is client and i in self._suspects}
+                continue
+            view.update({iid: (client, status) for iid, status in found.items()})
+            # Judged on what is tracked and in flight now, after the answer: a launch
+            # stops being in flight only once its worker tracks the instance.
+            tracked = fleet.tracked()
+            decided = reconcile.plan(found, tracked, fleet.launching, self._suspects)
+            suspects |= decided.suspects
+            self._act(client, decided, tracked)
+            seen.update(found)
+        self.view = view
+        self._suspects = suspects
+        self._retire_stopped()
+        self.checked_at = fleet.reactor.seconds()
+        self.passes += 1
+        if errors:
+            self.last_error = "; ".join(errors)
+            log.msg(f"dockerami: reconciler: DescribeInstances failed ({self.last_error}); "
+                    "decisions wait for the next pass")
+        else:
+            self.last_error = ""
+
+    def _act(self, client: AsyncEc2, decided: reconcile.Plan,
+             tracked: dict[str, list[Any]]) -> None:
+        fleet = self.fleet
+        for status in decided.terminate:
+            if fleet.stopping:
+                break
+            if fleet.in_progress(status.instance_id):
+                continue
+            log.msg(f"dockerami: reconciler: terminating {status.instance_id} "
+                    f"({status.state}, worker {status.worker or '?'}): tagged for this master "
+                    "but no worker tracks it")
+            fleet.metrics.inc("dockerami_untracked_terminated_total", {})
+            d = fleet.terminate(client, status.instance_id)
+            d.addErrback(lambda f, iid=status.instance_id: log.msg(
+                f"dockerami: reconciler: terminating {iid} failed: {f.getErrorMessage()}"))
+        for status in decided.lost:
+            for owner in tracked.get(status.instance_id, []):
+                owner.instance_lost(status)
+
+    def _retire_stopped(self) -> None:
+        """Stopped instances past ``max_stopped_age`` (or the count) are terminated."""
+        fleet = self.fleet
+        pool = fleet.stopped
+        for entry in warmpool.to_retire(list(pool.entries.values()), fleet.reactor.seconds(),
+                                        pool.max_count, pool.max_age):
+            pool.take(entry.owner)
+            log.msg(f"dockerami: terminating stopped instance {entry.instance_id} of "
+                    f"{entry.owner}: beyond max_stopped or max_stopped_age")
+            fleet.terminate(entry.instance.client, entry.instance_id).addErrback(
+                lambda f: log.msg(f"dockerami: {f.getErrorMessage()}"))
+
+    def terminate_untracked(self, instance_id: str, claimed_by: str) -> None:
+        """A worker connected from ``instance_id``, which no worker tracks: end it if
+        it is tagged for this master and no launch of ours is still waiting for it."""
+        self._terminate_if_untracked(instance_id, claimed_by).addErrback(
+            lambda f: log.msg(f"dockerami: could not end {instance_id}: {f.getErrorMessage()}"))
+
+    @defer.inlineCallbacks
+    def _terminate_if_untracked(self, instance_id: str, claimed_by: str) -> Any:
+        fleet = self.fleet
+        clients: list[AsyncEc2] = []
+        for worker in list(fleet.workers):
+            client = yield worker.ec2_client()
+            if client not in clients:
+                clients.append(client)
+        for client in clients:
+            status = (yield client.describe([instance_id])).get(instance_id)
+            if status is None:
+                continue
+            if (status.master != fleet.master_id or instance_id in fleet.tracked()
+                    or status.launch_token in fleet.launching
+                    or status.state not in reconcile.LIVE_STATES):
+                return
+            log.msg(f"dockerami: terminating {instance_id}: its worker connected as "
+                    f"{claimed_by}, but no worker of this master tracks it")
+            fleet.metrics.inc("dockerami_untracked_terminated_total", {})
+            yield fleet.terminate(client, instance_id)
+            return
+
+    def orphans(self) -> list[tuple[AsyncEc2, InstanceStatus]]:
+        """Live instances tagged for this master that no worker tracks, as last seen."""
+        tracked = self.fleet.tracked()
+        return [
+            (client, status) for iid, (client, status) in sorted(self.view.items())
+            if iid not in tracked and status.state in reconcile.LIVE_STATES
+        ]

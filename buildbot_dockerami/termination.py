@@ -1,0 +1,138 @@
+"""Reliable termination: terminate and confirm, retry with backoff, and keep what still
+fails on a list retried in the background, so that no instance is forgotten running."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from botocore.exceptions import ClientError
+from twisted.internet import defer, task
+from twisted.python import failure, log
+
+from buildbot_dockerami import policy
+from buildbot_dockerami.cloud import AsyncEc2, CloudError
+from buildbot_dockerami.monitor import StateMonitor
+
+#: How often instances whose termination failed are tried again.
+UNDEAD_RETRY_SECONDS = 60.0
+#: Attempts at a termination while the master stops: the reconciler of its next life
+#: ends what these miss, and a stopping master must not wait for an outage to end.
+STOPPING_ATTEMPTS = 2
+
+
+def _is_not_found(error: BaseException) -> bool:
+    return isinstance(error, ClientError) and error.response.get("Error", {}).get(
+        "Code", ""
+    ).startswith("InvalidInstanceID")
+
+
+class Terminator:
+    """Ends one master's instances. Terminating stops the monitor's checks of the
+    instance; ``stopping`` (the master is shutting down) shortens the retries."""
+
+    def __init__(self, reactor: Any, monitor: StateMonitor,
+                 stopping: Callable[[], bool]) -> None:
+        self.reactor = reactor
+        self._monitor = monitor
+        self._stopping = stopping
+        self._undead: dict[str, AsyncEc2] = {}
+        self._undead_loop: task.LoopingCall | None = None
+        #: Instance id -> the callers waiting for its termination in progress.
+        self._waiters: dict[str, list[defer.Deferred]] = {}
+
+    def terminate(self, client: AsyncEc2, instance_id: str) -> defer.Deferred:
+        """Terminate and confirm, retrying with backoff. If it still fails, the instance
+        is kept on a list retried every minute and the error is raised to the caller.
+        Callers asking while a termination is in progress share it."""
+        mine: defer.Deferred = defer.Deferred()
+        waiters = self._waiters.get(instance_id)
+        if waiters is not None:
+            waiters.append(mine)
+            return mine
+        waiters = self._waiters[instance_id] = [mine]
+
+        def finish(result: Any) -> None:
+            self._waiters.pop(instance_id, None)
+            for waiter in waiters:
+                if isinstance(result, failure.Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(result)
+        self._terminate(client, instance_id).addBoth(finish)
+        return mine
+
+    def in_progress(self, instance_id: str) -> bool:
+        """Whether this master is already ending the instance (or retrying to)."""
+        return instance_id in self._waiters or instance_id in self._undead
+
+    @defer.inlineCallbacks
+    def _terminate(self, client: AsyncEc2, instance_id: str) -> Any:
+        self._monitor.unwatch(instance_id)
+        delays = policy.retry_delays(attempts=STOPPING_ATTEMPTS if self._stopping() else 6)
+        while True:
+            try:
+                states = yield client.terminate([instance_id])
+                state = states.get(instance_id)
+                if state not in policy.GONE_STATES:
+                    status = (yield client.describe([instance_id])).get(instance_id)
+                    state = status.state if status else "terminated"
+                if state in policy.GONE_STATES:
+                    self._undead.pop(instance_id, None)
+                    return state
+                error = f"instance is still {state} after TerminateInstances"
+            except Exception as e:
+                if _is_not_found(e):
+                    self._undead.pop(instance_id, None)
+                    return "terminated"
+                error = str(e)
+            delay = next(delays, None)
+            if delay is None:
+                if self._stopping():
+                    raise CloudError(f"could not terminate {instance_id} while stopping "
+                                     f"({error}); the next start's reconciler will")
+                self._remember_undead(client, instance_id)
+                raise CloudError(f"could not terminate {instance_id}: {error}")
+            log.msg(
+                f"dockerami: terminating {instance_id} failed ({error}); retrying in {delay:.0f}s"
+            )
+            yield task.deferLater(self.reactor, delay, lambda: None)
+
+    def _remember_undead(self, client: AsyncEc2, instance_id: str) -> None:
+        self._undead[instance_id] = client
+        log.msg(
+            f"dockerami: ERROR: {instance_id} could not be terminated; it stays on the "
+            f"retry list (every {UNDEAD_RETRY_SECONDS:.0f}s) until it is"
+        )
+        if self._undead_loop is None:
+            self._undead_loop = task.LoopingCall(self._retry_undead)
+            self._undead_loop.clock = self.reactor
+            self._undead_loop.start(UNDEAD_RETRY_SECONDS, now=False)
+
+    @defer.inlineCallbacks
+    def _retry_undead(self) -> Any:
+        for instance_id, client in list(self._undead.items()):
+            try:
+                states = yield client.terminate([instance_id])
+                if states.get(instance_id) in policy.GONE_STATES:
+                    log.msg(f"dockerami: {instance_id} finally terminated")
+                    self._undead.pop(instance_id, None)
+            except Exception as e:
+                if _is_not_found(e):
+                    self._undead.pop(instance_id, None)
+                else:
+                    log.msg(f"dockerami: {instance_id} still not terminated: {e}")
+
+    @property
+    def undead(self) -> list[str]:
+        return sorted(self._undead)
+
+    def stop(self) -> None:
+        """The master stops: say what is still running, and stop retrying."""
+        if self._undead:
+            log.msg(
+                "dockerami: master stopping with instances whose termination failed: "
+                + ", ".join(sorted(self._undead))
+            )
+        if self._undead_loop is not None and self._undead_loop.running:
+            self._undead_loop.stop()
