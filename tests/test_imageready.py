@@ -8,6 +8,7 @@ import requests
 
 from buildbot_dockerami import imageready
 from buildbot_dockerami.imageready import ImageReady, from_info
+from buildbot_dockerami.localcloud.timing import BootClock, Delays
 from tests.harness import SUCCESS, master_cfg, wait_for
 
 LAUNCHED, REQUESTED, CONNECTED = 100.0, 90.0, 160.0
@@ -64,6 +65,16 @@ def test_api_row_only_while_the_timeline_has_the_step() -> None:
     # A new request reset the timeline; the last connection's report is stale.
     assert imageready.row({"requested": 200.0}, ready) is None
     assert imageready.row({"requested": 90.0}, None) is None
+
+
+def test_local_cloud_pull_the_process_runtime_reports() -> None:
+    """0 means the image was on the disk: baked in (no pull delay) or kept by a stop."""
+    clock = BootClock(Delays(boot=20, pull={"big": {"m": 40, "*": 60}}), clock=lambda: 100.0)
+    clock.launched(["i-1"], "big", "m")
+    clock.launched(["i-2"], "baked", "m")
+    assert [clock.pull_seconds(i) for i in ("i-1", "i-2", "i-unknown")] == [40, 0, 0]
+    clock.started(["i-1"])
+    assert clock.pull_seconds("i-1") == 0
 
 
 @pytest.mark.integration
