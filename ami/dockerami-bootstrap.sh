@@ -6,11 +6,14 @@
 #   1. wait until dockerd answers;
 #   2. read the user data from the metadata service (IMDSv2 token; v1 if no token)
 #      into a root-only directory, and close the metadata service to containers;
-#   3. pull the image named on line 2, retrying with backoff, progress in the journal;
+#   3. pull the image named on line 2, retrying with backoff, progress in the journal,
+#      then say whether it was already present (baked into the AMI) or how long it took;
 #   4. run it with host networking, one container per slot (user-data extension
 #      slots=N), each replaced by a fresh one whenever it exits. A container sees only
 #      its own slot's credential (a user-data file with its own line 1), never the
-#      instance's user data nor other slots' secrets.
+#      instance's user data nor other slots' secrets. It is told when the image was
+#      ready and how (DOCKERAMI_IMAGE_READY: epoch seconds; DOCKERAMI_IMAGE_PULL:
+#      "present" or the pull's seconds), for the master's provisioning timeline.
 # If the image cannot be pulled at all, it says why on the console and powers the
 # instance off (EC2 then terminates it), so the master sees the failure at once.
 #
@@ -111,6 +114,17 @@ case $image in
     "" | -* | *[!A-Za-z0-9._:/@-]*) give_up "user data line 2 is not an image reference: '$image'" ;;
 esac
 
+# Epoch seconds, with a fraction where date has %N.
+now() {
+    t=$(date +%s.%N)
+    case $t in *[!0-9.]* | *.) date +%s ;; *) echo "$t" ;; esac
+}
+seconds_since() { LC_ALL=C awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
+
+# An image baked into the AMI (or left by a stop) is on the disk already: the pull then
+# only checks that the tag still names it. The console says which, and how long it took.
+if $DOCKER image inspect "$image" >/dev/null 2>&1; then present=yes; else present=no; fi
+pull_started=$(now)
 attempt=1
 delay=1
 log "pulling $image"
@@ -122,6 +136,15 @@ until $DOCKER pull "$image"; do
     delay=$((delay * 2))
     [ "$delay" -gt "$PULL_MAX_DELAY" ] && delay=$PULL_MAX_DELAY
 done
+image_ready=$(now)
+pull_seconds=$(seconds_since "$pull_started" "$image_ready")
+if [ "$present" = yes ]; then
+    log "image $image already present (registry checked in ${pull_seconds} s)"
+    image_pull=present
+else
+    log "pulled $image in ${pull_seconds} s"
+    image_pull=$pull_seconds
+fi
 
 instance_id=$(imds_get meta-data/instance-id) || instance_id=unknown
 
@@ -204,6 +227,7 @@ run_slot() {
             --mount "type=bind,source=$dir/user-data,target=/run/dockerami/user-data,readonly" \
             --env DOCKERAMI_USER_DATA_FILE=/run/dockerami/user-data \
             --env DOCKERAMI_INSTANCE_ID="$instance_id" --env DOCKERAMI_SLOT="$1" \
+            --env DOCKERAMI_IMAGE_READY="$image_ready" --env DOCKERAMI_IMAGE_PULL="$image_pull" \
             "$image" || log "$name exited with status $?"
         # A crashing image must not spin; an isolated worker's exit is the normal case.
         [ "$isolation" = container ] || sleep 2

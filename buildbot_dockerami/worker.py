@@ -32,6 +32,7 @@ from buildbot_dockerami import (
     address,
     demand,
     fallback,
+    imageready,
     policy,
     pools,
     reconcile,
@@ -147,6 +148,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         self._expecting_connection: Notifier[None] = Notifier()
         #: When this substantiation was requested, connected, started its first build.
         self.timeline: dict[str, float] = {}
+        self.image_ready: imageready.ImageReady | None = None  # as its image reported
         if "name" in kwargs and not args:
             # buildbot takes name= before checkConfig could check it; pass it on as ours.
             args = (kwargs.pop("name"),)
@@ -742,6 +744,11 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             yield self.registration.update(self, self.master.config)
         if self.instance is not None and self.conn is not None:
             self.timeline["connected"] = self.master.reactor.seconds()
+            self.image_ready = imageready.from_info(
+                conn.info, self.instance.launched_at, self._requested_at,
+                self.timeline["connected"])
+            if self.image_ready is not None:
+                self.timeline[imageready.STEP] = self.image_ready.at
             if self.busy:  # the build that asked for this instance starts now
                 self.timeline["build_started"] = self.timeline["connected"]
             elif self._prewarming and self.group is None:

@@ -67,6 +67,8 @@ class Booting:
     instance_id: str
     user_data: str
     http_tokens: str = "required"
+    #: Seconds the emulated image pull took (0: the image was on the disk already).
+    pull_seconds: float = 0.0
 
 
 class Runtime(Protocol):
@@ -120,6 +122,13 @@ class ProcessRuntime:
         # As the image does: tell the master which instance this worker runs on.
         (basedir / "info").mkdir()
         (basedir / "info" / "instance_id").write_text(instance_id)
+        # ... and when its image was ready and how, as the bootstrap would tell it. There
+        # is no image here: these values come from the emulated pull (timing.Delays), and
+        # the image is "ready" when the worker starts, the end of the emulated boot + pull.
+        ready_at = start_at if start_at > 0 else time.time()
+        (basedir / "info" / "image_ready").write_text(f"{ready_at:.3f}")
+        (basedir / "info" / "image_pull").write_text(
+            f"{booting.pull_seconds:.1f}" if booting.pull_seconds > 0 else "present")
         command = [
             sys.executable, "-c",
             "import sys; from twisted.scripts.twistd import run; sys.exit(run())",
@@ -333,7 +342,7 @@ class Hypervisor:
             )
             encoded = attribute.get("UserData", {}).get("Value", "")
             text = base64.b64decode(encoded).decode() if encoded else ""
-            booting = Booting(instance_id, text, http_tokens)
+            booting = Booting(instance_id, text, http_tokens, self.clock.pull_seconds(instance_id))
             if prepare is not None:
                 # The runtime does its start-up work now and starts the worker at
                 # ``due`` (wall clock), as a machine with its own CPU would.

@@ -120,6 +120,14 @@ class BootClock:
         at = self.running_at(instance_id)
         return at is not None and self.clock() < at
 
+    def pull_seconds(self, instance_id: str) -> float:
+        """The emulated image pull of the instance's latest boot: 0 when the image was on
+        its disk already (a start from stopped, or a pull delay of 0: a baked image)."""
+        boot = self.boot(instance_id)
+        if boot is None or boot.started:
+            return 0.0
+        return self.delays.pull_delay(boot.image, boot.instance_type)
+
     def worker_due(self, instance_id: str) -> float | None:
         """When the base AMI starts the instance's image (None: never launched here)."""
         boot = self.boot(instance_id)

@@ -8,7 +8,7 @@ from typing import Any
 from buildbot.worker.latent import States
 from twisted.internet import defer
 
-from buildbot_dockerami import policy, pools
+from buildbot_dockerami import imageready, policy, pools
 from buildbot_dockerami.fleet import Fleet
 
 
@@ -61,6 +61,10 @@ def worker_row(worker: Any, now: float, prices: Mapping[str, float]) -> Any:
         "last_failure": worker.last_failure,
         "builds": (yield current_builds(worker)),
         "timeline": dict(worker.timeline) if instance is not None else {},
+        # When the image was ready and whether it was already on the disk or how long its
+        # pull took, as the image reported it (None: it did not, e.g. a seed image).
+        "image_ready": (imageready.row(worker.timeline, worker.image_ready)
+                        if instance is not None else None),
         "instance": None,
     }
     if instance is not None:

@@ -98,6 +98,18 @@ case $INSTANCE_ID in
     i-*) printf '%s' "$INSTANCE_ID" > "$BASEDIR/info/instance_id" ;;
     *) rm -f "$BASEDIR/info/instance_id" ;;
 esac
+# When the image was ready on the instance (epoch seconds) and whether it was on the
+# disk already ("present": baked into the AMI) or how many seconds its pull took, as
+# the bootstrap tells: the master shows an "image ready" step in its timeline.
+case ${DOCKERAMI_IMAGE_READY:-} in
+    "" | *[!0-9.]*) rm -f "$BASEDIR/info/image_ready" ;;
+    *) printf '%s' "$DOCKERAMI_IMAGE_READY" > "$BASEDIR/info/image_ready" ;;
+esac
+case ${DOCKERAMI_IMAGE_PULL:-} in
+    present) printf present > "$BASEDIR/info/image_pull" ;;
+    "" | *[!0-9.]*) rm -f "$BASEDIR/info/image_pull" ;;
+    *) printf '%s' "$DOCKERAMI_IMAGE_PULL" > "$BASEDIR/info/image_pull" ;;
+esac
 case $BUILDMASTER_PORT in "" | *[!0-9]*) log "bad master port '$BUILDMASTER_PORT'"; exit 1 ;; esac
 
 # TLS, pinned: fetch the master's certificate, refuse it unless its SHA-256 fingerprint

@@ -46,8 +46,15 @@
     return (s / 3600).toFixed(1) + " h";
   }
 
+  // How the image got ready: on the disk already (baked into the AMI), or pulled.
+  function howReady(ready) {
+    if (!ready) return "";
+    if (ready.already_present) return " (already present)";
+    return ready.pull_seconds == null ? "" : " (pulled in " + ready.pull_seconds.toFixed(1) + " s)";
+  }
+
   // One line per step: keeps the column narrow enough for a 1280 px window.
-  function timeline(t) {
+  function timeline(t, ready) {
     if (!t || t.requested == null) return "";
     // Capacity fallbacks ("fallback N: <option>: <code>") and a start from the stopped
     // pool come first, in the order they happened.
@@ -56,10 +63,17 @@
     }).sort(function (a, b) { return t[a] - t[b]; }).map(function (k) {
       return [k, k === "started_from_stopped" ? "started stopped instance" : k];
     });
-    var steps = extra.concat([["running", "instance running"], ["connected", "worker connected"],
-                              ["build_started", "build started"]]);
-    return ["requested"].concat(steps.filter(function (s) { return t[s[0]] != null; })
-      .map(function (s) { return "\u2192 " + s[1] + " +" + (t[s[0]] - t.requested).toFixed(1) + " s"; }))
+    // The rest by time (the master sees "running" only when it next asks EC2, so the
+    // image may be ready before that); ties keep this order.
+    var steps = [["running", "instance running"], ["image_ready", "image ready", howReady(ready)],
+                 ["connected", "worker connected"], ["build_started", "build started"]]
+      .filter(function (s) { return t[s[0]] != null; })
+      .map(function (s, i) { return [s, i]; })
+      .sort(function (a, b) { return (t[a[0][0]] - t[b[0][0]]) || (a[1] - b[1]); })
+      .map(function (p) { return p[0]; });
+    return ["requested"].concat(extra.concat(steps)
+      .map(function (s) { return "\u2192 " + s[1] + " +" + (t[s[0]] - t.requested).toFixed(1) + " s" +
+                          (s[2] || ""); }))
       .map(function (text) { return h("span", {key: text, className: "dockerami-step"}, text); });
   }
 
@@ -105,7 +119,7 @@
                           when(i.launched_at)) : null,
         running.join("") ? h("small", {className: "text-muted dockerami-running"},
                              running.filter(Boolean).join(" \u00b7 ")) : null),
-      h("td", {className: "dockerami-timeline"}, timeline(w.timeline)),
+      h("td", {className: "dockerami-timeline"}, timeline(w.timeline, w.image_ready)),
       h("td", {className: "dockerami-controls"}, controls));
   }
 
