@@ -27,7 +27,9 @@ from buildbot.data import resultspec
 from buildbot.interfaces import IRenderable
 from buildbot.worker.latent import States
 from twisted.internet import defer
-from twisted.python import log
+from twisted.python import failure, log
+
+from buildbot_dockerami.singleflight import SingleFlight
 
 #: Launch settings that may differ per build (rendered with its properties).
 PER_BUILD_SETTINGS = ("image", "instance_type", "ami", "setup_repo", "setup_branch")
@@ -102,9 +104,7 @@ class LaunchOnRequest:
         self.master = master
         self._consumers: list[Any] = []
         self._builderids: set[int] = set()
-        #: The pass in progress; events during it ask for one more pass after it.
-        self._running: defer.Deferred | None = None
-        self._again = False
+        self._pass = SingleFlight(self._launch_for_waiting, self._passed, again=True)
 
     @defer.inlineCallbacks
     def start(self) -> Any:
@@ -122,21 +122,12 @@ class LaunchOnRequest:
     def _queued(self, _key: Any, request: dict[str, Any]) -> None:
         if not request.get("claimed"):
             self._builderids.add(request["builderid"])
-            self._run()
+            self._pass.tick()
 
-    def _run(self) -> None:
-        if self._running is not None:
-            self._again = True
-            return
-        self._running = defer.maybeDeferred(self._launch_for_waiting)
-        self._running.addErrback(log.err, "dockerami: launch on request")
-        self._running.addBoth(self._done)
-
-    def _done(self, _: Any) -> None:
-        self._running = None
-        if self._again:
-            self._again = False
-            self._run()
+    @staticmethod
+    def _passed(result: Any) -> None:
+        if isinstance(result, failure.Failure):
+            log.err(result, "dockerami: launch on request")
 
     @defer.inlineCallbacks
     def _launch_for_waiting(self) -> Any:

@@ -82,3 +82,16 @@ def test_the_reconciler_runs_one_pass_at_a_time() -> None:
     assert reconciler.passes == 1
     reconciler.tick()
     assert len(asked) == 2
+
+
+def test_with_again_ticks_during_a_pass_bring_exactly_one_more_pass() -> None:
+    work = Work()
+    flight = SingleFlight(work, work.finished, again=True)
+    flight.tick()
+    flight.tick()
+    flight.tick()
+    assert len(work.started) == 1
+    work.started[0].callback("one")
+    assert len(work.started) == 2, "the events during the pass were not looked at"
+    work.started[1].callback("two")
+    assert len(work.started) == 2 and work.outcomes == ["one", "two"]
