@@ -23,7 +23,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from buildbot.data import resultspec
 from buildbot.interfaces import IRenderable
 from buildbot.worker.latent import States
 from twisted.internet import defer
@@ -94,16 +93,20 @@ def _ours_only(builder: Any, fleet: Any) -> bool:
 
 
 class LaunchOnRequest:
-    """Watches buildbot's queue (message queue events for new and unclaimed build
-    requests) and launches idle workers for the requests waiting."""
+    """Follows buildbot's queue from its message queue (requests new, claimed,
+    unclaimed, complete) and launches idle workers for the requests waiting. The
+    queue is kept in memory from the events, not read from the database: in a burst
+    buildbot's database is the bottleneck (on SQLite, one transaction at a time)."""
 
-    EVENTS = (("buildrequests", None, "new"), ("buildrequests", None, "unclaimed"))
+    #: Event -> whether the request is waiting after it.
+    EVENTS = {"new": True, "unclaimed": True, "claimed": False, "complete": False}
 
     def __init__(self, fleet: Any, master: Any) -> None:
         self.fleet = fleet
         self.master = master
         self._consumers: list[Any] = []
-        self._builderids: set[int] = set()
+        #: builderid -> ids of its requests waiting (unclaimed).
+        self.waiting: dict[int, set[int]] = {}
         self._pass = SingleFlight(self._launch_for_waiting, self._passed, again=True)
 
     @defer.inlineCallbacks
@@ -111,18 +114,21 @@ class LaunchOnRequest:
         if self._consumers:
             return
         for event in self.EVENTS:
-            self._consumers.append(
-                (yield self.master.mq.startConsuming(self._queued, event)))
+            self._consumers.append((yield self.master.mq.startConsuming(
+                self._changed, ("buildrequests", None, event))))
 
     def stop(self) -> None:
         for consumer in self._consumers:
             consumer.stopConsuming()
         self._consumers = []
 
-    def _queued(self, _key: Any, request: dict[str, Any]) -> None:
-        if not request.get("claimed"):
-            self._builderids.add(request["builderid"])
+    def _changed(self, key: tuple[str, ...], request: dict[str, Any]) -> None:
+        waiting = self.waiting.setdefault(request["builderid"], set())
+        if self.EVENTS.get(key[-1]) and not request.get("claimed"):
+            waiting.add(request["buildrequestid"])
             self._pass.tick()
+        else:
+            waiting.discard(request["buildrequestid"])
 
     @staticmethod
     def _passed(result: Any) -> None:
@@ -131,20 +137,15 @@ class LaunchOnRequest:
 
     @defer.inlineCallbacks
     def _launch_for_waiting(self) -> Any:
-        builderids, self._builderids = self._builderids, set()
         fleet, botmaster = self.fleet, self.master.botmaster
         if fleet.stopping or fleet.shared is not None or botmaster is None:
             return
         waiting: dict[str, int] = {}
         for builder in list(botmaster.builders.values()):
-            if not _ours_only(builder, fleet):
-                continue
-            builderid = yield builder.getBuilderId()
-            if builderid in builderids:
-                unclaimed = yield self.master.data.get(
-                    ("builders", builderid, "buildrequests"),
-                    [resultspec.Filter("claimed", "eq", [False])])
-                waiting[builder.name] = len(unclaimed)
+            if _ours_only(builder, fleet):
+                builderid = yield builder.getBuilderId()  # cached by buildbot
+                if self.waiting.get(builderid):
+                    waiting[builder.name] = len(self.waiting[builderid])
         if not waiting:
             return
         workers = sorted(fleet.workers, key=lambda w: w.name)
