@@ -52,6 +52,8 @@ class LaunchedInstance:
     #: warmpool.launch_key of what it was launched with: a stopped one is reused only
     #: while it matches.
     key: str = ""
+    #: Its loss is counted: the workers that hear of it again count nothing more.
+    lost: bool = False
 
 
 class FleetParts(Protocol):

@@ -112,6 +112,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     pool: str | None = None
     #: Why the last launch or boot failed, for the Fleet page.
     last_failure = ""
+    #: The instance whose loss this worker last recorded (see _record_lost).
+    _lost_id = ""
     #: Settings buildbot renders through the secrets providers before reconfigService
     #: (a class attribute: methods still see the ``secrets`` module).
     secrets = ["identifier", "secret_identifier"]
@@ -632,10 +634,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         if (instance is None or instance.instance_id != status.instance_id
                 or self.state != States.SUBSTANTIATED):
             return  # booting: check_instance decides; terminating: our own doing
-        self.fleet.metrics.inc("dockerami_instances_lost_total", {"state": status.state})
-        if "Spot" in status.reason:  # reclaimed without its notice having been seen
-            self.fleet.metrics.inc("dockerami_spot_interruptions_total", {})
-        self._let_go(reconcile.lost_reason(status))
+        self._let_go(self._record_lost(instance, status))
 
     def detached(self) -> Any:
         # A connection lost unasked may be the instance dying: ask EC2 once, now, so
@@ -655,20 +654,31 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             log.msg(f"{self}: connection lost; state of {instance.instance_id} unknown: {e}")
             return
         if status is not None and status.state in reconcile.LOST_STATES:
-            reason = reconcile.lost_reason(status)
+            reason = self._record_lost(instance, status)
             log.msg(f"{self}: connection lost: {reason}")
-            self.last_failure = reason
-            self.fleet.metrics.inc("dockerami_instances_lost_total", {"state": status.state})
-            if "Spot" in status.reason:
-                self.fleet.metrics.inc("dockerami_spot_interruptions_total", {})
             if self.instance is instance and self.state == States.SUBSTANTIATED:
                 yield self.insubstantiate()
+
+    def _record_lost(self, instance: LaunchedInstance, status: policy.InstanceStatus) -> str:
+        """The reason ``instance`` is lost, recorded once however often it is reported:
+        by the reconciler (instance_lost) and a lost connection (_why_lost) alike, and
+        to every slot of a shared instance. Counted once per instance; each worker shows
+        the reason once (a late report never hides a newer failure)."""
+        reason = reconcile.lost_reason(status)
+        if self._lost_id != instance.instance_id:
+            self._lost_id = instance.instance_id
+            self.last_failure = reason
+        if not instance.lost:
+            instance.lost = True
+            self.fleet.metrics.inc("dockerami_instances_lost_total", {"state": status.state})
+            if "Spot" in status.reason:  # reclaimed without its notice having been seen
+                self.fleet.metrics.inc("dockerami_spot_interruptions_total", {})
+        return reason
 
     def _let_go(self, reason: str) -> None:
         """The instance cannot serve any longer: builds RETRY with ``reason`` (built again
         elsewhere), the connection and the instance are released."""
         log.msg(f"{self}: {reason}; its builds are retried")
-        self.last_failure = reason
         for build in self.running_builds():
             build.stopBuild(reason, results=RETRY)
         if self.conn is not None:
@@ -685,7 +695,9 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             super().shutdownRequested()
             return
         self.fleet.metrics.inc("dockerami_spot_interruptions_total", {})
-        self._let_go(f"spot interruption: instance {instance.instance_id} is reclaimed by EC2")
+        reason = f"spot interruption: instance {instance.instance_id} is reclaimed by EC2"
+        self.last_failure = reason
+        self._let_go(reason)
 
     # -- per-build isolation -------------------------------------------------------
 
