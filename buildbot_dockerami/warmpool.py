@@ -6,7 +6,7 @@ start takes seconds instead of a boot plus a pull. It is reused only by the work
 was launched for, only while it still matches what that worker would launch now
 (AMI, image, instance type, launch settings), and never with its old credential: the
 master writes a fresh password into its user data before starting it. Pure except
-for the bookkeeping; the worker does the EC2 calls.
+for the bookkeeping; launch.py does the EC2 calls.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def launch_key(values: Mapping[str, Any]) -> str:
 @dataclass
 class StoppedInstance:
     owner: str
-    instance: Any  # worker.LaunchedInstance
+    instance: Any  # launch.LaunchedInstance
     key: str
     stopped_at: float
 

@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import re
 import secrets
-import uuid
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
-from botocore.exceptions import ClientError
 from buildbot import config
 from buildbot.interfaces import LatentWorkerCannotSubstantiate, LatentWorkerFailedToSubstantiate
 from buildbot.process.properties import Properties
@@ -24,7 +20,6 @@ from buildbot.warnings import ConfigWarning
 from buildbot.worker.latent import AbstractLatentWorker, States
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
-from twisted.internet.task import deferLater
 from twisted.python import log
 from twisted.spread import pb
 
@@ -47,11 +42,12 @@ from buildbot_dockerami.checks import (
     config_problems,
     rendered_problems,
 )
-from buildbot_dockerami.cloud import DEFAULT_TIMEOUT, AsyncEc2, Credentials, LaunchSpec
+from buildbot_dockerami.cloud import DEFAULT_TIMEOUT, Credentials, LaunchSpec
 from buildbot_dockerami.container_passwords import SECRET_KEY, OneTimeCredentials
 from buildbot_dockerami.credentials import key_problems
 from buildbot_dockerami.fleet import Fleet
 from buildbot_dockerami.groups import InstanceGroup
+from buildbot_dockerami.launch import LaunchedInstance, Launcher, LaunchFailed
 from buildbot_dockerami.userdata import UserData, UserDataError
 from buildbot_dockerami.www import restfix
 
@@ -59,8 +55,6 @@ DEFAULT_BUILD_WAIT_TIMEOUT = 10 * 60
 #: States in which a slot worker is on its way to expecting its next container.
 REARMING_STATES = (States.INSUBSTANTIATING_SUBSTANTIATING, States.SUBSTANTIATING)
 CONNECTION_WAIT_SECONDS = 30
-#: How many times (2 s apart) a start waits for a stopping instance to be stopped.
-STOPPED_WAIT_CHECKS = 45
 #: Longest console output tail logged when an instance never connected.
 CONSOLE_TAIL_CHARS = 4000
 #: The worker-info key (a file in the worker's info/ directory) carrying the id of the
@@ -71,22 +65,6 @@ INSTANCE_ID_INFO = "instance_id"
 class ConnectionRefused(pb.Error, UnauthorizedLogin):
     """A worker connection the master turns away: a pb.Error, so not logged as a crash,
     and an UnauthorizedLogin, so a worker that is merely early retries."""
-
-
-@dataclass
-class LaunchedInstance:
-    client: AsyncEc2
-    instance_id: str
-    instance_type: str
-    image: str
-    ami: str
-    availability_zone: str = ""
-    #: Epoch seconds RunInstances answered.
-    launched_at: float = 0.0
-    market: str = "on-demand"
-    #: warmpool.launch_key of what it was launched with: a stopped one is reused only
-    #: while it matches.
-    key: str = ""
 
 
 def pb_port(port_setting: Any) -> int | None:
@@ -136,6 +114,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     pool: str | None = None
     #: Why the last launch or boot failed, for the Fleet page.
     last_failure = ""
+    #: The instance whose loss this worker last recorded (see _record_lost).
+    _lost_id = ""
     #: Settings buildbot renders through the secrets providers before reconfigService
     #: (a class attribute: methods still see the ``secrets`` module).
     secrets = ["identifier", "secret_identifier"]
@@ -519,141 +499,29 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             message = f"pool {self.pool} is at its cap on all masters"
             self._count_failure("pool_cap", message)
             raise LatentWorkerFailedToSubstantiate(self.name, message)
-        if group is None:
-            restarted = yield self._start_stopped(key, text)
-            if restarted is not None:
-                return (restarted, copy.deepcopy(values))
-        choices = self.fleet.cooldown.order(
-            fallback.options(values["instance_type"], self.subnet_id, self.market),
-            self.master.reactor.seconds())
-        for attempt, option in enumerate(choices, start=1):
-            try:
-                status = yield self._run_instance(client, option, ami, text, owner)
-                break
-            except ClientError as e:
-                error = e.response.get("Error", {})
-                code, message = error.get("Code", ""), error.get("Message", "")
-                if fallback.is_capacity_error(code) and attempt < len(choices):
-                    self.fleet.cooldown.failed(option, self.master.reactor.seconds())
-                    self.timeline[f"fallback {attempt}: {option}: {code}"] = (
-                        self.master.reactor.seconds())
-                    self.fleet.metrics.inc("dockerami_launch_fallbacks_total", {"code": code})
-                    log.msg(f"{self}: RunInstances for {option} failed ({code}); "
-                            f"trying {choices[attempt]}")
-                    continue
-                self._count_failure(f"RunInstances:{code}",
-                                    f"RunInstances failed: {code}: {message}")
-                raise LatentWorkerFailedToSubstantiate(
-                    self.name, f"RunInstances failed: {code}: {message}") from e
-        log.msg(
-            f"{self}: launched {status.instance_id} ({option}, {ami}) "
-            f"running image {values['image']} for {', '.join(n for n, _ in credentials)}"
-        )
-        self.fleet.metrics.inc("dockerami_instance_launches_total", {"worker": owner})
-        instance = LaunchedInstance(
-            client, status.instance_id, option.instance_type, values["image"], ami,
-            status.availability_zone, self.master.reactor.seconds(), option.market, key,
-        )
-        return (instance, copy.deepcopy(values))
-
-    @defer.inlineCallbacks
-    def _start_stopped(self, key: str, user_data: str) -> Any:
-        """This worker's stopped instance, started again with ``user_data`` (a fresh
-        credential), if it still matches ``key``; None to launch a new one."""
-        pool = self.fleet.stopped
-        entry = pool.take(self.name)
-        if entry is None:
-            return None
-        instance = entry.instance
-        now = self.master.reactor.seconds()
-        if not warmpool.reusable(entry, key, now, pool.max_age):
-            why = "stale: launched with other settings" if entry.key != key else "too old"
-            yield self._retire(entry, why)
-            return None
-        try:
-            yield self._wait_stopped(instance)
-            yield instance.client.set_user_data(instance.instance_id, user_data)
-            yield instance.client.start([instance.instance_id])
-        except Exception as e:
-            yield self._retire(entry, f"could not start it: {e}")
-            return None
-        log.msg(f"{self}: started stopped instance {instance.instance_id} with a fresh "
-                "credential")
-        self.fleet.metrics.inc("dockerami_stopped_starts_total", {})
-        self.timeline["started_from_stopped"] = now
-        return dataclasses.replace(instance, launched_at=now)
-
-    @defer.inlineCallbacks
-    def _wait_stopped(self, instance: LaunchedInstance) -> Any:
-        """EC2 takes a while to stop an instance; its user data changes only once it has."""
-        for _ in range(STOPPED_WAIT_CHECKS):
-            status = (yield instance.client.describe([instance.instance_id])).get(
-                instance.instance_id)
-            if status is None or status.state == "stopped":
-                return
-            yield deferLater(self.master.reactor, 2, lambda: None)
-        raise LatentWorkerFailedToSubstantiate(self.name, "still not stopped")
-
-    @defer.inlineCallbacks
-    def _retire(self, entry: warmpool.StoppedInstance, why: str) -> Any:
-        log.msg(f"{self}: terminating stopped instance {entry.instance_id}: {why}")
-        try:
-            yield self.fleet.terminate(entry.instance.client, entry.instance_id)
-        except Exception as e:
-            log.msg(f"{self}: {e}")
-
-    @defer.inlineCallbacks
-    def _run_instance(self, client: AsyncEc2, option: fallback.Option, ami: str,
-                      user_data: str, owner: str) -> Any:
-        """One RunInstances, idempotent by its ClientToken (also a tag, so the instance
-        can be found when no answer ever comes)."""
-        token = uuid.uuid4().hex
         spec = LaunchSpec(
-            ami=ami,
-            instance_type=option.instance_type,
-            user_data=user_data,
-            tags=policy.instance_tags(owner, self.fleet.master_id, self.tags, token),
-            client_token=token,
-            market=option.market,
-            subnet_id=option.subnet_id,
-            security_group_ids=self.security_group_ids,
-            keypair_name=self.keypair_name,
+            ami=ami, instance_type="", user_data=text, tags=self.tags,
+            security_group_ids=self.security_group_ids, keypair_name=self.keypair_name,
             instance_profile=self.instance_profile,
             block_device_mappings=self.block_device_mappings,
             metadata_options=self.metadata_options,
         )
-        self.fleet.launching[token] = owner
         try:
-            return (yield client.run_instance(spec))
-        except ClientError:
-            raise
-        except Exception as e:
-            return (yield self._find_lost_launch(client, token, e))
-        finally:
-            self.fleet.launching.pop(token, None)
+            instance = yield self._launcher(owner).launch(
+                client, spec, fallback.options(values["instance_type"], self.subnet_id,
+                                               self.market),
+                image=values["image"], key=key, serves=[n for n, _ in credentials],
+                reuse=group is None)
+        except LaunchFailed as e:
+            self._count_failure(e.reason, e.message)
+            raise LatentWorkerFailedToSubstantiate(self.name, e.message) from e
+        return (instance, copy.deepcopy(values))
 
-    @defer.inlineCallbacks
-    def _find_lost_launch(self, client: AsyncEc2, token: str, error: Exception) -> Any:
-        """RunInstances never answered (timeouts, connection lost, every retry spent):
-        EC2 may still have launched the instance. Look it up by its launch token."""
-        try:
-            found = yield self.fleet.find_launch(client, token)
-        except Exception as e:
-            found, outcome = None, f"lookup failed: {e}"
-        else:
-            outcome = "found" if found is not None else "not launched"
-        self.fleet.metrics.inc("dockerami_launch_answers_lost_total",
-                               {"outcome": "found" if found is not None else "not_found"})
-        if found is not None:
-            log.msg(f"{self}: RunInstances gave no answer ({error}); instance "
-                    f"{found.instance_id} found by its launch token")
-            return found
-        # Not found (or not knowable now): any instance the call did create carries the
-        # token but no worker, so the reconciler terminates it on its next pass.
-        message = f"RunInstances gave no answer ({error}); {outcome}"
-        log.msg(f"{self}: {message}")
-        self._count_failure("RunInstances:no_answer", message)
-        raise LatentWorkerFailedToSubstantiate(self.name, message)
+    def _launcher(self, owner: str | None = None) -> Launcher:
+        return Launcher(self.fleet, owner or self.name, str(self), self._note_timeline)
+
+    def _note_timeline(self, event: str, seconds: float) -> None:
+        self.timeline[event] = seconds
 
     def _count_failure(self, reason: str, message: str = "") -> None:
         self._failure_counted = True
@@ -774,10 +642,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         if (instance is None or instance.instance_id != status.instance_id
                 or self.state != States.SUBSTANTIATED):
             return  # booting: check_instance decides; terminating: our own doing
-        self.fleet.metrics.inc("dockerami_instances_lost_total", {"state": status.state})
-        if "Spot" in status.reason:  # reclaimed without its notice having been seen
-            self.fleet.metrics.inc("dockerami_spot_interruptions_total", {})
-        self._let_go(reconcile.lost_reason(status))
+        self._let_go(self._record_lost(instance, status))
 
     def detached(self) -> Any:
         # A connection lost unasked may be the instance dying: ask EC2 once, now, so
@@ -797,20 +662,31 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             log.msg(f"{self}: connection lost; state of {instance.instance_id} unknown: {e}")
             return
         if status is not None and status.state in reconcile.LOST_STATES:
-            reason = reconcile.lost_reason(status)
+            reason = self._record_lost(instance, status)
             log.msg(f"{self}: connection lost: {reason}")
-            self.last_failure = reason
-            self.fleet.metrics.inc("dockerami_instances_lost_total", {"state": status.state})
-            if "Spot" in status.reason:
-                self.fleet.metrics.inc("dockerami_spot_interruptions_total", {})
             if self.instance is instance and self.state == States.SUBSTANTIATED:
                 yield self.insubstantiate()
+
+    def _record_lost(self, instance: LaunchedInstance, status: policy.InstanceStatus) -> str:
+        """The reason ``instance`` is lost, recorded once however often it is reported:
+        by the reconciler (instance_lost) and a lost connection (_why_lost) alike, and
+        to every slot of a shared instance. Counted once per instance; each worker shows
+        the reason once (a late report never hides a newer failure)."""
+        reason = reconcile.lost_reason(status)
+        if self._lost_id != instance.instance_id:
+            self._lost_id = instance.instance_id
+            self.last_failure = reason
+        if not instance.lost:
+            instance.lost = True
+            self.fleet.metrics.inc("dockerami_instances_lost_total", {"state": status.state})
+            if "Spot" in status.reason:  # reclaimed without its notice having been seen
+                self.fleet.metrics.inc("dockerami_spot_interruptions_total", {})
+        return reason
 
     def _let_go(self, reason: str) -> None:
         """The instance cannot serve any longer: builds RETRY with ``reason`` (built again
         elsewhere), the connection and the instance are released."""
         log.msg(f"{self}: {reason}; its builds are retried")
-        self.last_failure = reason
         for build in self.running_builds():
             build.stopBuild(reason, results=RETRY)
         if self.conn is not None:
@@ -827,7 +703,9 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             super().shutdownRequested()
             return
         self.fleet.metrics.inc("dockerami_spot_interruptions_total", {})
-        self._let_go(f"spot interruption: instance {instance.instance_id} is reclaimed by EC2")
+        reason = f"spot interruption: instance {instance.instance_id} is reclaimed by EC2"
+        self.last_failure = reason
+        self._let_go(reason)
 
     # -- per-build isolation -------------------------------------------------------
 
@@ -977,7 +855,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         idle, self._idle_stop = self._idle_stop, False
         if (idle and self.idle_action == "stop" and self._connected and not cancelled
                 and not self.fleet.stopping and self.fleet.stopped.max_count > 0):
-            stopped = yield self._stop_for_reuse(instance)
+            stopped = yield self._launcher().stop_for_reuse(instance)
             if stopped:
                 self.fleet.after_release()
                 return True
@@ -990,24 +868,6 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         # The idle timer's way out (and build_wait_timeout=0's): the one that may stop.
         self._idle_stop = not stopping_service
         return super()._soft_disconnect(fast, stopping_service)
-
-    @defer.inlineCallbacks
-    def _stop_for_reuse(self, instance: LaunchedInstance) -> Any:
-        """Stop (not terminate) the idle instance, for a start in seconds later."""
-        try:
-            yield instance.client.stop([instance.instance_id])
-        except Exception as e:
-            log.msg(f"{self}: could not stop {instance.instance_id} ({e}); terminating it")
-            return False
-        pool = self.fleet.stopped
-        now = self.master.reactor.seconds()
-        pool.add(warmpool.StoppedInstance(self.name, instance, instance.key, now))
-        log.msg(f"{self}: instance {instance.instance_id} stopped for reuse")
-        for entry in warmpool.to_retire(pool.entries.values(), now, pool.max_count,
-                                        pool.max_age):
-            pool.take(entry.owner)
-            yield self._retire(entry, "beyond max_stopped or max_stopped_age")
-        return True
 
     def _leave_slot(self, group: InstanceGroup, instance: LaunchedInstance) -> None:
         """This slot's container is spent (build done, container lost) or never came."""

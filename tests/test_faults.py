@@ -172,6 +172,34 @@ def test_an_instance_terminated_from_outside_is_seen_within_one_interval(
     assert not live(cloud) or all(i != instance_id for i in live(cloud))
 
 
+def test_an_instance_lost_both_ways_is_counted_once(make_master, cloud):
+    """The connection drops and the reconciler finds the instance gone: two reports of
+    one loss (detached's lookup and instance_lost), one count."""
+    # EC2's default timeout: the held answer below must come late, not be retried.
+    master = make_master(with_plugin(master_cfg(
+        build_wait_timeout=600, worker_extra=f"reconcile_interval={INTERVAL},")))
+    assert master.wait_request(master.force(), 90)["results"] == SUCCESS
+    (instance_id,) = live(cloud)
+    # Just after a reconciler pass, the lost connection's DescribeInstances is held past
+    # the next pass: the reconciler reports the loss first, that answer comes second.
+    calls = cloud.faults.count("DescribeInstances")
+    wait_for(lambda: cloud.faults.count("DescribeInstances") > calls, INTERVAL + 10,
+             "a reconciler pass", interval=0.02)
+    cloud.faults.delay("DescribeInstances", INTERVAL + 4, count=1)
+    cloud.client().terminate_instances(InstanceIds=[instance_id])
+    wait_for(lambda: f"connection lost: instance {instance_id}" in master.log(),
+             2 * INTERVAL + 15, "the lost connection's lookup to answer")
+    log = master.log()
+    assert re.search(rf"instance {instance_id} [^\n]*; its builds are retried", log), (
+        "the reconciler did not report the loss first: " + log[-3000:])
+    metrics = requests.get(
+        f"http://127.0.0.1:{master.www_port}/plugins/dockerami/metrics", timeout=10).text
+    counts = re.findall(r"dockerami_instances_lost_total\{[^}]*\} (\S+)\n", metrics)
+    assert sum(float(c) for c in counts) == 1, metrics
+    assert instance_id in fleet(master)["workers"][0]["last_failure"]
+    assert master.stop()
+
+
 def test_fleet_readers_never_drive_ec2(make_master, cloud):
     master = make_master(with_plugin(master_cfg(build_wait_timeout=600, worker_extra=FAST)))
     assert master.wait_request(master.force(), 90)["results"] == SUCCESS

@@ -1,0 +1,240 @@
+"""Launching an instance: the owner's stopped instance started again while it still
+matches, else RunInstances over the capacity options in order (fallback.py), each call
+idempotent by its ClientToken so that a lost answer is found again, never launched
+twice. Stopping an idle instance for that reuse is here too.
+
+Fleet layer: EC2 and the master's Fleet, nothing of builds. A launch that failed for
+good is raised as LaunchFailed; the worker counts it and fails the substantiation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from botocore.exceptions import ClientError
+from twisted.internet import defer
+from twisted.internet.task import deferLater
+from twisted.python import log
+
+from buildbot_dockerami import fallback, policy, warmpool
+from buildbot_dockerami.cloud import AsyncEc2, CloudError, LaunchSpec
+from buildbot_dockerami.metrics import Metrics
+
+#: How many times (2 s apart) a start waits for a stopping instance to be stopped.
+STOPPED_WAIT_CHECKS = 45
+
+
+class LaunchFailed(Exception):
+    """No instance: ``reason`` labels dockerami_launch_failures_total, ``message`` is
+    what the build log and the Fleet page show."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass
+class LaunchedInstance:
+    client: AsyncEc2
+    instance_id: str
+    instance_type: str
+    image: str
+    ami: str
+    availability_zone: str = ""
+    #: Epoch seconds RunInstances answered.
+    launched_at: float = 0.0
+    market: str = "on-demand"
+    #: warmpool.launch_key of what it was launched with: a stopped one is reused only
+    #: while it matches.
+    key: str = ""
+    #: Its loss is counted: the workers that hear of it again count nothing more.
+    lost: bool = False
+
+
+class FleetParts(Protocol):
+    """What launching needs of the master's Fleet (shared by all its workers)."""
+
+    reactor: Any
+    master_id: str
+    cooldown: fallback.CoolDown
+    metrics: Metrics
+    #: ClientToken -> owner of every RunInstances in flight (the reconciler spares them).
+    launching: dict[str, str]
+    stopped: warmpool.StoppedPool
+
+    def find_launch(self, client: AsyncEc2, token: str) -> defer.Deferred: ...
+
+    def terminate(self, client: AsyncEc2, instance_id: str) -> defer.Deferred: ...
+
+
+class Launcher:
+    """Launches for ``owner`` (a worker, or a slot group's name), logging as
+    ``log_prefix``; ``note(event, seconds)`` adds to the worker's timeline."""
+
+    def __init__(self, fleet: FleetParts, owner: str, log_prefix: str,
+                 note: Callable[[str, float], None]) -> None:
+        self.fleet = fleet
+        self.owner = owner
+        self.prefix = log_prefix
+        self.note = note
+
+    def _now(self) -> float:
+        return self.fleet.reactor.seconds()
+
+    @defer.inlineCallbacks
+    def launch(self, client: AsyncEc2, spec: LaunchSpec, options: Sequence[fallback.Option],
+               *, image: str, key: str, serves: Sequence[str], reuse: bool) -> Any:
+        """A LaunchedInstance: the owner's stopped one if ``reuse`` and it matches
+        ``key``, else a new one. ``spec`` gives what every option shares; its instance
+        type, subnet, market, ClientToken and ownership tags are set per option (its
+        ``tags`` are the operator's)."""
+        if reuse:
+            restarted = yield self.start_stopped(key, spec.user_data)
+            if restarted is not None:
+                return restarted
+        fleet = self.fleet
+        choices = fleet.cooldown.order(options, self._now())
+        for attempt, option in enumerate(choices, start=1):
+            try:
+                status = yield self._run_instance(client, spec, option)
+                break
+            except ClientError as e:
+                error = e.response.get("Error", {})
+                code, message = error.get("Code", ""), error.get("Message", "")
+                if fallback.is_capacity_error(code) and attempt < len(choices):
+                    fleet.cooldown.failed(option, self._now())
+                    self.note(f"fallback {attempt}: {option}: {code}", self._now())
+                    fleet.metrics.inc("dockerami_launch_fallbacks_total", {"code": code})
+                    log.msg(f"{self.prefix}: RunInstances for {option} failed ({code}); "
+                            f"trying {choices[attempt]}")
+                    continue
+                raise LaunchFailed(f"RunInstances:{code}",
+                                   f"RunInstances failed: {code}: {message}") from e
+        log.msg(
+            f"{self.prefix}: launched {status.instance_id} ({option}, {spec.ami}) "
+            f"running image {image} for {', '.join(serves)}"
+        )
+        fleet.metrics.inc("dockerami_instance_launches_total", {"worker": self.owner})
+        return LaunchedInstance(
+            client, status.instance_id, option.instance_type, image, spec.ami,
+            status.availability_zone, self._now(), option.market, key,
+        )
+
+    @defer.inlineCallbacks
+    def _run_instance(self, client: AsyncEc2, spec: LaunchSpec,
+                      option: fallback.Option) -> Any:
+        """One RunInstances, idempotent by its ClientToken (also a tag, so the instance
+        can be found when no answer ever comes)."""
+        token = uuid.uuid4().hex
+        spec = dataclasses.replace(
+            spec,
+            instance_type=option.instance_type,
+            tags=policy.instance_tags(self.owner, self.fleet.master_id, spec.tags, token),
+            client_token=token,
+            market=option.market,
+            subnet_id=option.subnet_id,
+        )
+        self.fleet.launching[token] = self.owner
+        try:
+            return (yield client.run_instance(spec))
+        except ClientError:
+            raise
+        except Exception as e:
+            return (yield self._find_lost_launch(client, token, e))
+        finally:
+            self.fleet.launching.pop(token, None)
+
+    @defer.inlineCallbacks
+    def _find_lost_launch(self, client: AsyncEc2, token: str, error: Exception) -> Any:
+        """RunInstances never answered (timeouts, connection lost, every retry spent):
+        EC2 may still have launched the instance. Look it up by its launch token."""
+        try:
+            found = yield self.fleet.find_launch(client, token)
+        except Exception as e:
+            found, outcome = None, f"lookup failed: {e}"
+        else:
+            outcome = "found" if found is not None else "not launched"
+        self.fleet.metrics.inc("dockerami_launch_answers_lost_total",
+                               {"outcome": "found" if found is not None else "not_found"})
+        if found is not None:
+            log.msg(f"{self.prefix}: RunInstances gave no answer ({error}); instance "
+                    f"{found.instance_id} found by its launch token")
+            return found
+        # Not found (or not knowable now): any instance the call did create carries the
+        # token but no worker, so the reconciler terminates it on its next pass.
+        message = f"RunInstances gave no answer ({error}); {outcome}"
+        log.msg(f"{self.prefix}: {message}")
+        raise LaunchFailed("RunInstances:no_answer", message)
+
+    # -- the stopped warm pool (warmpool.py decides, this does the EC2 calls) ----------
+
+    @defer.inlineCallbacks
+    def start_stopped(self, key: str, user_data: str) -> Any:
+        """The owner's stopped instance, started again with ``user_data`` (a fresh
+        credential), if it still matches ``key``; None to launch a new one."""
+        pool = self.fleet.stopped
+        entry = pool.take(self.owner)
+        if entry is None:
+            return None
+        instance = entry.instance
+        now = self._now()
+        if not warmpool.reusable(entry, key, now, pool.max_age):
+            why = "stale: launched with other settings" if entry.key != key else "too old"
+            yield self.retire(entry, why)
+            return None
+        try:
+            yield self._wait_stopped(instance)
+            yield instance.client.set_user_data(instance.instance_id, user_data)
+            yield instance.client.start([instance.instance_id])
+        except Exception as e:
+            yield self.retire(entry, f"could not start it: {e}")
+            return None
+        log.msg(f"{self.prefix}: started stopped instance {instance.instance_id} with a "
+                "fresh credential")
+        self.fleet.metrics.inc("dockerami_stopped_starts_total", {})
+        self.note("started_from_stopped", now)
+        return dataclasses.replace(instance, launched_at=now)
+
+    @defer.inlineCallbacks
+    def _wait_stopped(self, instance: LaunchedInstance) -> Any:
+        """EC2 takes a while to stop an instance; its user data changes only once it has."""
+        for _ in range(STOPPED_WAIT_CHECKS):
+            status = (yield instance.client.describe([instance.instance_id])).get(
+                instance.instance_id)
+            if status is None or status.state == "stopped":
+                return
+            yield deferLater(self.fleet.reactor, 2, lambda: None)
+        raise CloudError(f"{self.owner} still not stopped")
+
+    @defer.inlineCallbacks
+    def retire(self, entry: warmpool.StoppedInstance, why: str) -> Any:
+        log.msg(f"{self.prefix}: terminating stopped instance {entry.instance_id}: {why}")
+        try:
+            yield self.fleet.terminate(entry.instance.client, entry.instance_id)
+        except Exception as e:
+            log.msg(f"{self.prefix}: {e}")
+
+    @defer.inlineCallbacks
+    def stop_for_reuse(self, instance: LaunchedInstance) -> Any:
+        """Stop (not terminate) the owner's idle instance, for a start in seconds later;
+        False if EC2 would not stop it (terminate it instead)."""
+        try:
+            yield instance.client.stop([instance.instance_id])
+        except Exception as e:
+            log.msg(f"{self.prefix}: could not stop {instance.instance_id} ({e}); "
+                    "terminating it")
+            return False
+        pool = self.fleet.stopped
+        now = self._now()
+        pool.add(warmpool.StoppedInstance(self.owner, instance, instance.key, now))
+        log.msg(f"{self.prefix}: instance {instance.instance_id} stopped for reuse")
+        for entry in warmpool.to_retire(pool.entries.values(), now, pool.max_count,
+                                        pool.max_age):
+            pool.take(entry.owner)
+            yield self.retire(entry, "beyond max_stopped or max_stopped_age")
+        return True
