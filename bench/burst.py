@@ -44,6 +44,7 @@ import requests
 from buildbot_dockerami.localcloud import LOCAL_ACCESS_KEY, Delays, LocalCloud
 from buildbot_dockerami.localcloud.hypervisor import ProcessRuntime
 from tests.harness import SUCCESS, Master, wait_for
+from tests.services import Postgres
 
 T = TypeVar("T")
 PASSWORD = "bench-password"
@@ -85,7 +86,7 @@ c['buildbotURL'] = 'http://127.0.0.1:%s/' % os.environ['BUILDBOT_WWW_PORT']
 c['protocols'] = {'pb': {'port': 'tcp:%s:interface=127.0.0.1' % os.environ['BUILDBOT_PB_PORT']}}
 c['www'] = {'port': 'tcp:%s:interface=127.0.0.1' % os.environ['BUILDBOT_WWW_PORT'],
             'plugins': {}}
-c['db'] = {'db_url': 'sqlite:///state.sqlite'}
+c['db'] = {'db_url': os.environ.get('BENCH_DB_URL', 'sqlite:///state.sqlite')}
 c['buildbotNetUsageData'] = None
 c['collapseRequests'] = False
 N = int(os.environ['BENCH_WORKERS'])
@@ -98,7 +99,8 @@ from buildbot_dockerami import DockerAMILatentWorker
 c['workers'] = [DockerAMILatentWorker(
     'w%d' % i, image=%(image)r, ami=os.environ['BENCH_AMI'], instance_type='t3.micro',
     master_address=MASTER, build_wait_timeout=%(idle)r, missing_timeout=600,
-    max_builds=1) for i in range(N)]
+    launch_on_request=os.environ['BENCH_LAUNCH_ON_REQUEST'] == '1', max_builds=1)
+    for i in range(N)]
 """,
     "ec2": """
 from buildbot.worker.ec2 import EC2LatentWorker
@@ -192,8 +194,12 @@ def wait_build(master: Master, brid: int, timeout: float) -> dict:
 
 
 def run_kind(kind: str, cloud: LocalCloud, root: Path, workers: int, idle: float, *,
-             profile: float = 0.0) -> Result:
-    env = {**cloud.env(), "BENCH_WORKERS": str(workers), "BENCH_AMI": cloud.base_ami_id}
+             profile: float = 0.0, db_url: str | None = None,
+             launch_on_request: bool = False) -> Result:
+    env = {**cloud.env(), "BENCH_WORKERS": str(workers), "BENCH_AMI": cloud.base_ami_id,
+           "BENCH_LAUNCH_ON_REQUEST": "1" if launch_on_request else "0"}
+    if db_url:
+        env["BENCH_DB_URL"] = db_url
     master = Master(root, f"master-{kind}", env)
     master.write_config(master_config(kind, idle))
     master.start(timeout=600)  # 50 EC2LatentWorkers each make boto3 sessions at load
@@ -315,6 +321,12 @@ def main() -> int:
     parser.add_argument("--dir", default="/dev/shm" if Path("/dev/shm").is_dir() else None,
                         help="where the masters (and their SQLite databases) live "
                              "(default /dev/shm)")
+    parser.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="buildbot's database: SQLite (the default master) or a "
+                             "PostgreSQL cluster started on 127.0.0.1 (Debian's package)")
+    parser.add_argument("--launch-on-request", action="store_true",
+                        help="this plugin's launch_on_request=True (default: launch when "
+                             "buildbot hands a build out)")
     parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
                         help="py-spy the master for this long from the first force "
                              "(collapsed stacks in profile-KIND.txt; needs py-spy)")
@@ -330,10 +342,22 @@ def main() -> int:
           f"{pending:g} s), {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
           f"{platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"# load before: {load}")
-    with LocalCloud(state_dir=root / "cloud", runtime=runtime, delays=delays) as cloud:
-        for kind in args.kinds.split(","):
-            result = run_kind(kind, cloud, root, args.workers, args.idle, profile=args.profile)
-            report(result, args.boot, args.workers)
+    print(f"# database: {args.db}; this plugin launches "
+          f"{'on request' if args.launch_on_request else 'when buildbot hands a build out'}")
+    postgres = Postgres().start() if args.db == "postgresql" else None
+    try:
+        if postgres is not None:
+            postgres.make_template(Path(sys.executable).parent / "buildbot")
+        with LocalCloud(state_dir=root / "cloud", runtime=runtime, delays=delays) as cloud:
+            for kind in args.kinds.split(","):
+                result = run_kind(
+                    kind, cloud, root, args.workers, args.idle, profile=args.profile,
+                    db_url=postgres.new_database() if postgres is not None else None,
+                    launch_on_request=args.launch_on_request)
+                report(result, args.boot, args.workers)
+    finally:
+        if postgres is not None:
+            postgres.stop()
     load = subprocess.run(["uptime"], check=False, capture_output=True, text=True).stdout.strip()
     print(f"# load after: {load}")
     print(f"# masters' logs and probe.txt under {root}")

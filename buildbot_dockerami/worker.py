@@ -194,7 +194,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         max_stopped: Any = warmpool.DEFAULT_MAX_STOPPED,
         max_stopped_age: Any = warmpool.DEFAULT_MAX_STOPPED_AGE,
         master_tls_fingerprint: str | None = None,
-        launch_on_request: Any = True,
+        launch_on_request: Any = False,
         **kwargs: Any,
     ) -> None:
         problems = config_problems(
@@ -295,7 +295,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         max_stopped: int = warmpool.DEFAULT_MAX_STOPPED,
         max_stopped_age: float = warmpool.DEFAULT_MAX_STOPPED_AGE,
         master_tls_fingerprint: str | None = None,
-        launch_on_request: bool = True,
+        launch_on_request: bool = False,
         **kwargs: Any,
     ) -> Any:
         self.image = image

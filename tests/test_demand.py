@@ -55,7 +55,7 @@ def test_queued_requests_launch_instances_that_their_builds_then_use(
         make_master, cloud, tmp_path):
     gate = tmp_path / "gate"
     cloud.delays.boot = 4.0
-    master = gated_master(make_master, gate)
+    master = gated_master(make_master, gate, worker_extra="launch_on_request=True,")
     requests_ = [master.force() for _ in range(3)]
     # Nothing was handed out (the gate is shut), yet three instances boot.
     wait_for(lambda: len(launched(cloud)) == 3, 30, "three instances for three requests")
@@ -73,8 +73,8 @@ def test_queued_requests_launch_instances_that_their_builds_then_use(
 
 
 @pytest.mark.integration
-def test_launch_on_request_can_be_turned_off(make_master, cloud, tmp_path):
-    master = gated_master(make_master, tmp_path / "gate", worker_extra="launch_on_request=False,")
+def test_launch_on_request_is_off_by_default(make_master, cloud, tmp_path):
+    master = gated_master(make_master, tmp_path / "gate")
     master.force()
     wait_for(lambda: "added buildset" in master.log(), 30, "the request")
     with pytest.raises(AssertionError):
