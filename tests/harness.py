@@ -60,10 +60,13 @@ def _template_basedir(root: Path) -> Path:
 #: logging in while the master shuts down (buildbot 4.3's PB dispatcher releases
 #: ``self.master.initLock`` after the master was detached from it), and buildbot's
 #: arbitration between two connections under one worker name (an orphan's and the
-#: tracked instance's; the plugin then refuses the orphan).
+#: tracked instance's; the plugin then refuses the orphan), and buildbot 4.3 stopping
+#: a build at master shutdown whose step has no database row yet (``_interrupt_impl``
+#: calls ``addCompleteLog``, which raises BuildStepCancelled for a step without id).
 BUILDBOT_NOISE = ("twisted.cred.error.UnauthorizedLogin",
                   "in requestAvatarId\n\t    eventually(self.master.initLock.release)",
-                  'raise RuntimeError("rejecting duplicate worker")')
+                  'raise RuntimeError("rejecting duplicate worker")',
+                  "in _interrupt_impl\n\t    yield self.addCompleteLog(log_name, str(reason))")
 
 
 def unhandled_errors(log: str) -> list[str]:
