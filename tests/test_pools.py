@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import requests
@@ -34,9 +36,9 @@ def live(cloud) -> int:
     return sum(1 for i in instances(cloud) if i["State"]["Name"] in ("pending", "running"))
 
 
-def test_cap_holds_under_a_burst_of_fifty_builds(make_master, cloud):
-    master = pool_master(make_master, count=50, build_wait_timeout=0, command="sleep 1")
-    assert set_pool(master, cap=3).status_code == 200
+@contextlib.contextmanager
+def peak_of_live(cloud) -> Iterator[list[int]]:
+    """The most instances pending or running at once while the block runs (peak[0])."""
     peak, stop = [0], threading.Event()
 
     def sample() -> None:
@@ -47,11 +49,18 @@ def test_cap_holds_under_a_burst_of_fifty_builds(make_master, cloud):
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        requests_ = [master.force() for _ in range(50)]
-        results = [master.wait_request(brid, 600)["results"] for brid in requests_]
+        yield peak
     finally:
         stop.set()
         sampler.join()
+
+
+def test_cap_holds_under_a_burst_of_fifty_builds(make_master, cloud):
+    master = pool_master(make_master, count=50, build_wait_timeout=0, command="sleep 1")
+    assert set_pool(master, cap=3).status_code == 200
+    with peak_of_live(cloud) as peak:
+        requests_ = [master.force() for _ in range(50)]
+        results = [master.wait_request(brid, 600)["results"] for brid in requests_]
     assert results == [SUCCESS] * 50
     assert 1 <= peak[0] <= 3, f"{peak[0]} instances ran at once with a cap of 3"
     assert len(instances(cloud)) >= 17  # each build had its own instance (no reuse at 0 s)

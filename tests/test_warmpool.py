@@ -3,16 +3,13 @@ again, with a fresh credential, for the next build; stale ones replaced."""
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 
 from buildbot_dockerami import warmpool
 from buildbot_dockerami.localcloud.hypervisor import Booting
 from tests.harness import SUCCESS, master_cfg, wait_for
 from tests.test_ec2_worker import instances, user_data_of
-from tests.test_pools import live, pool_master, set_pool
+from tests.test_pools import peak_of_live, pool_master, set_pool
 
 STOP = "idle_action='stop', reconcile_interval=5,"
 
@@ -95,31 +92,19 @@ def test_max_stopped_zero_terminates_idle_instances(make_master, cloud):
 
 
 @pytest.mark.integration
-def test_a_cap_counts_running_instances_not_stopped_ones(make_master, cloud):
+def test_a_cap_counts_stopped_instances_started_again(make_master, cloud):
     """Pool of three, cap 1, idle instances stopped and started again: a start counts
     against the cap like a launch, so two instances never run at once."""
     master = pool_master(make_master, count=3, build_wait_timeout=1, command="sleep 2",
                          worker_extra=STOP)
     assert set_pool(master, cap=1).status_code == 200
-    peak, stop = [0], threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], live(cloud))
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        results = []
+    results = []
+    with peak_of_live(cloud) as peak:
         for _ in range(3):
             brids = [master.force() for _ in range(2)]
             results += [master.wait_request(brid, 180)["results"] for brid in brids]
             wait_for(lambda: any(i["State"]["Name"] == "stopped" for i in instances(cloud)),
                      60, "an idle instance to be stopped")
-    finally:
-        stop.set()
-        sampler.join()
     assert results == [SUCCESS] * 6
     assert peak[0] == 1, f"{peak[0]} instances ran at once with a cap of 1"
     assert "stopped for reuse" in master.log()
