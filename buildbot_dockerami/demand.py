@@ -25,7 +25,7 @@ from typing import Any
 
 from buildbot.interfaces import IRenderable
 from buildbot.worker.latent import States
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.python import failure, log
 
 from buildbot_dockerami.singleflight import SingleFlight
@@ -87,9 +87,9 @@ def prefers_spare(worker: Any, buildername: str | None) -> bool:
 
 
 def _ours_only(builder: Any, fleet: Any) -> bool:
-    ours = set(fleet.workers)
+    ours = {id(w) for w in fleet.workers}  # by identity: hashing a worker is costly
     return bool(builder.workers) and all(
-        wfb.worker in ours and wfb.worker.launch_on_request for wfb in builder.workers)
+        id(wfb.worker) in ours and wfb.worker.launch_on_request for wfb in builder.workers)
 
 
 class LaunchOnRequest:
@@ -158,3 +158,5 @@ class LaunchOnRequest:
         for name in plan(waiting, spare, candidates):
             if by_name[name].prewarm():
                 log.msg(f"dockerami: launching {name} for the build requests waiting")
+            # One launch per reactor turn: 50 in one turn stalled the reactor for 1.3 s.
+            yield task.deferLater(self.master.reactor, 0, lambda: None)
