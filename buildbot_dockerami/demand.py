@@ -65,17 +65,31 @@ def same_for_every_build(worker: Any) -> bool:
                    for name in PER_BUILD_SETTINGS)
 
 
+def launched_as_configured(worker: Any) -> bool:
+    """The instance was launched with the worker's current settings (a reconfig may
+    have changed them since: buildbot would then refuse it every build)."""
+    launched = worker._actual_build_props
+    return launched is None or launched == {k: getattr(worker, k) for k in PER_BUILD_SETTINGS}
+
+
 def is_spare(worker: Any, wfb: Any) -> bool:
     """An instance on its way or up, with no build, that buildbot may give a build to."""
     return (worker.state in ON_ITS_WAY and not worker.building and not worker.stopping
             and (worker.state != States.SUBSTANTIATED or worker.conn is not None)
-            and same_for_every_build(worker) and wfb.isAvailable())
+            and same_for_every_build(worker) and launched_as_configured(worker)
+            and wfb.isAvailable())
 
 
 def prefers_spare(worker: Any, buildername: str | None) -> bool:
     """Whether buildbot should give this build to another worker than ``worker``
-    (idle, no instance): one whose instance is already on its way for the builder."""
+    (idle, no instance): one whose instance is already on its way for the builder.
+    Not when the operator chooses workers (``nextWorker``, ``select_next_worker``):
+    that choice may never offer the spare, and every other worker would decline."""
     if buildername is None or worker.state != States.NOT_SUBSTANTIATED:
+        return False
+    own = worker.workerforbuilders.get(buildername)
+    if own is None or own.builder is None or own.builder.config.nextWorker or getattr(
+            worker.master.config, "select_next_worker", None):
         return False
     for other in list(worker.fleet.workers):
         if other is worker:
@@ -108,6 +122,8 @@ class LaunchOnRequest:
         #: builderid -> ids of its requests waiting (unclaimed).
         self.waiting: dict[int, set[int]] = {}
         self._pass = SingleFlight(self._launch_for_waiting, self._passed, again=True)
+        #: One pass per reactor turn however many events it brought.
+        self._soon: Any = None
 
     @defer.inlineCallbacks
     def start(self) -> Any:
@@ -126,9 +142,12 @@ class LaunchOnRequest:
         waiting = self.waiting.setdefault(request["builderid"], set())
         if self.EVENTS.get(key[-1]) and not request.get("claimed"):
             waiting.add(request["buildrequestid"])
-            self._pass.tick()
+            if self._soon is None or not self._soon.active():
+                self._soon = self.master.reactor.callLater(0, self._pass.tick)
         else:
             waiting.discard(request["buildrequestid"])
+            if not waiting:
+                del self.waiting[request["builderid"]]
 
     @staticmethod
     def _passed(result: Any) -> None:

@@ -79,6 +79,8 @@ class Fleet:
         self.botmaster: Any = None
         #: This master's part in the fleet all masters share (multimaster.Coordinator).
         self.shared: multimaster.Coordinator | None = None
+        #: The scheduling pass due when single-master pool reservations lapse.
+        self.reservation_wakeup: Any = None
         #: Launches idle workers for queued build requests (one master only).
         self.demand: demand.LaunchOnRequest | None = None
 
@@ -102,6 +104,8 @@ class Fleet:
 
     def begin_stopping(self) -> None:
         self._stopping = True
+        if self.reservation_wakeup is not None and self.reservation_wakeup.active():
+            self.reservation_wakeup.cancel()
         if self.demand is not None:
             self.demand.stop()
         self.reconciler.stop()

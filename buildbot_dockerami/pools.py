@@ -76,8 +76,17 @@ class InUse:
         self._in_use: dict[str, set[str]] = {}
         #: pool -> instance key -> when its reservation lapses.
         self._reserved: dict[str, dict[str, float]] = {}
+        #: holder (a builder) -> the slot it last reserved: buildbot considers one
+        #: build per builder at a time, so a new approval replaces the last one (which
+        #: buildbot may have turned down after all, e.g. for a lock).
+        self._holders: dict[Any, tuple[str, str]] = {}
 
-    def reserve(self, pool: str, key: str, until: float) -> None:
+    def reserve(self, pool: str, key: str, until: float, holder: Any = None) -> None:
+        if holder is not None:
+            old = self._holders.get(holder)
+            if old is not None and old != (pool, key):
+                self._reserved.get(old[0], {}).pop(old[1], None)
+            self._holders[holder] = (pool, key)
         if key not in self._in_use.get(pool, ()):
             self._reserved.setdefault(pool, {})[key] = until
 
@@ -176,17 +185,23 @@ def capped(pool: str | None, fleet: Any) -> bool:
     return pool is not None and fleet.pool_limits.get(pool, PoolLimits()).cap is not None
 
 
-def reserve(worker: Any) -> defer.Deferred:
+def reserve(worker: Any, holder: Any = None) -> defer.Deferred:
     """Whether the worker may have an instance, its pool's slot claimed in the shared
-    database if it needs a new one (multimaster.Coordinator.reserve)."""
-    shared = getattr(worker.fleet, "shared", None)
+    database if it needs a new one (multimaster.Coordinator.reserve); on one master,
+    held in the InUse index until the worker starts (``holder``: the builder asking)."""
+    fleet = worker.fleet
+    shared = getattr(fleet, "shared", None)
     if shared is not None:
         return shared.reserve(worker)
     if not may_launch(worker):
         return defer.succeed(False)
-    if capped(worker.pool, worker.fleet):
-        worker.fleet.in_use.reserve(worker.pool, instance_key(worker),
-                                    worker.fleet.reactor.seconds() + RESERVATION_SECONDS)
+    if capped(worker.pool, fleet):
+        fleet.in_use.reserve(worker.pool, instance_key(worker),
+                             fleet.reactor.seconds() + RESERVATION_SECONDS, holder)
+        if fleet.reservation_wakeup is None or not fleet.reservation_wakeup.active():
+            # A lapsed reservation frees a slot nothing else announces.
+            fleet.reservation_wakeup = fleet.reactor.callLater(
+                RESERVATION_SECONDS + 1, fleet.after_release)
     return defer.succeed(True)
 
 

@@ -750,8 +750,9 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             return False
         if not (yield super().isCompatibleWithBuild(build_props)):
             return False
-        # Last: a pool slot claimed in the shared database, across masters.
-        return (yield pools.reserve(self))
+        # Last: a pool slot held until the worker starts (across masters: claimed in
+        # the shared database).
+        return (yield pools.reserve(self, holder=build_props.getProperty("buildername")))
 
     def prewarm(self) -> bool:
         """Boot an instance now, before any build asks (the Fleet page's Start, the

@@ -104,3 +104,42 @@ def test_a_build_goes_to_the_prewarmed_worker_not_a_random_one(make_master, clou
         assert worker in ("w7", "w3")[:round_ + 1], f"round {round_}: the build went to {worker}"
         assert cloud.faults.count("RunInstances") == round_ + 1
     assert master.stop()
+
+
+def fake_worker(name: str, state, *, launched=None, next_worker=None, settings=None):
+    """Just what demand.py reads of a DockerAMILatentWorker and its builder."""
+    from types import SimpleNamespace
+
+    settings = settings or {"image": "org/w:1", "instance_type": "t3.micro", "ami": None,
+                            "setup_repo": None, "setup_branch": None}
+    builder = SimpleNamespace(config=SimpleNamespace(nextWorker=next_worker))
+    worker = SimpleNamespace(name=name, state=state, building=[], stopping=False, conn=object(),
+                             _actual_build_props=launched, master=SimpleNamespace(
+                                 config=SimpleNamespace(select_next_worker=None)), **settings)
+    worker.workerforbuilders = {"b": SimpleNamespace(builder=builder,
+                                                     isAvailable=lambda: True)}
+    return worker
+
+
+def test_an_instance_launched_with_old_settings_is_not_a_spare() -> None:
+    """After a reconfig changed the image, buildbot refuses the old instance every
+    build: idle workers must not decline in its favour (the builds would stall)."""
+    from types import SimpleNamespace
+
+    from buildbot.worker.latent import States
+
+    from buildbot_dockerami.demand import prefers_spare
+
+    current = {"image": "org/w:2", "instance_type": "t3.micro", "ami": None,
+               "setup_repo": None, "setup_branch": None}
+    up = fake_worker("up", States.SUBSTANTIATED, launched={**current, "image": "org/w:1"},
+                     settings=current)
+    idle = fake_worker("idle", States.NOT_SUBSTANTIATED, settings=current)
+    fleet = SimpleNamespace(workers=[up, idle])
+    up.fleet = idle.fleet = fleet
+    assert not prefers_spare(idle, "b")
+    up._actual_build_props = dict(current)
+    assert prefers_spare(idle, "b")
+    # The operator's own nextWorker may never offer the spare: no preference then.
+    idle.workerforbuilders["b"].builder.config.nextWorker = lambda *_: None
+    assert not prefers_spare(idle, "b")

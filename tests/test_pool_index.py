@@ -89,3 +89,17 @@ def test_a_reservation_counts_until_its_worker_starts_or_it_lapses() -> None:
     index.reserve("a", "w2", until=30.0)
     assert index.count("a", 29.0) == 1
     assert index.count("a", 31.0) == 0  # buildbot dropped the build: it lapses
+
+
+def test_a_builder_holds_one_reservation_at_a_time() -> None:
+    """buildbot approved w1 for builder X, then turned it down (a lock) and approves
+    w2 for X's next try: w1's reservation must not keep holding the cap."""
+    w1, w2 = Worker("w1", "a"), Worker("w2", "a")
+    index = pools.InUse()
+    index.resync([w1, w2])
+    index.reserve("a", "w1", until=30.0, holder="X")
+    index.reserve("a", "w2", until=30.0, holder="X")
+    assert index.count("a", 1.0) == 1 and index.uses("a", "w2", 1.0)
+    assert not index.uses("a", "w1", 1.0)
+    index.reserve("a", "w1", until=30.0, holder="Y")  # another builder's, kept
+    assert index.count("a", 1.0) == 2
