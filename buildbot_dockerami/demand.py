@@ -100,8 +100,8 @@ def prefers_spare(worker: Any, buildername: str | None) -> bool:
     return False
 
 
-def _ours_only(builder: Any, fleet: Any) -> bool:
-    ours = {id(w) for w in fleet.workers}  # by identity: hashing a worker is costly
+def _ours_only(builder: Any, ours: set[int]) -> bool:
+    """``ours``: ids of the fleet's workers (by identity: hashing a worker is costly)."""
     return bool(builder.workers) and all(
         id(wfb.worker) in ours and wfb.worker.launch_on_request for wfb in builder.workers)
 
@@ -139,15 +139,15 @@ class LaunchOnRequest:
         self._consumers = []
 
     def _changed(self, key: tuple[str, ...], request: dict[str, Any]) -> None:
-        waiting = self.waiting.setdefault(request["builderid"], set())
+        builderid, brid = request["builderid"], request["buildrequestid"]
         if self.EVENTS.get(key[-1]) and not request.get("claimed"):
-            waiting.add(request["buildrequestid"])
+            self.waiting.setdefault(builderid, set()).add(brid)
             if self._soon is None or not self._soon.active():
                 self._soon = self.master.reactor.callLater(0, self._pass.tick)
-        else:
-            waiting.discard(request["buildrequestid"])
-            if not waiting:
-                del self.waiting[request["builderid"]]
+        elif builderid in self.waiting:
+            self.waiting[builderid].discard(brid)
+            if not self.waiting[builderid]:
+                del self.waiting[builderid]
 
     @staticmethod
     def _passed(result: Any) -> None:
@@ -160,8 +160,9 @@ class LaunchOnRequest:
         if fleet.stopping or fleet.shared is not None or botmaster is None:
             return
         waiting: dict[str, int] = {}
+        ours = {id(w) for w in fleet.workers}
         for builder in list(botmaster.builders.values()):
-            if _ours_only(builder, fleet):
+            if _ours_only(builder, ours):
                 builderid = yield builder.getBuilderId()  # cached by buildbot
                 if self.waiting.get(builderid):
                     waiting[builder.name] = len(self.waiting[builderid])
