@@ -62,6 +62,22 @@ def remove_firewall_rules(tag: str, iptables: str = "iptables") -> int:
     return removed
 
 
+class QuietHandler(BaseHTTPRequestHandler):
+    """A loopback HTTP handler that logs nothing and answers plain text, for the local
+    cloud's metadata service and the tests' own little servers."""
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def reply(self, status: int, body: str = "") -> None:
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
 class MetadataService:
     """An instance metadata service for one instance, on a loopback port."""
 
@@ -79,51 +95,40 @@ class MetadataService:
         self.requests: list[tuple[str, str, bool]] = []  # (method, path, had token)
         service = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _reply(self, status: int, body: str = "") -> None:
-                data = body.encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "text/plain")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(QuietHandler):
             def do_PUT(self) -> None:
                 service.requests.append(("PUT", self.path, False))
                 if self.path != "/latest/api/token" or not self.headers.get(
                     "X-aws-ec2-metadata-token-ttl-seconds"
                 ):
-                    self._reply(400)
+                    self.reply(400)
                     return
                 token = secrets.token_urlsafe(24)
                 service.tokens.add(token)
-                self._reply(200, token)
+                self.reply(200, token)
 
             def do_GET(self) -> None:
                 token = self.headers.get("X-aws-ec2-metadata-token")
                 has_token = token in service.tokens
                 service.requests.append(("GET", self.path, has_token))
                 if token is not None and not has_token:
-                    self._reply(401)
+                    self.reply(401)
                     return
                 if not has_token and service.booting.http_tokens == "required":
-                    self._reply(401)
+                    self.reply(401)
                     return
                 if self.path == "/latest/user-data":
-                    self._reply(200, service.booting.user_data)
+                    self.reply(200, service.booting.user_data)
                 elif self.path == "/latest/meta-data/instance-id":
-                    self._reply(200, service.booting.instance_id)
+                    self.reply(200, service.booting.instance_id)
                 elif self.path == "/latest/meta-data/spot/instance-action" and service.spot:
-                    self._reply(200, service.spot)
+                    self.reply(200, service.spot)
                 elif self.path == f"{ROLE_CREDENTIALS_PATH}/":
-                    self._reply(200, ROLE_NAME)
+                    self.reply(200, ROLE_NAME)
                 elif self.path == f"{ROLE_CREDENTIALS_PATH}/{ROLE_NAME}":
-                    self._reply(200, service.role_credentials)
+                    self.reply(200, service.role_credentials)
                 else:
-                    self._reply(404)
+                    self.reply(404)
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)

@@ -19,9 +19,8 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
@@ -32,6 +31,7 @@ from buildbot_dockerami.localcloud.containers import (
     ROLE_CREDENTIALS_PATH,
     ROLE_NAME,
     ContainerRuntime,
+    QuietHandler,
 )
 from tests.containers.conftest import only_instance
 from tests.containers.test_isolation import LEFTOVERS, facts
@@ -53,28 +53,18 @@ class Attacker:
         self.released = threading.Event()
         attacker = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _reply(self, status: int, body: str = "") -> None:
-                data = body.encode()
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 if self.path == "/target":
-                    self._reply(200, attacker.target)
+                    self.reply(200, attacker.target)
                 elif self.path == "/release":
-                    self._reply(200 if attacker.released.is_set() else 404)
+                    self.reply(200 if attacker.released.is_set() else 404)
                 else:
-                    self._reply(404)
+                    self.reply(404)
 
             def do_POST(self) -> None:
                 attacker.loot = self.rfile.read(int(self.headers["Content-Length"]))
-                self._reply(200)
+                self.reply(200)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
