@@ -185,3 +185,14 @@ def test_spot_notice_seen_by_the_bootstrap_retries_the_build_and_worker_reports_
     assert final["results"] == SUCCESS, master.log()[-3000:]
     assert master.builds_for(brid)[0]["results"] == RETRY
     assert "refusing a connection" not in master.log()  # the reported ids matched
+
+
+def test_a_password_with_glob_characters_reaches_the_worker_unchanged(
+        make_master, cloud, engine, worker_image):
+    """Issue 9: the image split user-data line 1 with an unquoted ``set --``, so a
+    password like ``.*`` was globbed against the working directory and never matched."""
+    master = make_master(master_cfg(image=worker_image, command="true",
+                                    worker_extra="password='.*',"))
+    build = master.wait_request(master.force(), 180)
+    assert build["results"] == SUCCESS, master.log()[-3000:]
+    assert "invalid login" not in master.log()
