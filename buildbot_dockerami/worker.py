@@ -32,6 +32,7 @@ from buildbot_dockerami import (
     pools,
     reconcile,
     settings,
+    sqlitepool,
     tls,
     userdata,
     warmpool,
@@ -254,6 +255,9 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             super().checkConfig(usable_name, password, **kwargs)
         except (TypeError, ValueError, AttributeError) as e:
             config.error(f"DockerAMILatentWorker {name!r}: {e}")
+        # Here, not in reconfigService: buildbot loads the configuration, then creates its
+        # database engine, then reconfigures its services.
+        sqlitepool.install()
         warning = address.loopback_warning() if master_address is None else None
         if warning:
             warnings.warn(f"DockerAMILatentWorker {name!r}: master_address: {warning}",

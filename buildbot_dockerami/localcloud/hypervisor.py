@@ -14,6 +14,7 @@ inside the container; it is what a machine without a Docker engine can do.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 import shutil
@@ -46,8 +47,6 @@ from twisted.application import service
 
 # Start-up work is done; the machine "finishes booting" at this wall-clock time.
 time.sleep(max(0.0, {start_at!r} - time.time()))
-if {idle!r}:
-    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))  # booted: normal priority
 with open("booted_at", "w") as f:
     f.write(repr(time.time()))
 basedir = os.path.abspath(os.path.dirname(__file__))
@@ -58,6 +57,25 @@ worker = Worker(
 )
 worker.setServiceParent(application)
 """
+
+#: A worker process started before its instance: pays the imports, then waits for one.
+_SPARE = """\
+import json, os, sys
+import buildbot_worker.bot, twisted.application.service, twisted.scripts.twistd
+print("ready", flush=True)
+line = sys.stdin.readline()
+if not line.strip():
+    sys.exit(0)
+job = json.loads(line)
+os.chdir(job["basedir"])
+os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+os.dup2(os.open("stderr.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
+sys.argv = ["twistd", *job["args"]]
+sys.exit(twisted.scripts.twistd.run())
+"""
+
+#: twistd's arguments for an instance's worker (in its base directory).
+_TWISTD_ARGS = ["--nodaemon", "--pidfile=", "--logfile=twistd.log", "--python=buildbot.tac"]
 
 
 @dataclass(frozen=True)
@@ -88,16 +106,53 @@ class ProcessRuntime:
     ``prepare`` starts the process ahead of its boot time and lets it wait, after its
     imports, until then: 50 workers importing Twisted at the same moment would cost
     this machine ~30 CPU-seconds that on EC2 come out of 50 other machines. With
-    ``idle_priority`` (Linux, root) that work runs under SCHED_IDLE, only when no
-    other process wants the CPU, and the worker returns to normal priority when it
-    "boots"; each writes ``booted_at`` (epoch) so a benchmark can check it was on time.
+    ``idle_priority`` (Linux, root) the worker runs under SCHED_IDLE for its whole life,
+    only when no other process wants the CPU: 50 workers connecting at once at normal
+    priority froze a benchmark's master for seconds, on 2 cores they shared with it.
+    Each writes ``booted_at`` (epoch) so a benchmark can check it was on time.
+
+    ``warm(n)`` goes further for a burst: n processes do their imports before it and
+    wait for an instance, so that the burst's boots cost this machine next to nothing.
     """
 
     def __init__(self, state_dir: Path, idle_priority: bool = False) -> None:
         self.state_dir = state_dir
         self.idle_priority = idle_priority
         self._processes: dict[str, subprocess.Popen] = {}
+        self._spares: list[subprocess.Popen] = []
         self._lock = threading.Lock()
+
+    def _command(self, *args: str) -> list[str]:
+        command = [sys.executable, *args]
+        return ["chrt", "--idle", "0", *command] if self.idle_priority else command
+
+    def warm(self, count: int) -> None:
+        """Start ``count`` spare worker processes; return when all have imported."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        spares = [subprocess.Popen(self._command("-c", _SPARE), cwd=self.state_dir,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+                  for _ in range(count)]
+        for spare in spares:
+            assert spare.stdout is not None
+            if spare.stdout.readline().strip() != b"ready":
+                raise RuntimeError(f"spare worker process {spare.pid} did not start")
+            spare.stdout.close()
+        with self._lock:
+            self._spares.extend(spares)
+
+    def discard_spares(self) -> None:
+        """End the spare processes no instance took (they exit when their stdin closes)."""
+        with self._lock:
+            spares, self._spares = self._spares, []
+        for spare in spares:
+            assert spare.stdin is not None
+            spare.stdin.close()
+            try:
+                spare.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(spare.pid, signal.SIGKILL)
+                spare.wait()
 
     def start(self, booting: Booting) -> None:
         self.prepare(booting, 0.0)
@@ -115,8 +170,7 @@ class ProcessRuntime:
         password_file.chmod(0o600)
         (basedir / "buildbot.tac").write_text(
             _WORKER_TAC.format(host=data.master_host, port=data.master_port,
-                               name=data.worker_name, start_at=start_at,
-                               idle=self.idle_priority)
+                               name=data.worker_name, start_at=start_at)
         )
         (basedir / "image").write_text(data.image + "\n")
         # As the image does: tell the master which instance this worker runs on.
@@ -129,18 +183,22 @@ class ProcessRuntime:
         (basedir / "info" / "image_ready").write_text(f"{ready_at:.3f}")
         (basedir / "info" / "image_pull").write_text(
             f"{booting.pull_seconds:.1f}" if booting.pull_seconds > 0 else "present")
-        command = [
-            sys.executable, "-c",
-            "import sys; from twisted.scripts.twistd import run; sys.exit(run())",
-            "--nodaemon", "--pidfile=", "--logfile=twistd.log", "--python=buildbot.tac",
-        ]
-        if self.idle_priority:
-            command = ["chrt", "--idle", "0", *command]
-        process = subprocess.Popen(
-            command, cwd=basedir, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=open(basedir / "stderr.log", "wb"),  # noqa: SIM115
-            start_new_session=True,
-        )
+        with self._lock:
+            spare = self._spares.pop() if self._spares else None
+        if spare is not None:
+            assert spare.stdin is not None
+            spare.stdin.write(json.dumps({"basedir": str(basedir),
+                                          "args": _TWISTD_ARGS}).encode() + b"\n")
+            spare.stdin.close()
+            process = spare
+        else:
+            process = subprocess.Popen(
+                self._command("-c", "import sys; from twisted.scripts.twistd import run; "
+                              "sys.exit(run())", *_TWISTD_ARGS),
+                cwd=basedir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=open(basedir / "stderr.log", "wb"),  # noqa: SIM115
+                start_new_session=True,
+            )
         with self._lock:
             self._processes[instance_id] = process
         log.info("%s: worker %s started (pid %d) for image %s, master %s",
