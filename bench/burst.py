@@ -224,6 +224,7 @@ def run_kind(kind: str, cloud: LocalCloud, root: Path, workers: int, idle: float
             subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "100",
                               "--format", "raw", "--duration", str(int(profile)),
                               "--output", str(root / f"profile-{kind}.txt"),
+                              # e.g. "--gil --threads": who holds the GIL, per thread
                               *os.environ.get("BENCH_PYSPY_ARGS", "").split()],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         cpu_before = cpu_seconds(pid)
