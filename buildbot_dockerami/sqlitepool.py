@@ -2,19 +2,20 @@
 
 buildbot (4.3 at least, ``db/enginestrategy.special_case_sqlite``) gives a file SQLite
 database SQLAlchemy's ``NullPool``, a choice its comment dates to SQLAlchemy 0.6/0.7:
-every transaction opens the file, parses the schema, and on close (the last connection
-to a WAL database) checkpoints the WAL. Measured on buildbot's own schema: 1.64 ms per
+every transaction opens the file, reads the schema, and on close (the last connection
+to a WAL database) checkpoints the WAL. On buildbot's own schema that is 1.64 ms per
 transaction against 0.34 ms with a kept connection; a burst of 50 latent builds costs
-buildbot ~8,100 transactions, all on its one database thread (for SQLite), so the
-master's CPU for the burst fell from ~21 s to ~9 s and a build started ~0.1 s after its
-worker connected instead of 0.4-2 s (bench/README.md).
+buildbot ~8,100 transactions, all on its one database thread (for SQLite): in the burst
+benchmark the master's CPU fell from ~21 s to ~9 s (README, *Bursts*).
 
-The replacement is what SQLAlchemy 2.x itself chooses for a file SQLite database:
-``QueuePool`` with ``check_same_thread=False`` (buildbot already runs one database
-thread for SQLite, so one pooled connection is used at a time). Installed when the
-configuration is loaded, before buildbot creates its engine; an operator's own
-``c['db']['engine_kwargs']['poolclass']`` is left alone, and so is a buildbot that no
-longer chooses ``NullPool``. In-memory and other databases are untouched.
+The replacement is what SQLAlchemy 2 itself chooses for a file SQLite database:
+``QueuePool`` with ``check_same_thread=False`` (buildbot runs one database thread for
+SQLite, so one pooled connection is used at a time). Installed when the configuration
+loads, before buildbot creates its engine. Left alone: an operator's ``poolclass`` or
+``check_same_thread`` (``c['db']['engine_kwargs']`` or the URL), a buildbot that no
+longer chooses ``NullPool``, in-memory and other databases. A side effect: the WAL file
+(``state.sqlite-wal``) now stays while the master runs (SQLite checkpoints it every
+1000 pages), so a backup copies the database with SQLite's ``.backup``, not ``cp``.
 """
 
 from __future__ import annotations
@@ -35,10 +36,13 @@ def keep_connection(choose: Any) -> Any:
     """Wrap buildbot's ``special_case_sqlite(url, kwargs) -> (url, kwargs, max_conns)``."""
 
     def special_case_sqlite(u: Any, kwargs: dict[str, Any]) -> Any:
-        operators_choice = "poolclass" in kwargs
+        operators_choice = "poolclass" in kwargs or "check_same_thread" in {
+            **kwargs.get("connect_args", {}), **u.query}
         u, kwargs, max_conns = choose(u, kwargs)
         if not operators_choice and kwargs.get("poolclass") is NullPool and max_conns == 1:
             kwargs["poolclass"] = QueuePool
+            # The connection buildbot opens to turn WAL on (in the thread that creates
+            # the engine) is then used by its database thread.
             kwargs["connect_args"] = {**kwargs.get("connect_args", {}),
                                       "check_same_thread": False}
             log.msg("dockerami: buildbot's SQLite database keeps its connection "

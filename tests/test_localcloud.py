@@ -169,6 +169,29 @@ def test_process_runtime_prepares_ahead(tmp_path: Path) -> None:
         wait_for(lambda: not runtime.running(), 10, "the process to end with its instance")
 
 
+def test_a_spare_process_becomes_the_instances_worker(tmp_path: Path) -> None:
+    """``warm``: processes that imported before the burst take the instances in turn;
+    the one left over ends with ``discard_spares``."""
+    runtime = ProcessRuntime(tmp_path / "instances")
+    runtime.warm(2)
+    spares = {p.pid for p in runtime._spares}
+    with LocalCloud(state_dir=tmp_path / "cloud", runtime=runtime,
+                    delays=Delays(boot=1.0)) as cloud:
+        (iid,), _ = launch(cloud)
+        wait_for(lambda: iid in runtime.running(), 5, "the instance's worker process")
+        assert runtime._processes[iid].pid in spares
+        basedir = tmp_path / "instances" / iid
+        # It runs twistd on the instance's tac, in the instance's directory.
+        wait_for((basedir / "booted_at").exists, 10, "the worker to boot")
+        wait_for(lambda: "Starting Worker" in (runtime.console(iid) or ""), 10,
+                 "twistd to start the worker")
+        leftover = runtime._spares[0]
+        runtime.discard_spares()
+        assert leftover.returncode == 0 and not runtime._spares
+        cloud.client().terminate_instances(InstanceIds=[iid])
+        wait_for(lambda: not runtime.running(), 10, "the process to end with its instance")
+
+
 def test_boot_clock_rules() -> None:
     now = [100.0]
     clock = BootClock(Delays(pending=5, boot=20, pull={"a": {"m": 40, "*": 60}},

@@ -36,6 +36,16 @@ def test_a_file_database_gets_a_queue_pool_and_any_other_choice_is_kept(tmp_path
                           {"basedir": str(tmp_path), "poolclass": StaticPool})
     assert kwargs["poolclass"] is StaticPool
     assert "poolclass" not in choose(url.make_url("sqlite://"), {"basedir": str(tmp_path)})[1]
+    # check_same_thread set by the operator (engine_kwargs or URL): buildbot's NullPool.
+    for u, extra in (("sqlite:///state.sqlite", {"connect_args": {"check_same_thread": True}}),
+                     ("sqlite:///state.sqlite?check_same_thread=true", {})):
+        _, kwargs, _ = choose(url.make_url(u), {"basedir": str(tmp_path), **extra})
+        assert kwargs["poolclass"] is NullPool
+        assert kwargs.get("connect_args", {}) == extra.get("connect_args", {})
+    # Other connection arguments are kept.
+    _, kwargs, _ = choose(url.make_url("sqlite:///state.sqlite"),
+                          {"basedir": str(tmp_path), "connect_args": {"timeout": 30}})
+    assert kwargs["connect_args"] == {"timeout": 30, "check_same_thread": False}
 
 
 def test_installing_twice_wraps_once_and_the_switch_leaves_buildbot_alone(monkeypatch):

@@ -17,6 +17,7 @@ import base64
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -126,20 +127,28 @@ class ProcessRuntime:
         command = [sys.executable, *args]
         return ["chrt", "--idle", "0", *command] if self.idle_priority else command
 
-    def warm(self, count: int) -> None:
+    def warm(self, count: int, timeout: float = 300.0) -> None:
         """Start ``count`` spare worker processes; return when all have imported."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        spares = [subprocess.Popen(self._command("-c", _SPARE), cwd=self.state_dir,
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.DEVNULL, start_new_session=True)
-                  for _ in range(count)]
-        for spare in spares:
-            assert spare.stdout is not None
-            if spare.stdout.readline().strip() != b"ready":
-                raise RuntimeError(f"spare worker process {spare.pid} did not start")
-            spare.stdout.close()
+        with open(self.state_dir / "spares.log", "ab") as errors:
+            for _ in range(count):
+                spare = subprocess.Popen(
+                    self._command("-c", _SPARE), cwd=self.state_dir, stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, stderr=errors, start_new_session=True)
+                with self._lock:  # discard_spares ends it, whatever happens next
+                    self._spares.append(spare)
+        deadline = time.monotonic() + timeout
         with self._lock:
-            self._spares.extend(spares)
+            spares = list(self._spares)
+        for spare in spares:
+            if spare.stdout is None or spare.stdout.closed:
+                continue  # ready since an earlier warm()
+            ready, _, _ = select.select([spare.stdout], [], [],
+                                        max(0.0, deadline - time.monotonic()))
+            if not ready or spare.stdout.readline().strip() != b"ready":
+                raise RuntimeError(f"spare worker process {spare.pid} did not start "
+                                   f"(see {self.state_dir / 'spares.log'})")
+            spare.stdout.close()
 
     def discard_spares(self) -> None:
         """End the spare processes no instance took (they exit when their stdin closes)."""
@@ -148,11 +157,29 @@ class ProcessRuntime:
         for spare in spares:
             assert spare.stdin is not None
             spare.stdin.close()
+        for spare in spares:
             try:
                 spare.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 os.killpg(spare.pid, signal.SIGKILL)
                 spare.wait()
+
+    def _hand_to_spare(self, basedir: Path) -> subprocess.Popen | None:
+        """A waiting spare process, now running ``basedir``'s worker; None if none is left."""
+        while True:
+            with self._lock:
+                spare = self._spares.pop() if self._spares else None
+            if spare is None:
+                return None
+            assert spare.stdin is not None
+            try:
+                spare.stdin.write(json.dumps({"basedir": str(basedir),
+                                              "args": _TWISTD_ARGS}).encode() + b"\n")
+                spare.stdin.close()
+            except (BrokenPipeError, ValueError):  # it died meanwhile: try the next
+                spare.wait()
+                continue
+            return spare
 
     def start(self, booting: Booting) -> None:
         self.prepare(booting, 0.0)
@@ -183,15 +210,8 @@ class ProcessRuntime:
         (basedir / "info" / "image_ready").write_text(f"{ready_at:.3f}")
         (basedir / "info" / "image_pull").write_text(
             f"{booting.pull_seconds:.1f}" if booting.pull_seconds > 0 else "present")
-        with self._lock:
-            spare = self._spares.pop() if self._spares else None
-        if spare is not None:
-            assert spare.stdin is not None
-            spare.stdin.write(json.dumps({"basedir": str(basedir),
-                                          "args": _TWISTD_ARGS}).encode() + b"\n")
-            spare.stdin.close()
-            process = spare
-        else:
+        process = self._hand_to_spare(basedir)
+        if process is None:
             process = subprocess.Popen(
                 self._command("-c", "import sys; from twisted.scripts.twistd import run; "
                               "sys.exit(run())", *_TWISTD_ARGS),
