@@ -195,6 +195,10 @@ class Fleet:
         """Whether this master is already ending the instance (or retrying to)."""
         return self.terminator.in_progress(instance_id)
 
+    def ending_or_ended(self, instance_id: str) -> bool:
+        """Whether this master is ending the instance or has ended it."""
+        return self.terminator.ending_or_ended(instance_id)
+
     @property
     def undead(self) -> list[str]:
         """Instances whose termination failed, still retried in the background."""

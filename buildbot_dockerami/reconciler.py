@@ -37,6 +37,8 @@ class Reconciler:
         self._first: Any = None
         #: Untracked instances of the last pass: terminated if still untracked now.
         self._suspects: set[str] = set()
+        #: Instances whose connecting worker is being checked (one check at a time each).
+        self._checking: set[str] = set()
 
     def start(self, interval: float, first_delay: float = 1.0) -> None:
         """(Re)start with the shortest interval any worker asked for. The first pass
@@ -155,8 +157,13 @@ class Reconciler:
     def terminate_untracked(self, instance_id: str, claimed_by: str) -> None:
         """A worker connected from ``instance_id``, which no worker tracks: end it if
         it is tagged for this master and no launch of ours is still waiting for it."""
-        self._terminate_if_untracked(instance_id, claimed_by).addErrback(
+        if instance_id in self._checking:
+            return
+        self._checking.add(instance_id)
+        d = self._terminate_if_untracked(instance_id, claimed_by)
+        d.addErrback(
             lambda f: log.msg(f"dockerami: could not end {instance_id}: {f.getErrorMessage()}"))
+        d.addBoth(lambda _: self._checking.discard(instance_id))
 
     @defer.inlineCallbacks
     def _terminate_if_untracked(self, instance_id: str, claimed_by: str) -> Any:

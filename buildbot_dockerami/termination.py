@@ -19,6 +19,9 @@ UNDEAD_RETRY_SECONDS = 60.0
 #: Attempts at a termination while the master stops: the reconciler of its next life
 #: ends what these miss, and a stopping master must not wait for an outage to end.
 STOPPING_ATTEMPTS = 2
+#: Ended instances remembered (a few hundred bytes each), so that a worker reconnecting
+#: from one while EC2 shuts it down is refused without asking EC2 about it.
+ENDED_MEMORY = 1000
 
 
 def _is_not_found(error: BaseException) -> bool:
@@ -40,6 +43,8 @@ class Terminator:
         self._undead_loop: task.LoopingCall | None = None
         #: Instance id -> the callers waiting for its termination in progress.
         self._waiters: dict[str, list[defer.Deferred]] = {}
+        #: The last ENDED_MEMORY instances this master ended (oldest first).
+        self._ended: dict[str, None] = {}
 
     def terminate(self, client: AsyncEc2, instance_id: str) -> defer.Deferred:
         """Terminate and confirm, retrying with backoff. If it still fails, the instance
@@ -66,6 +71,17 @@ class Terminator:
         """Whether this master is already ending the instance (or retrying to)."""
         return instance_id in self._waiters or instance_id in self._undead
 
+    def ending_or_ended(self, instance_id: str) -> bool:
+        """Whether this master is ending the instance or has ended it: its worker may
+        still reconnect while EC2 shuts it down, and nothing is left to find out."""
+        return self.in_progress(instance_id) or instance_id in self._ended
+
+    def _record_ended(self, instance_id: str) -> None:
+        self._undead.pop(instance_id, None)
+        self._ended[instance_id] = None
+        if len(self._ended) > ENDED_MEMORY:
+            del self._ended[next(iter(self._ended))]
+
     @defer.inlineCallbacks
     def _terminate(self, client: AsyncEc2, instance_id: str) -> Any:
         self._monitor.unwatch(instance_id)
@@ -78,12 +94,12 @@ class Terminator:
                     status = (yield client.describe([instance_id])).get(instance_id)
                     state = status.state if status else "terminated"
                 if state in policy.GONE_STATES:
-                    self._undead.pop(instance_id, None)
+                    self._record_ended(instance_id)
                     return state
                 error = f"instance is still {state} after TerminateInstances"
             except Exception as e:
                 if _is_not_found(e):
-                    self._undead.pop(instance_id, None)
+                    self._record_ended(instance_id)
                     return "terminated"
                 error = str(e)
             delay = next(delays, None)
@@ -116,10 +132,10 @@ class Terminator:
                 states = yield client.terminate([instance_id])
                 if states.get(instance_id) in policy.GONE_STATES:
                     log.msg(f"dockerami: {instance_id} finally terminated")
-                    self._undead.pop(instance_id, None)
+                    self._record_ended(instance_id)
             except Exception as e:
                 if _is_not_found(e):
-                    self._undead.pop(instance_id, None)
+                    self._record_ended(instance_id)
                 else:
                     log.msg(f"dockerami: {instance_id} still not terminated: {e}")
 

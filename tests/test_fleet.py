@@ -8,6 +8,7 @@ import pytest
 from botocore.exceptions import ClientError
 from twisted.internet import defer, task
 
+from buildbot_dockerami import termination
 from buildbot_dockerami.cloud import CloudError
 from buildbot_dockerami.fleet import Fleet
 from buildbot_dockerami.monitor import StateMonitor
@@ -151,3 +152,21 @@ def test_concurrent_terminations_of_one_instance_share_one_call_and_its_failure(
     ec2.terminate_failures = 0
     clock.advance(60)
     assert not fleet.in_progress("i-1")
+
+
+def test_an_ended_instance_is_remembered_and_the_memory_is_bounded(monkeypatch):
+    """A worker reconnecting from an instance this master ended needs no EC2 call."""
+    monkeypatch.setattr(termination, "ENDED_MEMORY", 3)
+    clock = task.Clock()
+    fleet, ec2 = Fleet(clock, "host:/basedir"), FakeEc2()
+    assert not fleet.ending_or_ended("i-1")
+    ec2.terminate_failures = 1
+    d = fleet.terminate(ec2, "i-1")
+    assert fleet.ending_or_ended("i-1")  # in progress
+    clock.advance(60)
+    assert results(d) == "shutting-down"
+    assert fleet.ending_or_ended("i-1") and not fleet.in_progress("i-1")
+    for n in range(2, 5):
+        results(fleet.terminate(ec2, f"i-{n}"))
+    assert not fleet.ending_or_ended("i-1")  # the oldest is forgotten
+    assert all(fleet.ending_or_ended(f"i-{n}") for n in range(2, 5))
