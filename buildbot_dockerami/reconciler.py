@@ -157,7 +157,9 @@ class Reconciler:
     def terminate_untracked(self, instance_id: str, claimed_by: str) -> None:
         """A worker connected from ``instance_id``, which no worker tracks: end it if
         it is tagged for this master and no launch of ours is still waiting for it."""
-        if instance_id in self._checking:
+        # An instance this master is ending or ended needs no check: its worker reconnects
+        # while EC2 shuts it down (50 such, one DescribeInstances each, in a burst's end).
+        if instance_id in self._checking or self.fleet.ending_or_ended(instance_id):
             return
         self._checking.add(instance_id)
         d = self._terminate_if_untracked(instance_id, claimed_by)

@@ -580,9 +580,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         expected = self.instance.instance_id if self.instance is not None else None
         if reported and reported != expected:
             self.fleet.metrics.inc("dockerami_connections_refused_total", {})
-            # Not an instance this master is ending or ended: its worker reconnects while
-            # EC2 shuts it down (50 such, one DescribeInstances each, in a burst's end).
-            if reported not in self.fleet.tracked() and not self.fleet.ending_or_ended(reported):
+            if reported not in self.fleet.tracked():
                 self.fleet.reconciler.terminate_untracked(reported, self.name)
             self._refuse(conn, f"it runs on {reported}, not on this worker's instance "
                                f"{expected or '(none)'}")
