@@ -86,6 +86,19 @@ def default_master_address(protocols: dict[str, Any]) -> str | None:
     return None if port is None else f"{address.default_host()}:{port}"
 
 
+def _first(*waits: defer.Deferred) -> defer.Deferred:
+    """The first of several results (or failures); the others run on, unheeded."""
+    first: defer.Deferred = defer.Deferred()
+
+    def settle(result: Any) -> None:
+        if not first.called:
+            first.callback(result)  # a Failure takes the errback path
+
+    for wait in waits:
+        wait.addBoth(settle)
+    return first
+
+
 class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     """A latent worker that boots a base AMI which runs ``image`` as the worker.
 
@@ -110,6 +123,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     idle_timeout: float = DEFAULT_BUILD_WAIT_TIMEOUT
     _prewarming = False
     _prewarm_timer: Any = None
+    #: Fired when the worker connects while check_instance waits for EC2.
+    _on_connect: defer.Deferred | None = None
     #: This insubstantiation is the idle timeout's (the instance may be stopped).
     _idle_stop = False
     pool: str | None = None
@@ -535,20 +550,29 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     @defer.inlineCallbacks
     def check_instance(self) -> Any:
         """Called by buildbot every check_instance_interval until the worker connects;
-        answered from the fleet's batched DescribeInstances."""
+        answered from the fleet's batched DescribeInstances.
+
+        buildbot holds the worker's start/stop lock meanwhile, so the wait ends when
+        the worker connects: a slow DescribeInstances would otherwise hold the lock
+        through a short build, and the insubstantiation after it behind that.
+        """
         instance = self.instance
         if instance is None:
             return (True, "")
         if self.fleet.stopping:
             return (False, "the master is shutting down")
         monitor = self.fleet.monitor
+        self._on_connect = connected = defer.Deferred()
         try:
-            status = yield monitor.status(instance.instance_id,
-                                          self.check_instance_interval * 0.8)
+            status = yield _first(
+                monitor.status(instance.instance_id, self.check_instance_interval * 0.8),
+                connected)
         except Exception as e:
             # Not knowing the state only delays the verdict (missing_timeout still holds).
             log.msg(f"{self}: state of {instance.instance_id} unknown for now: {e}")
             return (True, "")
+        finally:
+            self._on_connect = None
         if self.conn is not None or self.instance is not instance:
             return (True, "")  # connected (or gone) meanwhile: not a booting instance now
         ok, reason = policy.boot_verdict(status, monitor.seconds_since_watch(instance.instance_id))
@@ -607,6 +631,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         # the instance booted still stands.
         graceful = self._graceful
         yield super().attached(conn)
+        if self.conn is not None and self._on_connect is not None:
+            self._on_connect.callback(None)  # check_instance's wait ends (it holds a lock)
         if graceful and not self._graceful:
             self._graceful = True
             self._update_graceful()
@@ -840,6 +866,18 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             yield self.group.leave(self)
 
     # -- stopping ----------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def insubstantiate(self, fast: bool = False, force_substantiation_build: Any = None) -> Any:
+        yield super().insubstantiate(fast, force_substantiation_build)
+        if (force_substantiation_build is not None and self.state == States.NOT_SUBSTANTIATED
+                and self._substantiation_notifier and not self._stopping):
+            # buildbot (4.3) drops the build it was to substantiate for when an
+            # insubstantiation queued ahead of this one already ended the instance: the
+            # build would wait for a substantiation nobody starts.
+            log.msg(f"{self}: substantiating for the build left waiting by an "
+                    "insubstantiation")
+            self.substantiate(None, force_substantiation_build)
 
     @defer.inlineCallbacks
     def stop_instance(self, fast: bool = False) -> Any:

@@ -131,6 +131,24 @@ def test_a_describe_outage_never_kills_running_builds(make_master, cloud):
     wait_for(lambda: not live(cloud), 60, "every instance to be terminated")
 
 
+def test_a_slow_instance_check_never_strands_the_next_build(make_master, cloud):
+    """buildbot runs check_instance under the worker's start/stop lock. A check still
+    waiting for DescribeInstances when the worker connected held that lock through the
+    build: the idle insubstantiation queued behind it, the next build's "insubstantiate,
+    then substantiate for me" queued behind that, and buildbot, finding the worker
+    already insubstantiated, dropped the second build, which then waited forever (seen
+    once in test_cap_holds_under_a_burst_of_fifty_builds). The check now ends when the
+    worker connects, and a build buildbot drops that way is substantiated for (each
+    fix alone passes this test)."""
+    cloud.hypervisor.boot_delay = 2  # connects while the first check (at 1 s) waits
+    cloud.faults.delay("DescribeInstances", 8, count=1000)
+    master = make_master(master_cfg(build_wait_timeout=0, command="true"))
+    first, second = master.force(), master.force()
+    assert master.wait_request(first, 60)["results"] == SUCCESS
+    assert master.wait_request(second, 60)["results"] == SUCCESS, master.log()[-3000:]
+    wait_for(lambda: not live(cloud), 30, "the instances to be terminated")
+
+
 @pytest.mark.parametrize("busy", [False, True], ids=["idle", "building"])
 def test_an_instance_terminated_from_outside_is_seen_within_one_interval(
         make_master, cloud, busy):
