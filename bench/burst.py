@@ -144,6 +144,8 @@ class Result:
     machines_late: float = 0.0
     #: Per build: from its worker connecting (master log) to its command running.
     after_connect: list[float] = field(default_factory=list)
+    #: The same gap in phases, per build: PHASES name them.
+    phases: dict[str, list[float]] = field(default_factory=dict)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -245,15 +247,20 @@ def run_kind(kind: str, cloud: LocalCloud, root: Path, workers: int, idle: float
         result.cpu = cpu_seconds(pid) - cpu_before
         result.all_success = all(b["results"] == SUCCESS for b in builds)
         names = {w["workerid"]: w["name"] for w in master.get("workers")}
-        attached = attach_times(master.log())
+        stamps = worker_stamps(master.log())
         for build in builds:
             text = retrying(lambda b=build: master.step_log(b["buildid"], "run"))
             match = re.search(r"stamp=(\d+\.\d+)", text)
             if match:
                 result.running.append(float(match.group(1)) - wall0)
-                connected = attached.get(names.get(build["workerid"], ""))
-                if connected is not None:
-                    result.after_connect.append(float(match.group(1)) - connected)
+                seen = {**stamps.get(names.get(build["workerid"], ""), {}),
+                        "running": float(match.group(1))}
+                if "attached" in seen:
+                    result.after_connect.append(seen["running"] - seen["attached"])
+                for (start, end) in PHASES:
+                    if start in seen and end in seen:
+                        result.phases.setdefault(f"{start} -> {end}", []).append(
+                            seen[end] - seen[start])
         ec2 = cloud.client()
 
         def all_gone() -> bool:
@@ -285,12 +292,23 @@ def run_kind(kind: str, cloud: LocalCloud, root: Path, workers: int, idle: float
     return result
 
 
-def attach_times(log: str) -> dict[str, float]:
-    """When each worker last connected, from the master's log (local time, ms)."""
-    times = {}
-    for stamp, name in re.findall(
-            r"^(\S+ \S+) \[.*?\] Worker (\S+) attached to burst$", log, re.M):
-        times[name] = datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").timestamp()
+#: What the master logs, per worker, between its connection and its build's command.
+STAMPS = {
+    "login": r"worker '(\S+)' attaching from",
+    "attached": r"Worker (\S+) attached to burst$",
+    "ping": r"pinging the worker <\S+ builder='burst' worker='(\S+)'",
+}
+PHASES = [("login", "attached"), ("attached", "ping"), ("ping", "running")]
+
+
+def worker_stamps(log: str) -> dict[str, dict[str, float]]:
+    """When each worker last logged in, was attached and was pinged for its build, from
+    the master's log (local time, ms)."""
+    times: dict[str, dict[str, float]] = {}
+    for what, pattern in STAMPS.items():
+        for stamp, name in re.findall(rf"^(\S+ \S+) \[.*?\] .*?{pattern}", log, re.M):
+            times.setdefault(name, {})[what] = datetime.datetime.strptime(
+                stamp, "%Y-%m-%d %H:%M:%S.%f").timestamp()
     return times
 
 
@@ -316,6 +334,9 @@ def report(result: Result, boot: float, workers: int) -> None:
     print(f"{'':<10} worker connected -> its build running: median "
           f"{percentile(gap, 0.5):.2f} s, p90 {percentile(gap, 0.9):.2f} s, max "
           f"{max(gap or [float('nan')]):.2f} s ({len(gap)} builds)")
+    for phase, values in result.phases.items():
+        print(f"{'':<10}   {phase:<18} median {percentile(values, 0.5):.2f} s, "
+              f"max {max(values):.2f} s")
     print(f"{'':<10} EC2 calls: {calls}")
     print(f"{'':<10} all {workers} builds SUCCESS and every instance terminated: "
           f"{'yes' if ok else 'NO'}", flush=True)
@@ -363,10 +384,6 @@ def main() -> int:
         if postgres is not None:
             postgres.make_template(Path(sys.executable).parent / "buildbot")
         with LocalCloud(state_dir=root / "cloud", runtime=runtime, delays=delays) as cloud:
-            # Its polling (DescribeInstances of every instance, in this process) took 0.7
-            # of this machine's 2 cores at 0.1 s. The workers are prepared a minute
-            # ahead and start on their own clocks, so 1 s loses no boot precision.
-            cloud.hypervisor.poll_interval = 1.0
             for kind in args.kinds.split(","):
                 result = run_kind(
                     kind, cloud, root, args.workers, args.idle, profile=args.profile,

@@ -61,6 +61,7 @@ class LocalCloud:
         self.hypervisor = Hypervisor(
             self.server.endpoint_url, region, self.runtime, boot_delay=self.delays.boot,
             clock=self.server.faults.clock,
+            states=lambda: self.server.instance_states(region),
         )
         self.server.faults.console = self.hypervisor.console_output
         self.base_ami_id = ""

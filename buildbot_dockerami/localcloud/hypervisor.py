@@ -269,8 +269,12 @@ class Hypervisor:
 
     def __init__(self, endpoint_url: str, region: str, runtime: Runtime,
                  boot_delay: float = 0.0, *, poll_interval: float = 0.1,
-                 clock: BootClock | None = None) -> None:
+                 clock: BootClock | None = None,
+                 states: Callable[[], dict[str, tuple[str, str]]] | None = None) -> None:
+        """``states``: instance id -> (state, HttpTokens), read without an EC2 call
+        (``Ec2Server.instance_states``); without it, DescribeInstances is polled."""
         self.runtime = runtime
+        self._states = states or self._describe
         self.region = region
         self.clock = clock or BootClock()
         self.clock.delays.boot = boot_delay
@@ -322,16 +326,21 @@ class Hypervisor:
                 log.exception("hypervisor tick failed")
             self._stop.wait(self.poll_interval)
 
-    def tick(self) -> None:
-        now = time.monotonic()
-        states: dict[str, str] = {}
-        tokens: dict[str, str] = {}
+    def _describe(self) -> dict[str, tuple[str, str]]:
+        found = {}
         for page in self._ec2.get_paginator("describe_instances").paginate():
             for reservation in page["Reservations"]:
                 for instance in reservation["Instances"]:
-                    states[instance["InstanceId"]] = instance["State"]["Name"]
-                    tokens[instance["InstanceId"]] = instance.get("MetadataOptions", {}).get(
-                        "HttpTokens", "optional")
+                    found[instance["InstanceId"]] = (
+                        instance["State"]["Name"],
+                        instance.get("MetadataOptions", {}).get("HttpTokens", "optional"))
+        return found
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        found = self._states()
+        states = {iid: state for iid, (state, _) in found.items()}
+        tokens = {iid: http_tokens for iid, (_, http_tokens) in found.items()}
         for instance_id, state in states.items():
             if state == "running" and self.runtime.poweroff_requested(instance_id):
                 # Launched with InstanceInitiatedShutdownBehavior=terminate.
