@@ -67,10 +67,12 @@ def timed_cloud(tmp_path: Path, runtime: RecordingRuntime) -> Iterator[LocalClou
 
 def launch(cloud: LocalCloud, image: str = "img:1", instance_type: str = "t3.micro",
            count: int = 1) -> tuple[list[str], float]:
+    """The instances and when the call was sent (a boot counts from its arrival)."""
     ec2 = cloud.client()
+    sent = time.monotonic()
     answer = ec2.run_instances(ImageId=cloud.base_ami_id, MinCount=count, MaxCount=count,
                                InstanceType=instance_type, UserData=user_data(image))
-    return [i["InstanceId"] for i in answer["Instances"]], time.monotonic()
+    return [i["InstanceId"] for i in answer["Instances"]], sent
 
 
 def state(cloud: LocalCloud, instance_id: str) -> str:
@@ -130,6 +132,15 @@ def test_boots_overlap(timed_cloud: LocalCloud, runtime: RecordingRuntime) -> No
     assert starts[-1] - starts[0] < 2.5, starts
 
 
+def test_a_boot_counts_from_the_calls_arrival(timed_cloud: LocalCloud) -> None:
+    """moto handles calls one at a time; EC2 handles a burst's RunInstances in
+    parallel, so an answer delayed behind other calls does not delay the boot."""
+    timed_cloud.faults.delay("RunInstances", 1.0)
+    (iid,), sent = launch(timed_cloud)
+    boot = timed_cloud.server.faults.clock.boot(iid)
+    assert boot is not None and boot.at - sent < 0.5, boot.at - sent
+
+
 def test_pull_delay_per_image_and_size(timed_cloud: LocalCloud,
                                        runtime: RecordingRuntime) -> None:
     timed_cloud.delays.boot = 1.0
@@ -158,8 +169,8 @@ def test_start_from_stopped(timed_cloud: LocalCloud, runtime: RecordingRuntime) 
     ec2 = timed_cloud.client()
     ec2.stop_instances(InstanceIds=[iid])
     time.sleep(0.3)  # the hypervisor sees it stopped
-    ec2.start_instances(InstanceIds=[iid])
     started = time.monotonic()
+    ec2.start_instances(InstanceIds=[iid])
     assert state(timed_cloud, iid) == "pending"
     wait_for(lambda: iid in runtime.started, 5, "the worker to start")
     took = runtime.started[iid] - started

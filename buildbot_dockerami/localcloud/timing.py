@@ -93,15 +93,16 @@ class BootClock:
         self._boots: dict[str, Boot] = {}
         self._lock = threading.Lock()
 
-    def launched(self, instance_ids: list[str], image: str, instance_type: str) -> None:
-        now = self.clock()
+    def launched(self, instance_ids: list[str], image: str, instance_type: str,
+                 at: float | None = None) -> None:
+        now = self.clock() if at is None else at
         with self._lock:
             for iid in instance_ids:
                 self._boots.setdefault(iid, Boot(now, False, image, instance_type))
 
-    def started(self, instance_ids: list[str]) -> None:
+    def started(self, instance_ids: list[str], at: float | None = None) -> None:
         """StartInstances: the image stays what the instance was launched with (its disk)."""
-        now = self.clock()
+        now = self.clock() if at is None else at
         with self._lock:
             for iid in instance_ids:
                 old = self._boots.get(iid, Boot(now, True))
