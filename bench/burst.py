@@ -302,13 +302,26 @@ PHASES = [("login", "attached"), ("attached", "ping"), ("ping", "running")]
 
 
 def worker_stamps(log: str) -> dict[str, dict[str, float]]:
-    """When each worker last logged in, was attached and was pinged for its build, from
-    the master's log (local time, ms)."""
-    times: dict[str, dict[str, float]] = {}
+    """For each worker's last attachment, from the master's log (local time, ms): the
+    login before it, the attachment, and the ping for its build after it (a worker may
+    log in again later, e.g. when its instance ends, and be refused)."""
+    events: dict[str, list[tuple[float, str]]] = {}
     for what, pattern in STAMPS.items():
         for stamp, name in re.findall(rf"^(\S+ \S+) \[.*?\] .*?{pattern}", log, re.M):
-            times.setdefault(name, {})[what] = datetime.datetime.strptime(
-                stamp, "%Y-%m-%d %H:%M:%S.%f").timestamp()
+            events.setdefault(name, []).append((datetime.datetime.strptime(
+                stamp, "%Y-%m-%d %H:%M:%S.%f").timestamp(), what))
+    times: dict[str, dict[str, float]] = {}
+    for name, seen in events.items():
+        attached = max((t for t, what in seen if what == "attached"), default=None)
+        if attached is None:
+            continue
+        times[name] = {"attached": attached}
+        logins = [t for t, what in seen if what == "login" and t <= attached]
+        pings = [t for t, what in seen if what == "ping" and t >= attached]
+        if logins:
+            times[name]["login"] = max(logins)
+        if pings:
+            times[name]["ping"] = min(pings)
     return times
 
 
