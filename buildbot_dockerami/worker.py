@@ -11,7 +11,11 @@ import warnings
 from typing import Any
 
 from buildbot import config
-from buildbot.interfaces import LatentWorkerCannotSubstantiate, LatentWorkerFailedToSubstantiate
+from buildbot.interfaces import (
+    LatentWorkerCannotSubstantiate,
+    LatentWorkerFailedToSubstantiate,
+    LatentWorkerSubstantiatiationCancelled,
+)
 from buildbot.process.properties import Properties
 from buildbot.process.results import RETRY
 from buildbot.util import Notifier
@@ -20,7 +24,7 @@ from buildbot.warnings import ConfigWarning
 from buildbot.worker.latent import AbstractLatentWorker, States
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
-from twisted.python import log
+from twisted.python import failure, log
 from twisted.spread import pb
 
 from buildbot_dockerami import (
@@ -631,8 +635,6 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         # the instance booted still stands.
         graceful = self._graceful
         yield super().attached(conn)
-        if self.conn is not None and self._on_connect is not None:
-            self._on_connect.callback(None)  # check_instance's wait ends (it holds a lock)
         if graceful and not self._graceful:
             self._graceful = True
             self._update_graceful()
@@ -660,6 +662,11 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             )
             self._connected = True
             self.fleet.monitor.unwatch(self.instance.instance_id, self.name)
+        if self.conn is not None and self._on_connect is not None:
+            # check_instance's wait ends, and with it buildbot's lock: last, so that an
+            # insubstantiation queued on the lock sees this connection fully recorded.
+            connected, self._on_connect = self._on_connect, None
+            connected.callback(None)
 
     def running_builds(self) -> list[Any]:
         return [build for builder in self.botmaster.builders.values()
@@ -870,14 +877,19 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     @defer.inlineCallbacks
     def insubstantiate(self, fast: bool = False, force_substantiation_build: Any = None) -> Any:
         yield super().insubstantiate(fast, force_substantiation_build)
-        if (force_substantiation_build is not None and self.state == States.NOT_SUBSTANTIATED
-                and self._substantiation_notifier and not self._stopping):
-            # buildbot (4.3) drops the build it was to substantiate for when an
-            # insubstantiation queued ahead of this one already ended the instance: the
-            # build would wait for a substantiation nobody starts.
-            log.msg(f"{self}: substantiating for the build left waiting by an "
-                    "insubstantiation")
-            self.substantiate(None, force_substantiation_build)
+        build = force_substantiation_build
+        if (build is None or self.state != States.NOT_SUBSTANTIATED
+                or not self._substantiation_notifier):
+            return
+        # buildbot (4.3) drops the build it was to substantiate for when an
+        # insubstantiation queued ahead of this one already ended the instance: the
+        # build would wait for a substantiation nobody starts.
+        if self._stopping or getattr(build, "stopped", False):
+            self._fireSubstantiationNotifier(
+                failure.Failure(LatentWorkerSubstantiatiationCancelled()))
+            return
+        log.msg(f"{self}: substantiating for the build left waiting by an insubstantiation")
+        self.substantiate(None, build).addErrback(lambda _: None)  # failures are logged
 
     @defer.inlineCallbacks
     def stop_instance(self, fast: bool = False) -> Any:

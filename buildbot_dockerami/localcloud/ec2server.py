@@ -8,6 +8,7 @@ and counts calls per caller so a test can assert how often the master asked.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import re
 import threading
@@ -28,8 +29,10 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from buildbot_dockerami.localcloud.timing import BootClock, image_of
 
-#: Access key the hypervisor uses, so its own polling is not counted as the master's.
+#: Access key the hypervisor uses, so its own calls are not counted as the master's.
 HYPERVISOR_ACCESS_KEY = "AKIDLOCALHYPERVISOR"
+#: Calls that launch or start instances (timed from their arrival: BootClock).
+LAUNCHES = ("RunInstances", "StartInstances")
 _CREDENTIAL = re.compile(r"Credential=([^/,\s]+)/")
 _INSTANCE_ID = re.compile(rb"<instanceId>(i-[0-9a-f]+)</instanceId>")
 #: An instance item's id up to its state, when that state is running (moto's XML puts
@@ -79,6 +82,9 @@ class FaultInjector:
         self.console: Callable[[str], str | None] | None = None
         #: Launch/start times: DescribeInstances says ``pending`` until they are due.
         self.clock = BootClock()
+        #: Held while a launch or start is carried out and timed, so that a reader of
+        #: moto's state (``Ec2Server.instance_states``) never sees an untimed instance.
+        self.launching = threading.Lock()
 
     def inject(self, action: str, code: str, message: str, count: int = 1,
                status: int = 400) -> None:
@@ -157,9 +163,10 @@ class FaultInjector:
             if output is not None:
                 return _console_response(instance_id, output, start_response)
         if fault is None:
-            status, headers, answer = self._answer(action, body, environ)
-            if status.startswith("200"):
-                answer, headers = self._timed(action, body, answer, headers, arrived)
+            with self.launching if action in LAUNCHES else contextlib.nullcontext():
+                status, headers, answer = self._answer(action, body, environ)
+                if status.startswith("200"):
+                    answer, headers = self._timed(action, body, answer, headers, arrived)
             if stall is not None and stall.kind == "drop":
                 self._released.wait(stall.seconds)
                 raise ConnectionAbortedError(f"{action}: answer lost")
@@ -185,7 +192,7 @@ class FaultInjector:
         A boot counts from when the call arrived: moto handles calls one at a time
         (~30 ms of CPU per RunInstances here), EC2 handles a burst's in parallel.
         """
-        if action in ("RunInstances", "StartInstances"):
+        if action in LAUNCHES:
             params = parse_qs(body.decode("utf-8", "replace"))
             ids = [m.decode() for m in _INSTANCE_ID.findall(answer)]
             if action == "RunInstances":
@@ -271,24 +278,20 @@ class Ec2Server:
         from moto in this process: a DescribeInstances of 50 instances costs moto
         ~0.3 s of CPU, which the hypervisor's polling would take from the master's
         machine (on EC2 it is AWS's)."""
+        from moto.core import DEFAULT_ACCOUNT_ID  # the account every caller here uses
         from moto.ec2.models import ec2_backends
 
         clock = self.faults.clock
-        for _ in range(5):
-            try:
-                states: dict[str, tuple[str, str]] = {}
-                for account in list(ec2_backends.values()):
-                    backend = account.get(region)
-                    for instance in list(backend.all_instances()) if backend else []:
-                        state = instance.state
-                        if state == "running" and clock.delays.pending > 0 \
-                                and clock.is_pending(instance.id):
-                            state = "pending"
-                        states[instance.id] = (state, instance.metadata_options.http_tokens)
-                return states
-            except RuntimeError:  # moto's dicts changed under us (a call in flight)
-                time.sleep(0.01)
-        raise RuntimeError("moto's instances kept changing while being read")
+        with self.faults.launching:
+            instances = list(ec2_backends[DEFAULT_ACCOUNT_ID][region].all_instances())
+        states: dict[str, tuple[str, str]] = {}
+        for instance in instances:
+            state = instance.state
+            if state == "running" and clock.delays.pending > 0 \
+                    and clock.is_pending(instance.id):
+                state = "pending"
+            states[instance.id] = (state, instance.metadata_options.http_tokens or "optional")
+        return states
 
     def stop(self) -> None:
         self.faults.release()

@@ -259,7 +259,7 @@ class ProcessRuntime:
 
 
 class Hypervisor:
-    """Polls the EC2 server and boots/stops runtime machines to match instance states.
+    """Watches the EC2 server's instances and boots/stops runtime machines to match.
 
     Each instance's worker starts when ``clock`` says it is due (launch + boot + pull,
     or start-from-stopped), in a thread of its own: boots overlap as on EC2, however
