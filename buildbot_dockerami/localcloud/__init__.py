@@ -59,9 +59,9 @@ class LocalCloud:
         self.server.faults.clock.delays = self.delays
         self.runtime = make_runtime(runtime, self.state_dir / "instances")
         self.hypervisor = Hypervisor(
-            self.server.endpoint_url, region, self.runtime, boot_delay=self.delays.boot,
+            self.server.endpoint_url, region, self.runtime,
+            lambda: self.server.instance_states(region), boot_delay=self.delays.boot,
             clock=self.server.faults.clock,
-            states=lambda: self.server.instance_states(region),
         )
         self.server.faults.console = self.hypervisor.console_output
         self.base_ami_id = ""

@@ -268,13 +268,13 @@ class Hypervisor:
     """
 
     def __init__(self, endpoint_url: str, region: str, runtime: Runtime,
+                 states: Callable[[], dict[str, tuple[str, str]]],
                  boot_delay: float = 0.0, *, poll_interval: float = 0.1,
-                 clock: BootClock | None = None,
-                 states: Callable[[], dict[str, tuple[str, str]]] | None = None) -> None:
-        """``states``: instance id -> (state, HttpTokens), read without an EC2 call
-        (``Ec2Server.instance_states``); without it, DescribeInstances is polled."""
+                 clock: BootClock | None = None) -> None:
+        """``states``: instance id -> (state, HttpTokens), as DescribeInstances would
+        answer, read without an EC2 call (``Ec2Server.instance_states``)."""
         self.runtime = runtime
-        self._states = states or self._describe
+        self._states = states
         self.region = region
         self.clock = clock or BootClock()
         self.clock.delays.boot = boot_delay
@@ -326,29 +326,17 @@ class Hypervisor:
                 log.exception("hypervisor tick failed")
             self._stop.wait(self.poll_interval)
 
-    def _describe(self) -> dict[str, tuple[str, str]]:
-        found = {}
-        for page in self._ec2.get_paginator("describe_instances").paginate():
-            for reservation in page["Reservations"]:
-                for instance in reservation["Instances"]:
-                    found[instance["InstanceId"]] = (
-                        instance["State"]["Name"],
-                        instance.get("MetadataOptions", {}).get("HttpTokens", "optional"))
-        return found
-
     def tick(self) -> None:
         now = time.monotonic()
-        found = self._states()
-        states = {iid: state for iid, (state, _) in found.items()}
-        tokens = {iid: http_tokens for iid, (_, http_tokens) in found.items()}
-        for instance_id, state in states.items():
+        for instance_id, (state, http_tokens) in self._states().items():
             if state == "running" and self.runtime.poweroff_requested(instance_id):
                 # Launched with InstanceInitiatedShutdownBehavior=terminate.
                 log.info("%s: powered off by its boot process; terminating", instance_id)
                 self._ec2.terminate_instances(InstanceIds=[instance_id])
-                states[instance_id] = "shutting-down"
-            if states[instance_id] not in ("running", "pending"):
-                self._halt(instance_id, states[instance_id])
+                self._halt(instance_id, "shutting-down")
+                continue
+            if state not in ("running", "pending"):
+                self._halt(instance_id, state)
                 continue
             with self._lock:
                 busy = (instance_id in self.booted or instance_id in self.failed
@@ -361,9 +349,9 @@ class Hypervisor:
             prepare = getattr(self.runtime, "prepare", None)
             if prepare is not None and instance_id not in self._prepared \
                     and due - now <= PREPARE_LEAD:
-                self._spawn(instance_id, tokens[instance_id], due, prepare)
-            elif states[instance_id] == "running" and now >= due:
-                self._spawn(instance_id, tokens[instance_id], due, None)
+                self._spawn(instance_id, http_tokens, due, prepare)
+            elif state == "running" and now >= due:
+                self._spawn(instance_id, http_tokens, due, None)
 
     def _halt(self, instance_id: str, state: str) -> None:
         """The instance stopped or went: so does its machine (now, or when its boot
