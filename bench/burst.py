@@ -17,7 +17,8 @@ collections during the burst; master CPU seconds and peak RSS; whether every bui
 succeeded and every instance ended terminated.
 
 Reproduce (from the repository, with the project's .venv):
-    .venv/bin/python -m bench.burst [--workers 50] [--boot 20] [--kinds dockerami,ec2]
+    .venv/bin/python -m bench.burst [--workers 50] [--boot 20] [--api 0]
+                                    [--kinds dockerami,ec2]
 """
 
 from __future__ import annotations
@@ -362,6 +363,9 @@ def main() -> int:
                         help="seconds from RunInstances to the worker starting")
     parser.add_argument("--pending", type=float, default=None,
                         help="seconds an instance is 'pending' (default: half the boot)")
+    parser.add_argument("--api", type=float, default=0.0, metavar="SECONDS",
+                        help="how long EC2 takes to answer each call (the local cloud's "
+                             "api delay; default 0: moto's own time)")
     parser.add_argument("--kinds", default="dockerami,ec2",
                         help="dockerami (this plugin), ec2 (buildbot's EC2LatentWorker)")
     parser.add_argument("--idle", type=float, default=5.0,
@@ -383,11 +387,12 @@ def main() -> int:
     # On tmpfs by default: buildbot's SQLite commits (several fsyncs per transaction,
     # one transaction at a time) otherwise measure this VM's disk, not the masters.
     root = Path(tempfile.mkdtemp(prefix="dockerami-burst-", dir=args.dir))
-    delays = Delays(pending=pending, boot=args.boot)
+    delays = Delays(pending=pending, boot=args.boot, api=args.api)
     runtime = ProcessRuntime(root / "cloud" / "instances", idle_priority=True)
     load = subprocess.run(["uptime"], check=False, capture_output=True, text=True).stdout.strip()
     print(f"# burst: {args.workers} builds at once, boot {args.boot:g} s (pending "
-          f"{pending:g} s), {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
+          f"{pending:g} s, EC2 answers {args.api:g} s), "
+          f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
           f"{platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"# load before: {load}")
     print(f"# database: {args.db}; this plugin launches "

@@ -34,7 +34,8 @@ def _local_cloud(args: argparse.Namespace) -> int:
         image, seconds, size = _pull_delay(spec)
         pulls.setdefault(image, {})[size] = seconds
     delays = Delays(pending=args.pending_delay, boot=args.boot_delay, pull=pulls,
-                    default_pull=args.default_pull_delay, start=args.start_delay)
+                    default_pull=args.default_pull_delay, start=args.start_delay,
+                    api=args.api_delay)
     try:
         delays.validate()
     except ValueError as e:
@@ -143,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     cloud.add_argument("--start-delay", type=float, default=None, metavar="SECONDS",
                        help="StartInstances of a stopped instance until its image starts "
                             "(no pull: it is on disk; default: the boot delay)")
+    cloud.add_argument("--api-delay", type=float, default=0.0, metavar="SECONDS",
+                       help="how long every EC2 call takes to be answered (default 0)")
     cloud.add_argument("--state-dir", type=Path, default=None,
                        help="where instance worker directories go (default: a temp dir)")
     cloud.add_argument("--env-file", type=Path, default=None,

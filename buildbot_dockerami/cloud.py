@@ -40,8 +40,12 @@ def boto_config(timeout: float = DEFAULT_TIMEOUT) -> Config:
     return Config(
         retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
         connect_timeout=min(5.0, timeout), read_timeout=timeout,
-        user_agent_extra="dockerami",
+        user_agent_extra="dockerami", max_pool_connections=CALLS_AT_ONCE,
     )
+#: EC2 calls one master has in flight at once (the fleet's threads, boto3's connections).
+#: EC2 takes a while to answer each call (the local cloud's ``api`` delay): with
+#: fewer, a burst's launches would go out in waves, each one answer-time late.
+CALLS_AT_ONCE = 32
 #: DescribeInstances accepts at most this many values per filter.
 DESCRIBE_CHUNK = 200
 

@@ -18,7 +18,7 @@ from twisted.python import failure, log
 from twisted.python.threadpool import ThreadPool
 
 from buildbot_dockerami import demand, fallback, heap, multimaster, policy, pools, warmpool
-from buildbot_dockerami.cloud import DEFAULT_TIMEOUT, AsyncEc2, Ec2
+from buildbot_dockerami.cloud import CALLS_AT_ONCE, DEFAULT_TIMEOUT, AsyncEc2, Ec2
 from buildbot_dockerami.groups import InstanceGroup
 from buildbot_dockerami.metrics import Metrics
 from buildbot_dockerami.monitor import StateMonitor
@@ -92,7 +92,7 @@ class Fleet:
 
     def _thread_pool(self) -> ThreadPool:
         if self._pool is None:
-            self._pool = ThreadPool(minthreads=0, maxthreads=8, name="dockerami-ec2")
+            self._pool = ThreadPool(minthreads=0, maxthreads=CALLS_AT_ONCE, name="dockerami-ec2")
             self._pool.start()
             self.reactor.addSystemEventTrigger("during", "shutdown", self._stop)
         return self._pool

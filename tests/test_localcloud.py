@@ -141,6 +141,29 @@ def test_a_boot_counts_from_the_calls_arrival(timed_cloud: LocalCloud) -> None:
     assert boot is not None and boot.at - sent < 0.5, boot.at - sent
 
 
+def test_answers_take_the_api_delay_in_parallel(timed_cloud: LocalCloud) -> None:
+    timed_cloud.delays.api = 1.0
+    clients = [timed_cloud.client() for _ in range(4)]
+    took: list[float] = []
+
+    def call(ec2: object) -> None:
+        sent = time.monotonic()
+        ec2.describe_instances()  # type: ignore[attr-defined]
+        took.append(time.monotonic() - sent)
+
+    threads = [threading.Thread(target=call, args=(c,)) for c in clients]
+    began = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(took) == 4 and min(took) >= 1.0, took
+    assert time.monotonic() - began < 2.5  # one after the other: 4 s
+    (iid,), sent = launch(timed_cloud)  # a boot still counts from the call's arrival
+    boot = timed_cloud.server.faults.clock.boot(iid)
+    assert boot is not None and boot.at - sent < 0.5, boot.at - sent
+
+
 def test_pull_delay_per_image_and_size(timed_cloud: LocalCloud,
                                        runtime: RecordingRuntime) -> None:
     timed_cloud.delays.boot = 1.0

@@ -33,13 +33,16 @@ class Delays:
     runs its bootstrap. ``pull``: image -> seconds, or image -> {instance type: seconds,
     "*": seconds}, added to ``boot`` for a launch; images not named take
     ``default_pull``. ``start``: from StartInstances of a stopped instance until its
-    bootstrap runs (the image is on its disk already: no pull); None means ``boot``."""
+    bootstrap runs (the image is on its disk already: no pull); None means ``boot``.
+    ``api``: how long every EC2 call takes to be answered, from its arrival (calls
+    are answered in parallel, as EC2 does; moto answers at once)."""
 
     pending: float = 0.0
     boot: float = 0.0
     pull: PullTable = field(default_factory=dict)
     default_pull: float = 0.0
     start: float | None = None
+    api: float = 0.0
 
     def pull_delay(self, image: str, instance_type: str) -> float:
         entry = self.pull.get(image)
@@ -51,7 +54,8 @@ class Delays:
 
     def validate(self) -> None:
         values = [("pending", self.pending), ("boot", self.boot),
-                  ("default_pull", self.default_pull), ("start", self.start or 0.0)]
+                  ("default_pull", self.default_pull), ("start", self.start or 0.0),
+                  ("api", self.api)]
         for image, entry in self.pull.items():
             sizes = entry if isinstance(entry, Mapping) else {ANY_SIZE: entry}
             values += [(f"pull[{image!r}][{size!r}]", v) for size, v in sizes.items()]
