@@ -191,8 +191,13 @@ def retrying(call: Callable[[], T], attempts: int = 5) -> T:
 
 def wait_build(master: Master, brid: int, timeout: float) -> dict:
     def done() -> dict | None:
-        request = retrying(lambda: master.get(f"buildrequests/{brid}"))[0]
-        return retrying(lambda: master.builds_for(brid))[-1] if request["complete"] else None
+        try:
+            request = master.get(f"buildrequests/{brid}")[0]
+            return master.builds_for(brid)[-1] if request["complete"] else None
+        except requests.RequestException:
+            # Not an answer yet: buildbot's REST API answers from the reactor's thread
+            # pool, which EC2LatentWorker fills with threads waiting for boots.
+            return None
     return wait_for(done, timeout, f"build request {brid}", interval=1)
 
 
