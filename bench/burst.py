@@ -191,12 +191,14 @@ def retrying(call: Callable[[], T], attempts: int = 5) -> T:
 
 def wait_build(master: Master, brid: int, timeout: float) -> dict:
     def done() -> dict | None:
+        assert master.process is not None and master.process.poll() is None, \
+            "the master stopped"
         try:
             request = master.get(f"buildrequests/{brid}")[0]
             return master.builds_for(brid)[-1] if request["complete"] else None
-        except requests.RequestException:
-            # Not an answer yet: buildbot's REST API answers from the reactor's thread
-            # pool, which EC2LatentWorker fills with threads waiting for boots.
+        except (requests.Timeout, requests.ConnectionError):
+            # Not an answer yet: buildbot's REST API writes its answers from the
+            # reactor's thread pool, which EC2LatentWorker fills with boot waits.
             return None
     return wait_for(done, timeout, f"build request {brid}", interval=1)
 
@@ -248,7 +250,9 @@ def run_kind(kind: str, cloud: LocalCloud, root: Path, workers: int, idle: float
         out, _ = client.communicate(timeout=900)
         forced = json.loads(out)
         brids, result.force_seconds = forced["brids"], forced["seconds"]
-        builds = [wait_build(master, brid, 900) for brid in brids]
+        deadline = time.monotonic() + 900
+        builds = [wait_build(master, brid, max(1.0, deadline - time.monotonic()))
+                  for brid in brids]
         result.finished = max(b["complete_at"] for b in builds) - wall0
         result.cpu = cpu_seconds(pid) - cpu_before
         result.all_success = all(b["results"] == SUCCESS for b in builds)

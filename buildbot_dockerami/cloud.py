@@ -1,8 +1,8 @@
 """The EC2 operations the plugin needs, and a way to run them off the reactor thread.
 
 ``Ec2`` is plain blocking boto3. ``AsyncEc2`` runs each call in a dedicated
-thread pool: every call is short (no waiting for a boot inside a thread), so a
-few threads serve a whole fleet. No buildbot imports here.
+thread pool: every call is short (no waiting for a boot inside a thread), so
+``CALLS_AT_ONCE`` threads serve a whole fleet. No buildbot imports here.
 """
 
 from __future__ import annotations
@@ -33,6 +33,11 @@ DEFAULT_TIMEOUT = 20.0
 #: Attempts per call: boto3's standard retry mode backs off on throttling, 5xx, connection
 #: errors and timeouts by itself, re-sending the same request (and so the same ClientToken).
 MAX_ATTEMPTS = 6
+#: EC2 calls one master has in flight at once: the fleet's threads (boto3 keeps as
+#: many connections). EC2 takes a while to answer each call (the local cloud's ``api``
+#: delay): with 8, a burst's launches went out in waves of 8, each one answer late.
+#: Bursts larger than this still go out in waves.
+CALLS_AT_ONCE = 32
 
 
 def boto_config(timeout: float = DEFAULT_TIMEOUT) -> Config:
@@ -42,10 +47,8 @@ def boto_config(timeout: float = DEFAULT_TIMEOUT) -> Config:
         connect_timeout=min(5.0, timeout), read_timeout=timeout,
         user_agent_extra="dockerami", max_pool_connections=CALLS_AT_ONCE,
     )
-#: EC2 calls one master has in flight at once (the fleet's threads, boto3's connections).
-#: EC2 takes a while to answer each call (the local cloud's ``api`` delay): with
-#: fewer, a burst's launches would go out in waves, each one answer-time late.
-CALLS_AT_ONCE = 32
+
+
 #: DescribeInstances accepts at most this many values per filter.
 DESCRIBE_CHUNK = 200
 

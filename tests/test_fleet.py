@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,9 +9,8 @@ from botocore.exceptions import ClientError
 from twisted.internet import defer, task
 
 from buildbot_dockerami import termination
-from buildbot_dockerami.cloud import CALLS_AT_ONCE, CloudError, Credentials, Ec2, LaunchSpec
+from buildbot_dockerami.cloud import CloudError
 from buildbot_dockerami.fleet import Fleet
-from buildbot_dockerami.localcloud import LOCAL_ACCESS_KEY, Delays, LocalCloud
 from buildbot_dockerami.monitor import StateMonitor
 from buildbot_dockerami.policy import InstanceStatus
 
@@ -174,42 +170,3 @@ def test_an_ended_instance_is_remembered_and_the_memory_is_bounded(monkeypatch):
         results(fleet.terminate(ec2, f"i-{n}"))
     assert not fleet.ending_or_ended("i-1")  # the oldest is forgotten
     assert all(fleet.ending_or_ended(f"i-{n}") for n in range(2, 5))
-
-
-class _Reactor(task.Clock):
-    def addSystemEventTrigger(self, *args: Any) -> None:
-        pass
-
-
-def test_a_burst_of_launches_goes_out_at_once(tmp_path: Path) -> None:
-    """EC2 takes a while to answer each call; the fleet's threads send a burst's
-    launches together, not in waves (with 8 threads: four waves, each 1 s late)."""
-    from tests.test_localcloud import RecordingRuntime
-
-    burst = CALLS_AT_ONCE
-    with LocalCloud(state_dir=tmp_path, runtime=RecordingRuntime(),
-                    delays=Delays(api=1.0)) as cloud:
-        fleet = Fleet(_Reactor(), "host:/basedir")
-        ec2 = Ec2(cloud.region, cloud.endpoint_url, credentials=Credentials(
-            LOCAL_ACCESS_KEY, "local"))
-        spec = LaunchSpec(ami=cloud.base_ami_id, instance_type="t3.micro",
-                          user_data="w secret 127.0.0.1:9\nimg:1", tags={})
-        answered: list[float] = []
-        done = threading.Event()
-
-        def launched(ok: bool, _: object) -> None:
-            answered.append(time.monotonic())
-            if len(answered) == burst:
-                done.set()
-
-        sent = time.monotonic()
-        pool = fleet._thread_pool()
-        try:
-            for _ in range(burst):
-                pool.callInThreadWithCallback(launched, ec2.run_instance, spec)
-            assert done.wait(30), f"{len(answered)} of {burst} launches answered"
-        finally:
-            fleet._stop()
-    assert cloud.faults.count("RunInstances") == burst
-    assert min(answered) - sent >= 1.0  # the answer time is modelled
-    assert max(answered) - sent < 2.5, max(answered) - sent  # one wave

@@ -1,4 +1,5 @@
-"""The local cloud's timing knobs, on a real moto server through boto3."""
+"""The local cloud's timing knobs, on a real moto server through boto3 (and the
+fleet's EC2 threads against its answer time)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,16 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from twisted.internet import task
 
 from buildbot_dockerami import userdata
 from buildbot_dockerami.cli import _pull_delay
-from buildbot_dockerami.localcloud import Delays, LocalCloud
+from buildbot_dockerami.cloud import Credentials, Ec2, LaunchSpec
+from buildbot_dockerami.fleet import Fleet
+from buildbot_dockerami.localcloud import LOCAL_ACCESS_KEY, Delays, LocalCloud
 from buildbot_dockerami.localcloud.hypervisor import Booting, ProcessRuntime
 from buildbot_dockerami.localcloud.timing import BootClock
 from tests.harness import wait_for
@@ -146,9 +151,9 @@ def test_answers_take_the_api_delay_in_parallel(timed_cloud: LocalCloud) -> None
     clients = [timed_cloud.client() for _ in range(4)]
     took: list[float] = []
 
-    def call(ec2: object) -> None:
+    def call(ec2: Any) -> None:
         sent = time.monotonic()
-        ec2.describe_instances()  # type: ignore[attr-defined]
+        ec2.describe_instances()
         took.append(time.monotonic() - sent)
 
     threads = [threading.Thread(target=call, args=(c,)) for c in clients]
@@ -162,6 +167,43 @@ def test_answers_take_the_api_delay_in_parallel(timed_cloud: LocalCloud) -> None
     (iid,), sent = launch(timed_cloud)  # a boot still counts from the call's arrival
     boot = timed_cloud.server.faults.clock.boot(iid)
     assert boot is not None and boot.at - sent < 0.5, boot.at - sent
+
+
+def test_the_fleets_launches_arrive_together(timed_cloud: LocalCloud) -> None:
+    """EC2 takes a while to answer each call: the fleet's threads must send a burst's
+    launches together (with 8 threads, 32 launches would arrive in four waves, each
+    one answer-time after the one before)."""
+    burst = 32
+    timed_cloud.delays.api = 1.0
+    fleet = Fleet(_Reactor(), "host:/basedir")
+    ec2 = Ec2(timed_cloud.region, timed_cloud.endpoint_url,
+              credentials=Credentials(LOCAL_ACCESS_KEY, "local"))
+    spec = LaunchSpec(ami=timed_cloud.base_ami_id, instance_type="t3.micro",
+                      user_data=user_data("img:1"), tags={"purpose": "burst"})
+    answers: list[tuple[bool, Any]] = []
+    done = threading.Event()
+
+    def answered(ok: bool, result: Any) -> None:
+        answers.append((ok, result))
+        if len(answers) == burst:
+            done.set()
+
+    pool = fleet._thread_pool()
+    try:
+        for _ in range(burst):
+            pool.callInThreadWithCallback(answered, ec2.run_instance, spec)
+        assert done.wait(60), f"{len(answers)} of {burst} launches answered"
+    finally:
+        fleet._stop()
+    assert all(ok for ok, _ in answers), [r for ok, r in answers if not ok]
+    clock = timed_cloud.faults.clock
+    arrivals = [clock.boot(status.instance_id).at for _, status in answers]  # type: ignore[union-attr]
+    assert max(arrivals) - min(arrivals) < 0.9, max(arrivals) - min(arrivals)
+
+
+class _Reactor(task.Clock):
+    def addSystemEventTrigger(self, *args: Any) -> None:
+        pass
 
 
 def test_pull_delay_per_image_and_size(timed_cloud: LocalCloud,

@@ -152,13 +152,13 @@ class FaultInjector:
                     stall.remaining -= 1
                 else:
                     stall = None
+        if key != HYPERVISOR_ACCESS_KEY:
+            self._answer_time(arrived)
         if stall is not None and stall.kind == "hang":
             self._released.wait(stall.seconds)
             raise ConnectionAbortedError(f"{action}: hung up without an answer")
         if stall is not None and stall.kind == "delay":
-            self._released.wait(stall.seconds)
-        if key != HYPERVISOR_ACCESS_KEY:
-            self._answer_time(arrived)
+            self._released.wait(stall.seconds)  # on top of the answer time
         if fault is None and action == "GetConsoleOutput" and self.console is not None:
             instance_id = parse_qs(body.decode()).get("InstanceId", [""])[0]
             output = self.console(instance_id)
@@ -185,7 +185,6 @@ class FaultInjector:
             [("Content-Type", "text/xml"), ("Content-Length", str(len(payload)))],
         )
         return [payload]
-
 
     def _answer_time(self, arrived: float) -> None:
         """Wait out the ``api`` delay before the call is carried out, on this request's
