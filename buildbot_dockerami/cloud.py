@@ -36,7 +36,8 @@ MAX_ATTEMPTS = 6
 #: EC2 calls one master has in flight at once: the fleet's threads (boto3 keeps as
 #: many connections). EC2 takes a while to answer each call (the local cloud's ``api``
 #: delay): with 8, a burst's launches went out in waves of 8, each one answer late.
-#: Bursts larger than this still go out in waves.
+#: Bursts larger than this still go out in waves; 64 measured worse on a 50-build
+#: burst (the workers then connect closer together: bench/README.md).
 CALLS_AT_ONCE = 32
 
 
