@@ -60,8 +60,7 @@ class LocalCloud:
         self.runtime = make_runtime(runtime, self.state_dir / "instances")
         self.hypervisor = Hypervisor(
             self.server.endpoint_url, region, self.runtime,
-            lambda: self.server.instance_states(region), boot_delay=self.delays.boot,
-            clock=self.server.faults.clock,
+            lambda: self.server.instance_states(region), clock=self.server.faults.clock,
         )
         self.server.faults.console = self.hypervisor.console_output
         self.base_ami_id = ""

@@ -268,16 +268,14 @@ class Hypervisor:
     """
 
     def __init__(self, endpoint_url: str, region: str, runtime: Runtime,
-                 states: Callable[[], dict[str, tuple[str, str]]],
-                 boot_delay: float = 0.0, *, poll_interval: float = 0.1,
-                 clock: BootClock | None = None) -> None:
+                 states: Callable[[], dict[str, tuple[str, str]]], *,
+                 poll_interval: float = 0.1, clock: BootClock | None = None) -> None:
         """``states``: instance id -> (state, HttpTokens), as DescribeInstances would
         answer, read without an EC2 call (``Ec2Server.instance_states``)."""
         self.runtime = runtime
         self._states = states
         self.region = region
         self.clock = clock or BootClock()
-        self.clock.delays.boot = boot_delay
         self.poll_interval = poll_interval
         self.booted: dict[str, float] = {}
         self.failed: dict[str, str] = {}
