@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -16,6 +15,7 @@ from buildbot_dockerami.cloud import CloudError
 from buildbot_dockerami.fleet import Fleet
 from buildbot_dockerami.monitor import StateMonitor
 from buildbot_dockerami.policy import InstanceStatus
+from tests.fleet_reactor import ThreadedReactor
 
 
 class FakeEc2:
@@ -175,32 +175,6 @@ def test_an_ended_instance_is_remembered_and_the_memory_is_bounded(monkeypatch):
     assert all(fleet.ending_or_ended(f"i-{n}") for n in range(2, 5))
 
 
-class _ThreadedReactor(task.Clock):
-    """Runs what pool threads hand back when the test says so."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.handed_back: list[Any] = []
-        self._lock = threading.Lock()
-
-    def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:
-        with self._lock:
-            self.handed_back.append(lambda: f(*args, **kwargs))
-
-    def addSystemEventTrigger(self, *args: Any) -> None:
-        pass
-
-    def run_handed_back(self, count: int) -> None:
-        deadline = time.monotonic() + 10
-        while len(self.handed_back) < count:
-            assert time.monotonic() < deadline, "the pool thread never finished"
-            time.sleep(0.01)
-        with self._lock:
-            calls, self.handed_back = self.handed_back, []
-        for call in calls:
-            call()
-
-
 def test_callers_arriving_while_the_client_is_built_share_it(monkeypatch) -> None:
     """Building a boto3 client costs ~0.2 CPU-s: workers configured together, or a
     burst's first launches, must wait for one, not each build their own."""
@@ -213,7 +187,7 @@ def test_callers_arriving_while_the_client_is_built_share_it(monkeypatch) -> Non
         return object()
 
     monkeypatch.setattr(fleet_module, "Ec2", slow_ec2)
-    reactor = _ThreadedReactor()
+    reactor = ThreadedReactor()
     fleet = Fleet(reactor, "host:/basedir")
     try:
         first = fleet.client("us-east-1", "http://127.0.0.1:9", None)

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet import task
 
 from buildbot_dockerami import userdata
 from buildbot_dockerami.cli import _pull_delay
@@ -19,6 +18,7 @@ from buildbot_dockerami.fleet import Fleet
 from buildbot_dockerami.localcloud import LOCAL_ACCESS_KEY, Delays, LocalCloud
 from buildbot_dockerami.localcloud.hypervisor import Booting, ProcessRuntime
 from buildbot_dockerami.localcloud.timing import BootClock
+from tests.fleet_reactor import ThreadedReactor
 from tests.harness import wait_for
 
 
@@ -175,7 +175,7 @@ def test_the_fleets_launches_arrive_together(timed_cloud: LocalCloud) -> None:
     one answer-time after the one before)."""
     burst = 32
     timed_cloud.delays.api = 1.0
-    fleet = Fleet(_Reactor(), "host:/basedir")
+    fleet = Fleet(ThreadedReactor(), "host:/basedir")
     ec2 = Ec2(timed_cloud.region, timed_cloud.endpoint_url,
               credentials=Credentials(LOCAL_ACCESS_KEY, "local"))
     spec = LaunchSpec(ami=timed_cloud.base_ami_id, instance_type="t3.micro",
@@ -199,11 +199,6 @@ def test_the_fleets_launches_arrive_together(timed_cloud: LocalCloud) -> None:
     clock = timed_cloud.faults.clock
     arrivals = [clock.boot(status.instance_id).at for _, status in answers]  # type: ignore[union-attr]
     assert max(arrivals) - min(arrivals) < 0.9, max(arrivals) - min(arrivals)
-
-
-class _Reactor(task.Clock):
-    def addSystemEventTrigger(self, *args: Any) -> None:
-        pass
 
 
 def test_pull_delay_per_image_and_size(timed_cloud: LocalCloud,
