@@ -172,7 +172,7 @@ slot_credentials() {
 }
 
 # The password of the $2-th container of a slot whose secret is $1; the master derives
-# the same (buildbot_dockerami/container_passwords.py). The secret goes through a
+# the same (buildbot_dockerami/protocol/passwords.py). The secret goes through a
 # pipe, never onto a command line.
 container_password() {
     printf 'dockerami-container-password:%s:%s' "$1" "$2" | sha256sum | cut -c1-32

@@ -2,9 +2,10 @@
 
 from importlib.resources import files
 
-from buildbot_dockerami.worker import DockerAMILatentWorker, worker_pool
+from buildbot_dockerami.fleet.multimaster import Heartbeat
+from buildbot_dockerami.worker.latent import DockerAMILatentWorker, worker_pool
 
-__all__ = ["DockerAMILatentWorker", "worker_pool"]
+__all__ = ["DockerAMILatentWorker", "Heartbeat", "worker_pool"]
 #: The one version source is www/VERSION: buildbot's plugin loader requires that file,
 #: and setup.cfg reads it too.
 __version__ = files(__name__).joinpath("www", "VERSION").read_text().strip()

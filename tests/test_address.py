@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from buildbot_dockerami import address
+from buildbot_dockerami.cloud import address
 from tests.harness import BIN, REPO, SUCCESS, Master, master_cfg
 
 

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from buildbot_dockerami.container_passwords import (
+from buildbot_dockerami.protocol.passwords import (
     OneTimeCredentials,
     container_password,
     new_secret,

@@ -9,8 +9,8 @@ import pytest
 import requests
 from buildbot.process.properties import Secret
 
-from buildbot_dockerami.cloud import Credentials
-from buildbot_dockerami.credentials import key_problems
+from buildbot_dockerami.cloud.ec2 import Credentials
+from buildbot_dockerami.config.credentials import key_problems
 from buildbot_dockerami.localcloud import LOCAL_ACCESS_KEY
 from tests.harness import SUCCESS, Master, master_cfg
 

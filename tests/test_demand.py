@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from buildbot_dockerami.demand import Candidate, plan
+from buildbot_dockerami.worker.on_request import Candidate, plan
 from tests.harness import SUCCESS, control_worker, master_cfg, wait_for
 from tests.test_ec2_worker import instances
 
@@ -128,7 +128,7 @@ def test_an_instance_launched_with_old_settings_is_not_a_spare() -> None:
 
     from buildbot.worker.latent import States
 
-    from buildbot_dockerami.demand import prefers_spare
+    from buildbot_dockerami.worker.on_request import prefers_spare
 
     current = {"image": "org/w:2", "instance_type": "t3.micro", "ami": None,
                "setup_repo": None, "setup_branch": None}

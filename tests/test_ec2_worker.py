@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from buildbot_dockerami import userdata
 from buildbot_dockerami.localcloud import LocalCloud
+from buildbot_dockerami.protocol import userdata
 from tests.harness import RETRY, SUCCESS, master_cfg, wait_for
 
 pytestmark = pytest.mark.integration

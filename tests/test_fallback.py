@@ -8,8 +8,8 @@ import re
 import pytest
 import requests
 
-from buildbot_dockerami import fallback
-from buildbot_dockerami.fallback import Option
+from buildbot_dockerami.fleet import fallback
+from buildbot_dockerami.fleet.fallback import Option
 from tests.harness import RETRY, SUCCESS, master_cfg, wait_for
 from tests.test_ec2_worker import instances
 

@@ -9,12 +9,12 @@ import pytest
 from botocore.exceptions import ClientError
 from twisted.internet import defer, task
 
-from buildbot_dockerami import fleet as fleet_module
-from buildbot_dockerami import termination
-from buildbot_dockerami.cloud import CloudError
-from buildbot_dockerami.fleet import Fleet
-from buildbot_dockerami.monitor import StateMonitor
-from buildbot_dockerami.policy import InstanceStatus
+from buildbot_dockerami.cloud.ec2 import CloudError
+from buildbot_dockerami.cloud.instances import InstanceStatus
+from buildbot_dockerami.fleet import service as fleet_module
+from buildbot_dockerami.fleet import termination
+from buildbot_dockerami.fleet.monitor import StateMonitor
+from buildbot_dockerami.fleet.service import Fleet
 from tests.fleet_reactor import ThreadedReactor
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import requests
 
-from buildbot_dockerami import imageready
-from buildbot_dockerami.imageready import ImageReady, from_info
 from buildbot_dockerami.localcloud.timing import BootClock, Delays
+from buildbot_dockerami.protocol import imageready
+from buildbot_dockerami.protocol.imageready import ImageReady, from_info
 from tests.harness import SUCCESS, master_cfg, wait_for
 
 LAUNCHED, REQUESTED, CONNECTED = 100.0, 90.0, 160.0

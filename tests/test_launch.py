@@ -10,11 +10,12 @@ import pytest
 from botocore.exceptions import ClientError
 from twisted.internet import defer, task
 
-from buildbot_dockerami import fallback, policy
-from buildbot_dockerami.cloud import LaunchSpec
-from buildbot_dockerami.fleet import Fleet
-from buildbot_dockerami.launch import LaunchedInstance, Launcher, LaunchFailed
-from buildbot_dockerami.policy import InstanceStatus
+from buildbot_dockerami.cloud import instances
+from buildbot_dockerami.cloud.ec2 import LaunchSpec
+from buildbot_dockerami.cloud.instances import InstanceStatus
+from buildbot_dockerami.fleet import fallback
+from buildbot_dockerami.fleet.launch import LaunchedInstance, Launcher, LaunchFailed
+from buildbot_dockerami.fleet.service import Fleet
 
 SPEC = LaunchSpec(ami="ami-1", instance_type="", user_data="w0 pw 127.0.0.1:9989\nimg",
                   tags={"team": "ci"})
@@ -48,7 +49,7 @@ class ScriptedEc2:
         return defer.succeed(outcome)
 
     def describe_tagged(self, tag: str, value: str) -> defer.Deferred:
-        assert tag == policy.LAUNCH_TAG
+        assert tag == instances.LAUNCH_TAG
         return defer.succeed({i: InstanceStatus(i, self.states[i]) for i, token
                               in self.tokens.items() if token == value})
 
@@ -114,9 +115,9 @@ def test_a_capacity_refusal_launches_the_next_type_and_cools_the_first(fleet):
     # Every attempt has its own token, as a tag too, with the operator's tags and ownership.
     first, second = client.specs
     assert first.client_token and first.client_token != second.client_token
-    assert second.tags[policy.LAUNCH_TAG] == second.client_token
-    assert second.tags["team"] == "ci" and second.tags[policy.WORKER_TAG] == "w0"
-    assert second.tags[policy.MASTER_TAG] == fleet.master_id
+    assert second.tags[instances.LAUNCH_TAG] == second.client_token
+    assert second.tags["team"] == "ci" and second.tags[instances.WORKER_TAG] == "w0"
+    assert second.tags[instances.MASTER_TAG] == fleet.master_id
     assert fleet.launching == {}, "no launch is left in flight"
     # The next launch goes straight to the type that worked.
     client.outcomes.append(InstanceStatus("i-3", "pending"))

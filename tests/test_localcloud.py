@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from buildbot_dockerami import userdata
-from buildbot_dockerami.cli import _pull_delay
-from buildbot_dockerami.cloud import Credentials, Ec2, LaunchSpec
-from buildbot_dockerami.fleet import Fleet
+from buildbot_dockerami.cli.main import _pull_delay
+from buildbot_dockerami.cloud.ec2 import Credentials, Ec2, LaunchSpec
+from buildbot_dockerami.fleet.service import Fleet
 from buildbot_dockerami.localcloud import LOCAL_ACCESS_KEY, Delays, LocalCloud
 from buildbot_dockerami.localcloud.hypervisor import Booting, ProcessRuntime
 from buildbot_dockerami.localcloud.timing import BootClock
+from buildbot_dockerami.protocol import userdata
 from tests.fleet_reactor import ThreadedReactor
 from tests.harness import wait_for
 

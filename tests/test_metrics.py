@@ -12,8 +12,8 @@ from prometheus_client import parser as text_format
 from prometheus_client.openmetrics import parser as openmetrics_format
 from twisted.internet import task
 
-from buildbot_dockerami.fleet import Fleet
-from buildbot_dockerami.metrics import Metrics
+from buildbot_dockerami.fleet.metrics import Metrics
+from buildbot_dockerami.fleet.service import Fleet
 from buildbot_dockerami.www.metrics import exposition
 from tests.harness import SUCCESS, master_cfg, wait_for
 

@@ -10,7 +10,7 @@ import time
 import pytest
 import requests
 
-from buildbot_dockerami import multimaster
+from buildbot_dockerami.fleet import multimaster
 from tests.harness import RETRY, SUCCESS, wait_for
 from tests.test_ec2_worker import instances
 

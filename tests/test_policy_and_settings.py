@@ -3,24 +3,26 @@ from __future__ import annotations
 import pytest
 from buildbot.process.properties import Interpolate, Property
 
-from buildbot_dockerami import checks, policy, settings, userdata
-from buildbot_dockerami.policy import InstanceStatus
-from buildbot_dockerami.userdata import UserData, UserDataError
-from buildbot_dockerami.worker import DockerAMILatentWorker, pb_port
+from buildbot_dockerami.cloud import instances
+from buildbot_dockerami.cloud.instances import InstanceStatus
+from buildbot_dockerami.config import checks, validators
+from buildbot_dockerami.protocol import userdata
+from buildbot_dockerami.protocol.userdata import UserData, UserDataError
+from buildbot_dockerami.worker.latent import DockerAMILatentWorker, pb_port
 
 
 def test_master_id_is_stable_short_and_distinct() -> None:
-    a = policy.master_id("ci1:/srv/buildbot/master")
-    assert a == policy.master_id("ci1:/srv/buildbot/master")
+    a = instances.master_id("ci1:/srv/buildbot/master")
+    assert a == instances.master_id("ci1:/srv/buildbot/master")
     assert a.startswith("ci1-") and len(a) <= 256
-    assert a != policy.master_id("ci1:/srv/buildbot/other")
+    assert a != instances.master_id("ci1:/srv/buildbot/other")
 
 
 def test_tags_include_ownership_and_user_tags_at_launch() -> None:
-    tags = policy.instance_tags("linux-1", "m-1", {"team": "ci"})
+    tags = instances.instance_tags("linux-1", "m-1", {"team": "ci"})
     assert tags == {"team": "ci", "Name": "buildbot-linux-1", "buildbot:worker": "linux-1",
                     "buildbot:master": "m-1"}
-    specs = policy.tag_specifications(tags)
+    specs = instances.tag_specifications(tags)
     assert {s["ResourceType"] for s in specs} == {"instance", "volume"}
 
 
@@ -34,40 +36,40 @@ def test_tags_include_ownership_and_user_tags_at_launch() -> None:
     (InstanceStatus("i-1", "shutting-down"), 1, False),
 ])
 def test_boot_verdict(status: InstanceStatus | None, age: float, ok: bool) -> None:
-    verdict, reason = policy.boot_verdict(status, age)
+    verdict, reason = instances.boot_verdict(status, age)
     assert verdict is ok
     if status is not None and not ok:
         assert status.state in reason and status.reason in reason
 
 
 def test_retry_delays_back_off_and_end() -> None:
-    assert list(policy.retry_delays(1, 2, 5, 6)) == [1, 2, 4, 5, 5]
+    assert list(instances.retry_delays(1, 2, 5, 6)) == [1, 2, 4, 5, 5]
 
 
 @pytest.mark.parametrize(("setting", "fn", "value"), [
-    ("ami", settings.check_ami_id, "ami-123"),
-    ("instance_type", settings.check_instance_type, "T3.large"),
-    ("subnet_id", settings.check_subnet_id, "sub-1"),
-    ("security_group_ids", settings.check_security_group_ids, "sg-12345678"),
-    ("tags", settings.check_tags, {"k": 1}),
-    ("tags", settings.check_tags, {f"k{i}": "v" for i in range(48)}),
-    ("metadata_options", settings.check_metadata_options, {"Bogus": 1}),
-    ("block_device_mappings", settings.check_block_device_mappings, [{"Ebs": {}}]),
+    ("ami", validators.check_ami_id, "ami-123"),
+    ("instance_type", validators.check_instance_type, "T3.large"),
+    ("subnet_id", validators.check_subnet_id, "sub-1"),
+    ("security_group_ids", validators.check_security_group_ids, "sg-12345678"),
+    ("tags", validators.check_tags, {"k": 1}),
+    ("tags", validators.check_tags, {f"k{i}": "v" for i in range(48)}),
+    ("metadata_options", validators.check_metadata_options, {"Bogus": 1}),
+    ("block_device_mappings", validators.check_block_device_mappings, [{"Ebs": {}}]),
 ])
 def test_settings_errors_name_the_setting(setting: str, fn, value) -> None:
-    with pytest.raises(settings.SettingError) as info:
+    with pytest.raises(validators.SettingError) as info:
         fn(value)
     assert info.value.setting == setting
 
 
 def test_valid_settings_pass() -> None:
-    settings.check_ami_id("ami-0123456789abcdef0")
-    settings.check_ami_id("ami-12345678")
-    settings.check_instance_type("c5.2xlarge")
-    settings.check_security_group_ids(["sg-0123456789abcdef0"])
-    settings.check_tags({"team": "ci"})
-    settings.check_ami_filters([{"Name": "name", "Values": ["x-*"]}], ["self"])
-    settings.check_metadata_options(settings.DEFAULT_METADATA_OPTIONS)
+    validators.check_ami_id("ami-0123456789abcdef0")
+    validators.check_ami_id("ami-12345678")
+    validators.check_instance_type("c5.2xlarge")
+    validators.check_security_group_ids(["sg-0123456789abcdef0"])
+    validators.check_tags({"team": "ci"})
+    validators.check_ami_filters([{"Name": "name", "Values": ["x-*"]}], ["self"])
+    validators.check_metadata_options(validators.DEFAULT_METADATA_OPTIONS)
 
 
 @pytest.mark.parametrize(("setting", "port"), [
@@ -80,41 +82,42 @@ def test_pb_port(setting, port) -> None:
 
 def test_last_console_words_prefers_the_bootstrap_fatal_line() -> None:
     console = "boot\ndockerami-bootstrap: FATAL: cannot pull image x\npowering off\n\n"
-    assert policy.last_console_words(console) == "dockerami-bootstrap: FATAL: cannot pull image x"
-    assert policy.last_console_words("a\nb\n") == "b"
-    assert policy.last_console_words("") == ""
+    assert (instances.last_console_words(console)
+            == "dockerami-bootstrap: FATAL: cannot pull image x")
+    assert instances.last_console_words("a\nb\n") == "b"
+    assert instances.last_console_words("") == ""
 
 
 # -- issue 9: every setting type- and range-checked, no secret in any message ----------
 
 @pytest.mark.parametrize(("setting", "fn", "value", "fragment"), [
-    ("region", settings.check_region, 5, "not int"),
-    ("region", settings.check_region, "US East 1", "not a region name"),
-    ("keypair_name", settings.check_keypair_name, 5, "not int"),
-    ("keypair_name", settings.check_keypair_name, "k\x00", "printable ASCII"),
-    ("instance_profile", settings.check_instance_profile, 5, "not int"),
-    ("instance_profile", settings.check_instance_profile, "arn:aws:iam::1:role/x",
+    ("region", validators.check_region, 5, "not int"),
+    ("region", validators.check_region, "US East 1", "not a region name"),
+    ("keypair_name", validators.check_keypair_name, 5, "not int"),
+    ("keypair_name", validators.check_keypair_name, "k\x00", "printable ASCII"),
+    ("instance_profile", validators.check_instance_profile, 5, "not int"),
+    ("instance_profile", validators.check_instance_profile, "arn:aws:iam::1:role/x",
      "instance-profile/"),
-    ("endpoint_url", settings.check_endpoint_url, 5, "not int"),
-    ("endpoint_url", settings.check_endpoint_url, "127.0.0.1:5000", "http(s)://"),
-    ("endpoint_url", settings.check_endpoint_url, "http://[::1", "is not a URL"),
-    ("session", settings.check_session, "x", "not str"),
-    ("metadata_options", settings.check_metadata_options,
+    ("endpoint_url", validators.check_endpoint_url, 5, "not int"),
+    ("endpoint_url", validators.check_endpoint_url, "127.0.0.1:5000", "http(s)://"),
+    ("endpoint_url", validators.check_endpoint_url, "http://[::1", "is not a URL"),
+    ("session", validators.check_session, "x", "not str"),
+    ("metadata_options", validators.check_metadata_options,
      {"HttpPutResponseHopLimit": "two"}, "HttpPutResponseHopLimit"),
-    ("metadata_options", settings.check_metadata_options,
+    ("metadata_options", validators.check_metadata_options,
      {"HttpPutResponseHopLimit": 65}, "1-64"),
-    ("metadata_options", settings.check_metadata_options,
+    ("metadata_options", validators.check_metadata_options,
      {"HttpPutResponseHopLimit": True}, "not True"),
-    ("metadata_options", settings.check_metadata_options, {"HttpEndpoint": "on"}, "HttpEndpoint"),
-    ("metadata_options", settings.check_metadata_options,
+    ("metadata_options", validators.check_metadata_options, {"HttpEndpoint": "on"}, "HttpEndpoint"),
+    ("metadata_options", validators.check_metadata_options,
      {"HttpProtocolIpv6": ["enabled"]}, "HttpProtocolIpv6"),
-    ("metadata_options", settings.check_metadata_options, "required", "must be a dict"),
-    ("max_builds", settings.check_max_builds, 0, "not 0"),
-    ("max_builds", settings.check_max_builds, "x", "not str"),
-    ("max_builds", settings.check_max_builds, 1.5, "not 1.5"),
+    ("metadata_options", validators.check_metadata_options, "required", "must be a dict"),
+    ("max_builds", validators.check_max_builds, 0, "not 0"),
+    ("max_builds", validators.check_max_builds, "x", "not str"),
+    ("max_builds", validators.check_max_builds, 1.5, "not 1.5"),
 ])
 def test_typed_settings_are_refused_with_their_name(setting, fn, value, fragment) -> None:
-    with pytest.raises(settings.SettingError) as info:
+    with pytest.raises(validators.SettingError) as info:
         fn(value)
     assert info.value.setting == setting
     assert fragment in info.value.message

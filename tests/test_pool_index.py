@@ -9,7 +9,7 @@ from typing import Any
 
 from buildbot.worker.latent import States
 
-from buildbot_dockerami import pools
+from buildbot_dockerami.fleet import pools
 
 
 @dataclass(eq=False)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from buildbot_dockerami import multimaster, shared
-from buildbot_dockerami.shared import Claim, MasterRow, Row
+from buildbot_dockerami.fleet import multimaster, shared_tables
+from buildbot_dockerami.fleet.shared_tables import Claim, MasterRow, Row
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -27,8 +27,8 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine
             conn.execute(sa.text("CREATE TABLE masters (id INTEGER PRIMARY KEY, name TEXT, "
                                  "active INTEGER, last_active INTEGER)"))
             conn.commit()
-        shared.create_tables(conn)
-        shared.create_tables(conn)  # a second master finds them made
+        shared_tables.create_tables(conn)
+        shared_tables.create_tables(conn)  # a second master finds them made
     yield eng
     eng.dispose()
 
@@ -46,7 +46,7 @@ def test_racing_masters_never_take_more_slots_than_the_cap(engine):
     def master(masterid: int) -> None:
         barrier.wait()
         for n in range(4):
-            ok = run(engine, shared.claim, Claim(masterid, f"w{n}", "pool", 5, 100))
+            ok = run(engine, shared_tables.claim, Claim(masterid, f"w{n}", "pool", 5, 100))
             with lock:
                 results.append(ok)
 
@@ -55,46 +55,46 @@ def test_racing_masters_never_take_more_slots_than_the_cap(engine):
         t.start()
     for t in threads:
         t.join()
-    rows, _ = run(engine, shared.read)
+    rows, _ = run(engine, shared_tables.read)
     assert results.count(True) == 5 == len(rows)
     assert sorted(r.slot for r in rows) == [0, 1, 2, 3, 4]
     # Asking again for a held slot is a yes, and takes no second slot.
     held = rows[0]
-    assert run(engine, shared.claim, Claim(held.masterid, held.owner, "pool", 5, 101))
-    assert len(run(engine, shared.read)[0]) == 5
+    assert run(engine, shared_tables.claim, Claim(held.masterid, held.owner, "pool", 5, 101))
+    assert len(run(engine, shared_tables.read)[0]) == 5
 
 
 def test_mirror_gives_back_unused_claims_and_records_running_instances(engine):
-    assert run(engine, shared.claim, Claim(1, "a", "pool", 2, 100))
-    assert run(engine, shared.claim, Claim(1, "b", "pool", 2, 100))
-    assert not run(engine, shared.claim, Claim(2, "a", "pool", 2, 100))
+    assert run(engine, shared_tables.claim, Claim(1, "a", "pool", 2, 100))
+    assert run(engine, shared_tables.claim, Claim(1, "b", "pool", 2, 100))
+    assert not run(engine, shared_tables.claim, Claim(2, "a", "pool", 2, 100))
     local = {"a": {"pool": "pool", "state": "idle", "instance_id": "i-1",
                    "instance_type": "t3.micro", "workers": ["a"]},
              "solo": {"pool": None, "state": "building", "instance_id": "i-2",
                       "instance_type": "t3.micro", "workers": ["solo"]}}
-    run(engine, shared.mirror, 1, local, 110, 30.0)  # b's claim is 10 s old: kept
-    rows = {r.owner: r for r in run(engine, shared.read)[0]}
+    run(engine, shared_tables.mirror, 1, local, 110, 30.0)  # b's claim is 10 s old: kept
+    rows = {r.owner: r for r in run(engine, shared_tables.read)[0]}
     assert set(rows) == {"a", "b", "solo"}
     assert (rows["a"].state, rows["a"].instance_id, rows["a"].workers) == ("idle", "i-1", ("a",))
     assert (rows["solo"].pool, rows["solo"].slot) == (None, None)
-    run(engine, shared.mirror, 1, local, 200, 30.0)  # b never launched: given back
-    assert {r.owner for r in run(engine, shared.read)[0]} == {"a", "solo"}
-    assert run(engine, shared.claim, Claim(2, "a", "pool", 2, 200))  # master 2 gets b's slot
+    run(engine, shared_tables.mirror, 1, local, 200, 30.0)  # b never launched: given back
+    assert {r.owner for r in run(engine, shared_tables.read)[0]} == {"a", "solo"}
+    assert run(engine, shared_tables.claim, Claim(2, "a", "pool", 2, 200))  # master 2 gets b's slot
 
 
 def test_one_live_master_reclaims_a_dead_one_and_a_dead_reclaimer_is_taken_over(engine):
     dead = MasterRow(7, "host:/dead", False, 1000)
-    assert run(engine, shared.take_reclaim, dead, 1, {1, 2})
-    assert not run(engine, shared.take_reclaim, dead, 2, {1, 2})
-    assert run(engine, shared.take_reclaim, dead, 1, {1, 2})  # its own unfinished one
-    assert run(engine, shared.take_reclaim, dead, 2, {2})  # master 1 died meanwhile
-    assert run(engine, shared.claim, Claim(7, "x", "pool", 1, 900))
-    run(engine, shared.reclaimed, 7, 2)
-    assert run(engine, shared.reclaims_done) == {7: 1000}
-    assert run(engine, shared.read)[0] == []  # its slot is free again
-    assert not run(engine, shared.take_reclaim, dead, 1, {1, 2})  # done with this death
+    assert run(engine, shared_tables.take_reclaim, dead, 1, {1, 2})
+    assert not run(engine, shared_tables.take_reclaim, dead, 2, {1, 2})
+    assert run(engine, shared_tables.take_reclaim, dead, 1, {1, 2})  # its own unfinished one
+    assert run(engine, shared_tables.take_reclaim, dead, 2, {2})  # master 1 died meanwhile
+    assert run(engine, shared_tables.claim, Claim(7, "x", "pool", 1, 900))
+    run(engine, shared_tables.reclaimed, 7, 2)
+    assert run(engine, shared_tables.reclaims_done) == {7: 1000}
+    assert run(engine, shared_tables.read)[0] == []  # its slot is free again
+    assert not run(engine, shared_tables.take_reclaim, dead, 1, {1, 2})  # done with this death
     again = MasterRow(7, "host:/dead", False, 5000)  # restarted, then died again
-    assert run(engine, shared.take_reclaim, again, 1, {1, 2})
+    assert run(engine, shared_tables.take_reclaim, again, 1, {1, 2})
 
 
 def test_dead_leader_and_counts_decisions():
@@ -112,7 +112,7 @@ def test_dead_leader_and_counts_decisions():
 def test_every_series_carries_the_master_label_when_asked():
     from prometheus_client.exposition import generate_latest
 
-    from buildbot_dockerami.metrics import Metrics, families, labelled
+    from buildbot_dockerami.fleet.metrics import Metrics, families, labelled
 
     metrics = Metrics()
     metrics.inc("dockerami_instance_launches_total", {"worker": "w0"})

@@ -7,8 +7,8 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.python import failure
 
-from buildbot_dockerami.fleet import Fleet
-from buildbot_dockerami.singleflight import SingleFlight
+from buildbot_dockerami.fleet.service import Fleet
+from buildbot_dockerami.fleet.singleflight import SingleFlight
 
 
 class Work:

@@ -1,4 +1,4 @@
-"""buildbot's SQLite database keeps its connection (sqlitepool.py)."""
+"""buildbot's SQLite database keeps its connection (sqlite.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from buildbot.db import enginestrategy
 from sqlalchemy.engine import url
 from sqlalchemy.pool import NullPool, QueuePool, StaticPool
 
-from buildbot_dockerami import sqlitepool
+from buildbot_dockerami.patches import sqlite
 from tests.harness import SUCCESS, master_cfg
 
 #: buildbot's own function, whether or not this process installed the wrapper.
@@ -26,7 +26,7 @@ def strategy() -> types.SimpleNamespace:
 
 def test_a_file_database_gets_a_queue_pool_and_any_other_choice_is_kept(tmp_path: Path):
     module = strategy()
-    assert sqlitepool.install(module)
+    assert sqlite.install(module)
     choose = module.special_case_sqlite
     _, kwargs, conns = choose(url.make_url("sqlite:///state.sqlite"), {"basedir": str(tmp_path)})
     assert (kwargs["poolclass"], kwargs["connect_args"], conns) == (
@@ -50,12 +50,12 @@ def test_a_file_database_gets_a_queue_pool_and_any_other_choice_is_kept(tmp_path
 
 def test_installing_twice_wraps_once_and_the_switch_leaves_buildbot_alone(monkeypatch):
     module = strategy()
-    sqlitepool.install(module)
-    sqlitepool.install(module)
+    sqlite.install(module)
+    sqlite.install(module)
     assert module.special_case_sqlite.__wrapped__ is BUILDBOTS
-    monkeypatch.setenv(sqlitepool.DISABLE_ENV, "1")
+    monkeypatch.setenv(sqlite.DISABLE_ENV, "1")
     untouched = strategy()
-    assert not sqlitepool.install(untouched)
+    assert not sqlite.install(untouched)
     assert untouched.special_case_sqlite is BUILDBOTS
 
 
@@ -64,7 +64,7 @@ def test_transactions_share_one_connection(tmp_path: Path, monkeypatch, keep: bo
     """What the wrapper is for: buildbot's engine, 30 transactions, connections opened."""
     if keep:
         monkeypatch.setattr(enginestrategy, "special_case_sqlite",
-                            sqlitepool.keep_connection(BUILDBOTS))
+                            sqlite.keep_connection(BUILDBOTS))
     else:
         monkeypatch.setattr(enginestrategy, "special_case_sqlite", BUILDBOTS)
     engine = enginestrategy.create_engine("sqlite:///state.sqlite", basedir=str(tmp_path))

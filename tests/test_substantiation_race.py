@@ -15,7 +15,7 @@ from buildbot.util import Notifier
 from buildbot.worker.latent import AbstractLatentWorker, States
 from twisted.internet import defer
 
-from buildbot_dockerami.worker import DockerAMILatentWorker
+from buildbot_dockerami.worker.latent import DockerAMILatentWorker
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from buildbot_dockerami import tls
+from buildbot_dockerami.protocol import tls
 
 HEX = "ab" * 32
 COLONS = ":".join(["AB"] * 32)

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from buildbot_dockerami import userdata
-from buildbot_dockerami.userdata import UserData, UserDataError
+from buildbot_dockerami.protocol import userdata
+from buildbot_dockerami.protocol.userdata import UserData, UserDataError
 from tests.harness import REPO
 
 
@@ -94,7 +94,7 @@ def test_redaction() -> None:
 
 
 def test_dockerfile_base_images_resolve_args() -> None:
-    from buildbot_dockerami.images import base_images
+    from buildbot_dockerami.cli.images import base_images
 
     dockerfile = (REPO / "images" / "worker-linux" / "Dockerfile").read_text()
     assert base_images(dockerfile, {}) == ["debian:bookworm-slim"]

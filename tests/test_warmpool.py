@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from buildbot_dockerami import warmpool
+from buildbot_dockerami.fleet import stopped_pool
 from buildbot_dockerami.localcloud.hypervisor import Booting
 from tests.harness import SUCCESS, master_cfg, wait_for
 from tests.test_ec2_worker import instances, user_data_of
@@ -14,22 +14,22 @@ from tests.test_pools import peak_of_live, pool_master, set_pool
 STOP = "idle_action='stop', reconcile_interval=5,"
 
 
-def entry(owner: str, stopped_at: float, key: str = "k") -> warmpool.StoppedInstance:
-    return warmpool.StoppedInstance(owner, object(), key, stopped_at)
+def entry(owner: str, stopped_at: float, key: str = "k") -> stopped_pool.StoppedInstance:
+    return stopped_pool.StoppedInstance(owner, object(), key, stopped_at)
 
 
 def test_reuse_needs_the_same_launch_key_and_a_young_enough_instance():
-    assert warmpool.reusable(entry("w", 0), "k", now=10, max_age=60)
-    assert not warmpool.reusable(entry("w", 0), "other", now=10, max_age=60)
-    assert not warmpool.reusable(entry("w", 0), "k", now=61, max_age=60)
-    assert not warmpool.reusable(None, "k", now=0, max_age=60)
-    assert (warmpool.launch_key({"image": "a", "ami": "ami-1"})
-            != warmpool.launch_key({"image": "b", "ami": "ami-1"}))
+    assert stopped_pool.reusable(entry("w", 0), "k", now=10, max_age=60)
+    assert not stopped_pool.reusable(entry("w", 0), "other", now=10, max_age=60)
+    assert not stopped_pool.reusable(entry("w", 0), "k", now=61, max_age=60)
+    assert not stopped_pool.reusable(None, "k", now=0, max_age=60)
+    assert (stopped_pool.launch_key({"image": "a", "ami": "ami-1"})
+            != stopped_pool.launch_key({"image": "b", "ami": "ami-1"}))
 
 
 def test_retired_are_the_too_old_and_the_oldest_beyond_the_count():
     entries = [entry("a", 0), entry("b", 50), entry("c", 60), entry("d", 70)]
-    retired = warmpool.to_retire(entries, now=100, max_count=2, max_age=90)
+    retired = stopped_pool.to_retire(entries, now=100, max_count=2, max_age=90)
     assert sorted(e.owner for e in retired) == ["a", "b"]
 
 

@@ -3,7 +3,7 @@ of REST and Fleet requests abandoned unread, mid-answer or before it, some at on
 REST API, the Fleet page (in chromium) and a forced build still work and the log is clean.
 
 buildbot 4.2.0 to 4.3.0 write REST answers from a thread, which breaks the reactor under
-exactly this traffic; ``buildbot_dockerami.www.restfix`` works around it. To see this test
+exactly this traffic; ``buildbot_dockerami.patches.rest`` works around it. To see this test
 fail without the workaround, run it with ``DOCKERAMI_DISABLE_RESTFIX=1`` in the environment.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from buildbot_dockerami.www import restfix
+from buildbot_dockerami.patches import rest as restfix
 from tests.harness import SUCCESS, master_cfg, unhandled_errors
 from tests.test_fleet_page import ARTIFACTS, browser  # noqa: F401 (the fixture)
 

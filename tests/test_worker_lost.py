@@ -12,10 +12,10 @@ import pytest
 from buildbot.worker.latent import States
 from twisted.internet import defer, task
 
-from buildbot_dockerami.fleet import Fleet
-from buildbot_dockerami.launch import LaunchedInstance
-from buildbot_dockerami.policy import InstanceStatus
-from buildbot_dockerami.worker import DockerAMILatentWorker
+from buildbot_dockerami.cloud.instances import InstanceStatus
+from buildbot_dockerami.fleet.launch import LaunchedInstance
+from buildbot_dockerami.fleet.service import Fleet
+from buildbot_dockerami.worker.latent import DockerAMILatentWorker
 
 LOST = InstanceStatus("i-1", "terminated", "Client.UserInitiatedShutdown: User initiated")
 REASON = "instance i-1 terminated: Client.UserInitiatedShutdown: User initiated"

@@ -31,9 +31,9 @@ from typing import Protocol
 
 import boto3
 
-from buildbot_dockerami import userdata
 from buildbot_dockerami.localcloud.ec2server import HYPERVISOR_ACCESS_KEY
 from buildbot_dockerami.localcloud.timing import BootClock
+from buildbot_dockerami.protocol import userdata
 
 #: How long before its worker is due a runtime with ``prepare`` gets the instance.
 PREPARE_LEAD = 60.0

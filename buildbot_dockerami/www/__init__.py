@@ -18,8 +18,8 @@ from typing import Any
 from buildbot.www.plugin import Application
 from twisted.web import resource
 
-from buildbot_dockerami.fleet import Fleet
-from buildbot_dockerami.www import restfix
+from buildbot_dockerami.fleet.service import Fleet
+from buildbot_dockerami.patches import rest as restfix
 from buildbot_dockerami.www.controls import ControlResource
 from buildbot_dockerami.www.jsonapi import AppResource, answer
 from buildbot_dockerami.www.metrics import MetricsResource

@@ -19,8 +19,8 @@ from twisted.python import log
 from twisted.web import server
 from twisted.web.error import Error as WwwError
 
-from buildbot_dockerami import pools
-from buildbot_dockerami.fleet import Fleet
+from buildbot_dockerami.fleet import pools
+from buildbot_dockerami.fleet.service import Fleet
 from buildbot_dockerami.www.jsonapi import (
     ApiError,
     AppResource,

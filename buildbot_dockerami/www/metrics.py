@@ -12,8 +12,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from buildbot_dockerami.fleet import Fleet
-from buildbot_dockerami.metrics import FleetCollector
+from buildbot_dockerami.fleet.metrics import FleetCollector
+from buildbot_dockerami.fleet.service import Fleet
 from buildbot_dockerami.www.jsonapi import AppResource
 
 

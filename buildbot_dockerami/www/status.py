@@ -8,8 +8,10 @@ from typing import Any
 from buildbot.worker.latent import States
 from twisted.internet import defer
 
-from buildbot_dockerami import imageready, policy, pools
-from buildbot_dockerami.fleet import Fleet
+from buildbot_dockerami.cloud import instances
+from buildbot_dockerami.fleet import pools
+from buildbot_dockerami.fleet.service import Fleet
+from buildbot_dockerami.protocol import imageready
 
 
 def worker_state(worker: Any) -> str:
@@ -146,7 +148,7 @@ def shared_status(fleet: Fleet) -> dict[str, Any]:
                    "leads": shared.leads()},
         "masters": [
             {"id": m.masterid, "name": m.name, "active": m.active,
-             "tag": policy.master_id(m.name), "reclaimed": shared.reclaimed.get(m.name)}
+             "tag": instances.master_id(m.name), "reclaimed": shared.reclaimed.get(m.name)}
             for m in sorted(shared.masters, key=lambda m: m.masterid)
         ],
         "fleet": shared.view(),

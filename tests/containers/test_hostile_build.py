@@ -25,14 +25,14 @@ from pathlib import Path
 import pytest
 import requests
 
-from buildbot_dockerami import userdata
-from buildbot_dockerami.container_passwords import container_password
 from buildbot_dockerami.localcloud.containers import (
     ROLE_CREDENTIALS_PATH,
     ROLE_NAME,
     ContainerRuntime,
     QuietHandler,
 )
+from buildbot_dockerami.protocol import userdata
+from buildbot_dockerami.protocol.passwords import container_password
 from tests.containers.conftest import only_instance
 from tests.containers.test_isolation import LEFTOVERS, facts
 from tests.docker_support import container_names

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from buildbot_dockerami import tls
+from buildbot_dockerami.protocol import tls
 from tests.containers.conftest import only_instance
 from tests.harness import SUCCESS, master_cfg, wait_for
 

@@ -1,5 +1,5 @@
 """The reconciler loop: every interval, EC2's view of this master's instances against
-what its workers track. The decisions are reconcile.plan's (pure); this module polls
+what its workers track. The decisions are reconcile_plan.plan's (pure); this module polls
 EC2 and carries them out."""
 
 from __future__ import annotations
@@ -9,24 +9,25 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet import defer, task
 from twisted.python import failure, log
 
-from buildbot_dockerami import policy, reconcile, warmpool
-from buildbot_dockerami.cloud import AsyncEc2
-from buildbot_dockerami.policy import InstanceStatus
-from buildbot_dockerami.singleflight import SingleFlight
+from buildbot_dockerami.cloud import instances
+from buildbot_dockerami.cloud.ec2 import AsyncEc2
+from buildbot_dockerami.cloud.instances import InstanceStatus
+from buildbot_dockerami.fleet import reconcile_plan, stopped_pool
+from buildbot_dockerami.fleet.singleflight import SingleFlight
 
 if TYPE_CHECKING:
-    from buildbot_dockerami.fleet import Fleet
+    from buildbot_dockerami.fleet.service import Fleet
 
 
 class Reconciler:
     """Compares EC2's view of every instance tagged for this master with what the
     workers track, once at start-up and then every ``interval`` seconds, with one
     DescribeInstances per EC2 endpoint however many workers and readers there are.
-    The decisions are reconcile.plan's; a failed poll only delays them."""
+    The decisions are reconcile_plan.plan's; a failed poll only delays them."""
 
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
-        self.interval = reconcile.DEFAULT_INTERVAL
+        self.interval = reconcile_plan.DEFAULT_INTERVAL
         #: Instance id -> (client, status) as last seen; what the status page shows.
         self.view: dict[str, tuple[AsyncEc2, InstanceStatus]] = {}
         self.checked_at: float | None = None
@@ -95,7 +96,7 @@ class Reconciler:
         errors = []
         for client in clients:
             try:
-                found = yield client.describe_tagged(policy.MASTER_TAG, fleet.master_id)
+                found = yield client.describe_tagged(instances.MASTER_TAG, fleet.master_id)
             except Exception as e:
                 errors.append(str(e))
                 # Not knowing is no reason to act: keep what was last seen.
@@ -107,7 +108,7 @@ class Reconciler:
             # Judged on what is tracked and in flight now, after the answer: a launch
             # stops being in flight only once its worker tracks the instance.
             tracked = fleet.tracked()
-            decided = reconcile.plan(found, tracked, fleet.launching, self._suspects)
+            decided = reconcile_plan.plan(found, tracked, fleet.launching, self._suspects)
             suspects |= decided.suspects
             self._act(client, decided, tracked)
             seen.update(found)
@@ -123,7 +124,7 @@ class Reconciler:
         else:
             self.last_error = ""
 
-    def _act(self, client: AsyncEc2, decided: reconcile.Plan,
+    def _act(self, client: AsyncEc2, decided: reconcile_plan.Plan,
              tracked: dict[str, list[Any]]) -> None:
         fleet = self.fleet
         for status in decided.terminate:
@@ -146,7 +147,7 @@ class Reconciler:
         """Stopped instances past ``max_stopped_age`` (or the count) are terminated."""
         fleet = self.fleet
         pool = fleet.stopped
-        for entry in warmpool.to_retire(list(pool.entries.values()), fleet.reactor.seconds(),
+        for entry in stopped_pool.to_retire(list(pool.entries.values()), fleet.reactor.seconds(),
                                         pool.max_count, pool.max_age):
             pool.take(entry.owner)
             log.msg(f"dockerami: terminating stopped instance {entry.instance_id} of "
@@ -181,7 +182,7 @@ class Reconciler:
                 continue
             if (status.master != fleet.master_id or instance_id in fleet.tracked()
                     or status.launch_token in fleet.launching
-                    or status.state not in reconcile.LIVE_STATES):
+                    or status.state not in reconcile_plan.LIVE_STATES):
                 return
             log.msg(f"dockerami: terminating {instance_id}: its worker connected as "
                     f"{claimed_by}, but no worker of this master tracks it")
@@ -194,5 +195,5 @@ class Reconciler:
         tracked = self.fleet.tracked()
         return [
             (client, status) for iid, (client, status) in sorted(self.view.items())
-            if iid not in tracked and status.state in reconcile.LIVE_STATES
+            if iid not in tracked and status.state in reconcile_plan.LIVE_STATES
         ]

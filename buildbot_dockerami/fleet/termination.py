@@ -10,9 +10,9 @@ from botocore.exceptions import ClientError
 from twisted.internet import defer, task
 from twisted.python import failure, log
 
-from buildbot_dockerami import policy
-from buildbot_dockerami.cloud import AsyncEc2, CloudError
-from buildbot_dockerami.monitor import StateMonitor
+from buildbot_dockerami.cloud import instances
+from buildbot_dockerami.cloud.ec2 import AsyncEc2, CloudError
+from buildbot_dockerami.fleet.monitor import StateMonitor
 
 #: How often instances whose termination failed are tried again.
 UNDEAD_RETRY_SECONDS = 60.0
@@ -85,15 +85,15 @@ class Terminator:
     @defer.inlineCallbacks
     def _terminate(self, client: AsyncEc2, instance_id: str) -> Any:
         self._monitor.unwatch(instance_id)
-        delays = policy.retry_delays(attempts=STOPPING_ATTEMPTS if self._stopping() else 6)
+        delays = instances.retry_delays(attempts=STOPPING_ATTEMPTS if self._stopping() else 6)
         while True:
             try:
                 states = yield client.terminate([instance_id])
                 state = states.get(instance_id)
-                if state not in policy.GONE_STATES:
+                if state not in instances.GONE_STATES:
                     status = (yield client.describe([instance_id])).get(instance_id)
                     state = status.state if status else "terminated"
-                if state in policy.GONE_STATES:
+                if state in instances.GONE_STATES:
                     self._record_ended(instance_id)
                     return state
                 error = f"instance is still {state} after TerminateInstances"
@@ -130,7 +130,7 @@ class Terminator:
         for instance_id, client in list(self._undead.items()):
             try:
                 states = yield client.terminate([instance_id])
-                if states.get(instance_id) in policy.GONE_STATES:
+                if states.get(instance_id) in instances.GONE_STATES:
                     log.msg(f"dockerami: {instance_id} finally terminated")
                     self._record_ended(instance_id)
             except Exception as e:

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 from twisted.internet import defer
 from twisted.python import failure, log
 
-from buildbot_dockerami import reconcile
-from buildbot_dockerami.policy import InstanceStatus
+from buildbot_dockerami.cloud.instances import InstanceStatus
+from buildbot_dockerami.fleet import reconcile_plan
 
 if TYPE_CHECKING:
-    from buildbot_dockerami.fleet import Fleet
+    from buildbot_dockerami.fleet.service import Fleet
 
 
 class GroupMember(Protocol):
@@ -139,7 +139,7 @@ class InstanceGroup:
         (instance_lost on each), then every slot is released."""
         if self.instance is None or self.instance.instance_id != status.instance_id:
             return
-        self.shutdown(reconcile.lost_reason(status)).addErrback(
+        self.shutdown(reconcile_plan.lost_reason(status)).addErrback(
             log.err, f"dockerami: releasing the lost instance of {self.name}")
 
     @defer.inlineCallbacks

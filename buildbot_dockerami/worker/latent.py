@@ -27,34 +27,26 @@ from twisted.internet import defer
 from twisted.python import failure, log
 from twisted.spread import pb
 
-from buildbot_dockerami import (
-    address,
-    demand,
-    fallback,
-    imageready,
-    policy,
-    pools,
-    reconcile,
-    settings,
-    sqlitepool,
-    tls,
-    userdata,
-    warmpool,
-)
-from buildbot_dockerami.checks import (
+from buildbot_dockerami.cloud import address, instances
+from buildbot_dockerami.cloud.ec2 import DEFAULT_TIMEOUT, Credentials, LaunchSpec
+from buildbot_dockerami.config import validators
+from buildbot_dockerami.config.checks import (
     accepted_keywords,
     buildbot_settings,
     config_problems,
     rendered_problems,
 )
-from buildbot_dockerami.cloud import DEFAULT_TIMEOUT, Credentials, LaunchSpec
-from buildbot_dockerami.container_passwords import SECRET_KEY, OneTimeCredentials
-from buildbot_dockerami.credentials import key_problems
-from buildbot_dockerami.fleet import Fleet
-from buildbot_dockerami.groups import InstanceGroup
-from buildbot_dockerami.launch import LaunchedInstance, Launcher, LaunchFailed
-from buildbot_dockerami.userdata import UserData, UserDataError
-from buildbot_dockerami.www import restfix
+from buildbot_dockerami.config.credentials import key_problems
+from buildbot_dockerami.fleet import fallback, pools, reconcile_plan, stopped_pool
+from buildbot_dockerami.fleet.launch import LaunchedInstance, Launcher, LaunchFailed
+from buildbot_dockerami.fleet.service import Fleet
+from buildbot_dockerami.fleet.shared_instance import InstanceGroup
+from buildbot_dockerami.patches import rest as restfix
+from buildbot_dockerami.patches import sqlite
+from buildbot_dockerami.protocol import imageready, tls, userdata
+from buildbot_dockerami.protocol.passwords import SECRET_KEY, OneTimeCredentials
+from buildbot_dockerami.protocol.userdata import UserData, UserDataError
+from buildbot_dockerami.worker import on_request
 
 DEFAULT_BUILD_WAIT_TIMEOUT = 10 * 60
 #: States in which a slot worker is on its way to expecting its next container.
@@ -207,12 +199,12 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         isolation: str = "none",
         instance_group: str | None = None,
         pool: str | None = None,
-        reconcile_interval: Any = reconcile.DEFAULT_INTERVAL,
+        reconcile_interval: Any = reconcile_plan.DEFAULT_INTERVAL,
         ec2_timeout: Any = DEFAULT_TIMEOUT,
         market: Any = "on-demand",
         idle_action: Any = "terminate",
-        max_stopped: Any = warmpool.DEFAULT_MAX_STOPPED,
-        max_stopped_age: Any = warmpool.DEFAULT_MAX_STOPPED_AGE,
+        max_stopped: Any = stopped_pool.DEFAULT_MAX_STOPPED,
+        max_stopped_age: Any = stopped_pool.DEFAULT_MAX_STOPPED_AGE,
         master_tls_fingerprint: str | None = None,
         launch_on_request: Any = False,
         **kwargs: Any,
@@ -243,16 +235,16 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             pool=pool,
         )
         for setting, value, least in (
-            ("reconcile_interval", reconcile_interval, reconcile.MIN_INTERVAL),
+            ("reconcile_interval", reconcile_interval, reconcile_plan.MIN_INTERVAL),
             ("ec2_timeout", ec2_timeout, 1),
         ):
             if isinstance(value, bool) or not isinstance(value, int | float) or value < least:
                 problems.append(f"{setting}: {value!r} must be a number of seconds >= {least:g}")
         if market not in fallback.MARKETS:
             problems.append(f"market: {market!r} is not one of {', '.join(fallback.MARKETS)}")
-        if idle_action not in warmpool.IDLE_ACTIONS:
+        if idle_action not in stopped_pool.IDLE_ACTIONS:
             problems.append(f"idle_action: {idle_action!r} is not one of "
-                            f"{', '.join(warmpool.IDLE_ACTIONS)}")
+                            f"{', '.join(stopped_pool.IDLE_ACTIONS)}")
         elif idle_action == "stop" and isolation != "none":
             problems.append("idle_action: 'stop' needs isolation='none' (an isolated build "
                             "never reuses what another build left on the disk)")
@@ -276,7 +268,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             config.error(f"DockerAMILatentWorker {name!r}: {e}")
         # Here, not in reconfigService: buildbot loads the configuration, then creates its
         # database engine, then reconfigures its services.
-        sqlitepool.install()
+        sqlite.install()
         warning = address.loopback_warning() if master_address is None else None
         if warning:
             warnings.warn(f"DockerAMILatentWorker {name!r}: master_address: {warning}",
@@ -311,12 +303,12 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         isolation: str = "none",
         instance_group: str | None = None,
         pool: str | None = None,
-        reconcile_interval: float = reconcile.DEFAULT_INTERVAL,
+        reconcile_interval: float = reconcile_plan.DEFAULT_INTERVAL,
         ec2_timeout: float = DEFAULT_TIMEOUT,
         market: str = "on-demand",
         idle_action: str = "terminate",
-        max_stopped: int = warmpool.DEFAULT_MAX_STOPPED,
-        max_stopped_age: float = warmpool.DEFAULT_MAX_STOPPED_AGE,
+        max_stopped: int = stopped_pool.DEFAULT_MAX_STOPPED,
+        max_stopped_age: float = stopped_pool.DEFAULT_MAX_STOPPED_AGE,
         master_tls_fingerprint: str | None = None,
         launch_on_request: bool = False,
         **kwargs: Any,
@@ -337,7 +329,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         self.tags = dict(tags or {})
         self.block_device_mappings = block_device_mappings
         self.metadata_options = (
-            settings.DEFAULT_METADATA_OPTIONS if metadata_options is None else metadata_options
+            validators.DEFAULT_METADATA_OPTIONS if metadata_options is None else metadata_options
         )
         self.endpoint_url = endpoint_url
         self.session = session
@@ -511,7 +503,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             self._count_failure("invalid_setting", str(e))
             raise LatentWorkerCannotSubstantiate(self.name, str(e)) from e
         owner = group.name if group is not None else self.name
-        key = warmpool.launch_key({
+        key = stopped_pool.launch_key({
             **values, "ami": ami, "subnet_id": self.subnet_id, "market": self.market,
             "security_group_ids": self.security_group_ids, "keypair_name": self.keypair_name,
             "instance_profile": self.instance_profile, "tags": self.tags,
@@ -579,7 +571,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             self._on_connect = None
         if self.conn is not None or self.instance is not instance:
             return (True, "")  # connected (or gone) meanwhile: not a booting instance now
-        ok, reason = policy.boot_verdict(status, monitor.seconds_since_watch(instance.instance_id))
+        ok, reason = instances.boot_verdict(
+            status, monitor.seconds_since_watch(instance.instance_id))
         if status is not None and status.state == "running":
             self.timeline.setdefault("running", self.master.reactor.seconds())
         if not ok:
@@ -587,7 +580,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             # The boot's last words (e.g. the bootstrap's "cannot pull image") say why.
             output = yield self._console_output(instance)
             self._failed_console = output  # logged in full by stop_instance, not fetched again
-            last = policy.last_console_words(output or "")
+            last = instances.last_console_words(output or "")
             if last:
                 reason += f"; console: {last}"
                 self.last_failure = reason
@@ -698,18 +691,18 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         except Exception as e:
             log.msg(f"{self}: connection lost; state of {instance.instance_id} unknown: {e}")
             return
-        if status is not None and status.state in reconcile.LOST_STATES:
+        if status is not None and status.state in reconcile_plan.LOST_STATES:
             reason = self._record_lost(instance, status)
             log.msg(f"{self}: connection lost: {reason}")
             if self.instance is instance and self.state == States.SUBSTANTIATED:
                 yield self.insubstantiate()
 
-    def _record_lost(self, instance: LaunchedInstance, status: policy.InstanceStatus) -> str:
+    def _record_lost(self, instance: LaunchedInstance, status: instances.InstanceStatus) -> str:
         """The reason ``instance`` is lost, recorded once however often it is reported:
         by the reconciler (instance_lost) and a lost connection (_why_lost) alike, and
         to every slot of a shared instance. Counted once per instance; each worker shows
         the reason once (a late report never hides a newer failure)."""
-        reason = reconcile.lost_reason(status)
+        reason = reconcile_plan.lost_reason(status)
         if self._lost_id != instance.instance_id:
             self._lost_id = instance.instance_id
             self.last_failure = reason
@@ -775,13 +768,13 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         """Whether launch on request may start this worker before a build asks for it."""
         return (self.group is None and self.state == States.NOT_SUBSTANTIATED
                 and not self._stopping and self.canStartBuild()
-                and demand.same_for_every_build(self))
+                and on_request.same_for_every_build(self))
 
     @defer.inlineCallbacks
     def isCompatibleWithBuild(self, build_props: Any) -> Any:
         # Asked again for every build buildbot is about to start (canStartBuild is only
         # asked once per batch), after the builds before it have taken their workers.
-        if demand.prefers_spare(self, build_props.getProperty("buildername")):
+        if on_request.prefers_spare(self, build_props.getProperty("buildername")):
             return False  # buildbot then tries the worker whose instance is on its way
         if not pools.may_launch(self):
             return False
@@ -793,7 +786,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
 
     def prewarm(self) -> bool:
         """Boot an instance now, before any build asks (the Fleet page's Start, the
-        pool's warm minimum, or build requests waiting: demand.py)."""
+        pool's warm minimum, or build requests waiting: on_request.py)."""
         if (self.state != States.NOT_SUBSTANTIATED or self.isPaused() or self._stopping
                 or not pools.may_launch(self)):
             return False

@@ -91,5 +91,5 @@ def install(resource_class: Any = None) -> bool:
     setattr(resource_class, _INSTALLED, True)
     log.msg("dockerami: this buildbot writes REST answers from a thread, which can break "
             "its web server when clients disconnect; answers are now written on the "
-            "reactor thread (buildbot_dockerami.www.restfix)")
+            "reactor thread (buildbot_dockerami.patches.rest)")
     return True

@@ -12,8 +12,8 @@ from buildbot.config.errors import ConfigErrors
 from buildbot.config.master import FileLoader
 from buildbot.interfaces import IRenderable
 
-from buildbot_dockerami import userdata
-from buildbot_dockerami.worker import DockerAMILatentWorker, default_master_address
+from buildbot_dockerami.protocol import userdata
+from buildbot_dockerami.worker.latent import DockerAMILatentWorker, default_master_address
 
 REDACTED = "********"
 

@@ -1,7 +1,7 @@
 """What ``buildbot checkconfig`` and each launch verify, as "setting: message" strings.
 
 Literal settings are checked at config time; renderable ones once rendered for a
-build. The checks themselves live in userdata.py and settings.py.
+build. The checks themselves live in userdata.py and validators.py.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from typing import Any
 
 from buildbot.interfaces import IRenderable
 
-from buildbot_dockerami import settings, userdata
-from buildbot_dockerami.cloud import resolve_region
-from buildbot_dockerami.userdata import UserData, UserDataError
+from buildbot_dockerami.cloud.ec2 import resolve_region
+from buildbot_dockerami.config import validators
+from buildbot_dockerami.protocol import userdata
+from buildbot_dockerami.protocol.userdata import UserData, UserDataError
 
 #: "none": an instance serves builds until idle; "container": a fresh container per
 #: build on a kept instance; "instance": a fresh instance per build.
@@ -78,13 +79,13 @@ def config_problems(
     if instance_type is None:
         problems.append("instance_type: is required (e.g. 't3.large')")
     elif not _is_renderable(instance_type):
-        check(settings.check_instance_type, instance_type)
+        check(validators.check_instance_type, instance_type)
     if (ami is None) == (ami_filters is None):
         problems.append("ami: give exactly one of ami= or ami_filters= (with ami_owners=)")
     elif ami is not None and not _is_renderable(ami):
-        check(settings.check_ami_id, ami)
+        check(validators.check_ami_id, ami)
     elif ami_filters is not None:
-        check(settings.check_ami_filters, ami_filters, ami_owners)
+        check(validators.check_ami_filters, ami_filters, ami_owners)
     if ami_owners is not None and ami_filters is None:
         problems.append("ami_owners: only makes sense with ami_filters")
     if master_address is not None:
@@ -96,21 +97,21 @@ def config_problems(
     if setup_branch is not None and setup_repo is None:
         problems.append("setup_branch: needs setup_repo")
     if subnet_id is not None:
-        check(settings.check_subnet_id, subnet_id)
+        check(validators.check_subnet_id, subnet_id)
     if security_group_ids is not None:
-        check(settings.check_security_group_ids, security_group_ids)
+        check(validators.check_security_group_ids, security_group_ids)
     if tags is not None:
-        check(settings.check_tags, tags)
+        check(validators.check_tags, tags)
     if block_device_mappings is not None:
-        check(settings.check_block_device_mappings, block_device_mappings)
+        check(validators.check_block_device_mappings, block_device_mappings)
     if metadata_options is not None:
-        check(settings.check_metadata_options, metadata_options)
+        check(validators.check_metadata_options, metadata_options)
     plain: list[tuple[str, Any, Callable[[Any], None]]] = [
-        ("keypair_name", keypair_name, settings.check_keypair_name),
-        ("instance_profile", instance_profile, settings.check_instance_profile),
-        ("region", region, settings.check_region),
-        ("endpoint_url", endpoint_url, settings.check_endpoint_url),
-        ("session", session, settings.check_session),
+        ("keypair_name", keypair_name, validators.check_keypair_name),
+        ("instance_profile", instance_profile, validators.check_instance_profile),
+        ("region", region, validators.check_region),
+        ("endpoint_url", endpoint_url, validators.check_endpoint_url),
+        ("session", session, validators.check_session),
     ]
     for setting, value, fn in plain:
         if value is None:
@@ -120,7 +121,7 @@ def config_problems(
         else:
             check(fn, value)
     if pool is not None and (not isinstance(pool, str) or not pool.strip()):
-        problems.append(f"pool: {settings.short(pool)} must be a non-empty name")
+        problems.append(f"pool: {validators.short(pool)} must be a non-empty name")
     if isolation not in ISOLATION_MODES:
         problems.append(f"isolation: {isolation!r} is not one of {', '.join(ISOLATION_MODES)}")
     if instance_group is not None:
@@ -165,10 +166,10 @@ def rendered_problems(values: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     checks: list[tuple[Any, str, tuple]] = [
         (userdata.check_image, "image", (values["image"],)),
-        (settings.check_instance_type, "instance_type", (values["instance_type"],)),
+        (validators.check_instance_type, "instance_type", (values["instance_type"],)),
     ]
     if values["ami"] is not None:
-        checks.append((settings.check_ami_id, "ami", (values["ami"],)))
+        checks.append((validators.check_ami_id, "ami", (values["ami"],)))
     for setting in ("setup_repo", "setup_branch"):
         if values[setting] is not None:
             checks.append((userdata.check_secret_word, setting, (setting, values[setting])))
@@ -208,16 +209,16 @@ def _optional(fn: Callable[[Any], None]) -> Callable[[Any], None]:
 #: buildbot's latent-worker settings and what each must be. build_wait_timeout 0 ends
 #: the instance after each build, -1 keeps it; missing_timeout bounds a boot.
 BUILDBOT_SETTINGS: Mapping[str, Callable[[Any], None]] = {
-    "build_wait_timeout": lambda v: settings.check_seconds(
+    "build_wait_timeout": lambda v: validators.check_seconds(
         "build_wait_timeout", v, minimum=0, allow_never=True),
-    "missing_timeout": lambda v: settings.check_seconds("missing_timeout", v, minimum=1),
-    "check_instance_interval": lambda v: settings.check_seconds(
-        "check_instance_interval", v, minimum=settings.MIN_CHECK_INSTANCE_INTERVAL),
-    "keepalive_interval": _optional(lambda v: settings.check_seconds(
+    "missing_timeout": lambda v: validators.check_seconds("missing_timeout", v, minimum=1),
+    "check_instance_interval": lambda v: validators.check_seconds(
+        "check_instance_interval", v, minimum=validators.MIN_CHECK_INSTANCE_INTERVAL),
+    "keepalive_interval": _optional(lambda v: validators.check_seconds(
         "keepalive_interval", v, minimum=1)),
-    "max_builds": settings.check_max_builds,
-    "properties": _optional(lambda v: settings.check_mapping("properties", v)),
-    "defaultProperties": _optional(lambda v: settings.check_mapping("defaultProperties", v)),
+    "max_builds": validators.check_max_builds,
+    "properties": _optional(lambda v: validators.check_mapping("properties", v)),
+    "defaultProperties": _optional(lambda v: validators.check_mapping("defaultProperties", v)),
 }
 
 

@@ -17,13 +17,16 @@ from twisted.internet import defer, threads
 from twisted.python import failure, log
 from twisted.python.threadpool import ThreadPool
 
-from buildbot_dockerami import demand, fallback, heap, multimaster, policy, pools, warmpool
-from buildbot_dockerami.cloud import CALLS_AT_ONCE, DEFAULT_TIMEOUT, AsyncEc2, Ec2
-from buildbot_dockerami.groups import InstanceGroup
-from buildbot_dockerami.metrics import Metrics
-from buildbot_dockerami.monitor import StateMonitor
-from buildbot_dockerami.reconciler import Reconciler
-from buildbot_dockerami.termination import Terminator
+from buildbot_dockerami.cloud import instances
+from buildbot_dockerami.cloud.ec2 import CALLS_AT_ONCE, DEFAULT_TIMEOUT, AsyncEc2, Ec2
+from buildbot_dockerami.fleet import fallback, multimaster, pools, stopped_pool
+from buildbot_dockerami.fleet.metrics import Metrics
+from buildbot_dockerami.fleet.monitor import StateMonitor
+from buildbot_dockerami.fleet.reconciler import Reconciler
+from buildbot_dockerami.fleet.shared_instance import InstanceGroup
+from buildbot_dockerami.fleet.termination import Terminator
+from buildbot_dockerami.patches import heap
+from buildbot_dockerami.worker import on_request
 
 
 class Fleet:
@@ -43,14 +46,14 @@ class Fleet:
                 fleet.shared = multimaster.Coordinator(fleet, master)
                 fleet.shared.start()
             else:
-                fleet.demand = demand.LaunchOnRequest(fleet, master)
+                fleet.demand = on_request.LaunchOnRequest(fleet, master)
                 fleet.demand.start().addErrback(log.err, "dockerami: launch on request")
             heap.freeze_after_startup(master.reactor)
         return fleet
 
     def __init__(self, reactor: Any, master_name: str) -> None:
         self.reactor = reactor
-        self.master_id = policy.master_id(master_name)
+        self.master_id = instances.master_id(master_name)
         self.monitor = StateMonitor(clock=reactor.seconds)
         self._pool: ThreadPool | None = None
         self._clients: dict[Hashable, AsyncEc2] = {}
@@ -73,7 +76,7 @@ class Fleet:
         #: Capacity options EC2 recently refused, shared by every worker.
         self.cooldown = fallback.CoolDown()
         #: Idle instances stopped for reuse (idle_action='stop').
-        self.stopped = warmpool.StoppedPool()
+        self.stopped = stopped_pool.StoppedPool()
         self._stopping = False
         #: The master's botmaster: its ``shuttingDown`` says the master is stopping.
         self.botmaster: Any = None
@@ -82,7 +85,7 @@ class Fleet:
         #: The scheduling pass due when single-master pool reservations lapse.
         self.reservation_wakeup: Any = None
         #: Launches idle workers for queued build requests (one master only).
-        self.demand: demand.LaunchOnRequest | None = None
+        self.demand: on_request.LaunchOnRequest | None = None
 
     def group(self, name: str) -> InstanceGroup:
         """The shared instance of the slot workers named for ``name``."""
@@ -183,8 +186,8 @@ class Fleet:
     @defer.inlineCallbacks
     def find_launch(self, client: AsyncEc2, token: str) -> Any:
         """The instance a RunInstances call with this ClientToken created, or None."""
-        found = yield client.describe_tagged(policy.LAUNCH_TAG, token)
-        live = [s for s in found.values() if s.state not in policy.GONE_STATES]
+        found = yield client.describe_tagged(instances.LAUNCH_TAG, token)
+        live = [s for s in found.values() if s.state not in instances.GONE_STATES]
         return live[0] if live else None
 
     def terminate(self, client: AsyncEc2, instance_id: str) -> defer.Deferred:

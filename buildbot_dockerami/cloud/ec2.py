@@ -18,7 +18,7 @@ from botocore.config import Config
 from twisted.internet import threads
 from twisted.python.threadpool import ThreadPool
 
-from buildbot_dockerami.policy import (
+from buildbot_dockerami.cloud.instances import (
     LAUNCH_TAG,
     MASTER_TAG,
     WORKER_TAG,

@@ -77,7 +77,7 @@ def _pull_delay(spec: str) -> tuple[str, float, str]:
 
 
 def _image_build(args: argparse.Namespace) -> int:
-    from buildbot_dockerami import images
+    from buildbot_dockerami.cli import images
     context = args.directory.resolve()
     tag = args.tag or images.default_tag(args.repo or f"dockerami/{context.name}")
     build_args = dict(_key_value(a) for a in args.build_arg)
@@ -93,14 +93,14 @@ def _image_build(args: argparse.Namespace) -> int:
 
 
 def _image_push(args: argparse.Namespace) -> int:
-    from buildbot_dockerami import images
+    from buildbot_dockerami.cli import images
 
     images.push(args.tag)
     return 0
 
 
 def _userdata_show(args: argparse.Namespace) -> int:
-    from buildbot_dockerami.preview import preview_user_data
+    from buildbot_dockerami.cli.preview import preview_user_data
 
     print(preview_user_data(args.config, args.worker))
     return 0
@@ -199,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from buildbot_dockerami.images import ImageError
-    from buildbot_dockerami.preview import PreviewError
+    from buildbot_dockerami.cli.images import ImageError
+    from buildbot_dockerami.cli.preview import PreviewError
 
     args = build_parser().parse_args(argv)
     try:

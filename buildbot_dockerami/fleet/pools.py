@@ -2,7 +2,7 @@
 
 A pool is the workers of one ``worker_pool`` (their ``pool`` setting). Operators set
 its limits from the Fleet page; they are kept in the master's database, so they
-survive a restart. Decisions are in policy.py; this module counts and acts.
+survive a restart. Decisions are in instances.py; this module counts and acts.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from buildbot.worker.latent import States
 from twisted.internet import defer, task
 from twisted.python import log
 
-from buildbot_dockerami import policy
+from buildbot_dockerami.cloud import instances
 
 #: How often warm capacity is checked and topped up.
 KEEPER_INTERVAL = 2.0
@@ -177,7 +177,7 @@ def may_launch(worker: Any) -> bool:
     count = in_use.count(worker.pool, now)
     if shared is not None:
         count = max(count, shared.counts(worker.pool).in_use)
-    return policy.may_launch(count, limits.cap)
+    return instances.may_launch(count, limits.cap)
 
 
 def capped(pool: str | None, fleet: Any) -> bool:
@@ -266,7 +266,7 @@ class PoolKeeper:
             workers = members(self.fleet, pool)
             in_use = instances_in_use(workers)
             instances, idle, starting = _counts(self.fleet, pool)
-            wanted = policy.warm_shortfall(idle, starting, instances, limits.min_warm,
+            wanted = instances.warm_shortfall(idle, starting, instances, limits.min_warm,
                                            limits.cap)
             spare = [w for w in workers if instance_key(w) not in in_use
                      and (shared is None or instance_key(w) not in shared.pending)]

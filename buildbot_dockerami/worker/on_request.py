@@ -28,7 +28,7 @@ from buildbot.worker.latent import States
 from twisted.internet import defer, task
 from twisted.python import failure, log
 
-from buildbot_dockerami.singleflight import SingleFlight
+from buildbot_dockerami.fleet.singleflight import SingleFlight
 
 #: Launch settings that may differ per build (rendered with its properties).
 PER_BUILD_SETTINGS = ("image", "instance_type", "ami", "setup_repo", "setup_branch")

@@ -10,8 +10,8 @@ from typing import Any
 from twisted.internet import defer
 from twisted.python import log
 
-from buildbot_dockerami.cloud import AsyncEc2
-from buildbot_dockerami.policy import InstanceStatus
+from buildbot_dockerami.cloud.ec2 import AsyncEc2
+from buildbot_dockerami.cloud.instances import InstanceStatus
 
 
 class StateMonitor:

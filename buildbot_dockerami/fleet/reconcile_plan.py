@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
-from buildbot_dockerami.policy import InstanceStatus
+from buildbot_dockerami.cloud.instances import InstanceStatus
 
 #: Untracked instances in these states still cost money and get terminated.
 LIVE_STATES = frozenset({"pending", "running", "stopping", "stopped"})

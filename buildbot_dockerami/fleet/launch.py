@@ -20,9 +20,10 @@ from twisted.internet import defer
 from twisted.internet.task import deferLater
 from twisted.python import log
 
-from buildbot_dockerami import fallback, policy, warmpool
-from buildbot_dockerami.cloud import AsyncEc2, CloudError, LaunchSpec
-from buildbot_dockerami.metrics import Metrics
+from buildbot_dockerami.cloud import instances
+from buildbot_dockerami.cloud.ec2 import AsyncEc2, CloudError, LaunchSpec
+from buildbot_dockerami.fleet import fallback, stopped_pool
+from buildbot_dockerami.fleet.metrics import Metrics
 
 #: How many times (2 s apart) a start waits for a stopping instance to be stopped.
 STOPPED_WAIT_CHECKS = 45
@@ -49,7 +50,7 @@ class LaunchedInstance:
     #: Epoch seconds RunInstances answered.
     launched_at: float = 0.0
     market: str = "on-demand"
-    #: warmpool.launch_key of what it was launched with: a stopped one is reused only
+    #: stopped_pool.launch_key of what it was launched with: a stopped one is reused only
     #: while it matches.
     key: str = ""
     #: Its loss is counted: the workers that hear of it again count nothing more.
@@ -65,7 +66,7 @@ class FleetParts(Protocol):
     metrics: Metrics
     #: ClientToken -> owner of every RunInstances in flight (the reconciler spares them).
     launching: dict[str, str]
-    stopped: warmpool.StoppedPool
+    stopped: stopped_pool.StoppedPool
 
     def find_launch(self, client: AsyncEc2, token: str) -> defer.Deferred: ...
 
@@ -134,7 +135,7 @@ class Launcher:
         spec = dataclasses.replace(
             spec,
             instance_type=option.instance_type,
-            tags=policy.instance_tags(self.owner, self.fleet.master_id, spec.tags, token),
+            tags=instances.instance_tags(self.owner, self.fleet.master_id, spec.tags, token),
             client_token=token,
             market=option.market,
             subnet_id=option.subnet_id,
@@ -171,7 +172,7 @@ class Launcher:
         log.msg(f"{self.prefix}: {message}")
         raise LaunchFailed("RunInstances:no_answer", message)
 
-    # -- the stopped warm pool (warmpool.py decides, this does the EC2 calls) ----------
+    # -- the stopped warm pool (stopped_pool.py decides, this does the EC2 calls) ----------
 
     @defer.inlineCallbacks
     def start_stopped(self, key: str, user_data: str) -> Any:
@@ -183,7 +184,7 @@ class Launcher:
             return None
         instance = entry.instance
         now = self._now()
-        if not warmpool.reusable(entry, key, now, pool.max_age):
+        if not stopped_pool.reusable(entry, key, now, pool.max_age):
             why = "stale: launched with other settings" if entry.key != key else "too old"
             yield self.retire(entry, why)
             return None
@@ -212,7 +213,7 @@ class Launcher:
         raise CloudError(f"{self.owner} still not stopped")
 
     @defer.inlineCallbacks
-    def retire(self, entry: warmpool.StoppedInstance, why: str) -> Any:
+    def retire(self, entry: stopped_pool.StoppedInstance, why: str) -> Any:
         log.msg(f"{self.prefix}: terminating stopped instance {entry.instance_id}: {why}")
         try:
             yield self.fleet.terminate(entry.instance.client, entry.instance_id)
@@ -231,9 +232,9 @@ class Launcher:
             return False
         pool = self.fleet.stopped
         now = self._now()
-        pool.add(warmpool.StoppedInstance(self.owner, instance, instance.key, now))
+        pool.add(stopped_pool.StoppedInstance(self.owner, instance, instance.key, now))
         log.msg(f"{self.prefix}: instance {instance.instance_id} stopped for reuse")
-        for entry in warmpool.to_retire(pool.entries.values(), now, pool.max_count,
+        for entry in stopped_pool.to_retire(pool.entries.values(), now, pool.max_count,
                                         pool.max_age):
             pool.take(entry.owner)
             yield self.retire(entry, "beyond max_stopped or max_stopped_age")

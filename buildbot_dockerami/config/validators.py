@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import boto3.session
 
-from buildbot_dockerami.userdata import UserDataError
+from buildbot_dockerami.protocol.userdata import UserDataError
 
 SettingError = UserDataError
 

@@ -1,0 +1,1 @@
+"""The ``buildbot-dockerami`` command: images, the demo, the user-data preview."""

@@ -1,0 +1,420 @@
+"""One fleet across several masters, on buildbot's own multi-master engine.
+
+Masters sharing a database (``c['multiMaster'] = True``, PostgreSQL, a WAMP router)
+share the fleet through that database (shared_tables.py) and EC2's ``buildbot:master`` tags:
+
+- caps: a new instance of a pool needs a numbered slot row below the cap, taken in
+  the database before RunInstances; the database refuses a second taker;
+- warm minimums: kept by one master only, the active one with the lowest id, from
+  every master's idle and starting instances as the rows say;
+- dead masters: once buildbot has marked a master inactive (its heartbeat expired)
+  one live master, the one whose reclaim row the database accepted, terminates the
+  instances tagged for it, frees its slots and lets the others build its requests.
+
+With one master and SQLite the same code runs and it is simply the leader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from buildbot.data import masters as buildbot_masters
+from buildbot.util import service
+from twisted.internet import defer, task
+from twisted.python import failure, log
+
+from buildbot_dockerami.cloud import instances
+from buildbot_dockerami.fleet import pools, reconcile_plan, shared_tables
+from buildbot_dockerami.fleet.shared_tables import MasterRow, Row
+from buildbot_dockerami.fleet.singleflight import SingleFlight
+
+#: Seconds between two passes: mirror this master's instances, read everyone's.
+SYNC_INTERVAL = 2.0
+#: A slot claimed for a build that never launched is given back after this.
+CLAIM_GRACE = 30.0
+#: Seconds between two looks for dead masters to reclaim.
+RECLAIM_INTERVAL = 10.0
+
+
+# -- pure decisions --------------------------------------------------------------------
+
+
+def leader(masters: Iterable[MasterRow]) -> int | None:
+    """The active master that keeps warm minimums: the lowest id, for everyone alike."""
+    active = [m.masterid for m in masters if m.active]
+    return min(active) if active else None
+
+
+def expire_after() -> float:
+    """Seconds after its last heartbeat buildbot judges a master dead (10 minutes
+    unless Heartbeat shortens it)."""
+    return float(buildbot_masters.EXPIRE_MINUTES) * 60
+
+
+def dead_masters(masters: Iterable[MasterRow], me: int, now: float,
+                 expire: float) -> list[MasterRow]:
+    """Masters buildbot marked inactive whose heartbeat is older than the expiry: they
+    crashed (a master that stopped cleanly ended its own instances). Never this one."""
+    return [m for m in masters
+            if not m.active and m.masterid != me and now - m.last_active >= expire]
+
+
+def stopped_masters(masters: Iterable[MasterRow], me: int, now: float,
+                    expire: float) -> list[int]:
+    """Inactive masters with a recent heartbeat: stopped cleanly (or restarting), so
+    their rows say nothing true any more; their own start writes them anew."""
+    return [m.masterid for m in masters
+            if not m.active and m.masterid != me and now - m.last_active < expire]
+
+
+@dataclass(frozen=True)
+class PoolCounts:
+    """A pool across all masters."""
+
+    in_use: int = 0
+    idle: int = 0
+    starting: int = 0
+
+
+def count(rows: Iterable[Row], pool: str) -> PoolCounts:
+    in_pool = [r for r in rows if r.pool == pool]
+    return PoolCounts(
+        in_use=len(in_pool),
+        idle=sum(1 for r in in_pool if r.state == "idle"),
+        starting=sum(1 for r in in_pool if r.state in shared_tables.STARTING),
+    )
+
+
+# -- this master's view of its own instances ----------------------------------------------
+
+
+def instance_state(workers: list[Any]) -> str:
+    if any(w.busy for w in workers):
+        return "building"
+    if any(w.conn is not None for w in workers):
+        return "idle"
+    group = workers[0].group
+    if any(w.instance is not None for w in workers) or (
+            group is not None and group.instance is not None):
+        return "booting"
+    return "launching"
+
+
+def local_rows(fleet: Any) -> dict[str, dict[str, Any]]:
+    """Instance key -> what the rows say of it, for every instance this master has."""
+    rows = {}
+    for key, workers in pools.instances_in_use(list(fleet.workers)).items():
+        group = workers[0].group
+        instance = group.instance if group is not None and group.instance else next(
+            (w.instance for w in workers if w.instance is not None), None)
+        rows[key] = {
+            "pool": workers[0].pool,
+            "state": instance_state(workers),
+            "instance_id": instance.instance_id if instance else "",
+            "instance_type": instance.instance_type if instance else "",
+            "workers": sorted(w.name for w in workers),
+        }
+    return rows
+
+
+class Coordinator:
+    """This master's part in the shared fleet: the pass every SYNC_INTERVAL, slot
+    claims before launches, and the reclaiming of dead masters' instances."""
+
+    def __init__(self, fleet: Any, master: Any) -> None:
+        self.fleet = fleet
+        self.master = master
+        self.rows: list[Row] = []
+        self.masters: list[MasterRow] = []
+        #: Instance keys claimed here and not yet running, with when.
+        self.pending: dict[str, float] = {}
+        self.last_error = ""
+        self.reclaimed: dict[str, list[str]] = {}
+        self._tables = False
+        self._lock = defer.DeferredLock()
+        self._flight = SingleFlight(self._pass, self._done)
+        self._last_reclaim = float("-inf")
+        self._free: dict[str, int] = {}
+        self._loop = task.LoopingCall(self.tick)
+        self._loop.clock = master.reactor
+
+    @property
+    def masterid(self) -> int | None:
+        return getattr(self.master, "masterid", None)
+
+    def start(self) -> None:
+        if not self._loop.running:
+            self._loop.start(SYNC_INTERVAL, now=False).addErrback(log.err, "dockerami shared")
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def leads(self) -> bool:
+        """Whether this master keeps the warm minimums (with no rows read yet: not)."""
+        return self.masterid is not None and leader(self.masters) == self.masterid
+
+    def counts(self, pool: str) -> PoolCounts:
+        """The pool across all masters: the others as last read, this one as it is now."""
+        mine = local_rows(self.fleet)
+        others = [r for r in self.rows if r.masterid != self.masterid]
+        pending = [k for k in self.pending if k not in mine]
+        theirs = count(others, pool)
+        local_pool = {k: v for k, v in mine.items() if v["pool"] == pool}
+        in_pool_pending = [k for k in pending
+                           if any(w.pool == pool and pools.instance_key(w) == k
+                                  for w in list(self.fleet.workers))]
+        return PoolCounts(
+            in_use=theirs.in_use + len(local_pool) + len(in_pool_pending),
+            idle=theirs.idle + sum(1 for v in local_pool.values() if v["state"] == "idle"),
+            starting=theirs.starting + len(in_pool_pending) + sum(
+                1 for v in local_pool.values() if v["state"] in shared_tables.STARTING),
+        )
+
+    @defer.inlineCallbacks
+    def _ensure_tables(self) -> Any:
+        if not self._tables:
+            yield self.master.db.pool.do(shared_tables.create_tables)
+            self._tables = True
+
+    @defer.inlineCallbacks
+    def reserve(self, worker: Any) -> Any:
+        """Whether ``worker`` may have an instance: it has one, or a slot of its pool
+        was free below the cap and is now claimed for it in the shared database."""
+        if worker.pool is None:
+            return True
+        key = pools.instance_key(worker)
+        if key in pools.instances_in_use(pools.members(self.fleet, worker.pool)):
+            return True
+        if not pools.may_launch(worker) or self.masterid is None:
+            return False
+        yield self._ensure_tables()
+        cap = self.fleet.pool_limits.get(worker.pool, pools.PoolLimits()).cap
+        now = self.master.reactor.seconds()
+        local = local_rows(self.fleet)
+        want = shared_tables.Claim(self.masterid, key, worker.pool, cap, int(now))
+        ok = yield self._lock.run(self.master.db.pool.do, _mirror_and_claim, local, want)
+        if ok:
+            self.pending[key] = now
+        return ok
+
+    @defer.inlineCallbacks
+    def claim(self, worker: Any) -> Any:
+        """Right before RunInstances: hold (or refresh) the worker's slot, straight from
+        the database, whatever the counts in memory say."""
+        if self.masterid is None:
+            return False
+        yield self._ensure_tables()
+        cap = self.fleet.pool_limits.get(worker.pool, pools.PoolLimits()).cap
+        now = self.master.reactor.seconds()
+        key = pools.instance_key(worker)
+        want = shared_tables.Claim(self.masterid, key, worker.pool, cap, int(now))
+        ok = yield self._lock.run(self.master.db.pool.do, shared_tables.claim, want)
+        if ok:
+            self.pending[key] = now
+        return ok
+
+    def tick(self) -> defer.Deferred:
+        if self.masterid is None:
+            return defer.succeed(None)
+        return self._flight.tick()
+
+    def _done(self, result: Any) -> None:
+        if isinstance(result, failure.Failure):
+            self.last_error = result.getErrorMessage()
+            log.msg(f"dockerami: shared fleet pass failed: {self.last_error}")
+        else:
+            self.last_error = ""
+
+    @defer.inlineCallbacks
+    def _pass(self) -> Any:
+        fleet, master = self.fleet, self.master
+        yield self._ensure_tables()
+        for pool in list(fleet.pool_limits):
+            # Another master's Fleet page may have changed them.
+            fleet.pool_limits[pool] = yield pools.load_limits(master, pool)
+        now = master.reactor.seconds()
+        self.pending = {k: t for k, t in self.pending.items() if now - t < CLAIM_GRACE}
+        yield self._lock.run(master.db.pool.do, shared_tables.mirror, self.masterid,
+                             local_rows(fleet), int(now), CLAIM_GRACE)
+        rows, masters = yield master.db.pool.do(shared_tables.read)
+        stopped = stopped_masters(masters, self.masterid, now, expire_after())
+        if any(r.masterid in stopped for r in rows):
+            yield master.db.pool.do(shared_tables.forget, stopped)
+            rows = [r for r in rows if r.masterid not in stopped]
+        self.rows, self.masters = rows, masters
+        self._wake_if_freed()
+        if self.leads() and fleet.keeper is not None:
+            yield fleet.keeper.tick()
+        if now - self._last_reclaim >= RECLAIM_INTERVAL:
+            self._last_reclaim = now
+            yield self._reclaim(now)
+
+    def _wake_if_freed(self) -> None:
+        """A slot freed on another master lets builds waiting here start."""
+        free = {}
+        for pool, limits in self.fleet.pool_limits.items():
+            if limits.cap is not None:
+                free[pool] = limits.cap - self.counts(pool).in_use
+        if any(free[p] > self._free.get(p, free[p]) for p in free):
+            self.fleet.after_release()
+        self._free = free
+
+    @defer.inlineCallbacks
+    def _reclaim(self, now: float) -> Any:
+        dead = dead_masters(self.masters, self.masterid, now, expire_after())
+        if not dead:
+            return
+        live = {m.masterid for m in self.masters if m.active}
+        done = yield self.master.db.pool.do(shared_tables.reclaims_done)
+        for corpse in dead:
+            if done.get(corpse.masterid) == corpse.last_active:
+                continue
+            mine = yield self.master.db.pool.do(shared_tables.take_reclaim, corpse, self.masterid,
+                                                live)
+            if not mine:
+                continue
+            terminated = yield self._terminate_instances_of(corpse)
+            brids = yield self._release_requests(corpse.masterid)
+            yield self.master.db.pool.do(shared_tables.reclaimed, corpse.masterid, self.masterid)
+            self.reclaimed[corpse.name] = terminated
+            log.msg(f"dockerami: master {corpse.name} (id {corpse.masterid}) is inactive "
+                    f"since its heartbeat at {corpse.last_active}; reclaimed its instances: "
+                    f"{', '.join(terminated) or 'none'}; gave back its build requests: "
+                    f"{', '.join(map(str, brids)) or 'none'}")
+            # Its build requests may start here now.
+            self.fleet.after_release()
+
+    @defer.inlineCallbacks
+    def _release_requests(self, dead: int) -> Any:
+        """buildbot 4.3's housekeeping of a dead master retries its builds but unclaims its
+        build requests as the master doing the housekeeping (deleting that master's own
+        claims), so the dead master's requests would stay claimed for ever. Give them
+        back, and tell every master (the 'unclaimed' event buildbot would send)."""
+        db = self.master.db
+        requests = yield db.buildrequests.getBuildRequests(complete=False, claimed=dead)
+        brids = sorted(r.buildrequestid for r in requests)
+        if brids:
+            yield db.pool.do(shared_tables.unclaim_requests, db.model.buildrequest_claims,
+                             brids, dead)
+            try:
+                yield self.master.data.rtypes.buildrequest.generateEvent(brids, "unclaimed")
+            except Exception as e:  # the requests are free; only the news is late
+                log.msg(f"dockerami: could not announce unclaimed requests {brids}: {e}")
+        return brids
+
+    @defer.inlineCallbacks
+    def _terminate_instances_of(self, corpse: MasterRow) -> Any:
+        """Terminate every live instance tagged for the dead master, in every EC2
+        endpoint this master's workers use. Raises if EC2 cannot be asked: the
+        reclaim row stays open and the next pass tries again."""
+        tag = instances.master_id(corpse.name)
+        clients = []
+        for worker in list(self.fleet.workers):
+            client = yield worker.ec2_client()
+            if client not in clients:
+                clients.append(client)
+        terminated = []
+        for client in clients:
+            found = yield client.describe_tagged(instances.MASTER_TAG, tag)
+            for status in found.values():
+                if status.state in reconcile_plan.LIVE_STATES:
+                    yield self.fleet.terminate(client, status.instance_id)
+                    self.fleet.metrics.inc("dockerami_reclaimed_total", {})
+                    terminated.append(status.instance_id)
+        return sorted(terminated)
+
+    def view(self) -> list[dict[str, Any]]:
+        """Every master's instances, for the Fleet page: the others as last read."""
+        names = {m.masterid: m for m in self.masters}
+        out = []
+        for row in self.rows:
+            if row.masterid == self.masterid:
+                continue
+            m = names.get(row.masterid)
+            out.append({
+                "masterid": row.masterid,
+                "master": m.name if m else "?",
+                "master_tag": instances.master_id(m.name) if m else "",
+                "master_active": bool(m and m.active),
+                "here": False, "owner": row.owner, "pool": row.pool, "slot": row.slot,
+                "instance_id": row.instance_id, "instance_type": row.instance_type,
+                "state": row.state, "workers": list(row.workers),
+            })
+        for owner, values in sorted(local_rows(self.fleet).items()):
+            out.append({
+                "masterid": self.masterid, "master": self.master.name,
+                "master_tag": self.fleet.master_id, "master_active": True, "here": True,
+                "owner": owner, "pool": values["pool"],
+                "slot": next((r.slot for r in self.rows if r.masterid == self.masterid
+                              and r.owner == owner), None),
+                "instance_id": values["instance_id"],
+                "instance_type": values["instance_type"],
+                "state": values["state"], "workers": values["workers"],
+            })
+        return sorted(out, key=lambda r: (r["master"], r["owner"]))
+
+
+def _mirror_and_claim(conn: Any, local: dict[str, dict[str, Any]],
+                      want: shared_tables.Claim) -> bool:
+    """Rows made true first, so a slot freed here a moment ago counts as free."""
+    shared_tables.mirror(conn, want.masterid, local, want.now, CLAIM_GRACE)
+    return shared_tables.claim(conn, want)
+
+
+class Heartbeat(service.BuildbotService):
+    """Makes buildbot judge masters dead sooner than its 10 minutes, so a crashed
+    master's instances are reclaimed sooner: this master tells the database it is
+    alive every ``every`` seconds and marks masters silent for ``expire_after``
+    seconds inactive (buildbot's own housekeeping: their builds are retried and their
+    build requests handed back). Give every master the same values."""
+
+    name = "dockerami-heartbeat"
+    _loop: task.LoopingCall | None = None
+    every: float = 60
+
+    def checkConfig(self, every: float = 60, expire_after: float = 600) -> None:
+        from buildbot import config
+
+        for setting, value in (("every", every), ("expire_after", expire_after)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                config.error(f"dockerami Heartbeat: {setting}: {value!r} must be seconds > 0")
+                return
+        if expire_after < 3 * every:
+            config.error(f"dockerami Heartbeat: expire_after ({expire_after}) must be at "
+                         f"least three heartbeats (3 x every = {3 * every})")
+
+    def reconfigService(self, every: float = 60, expire_after: float = 600) -> Any:
+        self.every = every
+        buildbot_masters.EXPIRE_MINUTES = expire_after / 60
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = task.LoopingCall(self._beat)
+        self._loop.clock = self.master.reactor
+        if self.running:
+            self._loop.start(self.every, now=False).addErrback(log.err, "dockerami heartbeat")
+        return defer.succeed(None)
+
+    def startService(self) -> Any:
+        d = defer.maybeDeferred(super().startService)
+        if self._loop is not None and not self._loop.running:
+            self._loop.start(self.every, now=False).addErrback(log.err, "dockerami heartbeat")
+        return d
+
+    def stopService(self) -> Any:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return super().stopService()
+
+    @defer.inlineCallbacks
+    def _beat(self) -> Any:
+        master = self.master
+        if master.masterid is None:
+            return
+        try:
+            yield master.data.updates.masterActive(name=master.name, masterid=master.masterid)
+            yield master.data.updates.expireMasters()
+        except Exception as e:
+            log.msg(f"dockerami: heartbeat failed: {e}")

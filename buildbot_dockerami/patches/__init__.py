@@ -1,0 +1,1 @@
+"""Process-wide patches of buildbot and CPython, installed in one place."""

@@ -1,0 +1,2 @@
+"""The buildbot glue: the latent worker class, worker_pool, the scheduling hooks and
+launch on request."""
