@@ -1,6 +1,7 @@
-"""The operator docs hold together: every relative link in README.md and docs/*.md
-points at a file that exists, and every #anchor at a heading of its target, named
-as GitHub names headings. Pure: no network (http(s) links are not fetched), no master."""
+"""The operator docs hold together: every relative link in README.md, docs/*.md and the
+READMEs of ami/, images/ and bench/ points at a file that exists, and every #anchor at a
+heading of its target, named as GitHub names headings. Pure: no network (http(s) links
+are not fetched), no master."""
 
 from __future__ import annotations
 
@@ -131,7 +132,9 @@ def broken_links(path: Path, root: Path) -> list[str]:
 
 
 def _documents() -> list[Path]:
-    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    """README.md, docs/*.md, and the READMEs beside the code that the docs link to."""
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")),
+            *(REPO / folder / "README.md" for folder in ("ami", "images", "bench"))]
 
 
 def test_the_docs_exist() -> None:
