@@ -3,9 +3,10 @@
 from importlib.resources import files
 
 from buildbot_dockerami.fleet.multimaster import Heartbeat
+from buildbot_dockerami.worker.fleet_settings import FleetSettings
 from buildbot_dockerami.worker.latent import DockerAMILatentWorker, worker_pool
 
-__all__ = ["DockerAMILatentWorker", "Heartbeat", "worker_pool"]
+__all__ = ["DockerAMILatentWorker", "FleetSettings", "Heartbeat", "worker_pool"]
 #: The one version source is www/VERSION: buildbot's plugin loader requires that file,
 #: and setup.cfg reads it too.
 __version__ = files(__name__).joinpath("www", "VERSION").read_text().strip()

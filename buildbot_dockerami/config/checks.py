@@ -15,7 +15,12 @@ from buildbot.interfaces import IRenderable
 
 from buildbot_dockerami.cloud.ec2 import resolve_region
 from buildbot_dockerami.config import validators
-from buildbot_dockerami.protocol import userdata
+from buildbot_dockerami.config.credentials import key_problems
+from buildbot_dockerami.config.model import WORKER_SETTINGS, FleetWide, WorkerSettings
+from buildbot_dockerami.fleet.fallback import MARKETS
+from buildbot_dockerami.fleet.reconcile_plan import MIN_INTERVAL
+from buildbot_dockerami.fleet.stopped_pool import IDLE_ACTIONS
+from buildbot_dockerami.protocol import tls, userdata
 from buildbot_dockerami.protocol.userdata import UserData, UserDataError
 
 #: "none": an instance serves builds until idle; "container": a fresh container per
@@ -31,33 +36,14 @@ def _is_renderable(value: Any) -> bool:
     return IRenderable.providedBy(value)
 
 
-def config_problems(
-    name: str,
-    password: Any,
-    *,
-    image: Any,
-    ami: Any,
-    ami_filters: Any,
-    ami_owners: Any,
-    instance_type: Any,
-    region: Any,
-    master_address: Any,
-    setup_repo: Any,
-    setup_branch: Any,
-    subnet_id: Any,
-    security_group_ids: Any,
-    tags: Any,
-    block_device_mappings: Any,
-    metadata_options: Any,
-    session: Any,
-    isolation: Any = "none",
-    instance_group: Any = None,
-    keypair_name: Any = None,
-    instance_profile: Any = None,
-    endpoint_url: Any = None,
-    pool: Any = None,
-) -> list[str]:
-    """Every problem checkable before a build exists, as "setting: message" strings."""
+def config_problems(name: Any, password: Any, **values: Any) -> list[str]:
+    """Every problem checkable before a build exists, as "setting: message" strings;
+    ``values`` are WorkerSettings fields (the rest take their defaults)."""
+    s = WorkerSettings(**values)
+    image, ami, ami_filters, ami_owners = s.image, s.ami, s.ami_filters, s.ami_owners
+    instance_type, region, master_address = s.instance_type, s.region, s.master_address
+    setup_repo, setup_branch, session, isolation = (s.setup_repo, s.setup_branch, s.session,
+                                                    s.isolation)
     problems: list[str] = []
 
     def check(fn: Any, *args: Any) -> None:
@@ -96,21 +82,21 @@ def config_problems(
             check(check_not_option, setting, value)
     if setup_branch is not None and setup_repo is None:
         problems.append("setup_branch: needs setup_repo")
-    if subnet_id is not None:
-        check(validators.check_subnet_id, subnet_id)
-    if security_group_ids is not None:
-        check(validators.check_security_group_ids, security_group_ids)
-    if tags is not None:
-        check(validators.check_tags, tags)
-    if block_device_mappings is not None:
-        check(validators.check_block_device_mappings, block_device_mappings)
-    if metadata_options is not None:
-        check(validators.check_metadata_options, metadata_options)
+    if s.subnet_id is not None:
+        check(validators.check_subnet_id, s.subnet_id)
+    if s.security_group_ids is not None:
+        check(validators.check_security_group_ids, s.security_group_ids)
+    if s.tags is not None:
+        check(validators.check_tags, s.tags)
+    if s.block_device_mappings is not None:
+        check(validators.check_block_device_mappings, s.block_device_mappings)
+    if s.metadata_options is not None:
+        check(validators.check_metadata_options, s.metadata_options)
     plain: list[tuple[str, Any, Callable[[Any], None]]] = [
-        ("keypair_name", keypair_name, validators.check_keypair_name),
-        ("instance_profile", instance_profile, validators.check_instance_profile),
+        ("keypair_name", s.keypair_name, validators.check_keypair_name),
+        ("instance_profile", s.instance_profile, validators.check_instance_profile),
         ("region", region, validators.check_region),
-        ("endpoint_url", endpoint_url, validators.check_endpoint_url),
+        ("endpoint_url", s.endpoint_url, validators.check_endpoint_url),
         ("session", session, validators.check_session),
     ]
     for setting, value, fn in plain:
@@ -120,19 +106,16 @@ def config_problems(
             problems.append(f"{setting}: cannot be a renderable (it is not rendered per build)")
         else:
             check(fn, value)
-    if pool is not None and (not isinstance(pool, str) or not pool.strip()):
-        problems.append(f"pool: {validators.short(pool)} must be a non-empty name")
+    if s.pool is not None and (not isinstance(s.pool, str) or not s.pool.strip()):
+        problems.append(f"pool: {validators.short(s.pool)} must be a non-empty name")
     if isolation not in ISOLATION_MODES:
         problems.append(f"isolation: {isolation!r} is not one of {', '.join(ISOLATION_MODES)}")
-    if instance_group is not None:
+    group = s.instance_group
+    if group is not None:
         if isolation != "container":
             problems.append("instance_group: only with isolation='container'")
-        elif (
-            not isinstance(instance_group, str)
-            or not instance_group.strip()
-            or any(c.isspace() for c in instance_group)
-        ):
-            problems.append(f"instance_group: {instance_group!r} must be a non-empty word")
+        elif not isinstance(group, str) or not group.strip() or any(c.isspace() for c in group):
+            problems.append(f"instance_group: {group!r} must be a non-empty word")
     bad_source = any(p.startswith(("region:", "session:")) for p in problems)
     if not bad_source and not resolve_region(region, session):
         problems.append(
@@ -151,6 +134,42 @@ def config_problems(
                 setup_branch,
             ),
         )
+    return problems + fleet_problems(s) + lifecycle_problems(s) + key_problems(
+        s.identifier, s.secret_identifier, session) + tls.fingerprint_problems(
+        s.master_tls_fingerprint)
+
+
+def fleet_problems(s: FleetWide | WorkerSettings) -> list[str]:
+    """The fleet-wide settings (on FleetSettings, or still on a worker)."""
+    problems = []
+    for setting, value, least in (
+        ("reconcile_interval", s.reconcile_interval, MIN_INTERVAL),
+        ("ec2_timeout", s.ec2_timeout, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < least:
+            problems.append(f"{setting}: {value!r} must be a number of seconds >= {least:g}")
+    if (isinstance(s.max_stopped, bool) or not isinstance(s.max_stopped, int)
+            or s.max_stopped < 0):
+        problems.append(f"max_stopped: {s.max_stopped!r} must be a whole number >= 0")
+    age = s.max_stopped_age
+    if isinstance(age, bool) or not isinstance(age, int | float) or age <= 0:
+        problems.append(f"max_stopped_age: {age!r} must be seconds > 0")
+    if not isinstance(s.launch_on_request, bool):
+        problems.append(f"launch_on_request: {s.launch_on_request!r} must be True or False")
+    return problems
+
+
+def lifecycle_problems(s: WorkerSettings) -> list[str]:
+    """The market and what an idle instance becomes."""
+    problems = []
+    if s.market not in MARKETS:
+        problems.append(f"market: {s.market!r} is not one of {', '.join(MARKETS)}")
+    if s.idle_action not in IDLE_ACTIONS:
+        problems.append(f"idle_action: {s.idle_action!r} is not one of "
+                        f"{', '.join(IDLE_ACTIONS)}")
+    elif s.idle_action == "stop" and s.isolation != "none":
+        problems.append("idle_action: 'stop' needs isolation='none' (an isolated build "
+                        "never reuses what another build left on the disk)")
     return problems
 
 
@@ -190,8 +209,9 @@ def rendered_problems(values: dict[str, Any]) -> list[str]:
 
 
 def accepted_keywords(cls: type) -> set[str]:
-    """Every keyword some checkConfig in ``cls``'s MRO names: ours and buildbot's."""
-    names: set[str] = set()
+    """Every keyword a worker of ``cls`` takes: the settings model's, and those some
+    checkConfig in its MRO names (buildbot's)."""
+    names: set[str] = set(WORKER_SETTINGS)
     for klass in cls.__mro__:
         fn = klass.__dict__.get("checkConfig")
         if fn is None:

@@ -1,10 +1,16 @@
-"""Per-master fleet state: the registry one master's workers share.
+"""The per-master fleet service: what one master's DockerAMILatentWorkers share.
 
-One ``Fleet`` exists per buildbot master and is shared by all its
-DockerAMILatentWorkers: their EC2 clients, the batched boot monitor (monitor.py),
-reliable termination (termination.py), the reconciler loop (reconciler.py), the
-instance groups of slot workers (groups.py), pool counts and warm pools.
-Knows nothing of builds.
+One ``Fleet`` runs per buildbot master, as a buildbot ``SharedService`` (the idiom of
+buildbot's ``KubeClientService``): the first worker to be configured attaches it to the
+master, later ones find it; it starts with the master and, as a shared service, stops
+after every other service, so the workers' last terminations still have its EC2 clients
+and retries. It holds the EC2 clients, the batched boot monitor (monitor.py), reliable
+termination (termination.py), the reconciler loop (reconciler.py), the shared instances
+of slot workers (shared_instance.py), pool counts and warm pools, and the fleet-wide
+settings (``FleetSettings``, settings.py).
+
+The workers are what it serves, seen through ``FleetWorker`` (members.py); it never
+imports buildbot's worker or process modules.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
+from buildbot.util import service
 from twisted.internet import defer, threads
 from twisted.python import failure, log
 from twisted.python.threadpool import ThreadPool
@@ -25,33 +32,36 @@ from buildbot_dockerami.fleet.monitor import StateMonitor
 from buildbot_dockerami.fleet.reconciler import Reconciler
 from buildbot_dockerami.fleet.shared_instance import InstanceGroup
 from buildbot_dockerami.fleet.termination import Terminator
-from buildbot_dockerami.patches import heap
-from buildbot_dockerami.worker import on_request
 
 
-class Fleet:
+class Fleet(service.SharedService):
     """Everything one master shares across its workers."""
 
-    _by_master: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    #: One per master, whatever it is asked with (buildbot names shared services by
+    #: their arguments).
+    SERVICE_NAME = "dockerami-fleet"
 
     @classmethod
-    def for_master(cls, master: Any) -> Fleet:
-        fleet = cls._by_master.get(master)
+    def getName(cls, *args: Any, **kwargs: Any) -> str:
+        return cls.SERVICE_NAME
+
+    @classmethod
+    def of(cls, master: Any) -> Fleet:
+        """This master's fleet, attached to it (and started with it) the first time.
+
+        Synchronous, unlike ``getService``, for the web plugin's readers too; like it,
+        the service is put first among the master's children so it is stopped last."""
+        fleet = master.namedServices.get(cls.SERVICE_NAME)
         if fleet is None:
-            fleet = cls(master.reactor, master.name)
-            master.reactor.addSystemEventTrigger("before", "shutdown", fleet.begin_stopping)
-            cls._by_master[master] = fleet
-            if getattr(master.config, "multiMaster", False):
-                # Several masters share pools and reclaim each other's instances.
-                fleet.shared = multimaster.Coordinator(fleet, master)
-                fleet.shared.start()
-            else:
-                fleet.demand = on_request.LaunchOnRequest(fleet, master)
-                fleet.demand.start().addErrback(log.err, "dockerami: launch on request")
-            heap.freeze_after_startup(master.reactor)
+            fleet = cls(master.reactor, master.name, master)
+            fleet.name = cls.SERVICE_NAME
+            fleet.setServiceParent(master).addErrback(log.err, "dockerami: fleet start")
+            master.services.remove(fleet)
+            master.services.insert(0, fleet)
         return fleet
 
-    def __init__(self, reactor: Any, master_name: str) -> None:
+    def __init__(self, reactor: Any, master_name: str, master: Any = None) -> None:
+        super().__init__()
         self.reactor = reactor
         self.master_id = instances.master_id(master_name)
         self.monitor = StateMonitor(clock=reactor.seconds)
@@ -78,14 +88,70 @@ class Fleet:
         #: Idle instances stopped for reuse (idle_action='stop').
         self.stopped = stopped_pool.StoppedPool()
         self._stopping = False
+        #: FleetSettings' values (config.model.FleetWide); None: not configured.
+        self.configured: Any = None
         #: The master's botmaster: its ``shuttingDown`` says the master is stopping.
-        self.botmaster: Any = None
+        self.botmaster: Any = getattr(master, "botmaster", None)
+        if self.botmaster is not None:
+            self.after_release = self.botmaster.maybeStartBuildsForAllBuilders
         #: This master's part in the fleet all masters share (multimaster.Coordinator).
         self.shared: multimaster.Coordinator | None = None
         #: The scheduling pass due when single-master pool reservations lapse.
         self.reservation_wakeup: Any = None
-        #: Launches idle workers for queued build requests (one master only).
-        self.demand: on_request.LaunchOnRequest | None = None
+        #: Launches idle workers for queued build requests (one master only); made and
+        #: started by the glue (worker/on_request.py), stopped with the fleet.
+        self.demand: Any = None
+
+    def startService(self) -> Any:
+        d = super().startService()
+        master = self.master
+        if master is not None and getattr(master.config, "multiMaster", False):
+            # Several masters share pools and reclaim each other's instances.
+            self.shared = multimaster.Coordinator(self, master)
+            self.shared.start()
+        return d
+
+    def stopService(self) -> Any:
+        """Last of the master's services: its workers have ended their instances."""
+        self.begin_stopping()
+        self._stop()
+        return super().stopService()
+
+    # -- fleet-wide settings ---------------------------------------------------------
+
+    def configure(self, settings: Any) -> None:
+        """The fleet-wide settings (config.model.FleetWide) from ``FleetSettings`` in
+        ``c['services']``, or None when it is not (or no longer) configured."""
+        self.configured = settings
+        self._apply_settings()
+
+    def worker_configured(self, worker_settings: Any) -> None:
+        """A worker was (re)configured. Without FleetSettings its own fleet-wide keywords
+        (deprecated) still apply, as they did: the smallest reconcile_interval of any
+        worker; the stopped-pool limits of the worker configured last."""
+        if self.configured is None:
+            self.stopped.max_count = worker_settings.max_stopped
+            self.stopped.max_age = worker_settings.max_stopped_age
+        self._apply_settings()
+
+    def setting(self, worker_settings: Any, name: str) -> Any:
+        """A fleet-wide setting as it applies to a worker: FleetSettings' if configured,
+        else the worker's own (deprecated) keyword or its default."""
+        source = self.configured if self.configured is not None else worker_settings
+        return getattr(source, name)
+
+    def _apply_settings(self) -> None:
+        settings = self.configured
+        if settings is not None:
+            self.stopped.max_count = settings.max_stopped
+            self.stopped.max_age = settings.max_stopped_age
+            interval = settings.reconcile_interval
+        else:
+            intervals = [w.settings.reconcile_interval for w in list(self.workers)]
+            if not intervals:
+                return
+            interval = min(intervals)
+        self.reconciler.start(interval)
 
     def group(self, name: str) -> InstanceGroup:
         """The shared instance of the slot workers named for ``name``."""
@@ -97,7 +163,6 @@ class Fleet:
         if self._pool is None:
             self._pool = ThreadPool(minthreads=0, maxthreads=CALLS_AT_ONCE, name="dockerami-ec2")
             self._pool.start()
-            self.reactor.addSystemEventTrigger("during", "shutdown", self._stop)
         return self._pool
 
     @property

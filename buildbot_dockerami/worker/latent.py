@@ -27,8 +27,9 @@ from twisted.internet import defer
 from twisted.python import failure, log
 from twisted.spread import pb
 
+from buildbot_dockerami import patches
 from buildbot_dockerami.cloud import address, instances
-from buildbot_dockerami.cloud.ec2 import DEFAULT_TIMEOUT, Credentials, LaunchSpec
+from buildbot_dockerami.cloud.ec2 import Credentials, LaunchSpec
 from buildbot_dockerami.config import validators
 from buildbot_dockerami.config.checks import (
     accepted_keywords,
@@ -36,13 +37,11 @@ from buildbot_dockerami.config.checks import (
     config_problems,
     rendered_problems,
 )
-from buildbot_dockerami.config.credentials import key_problems
+from buildbot_dockerami.config.model import FLEET_WIDE, WorkerSettings
 from buildbot_dockerami.fleet import fallback, pools, reconcile_plan, stopped_pool
 from buildbot_dockerami.fleet.launch import LaunchedInstance, Launcher, LaunchFailed
 from buildbot_dockerami.fleet.service import Fleet
 from buildbot_dockerami.fleet.shared_instance import InstanceGroup
-from buildbot_dockerami.patches import rest as restfix
-from buildbot_dockerami.patches import sqlite
 from buildbot_dockerami.protocol import imageready, tls, userdata
 from buildbot_dockerami.protocol.passwords import SECRET_KEY, OneTimeCredentials
 from buildbot_dockerami.protocol.userdata import UserData, UserDataError
@@ -171,92 +170,11 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         if fleet is not None:
             fleet.in_use.note(self)
 
-    def checkConfig(
-        self,
-        name: Any = None,
-        password: Any = None,
-        *,
-        image: Any = None,
-        ami: Any = None,
-        ami_filters: Any = None,
-        ami_owners: Any = None,
-        instance_type: Any = None,
-        region: str | None = None,
-        master_address: str | None = None,
-        setup_repo: Any = None,
-        setup_branch: Any = None,
-        subnet_id: str | None = None,
-        security_group_ids: list[str] | None = None,
-        keypair_name: str | None = None,
-        instance_profile: str | None = None,
-        tags: dict[str, str] | None = None,
-        block_device_mappings: list[dict] | None = None,
-        metadata_options: dict[str, Any] | None = None,
-        endpoint_url: str | None = None,
-        session: Any = None,
-        identifier: Any = None,
-        secret_identifier: Any = None,
-        isolation: str = "none",
-        instance_group: str | None = None,
-        pool: str | None = None,
-        reconcile_interval: Any = reconcile_plan.DEFAULT_INTERVAL,
-        ec2_timeout: Any = DEFAULT_TIMEOUT,
-        market: Any = "on-demand",
-        idle_action: Any = "terminate",
-        max_stopped: Any = stopped_pool.DEFAULT_MAX_STOPPED,
-        max_stopped_age: Any = stopped_pool.DEFAULT_MAX_STOPPED_AGE,
-        master_tls_fingerprint: str | None = None,
-        launch_on_request: Any = False,
-        **kwargs: Any,
-    ) -> None:
-        problems = config_problems(
-            name,
-            password,
-            image=image,
-            ami=ami,
-            ami_filters=ami_filters,
-            ami_owners=ami_owners,
-            instance_type=instance_type,
-            region=region,
-            master_address=master_address,
-            setup_repo=setup_repo,
-            setup_branch=setup_branch,
-            subnet_id=subnet_id,
-            security_group_ids=security_group_ids,
-            tags=tags,
-            block_device_mappings=block_device_mappings,
-            metadata_options=metadata_options,
-            session=session,
-            isolation=isolation,
-            instance_group=instance_group,
-            keypair_name=keypair_name,
-            instance_profile=instance_profile,
-            endpoint_url=endpoint_url,
-            pool=pool,
-        )
-        for setting, value, least in (
-            ("reconcile_interval", reconcile_interval, reconcile_plan.MIN_INTERVAL),
-            ("ec2_timeout", ec2_timeout, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < least:
-                problems.append(f"{setting}: {value!r} must be a number of seconds >= {least:g}")
-        if market not in fallback.MARKETS:
-            problems.append(f"market: {market!r} is not one of {', '.join(fallback.MARKETS)}")
-        if idle_action not in stopped_pool.IDLE_ACTIONS:
-            problems.append(f"idle_action: {idle_action!r} is not one of "
-                            f"{', '.join(stopped_pool.IDLE_ACTIONS)}")
-        elif idle_action == "stop" and isolation != "none":
-            problems.append("idle_action: 'stop' needs isolation='none' (an isolated build "
-                            "never reuses what another build left on the disk)")
-        if isinstance(max_stopped, bool) or not isinstance(max_stopped, int) or max_stopped < 0:
-            problems.append(f"max_stopped: {max_stopped!r} must be a whole number >= 0")
-        if (isinstance(max_stopped_age, bool) or not isinstance(max_stopped_age, int | float)
-                or max_stopped_age <= 0):
-            problems.append(f"max_stopped_age: {max_stopped_age!r} must be seconds > 0")
-        if not isinstance(launch_on_request, bool):
-            problems.append(f"launch_on_request: {launch_on_request!r} must be True or False")
-        problems += key_problems(identifier, secret_identifier, session)
-        problems += tls.fingerprint_problems(master_tls_fingerprint)
+    def checkConfig(self, name: Any = None, password: Any = None, **kwargs: Any) -> None:
+        settings, kwargs = WorkerSettings.split(kwargs)
+        problems = config_problems(name, password, **settings.plain(),
+                                   identifier=settings.identifier,
+                                   secret_identifier=settings.secret_identifier)
         bad, kwargs = buildbot_settings(kwargs, accepted_keywords(type(self)))
         for problem in problems + bad:
             config.error(f"DockerAMILatentWorker {name!r}: {problem}")
@@ -266,105 +184,47 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             super().checkConfig(usable_name, password, **kwargs)
         except (TypeError, ValueError, AttributeError) as e:
             config.error(f"DockerAMILatentWorker {name!r}: {e}")
-        # Here, not in reconfigService: buildbot loads the configuration, then creates its
-        # database engine, then reconfigures its services.
-        sqlite.install()
-        warning = address.loopback_warning() if master_address is None else None
+        patches.at_config_load()
+        for setting in settings.moved_to_fleet():
+            warnings.warn(
+                f"DockerAMILatentWorker {name!r}: {setting}: is a fleet-wide setting now; "
+                f"set it once with c['services'].append(FleetSettings({setting}=...)) "
+                "(the worker keyword still works in this release)",
+                ConfigWarning, stacklevel=2)
+        warning = address.loopback_warning() if settings.master_address is None else None
         if warning:
             warnings.warn(f"DockerAMILatentWorker {name!r}: master_address: {warning}",
                           ConfigWarning, stacklevel=2)
 
     @defer.inlineCallbacks
-    def reconfigService(
-        self,
-        name: str,
-        password: Any = None,
-        *,
-        image: Any = None,
-        ami: Any = None,
-        ami_filters: Any = None,
-        ami_owners: Any = None,
-        instance_type: Any = None,
-        region: str | None = None,
-        master_address: str | None = None,
-        setup_repo: Any = None,
-        setup_branch: Any = None,
-        subnet_id: str | None = None,
-        security_group_ids: list[str] | None = None,
-        keypair_name: str | None = None,
-        instance_profile: str | None = None,
-        tags: dict[str, str] | None = None,
-        block_device_mappings: list[dict] | None = None,
-        metadata_options: dict[str, Any] | None = None,
-        endpoint_url: str | None = None,
-        session: Any = None,
-        identifier: Any = None,
-        secret_identifier: Any = None,
-        isolation: str = "none",
-        instance_group: str | None = None,
-        pool: str | None = None,
-        reconcile_interval: float = reconcile_plan.DEFAULT_INTERVAL,
-        ec2_timeout: float = DEFAULT_TIMEOUT,
-        market: str = "on-demand",
-        idle_action: str = "terminate",
-        max_stopped: int = stopped_pool.DEFAULT_MAX_STOPPED,
-        max_stopped_age: float = stopped_pool.DEFAULT_MAX_STOPPED_AGE,
-        master_tls_fingerprint: str | None = None,
-        launch_on_request: bool = False,
-        **kwargs: Any,
-    ) -> Any:
-        self.image = image
-        self.ami = ami
-        self.ami_filters = ami_filters
-        self.ami_owners = ami_owners
-        self.instance_type = instance_type
-        self.region = region
-        self.master_address = master_address
-        self.setup_repo = setup_repo
-        self.setup_branch = setup_branch
-        self.subnet_id = subnet_id
-        self.security_group_ids = security_group_ids
-        self.keypair_name = keypair_name
-        self.instance_profile = instance_profile
-        self.tags = dict(tags or {})
-        self.block_device_mappings = block_device_mappings
-        self.metadata_options = (
-            validators.DEFAULT_METADATA_OPTIONS if metadata_options is None else metadata_options
-        )
-        self.endpoint_url = endpoint_url
-        self.session = session
-        # buildbot 4.2-4.3's REST API can take the web server down (www/restfix.py):
-        # any master with this worker gets the workaround, plugin page or not.
-        restfix.install()
-        self.ec2_timeout = ec2_timeout
-        self.market = market
-        self.idle_action = idle_action
-        self.reconcile_interval = reconcile_interval
-        self.launch_on_request = launch_on_request
+    def reconfigService(self, name: str, password: Any = None, **kwargs: Any) -> Any:
+        settings, kwargs = WorkerSettings.split(kwargs)
+        self.settings = settings
+        for setting, value in settings.plain().items():
+            if setting not in FLEET_WIDE:  # read through the fleet (Fleet.setting)
+                setattr(self, setting, value)
+        self.tags = dict(settings.tags or {})
+        if settings.metadata_options is None:
+            self.metadata_options = validators.DEFAULT_METADATA_OPTIONS
+        patches.at_configure(self.master)
         # Rendered by buildbot (``secrets`` above) before they get here.
-        self.credentials = (
-            None if identifier is None else Credentials(identifier, secret_identifier)
-        )
-        self.master_tls_fingerprint = master_tls_fingerprint
-        self.fleet = Fleet.for_master(self.master)
+        self.credentials = None if settings.identifier is None else Credentials(
+            settings.identifier, settings.secret_identifier)
+        self.fleet = Fleet.of(self.master)
         self.fleet.workers.add(self)
-        self.fleet.reconciler.start(
-            min(w.reconcile_interval for w in list(self.fleet.workers)))
-        self.fleet.after_release = self.botmaster.maybeStartBuildsForAllBuilders
-        self.fleet.botmaster = self.botmaster
-        self.fleet.stopped.max_count = max_stopped
-        self.fleet.stopped.max_age = max_stopped_age
+        self.fleet.worker_configured(settings)
+        on_request.attach(self.fleet, self.master)
         # Built now (once for all workers sharing it), not by the first launch of a burst.
         self.ec2_client().addErrback(
             lambda f: log.msg(f"{self}: no EC2 client yet: {f.getErrorMessage()}"))
-        self.pool = pool
+        pool = settings.pool
         if pool is not None:
             if pool not in self.fleet.pool_limits:
                 self.fleet.pool_limits[pool] = yield pools.load_limits(self.master, pool)
             if self.fleet.keeper is None:
                 self.fleet.keeper = pools.PoolKeeper(self.fleet)
             self.fleet.keeper.start()
-        self.isolation = isolation
+        isolation, instance_group = settings.isolation, settings.instance_group
         idle_timeout = kwargs.get("build_wait_timeout", DEFAULT_BUILD_WAIT_TIMEOUT)
         self.idle_timeout = idle_timeout
         if isolation != "none":
@@ -388,6 +248,10 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             password = self.one_time.password if self.one_time else self.getRandomPass()
         result = yield super().reconfigService(name, password, **kwargs)
         return result
+
+    @property
+    def launch_on_request(self) -> bool:
+        return bool(self.fleet.setting(self.settings, "launch_on_request"))
 
     # -- launching ---------------------------------------------------------------
 
@@ -444,7 +308,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
 
     def ec2_client(self) -> defer.Deferred:
         """The (shared) EC2 client for this worker's region and endpoint."""
-        return self.fleet.client(self.region, self.endpoint_url, self.session, self.ec2_timeout,
+        return self.fleet.client(self.region, self.endpoint_url, self.session,
+                                 self.fleet.setting(self.settings, "ec2_timeout"),
                                  credentials=self.credentials)
 
     @defer.inlineCallbacks

@@ -106,6 +106,14 @@ def _ours_only(builder: Any, ours: set[int]) -> bool:
         id(wfb.worker) in ours and wfb.worker.launch_on_request for wfb in builder.workers)
 
 
+def attach(fleet: Any, master: Any) -> None:
+    """Follow this master's queue for its fleet, once; not with several masters."""
+    if fleet.demand is None and fleet.shared is None and not getattr(
+            master.config, "multiMaster", False):
+        fleet.demand = LaunchOnRequest(fleet, master)
+        fleet.demand.start().addErrback(log.err, "dockerami: launch on request")
+
+
 class LaunchOnRequest:
     """Follows buildbot's queue from its message queue (requests new, claimed,
     unclaimed, complete) and launches idle workers for the requests waiting. The
