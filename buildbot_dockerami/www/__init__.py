@@ -30,7 +30,7 @@ class FleetResource(AppResource):
     def render_GET(self, request: Any) -> Any:
         master = self.app.master
         prices = (self.app.config or {}).get("prices", {})
-        d = fleet_status(Fleet.for_master(master), master.reactor.seconds(), prices)
+        d = fleet_status(Fleet.of(master), master.reactor.seconds(), prices)
         return answer(request, d, "fleet status")
 
 

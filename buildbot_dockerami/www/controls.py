@@ -100,7 +100,7 @@ def _allowed(master: Any, request: Any, worker: Any | None) -> Any:
 
 @defer.inlineCallbacks
 def control(master: Any, request: Any, body: dict[str, Any]) -> Any:
-    fleet = Fleet.for_master(master)
+    fleet = Fleet.of(master)
     action = body.get("action")
     if action == "prewarm":
         worker = _worker(fleet, body)

@@ -28,6 +28,6 @@ def exposition(fleet: Fleet, accept: str) -> tuple[bytes, str]:
 class MetricsResource(AppResource):
     def render_GET(self, request: Any) -> bytes:
         accept = (request.getHeader(b"accept") or b"").decode("latin-1")
-        body, content_type = exposition(Fleet.for_master(self.app.master), accept)
+        body, content_type = exposition(Fleet.of(self.app.master), accept)
         request.setHeader(b"content-type", content_type.encode())
         return body
