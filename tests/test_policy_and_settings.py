@@ -6,6 +6,7 @@ from buildbot.process.properties import Interpolate, Property
 from buildbot_dockerami.cloud import instances
 from buildbot_dockerami.cloud.instances import InstanceStatus
 from buildbot_dockerami.config import checks, validators
+from buildbot_dockerami.fleet import boot, termination
 from buildbot_dockerami.protocol import userdata
 from buildbot_dockerami.protocol.userdata import UserData, UserDataError
 from buildbot_dockerami.worker.latent import DockerAMILatentWorker, pb_port
@@ -36,14 +37,14 @@ def test_tags_include_ownership_and_user_tags_at_launch() -> None:
     (InstanceStatus("i-1", "shutting-down"), 1, False),
 ])
 def test_boot_verdict(status: InstanceStatus | None, age: float, ok: bool) -> None:
-    verdict, reason = instances.boot_verdict(status, age)
+    verdict, reason = boot.boot_verdict(status, age)
     assert verdict is ok
     if status is not None and not ok:
         assert status.state in reason and status.reason in reason
 
 
 def test_retry_delays_back_off_and_end() -> None:
-    assert list(instances.retry_delays(1, 2, 5, 6)) == [1, 2, 4, 5, 5]
+    assert list(termination.retry_delays(1, 2, 5, 6)) == [1, 2, 4, 5, 5]
 
 
 @pytest.mark.parametrize(("setting", "fn", "value"), [
@@ -82,10 +83,10 @@ def test_pb_port(setting, port) -> None:
 
 def test_last_console_words_prefers_the_bootstrap_fatal_line() -> None:
     console = "boot\ndockerami-bootstrap: FATAL: cannot pull image x\npowering off\n\n"
-    assert (instances.last_console_words(console)
+    assert (boot.last_console_words(console)
             == "dockerami-bootstrap: FATAL: cannot pull image x")
-    assert instances.last_console_words("a\nb\n") == "b"
-    assert instances.last_console_words("") == ""
+    assert boot.last_console_words("a\nb\n") == "b"
+    assert boot.last_console_words("") == ""
 
 
 # -- issue 9: every setting type- and range-checked, no secret in any message ----------

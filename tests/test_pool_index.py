@@ -27,6 +27,10 @@ class Worker:
     instance: Any = None
     state: Any = States.NOT_SUBSTANTIATED
 
+    @property
+    def active(self) -> bool:  # as DockerAMILatentWorker.active (fleet.members)
+        return self.busy or self.instance is not None or self.state != States.NOT_SUBSTANTIATED
+
 
 def recount(workers: list[Worker], pool: str) -> set[str]:
     return set(pools.instances_in_use(w for w in workers if w.pool == pool))

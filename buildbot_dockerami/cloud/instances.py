@@ -1,12 +1,10 @@
-"""Fleet decisions that need no network: tags, boot verdicts, retry schedules.
-
-Kept apart from fleet.py (which does the I/O) so they can be tested directly.
-"""
+"""The instance model and its tags: what DescribeInstances says of an instance, and the
+tags that name its master, worker and launch from the moment it exists. Pure."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 WORKER_TAG = "buildbot:worker"
@@ -14,8 +12,6 @@ MASTER_TAG = "buildbot:master"
 #: The launch's ClientToken, so an instance whose RunInstances answer was lost is found.
 LAUNCH_TAG = "buildbot:launch"
 
-#: States from which an instance can still become a connected worker.
-BOOTING_STATES = frozenset({"pending", "running"})
 #: States that count as "terminate confirmed".
 GONE_STATES = frozenset({"shutting-down", "terminated"})
 
@@ -64,53 +60,3 @@ def tag_specifications(tags: Mapping[str, str]) -> list[dict]:
         {"ResourceType": "instance", "Tags": tag_list},
         {"ResourceType": "volume", "Tags": tag_list},
     ]
-
-
-def boot_verdict(
-    status: InstanceStatus | None, seconds_since_launch: float, not_found_grace: float = 60.0
-) -> tuple[bool, str]:
-    """Whether a booting instance can still become a worker, and if not, why.
-
-    EC2 is eventually consistent: a fresh instance may be missing from
-    DescribeInstances for a little while, so "not found" only fails after a grace.
-    """
-    if status is None:
-        if seconds_since_launch < not_found_grace:
-            return True, ""
-        return False, f"instance not found {seconds_since_launch:.0f}s after launch"
-    if status.state in BOOTING_STATES:
-        return True, ""
-    reason = f" ({status.reason})" if status.reason else ""
-    return False, f"instance {status.instance_id} is {status.state}{reason}"
-
-
-def retry_delays(
-    first: float = 1.0, factor: float = 2.0, cap: float = 30.0, attempts: int = 6
-) -> Iterator[float]:
-    """Delays between attempts of a call that must eventually succeed (terminate)."""
-    delay = first
-    for _ in range(attempts - 1):
-        yield delay
-        delay = min(delay * factor, cap)
-
-
-def last_console_words(output: str) -> str:
-    """The line of a console that best explains a failed boot: the last FATAL line of
-    the bootstrap if there is one, else the last non-empty line."""
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    fatal = [line for line in lines if "FATAL" in line]
-    return (fatal or lines or [""])[-1][:500]
-
-
-def may_launch(instances_in_use: int, cap: int | None) -> bool:
-    """Whether a pool may start one more instance."""
-    return cap is None or instances_in_use < cap
-
-
-def warm_shortfall(idle: int, starting: int, in_use: int, min_warm: int,
-                   cap: int | None) -> int:
-    """How many instances to pre-warm so that ``min_warm`` are idle and ready, without
-    passing the cap. Instances already starting count as on their way."""
-    wanted = max(0, min_warm - idle - starting)
-    room = wanted if cap is None else max(0, cap - in_use)
-    return min(wanted, room)

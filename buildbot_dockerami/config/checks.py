@@ -1,7 +1,7 @@
 """What ``buildbot checkconfig`` and each launch verify, as "setting: message" strings.
 
 Literal settings are checked at config time; renderable ones once rendered for a
-build. The checks themselves live in userdata.py and validators.py.
+build. The checks themselves live in protocol/userdata.py and validators.py.
 """
 
 from __future__ import annotations

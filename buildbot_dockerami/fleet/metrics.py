@@ -15,7 +15,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -24,6 +24,9 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 from prometheus_client.utils import floatToGoString
+
+if TYPE_CHECKING:
+    from buildbot_dockerami.fleet.service import Fleet
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -189,7 +192,7 @@ def labelled(metrics: Iterable[Metric], common: Mapping[str, str]) -> list[Metri
     return result
 
 
-def common_labels(fleet: Any) -> dict[str, str]:
+def common_labels(fleet: Fleet) -> dict[str, str]:
     """``{'master': <tag id>}`` under ``c['multiMaster']``; nothing for one master."""
     shared = getattr(fleet, "shared", None)
     config = getattr(getattr(shared, "master", None), "config", None)
@@ -200,7 +203,7 @@ def common_labels(fleet: Any) -> dict[str, str]:
 _STATE_RANK = {"booting": 0, "connected": 1, "building": 2}
 
 
-def instance_states(fleet: Any) -> Counter[str]:
+def instance_states(fleet: Fleet) -> Counter[str]:
     """How many instances this master owns, by state."""
     states: dict[str, str] = {}
     for worker in list(fleet.workers):
@@ -227,7 +230,7 @@ def instance_states(fleet: Any) -> Counter[str]:
 class FleetCollector:
     """A prometheus_client collector over one master's fleet (fleet.Fleet)."""
 
-    def __init__(self, fleet: Any) -> None:
+    def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
 
     def collect(self) -> Iterator[Metric]:

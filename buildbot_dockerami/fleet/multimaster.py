@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from buildbot.data import masters as buildbot_masters
 from buildbot.util import service
@@ -27,8 +27,12 @@ from twisted.python import failure, log
 
 from buildbot_dockerami.cloud import instances
 from buildbot_dockerami.fleet import pools, reconcile_plan, shared_tables
+from buildbot_dockerami.fleet.members import FleetWorker
 from buildbot_dockerami.fleet.shared_tables import MasterRow, Row
 from buildbot_dockerami.fleet.singleflight import SingleFlight
+
+if TYPE_CHECKING:
+    from buildbot_dockerami.fleet.service import Fleet
 
 #: Seconds between two passes: mirror this master's instances, read everyone's.
 SYNC_INTERVAL = 2.0
@@ -90,7 +94,7 @@ def count(rows: Iterable[Row], pool: str) -> PoolCounts:
 # -- this master's view of its own instances ----------------------------------------------
 
 
-def instance_state(workers: list[Any]) -> str:
+def instance_state(workers: list[FleetWorker]) -> str:
     if any(w.busy for w in workers):
         return "building"
     if any(w.conn is not None for w in workers):
@@ -102,7 +106,7 @@ def instance_state(workers: list[Any]) -> str:
     return "launching"
 
 
-def local_rows(fleet: Any) -> dict[str, dict[str, Any]]:
+def local_rows(fleet: Fleet) -> dict[str, dict[str, Any]]:
     """Instance key -> what the rows say of it, for every instance this master has."""
     rows = {}
     for key, workers in pools.instances_in_use(list(fleet.workers)).items():
@@ -123,7 +127,7 @@ class Coordinator:
     """This master's part in the shared fleet: the pass every SYNC_INTERVAL, slot
     claims before launches, and the reclaiming of dead masters' instances."""
 
-    def __init__(self, fleet: Any, master: Any) -> None:
+    def __init__(self, fleet: Fleet, master: Any) -> None:
         self.fleet = fleet
         self.master = master
         self.rows: list[Row] = []
@@ -180,7 +184,7 @@ class Coordinator:
             self._tables = True
 
     @defer.inlineCallbacks
-    def reserve(self, worker: Any) -> Any:
+    def reserve(self, worker: FleetWorker) -> Any:
         """Whether ``worker`` may have an instance: it has one, or a slot of its pool
         was free below the cap and is now claimed for it in the shared database."""
         if worker.pool is None:
@@ -201,7 +205,7 @@ class Coordinator:
         return ok
 
     @defer.inlineCallbacks
-    def claim(self, worker: Any) -> Any:
+    def claim(self, worker: FleetWorker) -> Any:
         """Right before RunInstances: hold (or refresh) the worker's slot, straight from
         the database, whatever the counts in memory say."""
         if self.masterid is None:

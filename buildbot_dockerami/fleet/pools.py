@@ -2,7 +2,8 @@
 
 A pool is the workers of one ``worker_pool`` (their ``pool`` setting). Operators set
 its limits from the Fleet page; they are kept in the master's database, so they
-survive a restart. Decisions are in instances.py; this module counts and acts.
+survive a restart. The decisions are the pure functions ``may_launch_one`` and
+``warm_shortfall``; the rest counts and acts.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from buildbot.worker.latent import States
 from twisted.internet import defer, task
 from twisted.python import log
 
-from buildbot_dockerami.cloud import instances
+from buildbot_dockerami.fleet.members import FleetWorker
+
+if TYPE_CHECKING:
+    from buildbot_dockerami.fleet.service import Fleet
 
 #: How often warm capacity is checked and topped up.
 KEEPER_INTERVAL = 2.0
@@ -33,21 +36,34 @@ class PoolLimits:
 RESERVATION_SECONDS = 30.0
 
 
-def instance_key(worker: Any) -> str:
+def may_launch_one(instances_in_use: int, cap: int | None) -> bool:
+    """Whether a pool may start one more instance."""
+    return cap is None or instances_in_use < cap
+
+
+def warm_shortfall(idle: int, starting: int, in_use: int, min_warm: int,
+                   cap: int | None) -> int:
+    """How many instances to pre-warm so that ``min_warm`` are idle and ready, without
+    passing the cap. Instances already starting count as on their way."""
+    wanted = max(0, min_warm - idle - starting)
+    room = wanted if cap is None else max(0, cap - in_use)
+    return min(wanted, room)
+
+
+def instance_key(worker: FleetWorker) -> str:
     """The instance a worker runs on: its group's for slots, its own otherwise."""
     return worker.group.name if worker.group is not None else worker.name
 
 
-def _active(worker: Any) -> bool:
-    return (worker.busy or worker.instance is not None
-            or worker.state != States.NOT_SUBSTANTIATED)
+def _active(worker: FleetWorker) -> bool:
+    return worker.active
 
 
-def members(fleet: Any, pool: str) -> list[Any]:
+def members(fleet: Fleet, pool: str) -> list[FleetWorker]:
     return sorted((w for w in list(fleet.workers) if w.pool == pool), key=lambda w: w.name)
 
 
-def instances_in_use(workers: Iterable[Any]) -> dict[str, list[Any]]:
+def instances_in_use(workers: Iterable[FleetWorker]) -> dict[str, list[Any]]:
     """Instance key -> its workers, for every instance running or on its way."""
     keys: dict[str, list[Any]] = {}
     for worker in workers:
@@ -96,7 +112,7 @@ class InUse:
             del reserved[key]
         return reserved
 
-    def note(self, worker: Any) -> None:
+    def note(self, worker: FleetWorker) -> None:
         """The worker's state, instance, builds, pool or group may have changed."""
         self._uncount(worker)
         if worker.pool is None:
@@ -111,7 +127,7 @@ class InUse:
             self._active[slot] += 1
         self._refresh(slot)
 
-    def forget(self, worker: Any) -> None:
+    def forget(self, worker: FleetWorker) -> None:
         self._uncount(worker)
 
     def group_changed(self, group: Any) -> None:
@@ -119,7 +135,7 @@ class InUse:
         for slot in [s for s, g in self._groups.items() if g is group]:
             self._refresh(slot)
 
-    def resync(self, workers: Iterable[Any]) -> None:
+    def resync(self, workers: Iterable[FleetWorker]) -> None:
         self._counted.clear()
         self._active.clear()
         self._members.clear()
@@ -137,7 +153,7 @@ class InUse:
     def uses(self, pool: str, key: str, now: float) -> bool:
         return key in self._in_use.get(pool, ()) or key in self._lapse(pool, now)
 
-    def _uncount(self, worker: Any) -> None:
+    def _uncount(self, worker: FleetWorker) -> None:
         old = self._counted.pop(worker, None)
         if old is not None:
             pool, key, active = old
@@ -159,7 +175,7 @@ class InUse:
             keys.discard(slot[1])
 
 
-def may_launch(worker: Any) -> bool:
+def may_launch(worker: FleetWorker) -> bool:
     """False when starting this worker would need a new instance beyond its pool's cap,
     counting every master's instances (as last read from the shared database). On one
     master O(1): answered from the fleet's InUse index."""
@@ -177,15 +193,15 @@ def may_launch(worker: Any) -> bool:
     count = in_use.count(worker.pool, now)
     if shared is not None:
         count = max(count, shared.counts(worker.pool).in_use)
-    return instances.may_launch(count, limits.cap)
+    return may_launch_one(count, limits.cap)
 
 
-def capped(pool: str | None, fleet: Any) -> bool:
+def capped(pool: str | None, fleet: Fleet) -> bool:
     """Whether a cap may be holding builds of this pool back (so a release matters)."""
     return pool is not None and fleet.pool_limits.get(pool, PoolLimits()).cap is not None
 
 
-def reserve(worker: Any, holder: Any = None) -> defer.Deferred:
+def reserve(worker: FleetWorker, holder: Any = None) -> defer.Deferred:
     """Whether the worker may have an instance, its pool's slot claimed in the shared
     database if it needs a new one (multimaster.Coordinator.reserve); on one master,
     held in the InUse index until the worker starts (``holder``: the builder asking)."""
@@ -205,7 +221,7 @@ def reserve(worker: Any, holder: Any = None) -> defer.Deferred:
     return defer.succeed(True)
 
 
-def claim_for_launch(worker: Any) -> defer.Deferred:
+def claim_for_launch(worker: FleetWorker) -> defer.Deferred:
     """Right before RunInstances: the slot must be held (reserve took it)."""
     shared = getattr(worker.fleet, "shared", None)
     if shared is None or worker.pool is None:
@@ -213,7 +229,7 @@ def claim_for_launch(worker: Any) -> defer.Deferred:
     return shared.claim(worker)
 
 
-def _counts(fleet: Any, pool: str) -> tuple[int, int, int]:
+def _counts(fleet: Fleet, pool: str) -> tuple[int, int, int]:
     """(instances, idle, starting) of the pool on every master."""
     shared = getattr(fleet, "shared", None)
     if shared is not None:
@@ -224,14 +240,14 @@ def _counts(fleet: Any, pool: str) -> tuple[int, int, int]:
     return len(in_use), idle_count(in_use), starting
 
 
-def pool_status(fleet: Any, pool: str) -> dict[str, Any]:
+def pool_status(fleet: Fleet, pool: str) -> dict[str, Any]:
     """The pool's limits and its instances on every master."""
     limits = fleet.pool_limits.get(pool, PoolLimits())
     instances, idle, _ = _counts(fleet, pool)
     return {**asdict(limits), "instances": instances, "idle": idle}
 
 
-def _idle(workers: list[Any]) -> bool:
+def _idle(workers: list[FleetWorker]) -> bool:
     return not any(w.busy for w in workers) and any(w.conn is not None for w in workers)
 
 
@@ -243,7 +259,7 @@ def idle_count(in_use: dict[str, list[Any]]) -> int:
 class PoolKeeper:
     """Tops pools up to their warm minimum by pre-warming workers, within the cap."""
 
-    def __init__(self, fleet: Any) -> None:
+    def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
         self._loop = task.LoopingCall(self.tick)
         self._loop.clock = fleet.reactor
@@ -266,7 +282,7 @@ class PoolKeeper:
             workers = members(self.fleet, pool)
             in_use = instances_in_use(workers)
             instances, idle, starting = _counts(self.fleet, pool)
-            wanted = instances.warm_shortfall(idle, starting, instances, limits.min_warm,
+            wanted = warm_shortfall(idle, starting, instances, limits.min_warm,
                                            limits.cap)
             spare = [w for w in workers if instance_key(w) not in in_use
                      and (shared is None or instance_key(w) not in shared.pending)]
@@ -280,7 +296,7 @@ class PoolKeeper:
                 if worker.prewarm():
                     wanted -= 1
 
-    def keeps_warm(self, worker: Any) -> bool:
+    def keeps_warm(self, worker: FleetWorker) -> bool:
         """Whether ending this idle worker's instance would drop its pool below minimum."""
         if worker.pool is None:
             return False

@@ -7,7 +7,7 @@ after every other service, so the workers' last terminations still have its EC2 
 and retries. It holds the EC2 clients, the batched boot monitor (monitor.py), reliable
 termination (termination.py), the reconciler loop (reconciler.py), the shared instances
 of slot workers (shared_instance.py), pool counts and warm pools, and the fleet-wide
-settings (``FleetSettings``, settings.py).
+settings (``FleetSettings``, worker/fleet_settings.py).
 
 The workers are what it serves, seen through ``FleetWorker`` (members.py); it never
 imports buildbot's worker or process modules.

@@ -3,7 +3,7 @@ fails on a list retried in the background, so that no instance is forgotten runn
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -22,6 +22,16 @@ STOPPING_ATTEMPTS = 2
 #: Ended instances remembered (a few hundred bytes each), so that a worker reconnecting
 #: from one while EC2 shuts it down is refused without asking EC2 about it.
 ENDED_MEMORY = 1000
+
+
+def retry_delays(
+    first: float = 1.0, factor: float = 2.0, cap: float = 30.0, attempts: int = 6
+) -> Iterator[float]:
+    """Delays between attempts of a call that must eventually succeed (terminate)."""
+    delay = first
+    for _ in range(attempts - 1):
+        yield delay
+        delay = min(delay * factor, cap)
 
 
 def _is_not_found(error: BaseException) -> bool:
@@ -85,7 +95,7 @@ class Terminator:
     @defer.inlineCallbacks
     def _terminate(self, client: AsyncEc2, instance_id: str) -> Any:
         self._monitor.unwatch(instance_id)
-        delays = instances.retry_delays(attempts=STOPPING_ATTEMPTS if self._stopping() else 6)
+        delays = retry_delays(attempts=STOPPING_ATTEMPTS if self._stopping() else 6)
         while True:
             try:
                 states = yield client.terminate([instance_id])

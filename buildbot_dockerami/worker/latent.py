@@ -38,7 +38,7 @@ from buildbot_dockerami.config.checks import (
     rendered_problems,
 )
 from buildbot_dockerami.config.model import FLEET_WIDE, WorkerSettings
-from buildbot_dockerami.fleet import fallback, pools, reconcile_plan, stopped_pool
+from buildbot_dockerami.fleet import boot, fallback, pools, reconcile_plan, stopped_pool
 from buildbot_dockerami.fleet.launch import LaunchedInstance, Launcher, LaunchFailed
 from buildbot_dockerami.fleet.service import Fleet
 from buildbot_dockerami.fleet.shared_instance import InstanceGroup
@@ -75,7 +75,7 @@ def pb_port(port_setting: Any) -> int | None:
 
 
 def default_master_address(protocols: dict[str, Any]) -> str | None:
-    """This host (its EC2 private IPv4 or FQDN, see address.py) and the master's PB port:
+    """This host (its EC2 private IPv4 or FQDN, see cloud/address.py) and the master's PB port:
     where instances connect by default."""
     port = pb_port(protocols.get("pb", {}).get("port"))
     return None if port is None else f"{address.default_host()}:{port}"
@@ -131,7 +131,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     #: (a class attribute: methods still see the ``secrets`` module).
     secrets = ["identifier", "secret_identifier"]
     credentials: Credentials | None = None
-    #: A container slot's one-time passwords (container_passwords.py), with a fresh password.
+    #: A container slot's one-time passwords (protocol/passwords.py), with a fresh password.
     one_time: OneTimeCredentials | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -436,7 +436,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             self._on_connect = None
         if self.conn is not None or self.instance is not instance:
             return (True, "")  # connected (or gone) meanwhile: not a booting instance now
-        ok, reason = instances.boot_verdict(
+        ok, reason = boot.boot_verdict(
             status, monitor.seconds_since_watch(instance.instance_id))
         if status is not None and status.state == "running":
             self.timeline.setdefault("running", self.master.reactor.seconds())
@@ -445,7 +445,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             # The boot's last words (e.g. the bootstrap's "cannot pull image") say why.
             output = yield self._console_output(instance)
             self._failed_console = output  # logged in full by stop_instance, not fetched again
-            last = instances.last_console_words(output or "")
+            last = boot.last_console_words(output or "")
             if last:
                 reason += f"; console: {last}"
                 self.last_failure = reason
@@ -607,6 +607,12 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     @property
     def busy(self) -> bool:
         return bool(self.building)
+
+    @property
+    def active(self) -> bool:
+        """FleetWorker.active: counts against its pool's cap."""
+        return (self.busy or self.instance is not None
+                or self.state != States.NOT_SUBSTANTIATED)
 
     def arm(self) -> None:
         """Expect this slot's next fresh container: substantiate without a build, as
