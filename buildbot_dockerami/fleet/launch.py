@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from botocore.exceptions import ClientError
@@ -24,9 +24,68 @@ from buildbot_dockerami.cloud import instances
 from buildbot_dockerami.cloud.ec2 import AsyncEc2, CloudError, LaunchSpec
 from buildbot_dockerami.fleet import fallback, stopped_pool
 from buildbot_dockerami.fleet.metrics import Metrics
+from buildbot_dockerami.protocol import tls, userdata
+from buildbot_dockerami.protocol.passwords import SECRET_KEY
+from buildbot_dockerami.protocol.userdata import UserData
 
 #: How many times (2 s apart) a start waits for a stopping instance to be stopped.
 STOPPED_WAIT_CHECKS = 45
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One worker an instance serves: its name, the password it connects with, and for
+    a container slot the secret its one-time passwords derive from
+    (protocol/passwords.py)."""
+
+    name: str
+    password: str = field(repr=False)
+    secret: str | None = field(default=None, repr=False)
+
+
+def slot_user_data(slots: Sequence[Slot], master: str, values: Mapping[str, Any], *,
+                   isolated: bool, tls_fingerprint: str | None) -> str:
+    """The user data of an instance serving ``slots`` (the first on line 1, the others
+    on extension lines), for the rendered per-build ``values``; raises UserDataError."""
+    extensions: dict[str, str] = {}
+    if isolated:
+        extensions["isolation"] = "container"
+        if len(slots) > 1:
+            extensions["slots"] = str(len(slots))
+            for number, slot in enumerate(slots[1:], start=1):
+                extensions[f"slot.{number}"] = f"{slot.name} {slot.password}"
+        for number, slot in enumerate(slots):
+            if slot.secret is not None:
+                extensions[SECRET_KEY.format(slot=number)] = slot.secret
+    if tls_fingerprint is not None:
+        extensions[tls.EXTENSION] = tls.normalize_fingerprint(tls_fingerprint)
+    return userdata.render(UserData(
+        worker_name=slots[0].name, password=slots[0].password, master=master,
+        image=values["image"], setup_repo=values["setup_repo"],
+        setup_branch=values["setup_branch"], extensions=extensions,
+    ))
+
+
+LAUNCH_SETTINGS = ("subnet_id", "market", "security_group_ids", "keypair_name",
+                   "instance_profile", "tags", "block_device_mappings", "metadata_options")
+
+
+def launch_key(values: Mapping[str, Any], ami: str, settings: Any) -> str:
+    """stopped_pool.launch_key of what an instance is launched with: the rendered values,
+    the AMI and the worker's LAUNCH_SETTINGS (read from ``settings``)."""
+    return stopped_pool.launch_key({
+        **values, "ami": ami, **{name: getattr(settings, name) for name in LAUNCH_SETTINGS}})
+
+
+def launch_spec(ami: str, user_data: str, settings: Any) -> LaunchSpec:
+    """What every capacity option of one launch shares (fallback sets the rest)."""
+    return LaunchSpec(
+        ami=ami, instance_type="", user_data=user_data, tags=settings.tags,
+        security_group_ids=settings.security_group_ids, keypair_name=settings.keypair_name,
+        instance_profile=settings.instance_profile,
+        block_device_mappings=settings.block_device_mappings,
+        metadata_options=settings.metadata_options,
+    )
 
 
 class LaunchFailed(Exception):

@@ -29,7 +29,7 @@ from twisted.spread import pb
 
 from buildbot_dockerami import patches
 from buildbot_dockerami.cloud import address, instances
-from buildbot_dockerami.cloud.ec2 import Credentials, LaunchSpec
+from buildbot_dockerami.cloud.ec2 import Credentials
 from buildbot_dockerami.config import validators
 from buildbot_dockerami.config.checks import (
     accepted_keywords,
@@ -38,13 +38,21 @@ from buildbot_dockerami.config.checks import (
     rendered_problems,
 )
 from buildbot_dockerami.config.model import FLEET_WIDE, WorkerSettings
-from buildbot_dockerami.fleet import boot, fallback, pools, reconcile_plan, stopped_pool
-from buildbot_dockerami.fleet.launch import LaunchedInstance, Launcher, LaunchFailed
+from buildbot_dockerami.fleet import boot, fallback, pools, reconcile_plan
+from buildbot_dockerami.fleet.launch import (
+    LaunchedInstance,
+    Launcher,
+    LaunchFailed,
+    Slot,
+    launch_key,
+    launch_spec,
+    slot_user_data,
+)
 from buildbot_dockerami.fleet.service import Fleet
 from buildbot_dockerami.fleet.shared_instance import InstanceGroup
-from buildbot_dockerami.protocol import imageready, tls, userdata
-from buildbot_dockerami.protocol.passwords import SECRET_KEY, OneTimeCredentials
-from buildbot_dockerami.protocol.userdata import UserData, UserDataError
+from buildbot_dockerami.protocol import imageready, userdata
+from buildbot_dockerami.protocol.passwords import OneTimeCredentials
+from buildbot_dockerami.protocol.userdata import UserDataError
 from buildbot_dockerami.worker import on_request
 
 DEFAULT_BUILD_WAIT_TIMEOUT = 10 * 60
@@ -337,60 +345,30 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         if ami is None:
             ami = yield client.newest_image(self.ami_filters, self.ami_owners)
         members = [group.members[n] for n in sorted(group.members)] if group else [self]
-        credentials = []
+        slots = []
         for member in members:
-            credentials.append((member.name, (yield member.renew_password(group is not None))))
-        extensions: dict[str, str] = {}
-        if group is not None:
-            extensions["isolation"] = "container"
-            if len(credentials) > 1:
-                extensions["slots"] = str(len(credentials))
-                for slot, (name, password) in enumerate(credentials[1:], start=1):
-                    extensions[f"slot.{slot}"] = f"{name} {password}"
-            for slot, member in enumerate(members):
-                if member.one_time is not None:
-                    extensions[SECRET_KEY.format(slot=slot)] = member.one_time.secret
-        if self.master_tls_fingerprint is not None:
-            extensions[tls.EXTENSION] = tls.normalize_fingerprint(self.master_tls_fingerprint)
+            password = yield member.renew_password(group is not None)
+            slots.append(Slot(member.name, password,
+                              member.one_time.secret if member.one_time else None))
         try:
-            text = userdata.render(
-                UserData(
-                    worker_name=credentials[0][0],
-                    password=credentials[0][1],
-                    master=self._connect_address(),
-                    image=values["image"],
-                    setup_repo=values["setup_repo"],
-                    setup_branch=values["setup_branch"],
-                    extensions=extensions,
-                )
-            )
+            text = slot_user_data(slots, self._connect_address(), values,
+                                  isolated=group is not None,
+                                  tls_fingerprint=self.master_tls_fingerprint)
         except UserDataError as e:
             self._count_failure("invalid_setting", str(e))
             raise LatentWorkerCannotSubstantiate(self.name, str(e)) from e
         owner = group.name if group is not None else self.name
-        key = stopped_pool.launch_key({
-            **values, "ami": ami, "subnet_id": self.subnet_id, "market": self.market,
-            "security_group_ids": self.security_group_ids, "keypair_name": self.keypair_name,
-            "instance_profile": self.instance_profile, "tags": self.tags,
-            "block_device_mappings": self.block_device_mappings,
-            "metadata_options": self.metadata_options,
-        })
+        key = launch_key(values, ami, self)
         if not (yield pools.claim_for_launch(self)):
             message = f"pool {self.pool} is at its cap on all masters"
             self._count_failure("pool_cap", message)
             raise LatentWorkerFailedToSubstantiate(self.name, message)
-        spec = LaunchSpec(
-            ami=ami, instance_type="", user_data=text, tags=self.tags,
-            security_group_ids=self.security_group_ids, keypair_name=self.keypair_name,
-            instance_profile=self.instance_profile,
-            block_device_mappings=self.block_device_mappings,
-            metadata_options=self.metadata_options,
-        )
+        spec = launch_spec(ami, text, self)
         try:
             instance = yield self._launcher(owner).launch(
                 client, spec, fallback.options(values["instance_type"], self.subnet_id,
                                                self.market),
-                image=values["image"], key=key, serves=[n for n, _ in credentials],
+                image=values["image"], key=key, serves=[slot.name for slot in slots],
                 reuse=group is None)
         except LaunchFailed as e:
             self._count_failure(e.reason, e.message)
