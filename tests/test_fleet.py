@@ -1,4 +1,4 @@
-"""The fleet's batching and termination logic, with a fake EC2 client and a fake clock."""
+"""The fleet's batching and termination logic, on the in-memory FakeEc2 and a fake clock."""
 
 from __future__ import annotations
 
@@ -9,41 +9,24 @@ import pytest
 from botocore.exceptions import ClientError
 from twisted.internet import defer, task
 
-from buildbot_dockerami.cloud.ec2 import CloudError
-from buildbot_dockerami.cloud.instances import InstanceStatus
+from buildbot_dockerami.cloud.ec2 import AsyncEc2, CloudError, LaunchSpec
+from buildbot_dockerami.cloud.testing import FakeEc2, InlineThreads
 from buildbot_dockerami.fleet import service as fleet_module
 from buildbot_dockerami.fleet import termination
 from buildbot_dockerami.fleet.monitor import StateMonitor
 from buildbot_dockerami.fleet.service import Fleet
 from tests.fleet_reactor import ThreadedReactor
 
+SPEC = LaunchSpec(ami="ami-1", instance_type="t3.micro",
+                  user_data="w0 pw 127.0.0.1:9989\nimg", tags={"team": "ci"})
 
-class FakeEc2:
-    def __init__(self) -> None:
-        self.describes: list[list[str]] = []
-        self.terminates = 0
-        self.pending: list[defer.Deferred] = []
-        self.hold = False
-        self.states: dict[str, str] = {}
-        self.terminate_failures = 0
 
-    def describe(self, ids: list[str]) -> defer.Deferred:
-        self.describes.append(list(ids))
-        result = {i: InstanceStatus(i, self.states.get(i, "pending")) for i in ids}
-        if self.hold:
-            d: defer.Deferred = defer.Deferred()
-            self.pending.append(d)
-            d.addCallback(lambda _: result)
-            return d
-        return defer.succeed(result)
-
-    def terminate(self, ids: list[str]) -> defer.Deferred:
-        self.terminates += 1
-        if self.terminate_failures:
-            self.terminate_failures -= 1
-            return defer.fail(ClientError({"Error": {"Code": "RequestLimitExceeded",
-                                                     "Message": "slow down"}}, "Terminate"))
-        return defer.succeed(dict.fromkeys(ids, "shutting-down"))
+def ec2_with(count: int) -> tuple[FakeEc2, InlineThreads, AsyncEc2, list[str]]:
+    """A FakeEc2 holding ``count`` instances, and an AsyncEc2 over it that answers at
+    once (or, for what ``InlineThreads.hold`` names, when the test says)."""
+    fake, threads = FakeEc2(), InlineThreads()
+    ids = [fake.run_instance(SPEC).instance_id for _ in range(count)]
+    return fake, threads, threads.client(fake), ids
 
 
 def results(d: defer.Deferred) -> Any:
@@ -55,46 +38,42 @@ def results(d: defer.Deferred) -> Any:
 
 def test_many_instances_one_describe_per_interval() -> None:
     clock = task.Clock()
-    monitor, ec2 = StateMonitor(clock=clock.seconds), FakeEc2()
-    ids = [f"i-{n}" for n in range(20)]
+    monitor = StateMonitor(clock=clock.seconds)
+    fake, _, ec2, ids = ec2_with(20)
     for iid in ids:
-        monitor.watch(ec2, iid)  # type: ignore[arg-type]
+        monitor.watch(ec2, iid)
     for step in range(3):
         for iid in ids:
             clock.advance(0.01)
-            assert results(monitor.status(iid, max_age=0.8)).state == "pending"
+            assert results(monitor.status(iid, max_age=0.8)).state == "running"
         clock.advance(1)
-        assert len(ec2.describes) == step + 1
-    assert sorted(ec2.describes[0]) == sorted(ids)
+        assert fake.count("DescribeInstances") == step + 1
+    assert sorted(fake.requests("DescribeInstances")[0]) == sorted(ids)
 
 
 def test_concurrent_askers_share_the_call_in_flight() -> None:
     clock = task.Clock()
-    monitor, ec2 = StateMonitor(clock=clock.seconds), FakeEc2()
-    ec2.hold = True
-    for iid in ("i-a", "i-b", "i-c"):
-        monitor.watch(ec2, iid)  # type: ignore[arg-type]
-    waiting = [monitor.status(iid, 0.5) for iid in ("i-a", "i-b", "i-c")]
-    assert len(ec2.describes) == 1
-    ec2.states["i-b"] = "terminated"
-    ec2.pending.pop().callback(None)
-    assert [results(d).state for d in waiting] == ["pending", "pending", "pending"]
+    monitor = StateMonitor(clock=clock.seconds)
+    fake, threads, ec2, ids = ec2_with(3)
+    threads.hold("DescribeInstances")
+    for iid in ids:
+        monitor.watch(ec2, iid)
+    waiting = [monitor.status(iid, 0.5) for iid in ids]
+    assert fake.count("DescribeInstances") == 1
+    fake.terminated_elsewhere([ids[1]])  # after the call: its answer does not say so
+    assert threads.release("DescribeInstances") == 1
+    assert [results(d).state for d in waiting] == ["running", "running", "running"]
 
 
 def test_failed_poll_is_not_cached() -> None:
     clock = task.Clock()
     monitor = StateMonitor(clock=clock.seconds)
-
-    class Failing(FakeEc2):
-        def describe(self, ids: list[str]) -> defer.Deferred:
-            self.describes.append(ids)
-            return defer.fail(RuntimeError("boom"))
-
-    ec2 = Failing()
-    monitor.watch(ec2, "i-a")  # type: ignore[arg-type]
-    assert isinstance(results(monitor.status("i-a", 10)).value, RuntimeError)
-    results(monitor.status("i-a", 10))
-    assert len(ec2.describes) == 2
+    fake, _, ec2, (iid,) = ec2_with(1)
+    fake.inject("DescribeInstances", "InternalError", "boom", count=2, status=500)
+    monitor.watch(ec2, iid)
+    assert isinstance(results(monitor.status(iid, 10)).value, ClientError)
+    results(monitor.status(iid, 10))
+    assert fake.count("DescribeInstances") == 2
 
 
 def test_unwatched_instance_has_no_status() -> None:
@@ -104,27 +83,29 @@ def test_unwatched_instance_has_no_status() -> None:
 
 def test_terminate_retries_then_confirms() -> None:
     clock = task.Clock()
-    fleet, ec2 = Fleet(clock, "host:/basedir"), FakeEc2()
-    ec2.terminate_failures = 2
-    d = fleet.terminate(ec2, "i-1")  # type: ignore[arg-type]
+    fleet = Fleet(clock, "host:/basedir")
+    fake, _, ec2, (iid,) = ec2_with(1)
+    fake.inject("TerminateInstances", "RequestLimitExceeded", "slow down", count=2, status=503)
+    d = fleet.terminate(ec2, iid)
     clock.advance(1)
     clock.advance(2)
     assert results(d) == "shutting-down"
-    assert ec2.terminates == 3
+    assert fake.count("TerminateInstances") == 3
     assert fleet.undead == []
 
 
 def test_terminate_that_keeps_failing_is_reported_and_retried_in_background() -> None:
     clock = task.Clock()
-    fleet, ec2 = Fleet(clock, "host:/basedir"), FakeEc2()
-    ec2.terminate_failures = 100
-    d = fleet.terminate(ec2, "i-1")  # type: ignore[arg-type]
+    fleet = Fleet(clock, "host:/basedir")
+    fake, _, ec2, (iid,) = ec2_with(1)
+    fake.throttle("TerminateInstances", count=100)
+    d = fleet.terminate(ec2, iid)
     for _ in range(10):
         clock.advance(30)
     failure = results(d)
-    assert isinstance(failure.value, CloudError) and "i-1" in str(failure.value)
-    assert fleet.undead == ["i-1"]
-    ec2.terminate_failures = 0
+    assert isinstance(failure.value, CloudError) and iid in str(failure.value)
+    assert fleet.undead == [iid]
+    fake.clear()
     clock.advance(60)
     assert fleet.undead == []
 
@@ -132,47 +113,49 @@ def test_terminate_that_keeps_failing_is_reported_and_retried_in_background() ->
 @pytest.mark.parametrize("code", ["InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"])
 def test_terminate_of_an_unknown_instance_is_done(code: str) -> None:
     fleet = Fleet(task.Clock(), "host:/b")
-
-    class Gone(FakeEc2):
-        def terminate(self, ids: list[str]) -> defer.Deferred:
-            return defer.fail(ClientError({"Error": {"Code": code, "Message": "x"}}, "T"))
-
-    assert results(fleet.terminate(Gone(), "i-1")) == "terminated"  # type: ignore[arg-type]
+    fake, _, ec2, _ = ec2_with(0)
+    if code != "InvalidInstanceID.NotFound":  # what moto (and so the fake) says of "i-1"
+        fake.inject("TerminateInstances", code, "x")
+    assert results(fleet.terminate(ec2, "i-1")) == "terminated"
+    assert fake.count("TerminateInstances") == 1
 
 
 def test_concurrent_terminations_of_one_instance_share_one_call_and_its_failure():
     clock = task.Clock()
-    fleet, ec2 = Fleet(clock, "host:/basedir"), FakeEc2()
-    ec2.terminate_failures = 100
-    first, second = fleet.terminate(ec2, "i-1"), fleet.terminate(ec2, "i-1")
-    assert fleet.in_progress("i-1")
-    assert ec2.terminates == 1, "the second caller must wait for the first termination"
+    fleet = Fleet(clock, "host:/basedir")
+    fake, _, ec2, (iid,) = ec2_with(1)
+    fake.throttle("TerminateInstances", count=100)
+    first, second = fleet.terminate(ec2, iid), fleet.terminate(ec2, iid)
+    assert fleet.in_progress(iid)
+    assert fake.count("TerminateInstances") == 1, (
+        "the second caller must wait for the first termination")
     for _ in range(10):
         clock.advance(60)
     for d in (first, second):  # both callers see the failure (and handle it)
         assert results(d).check(CloudError)
-    assert fleet.in_progress("i-1")  # kept on the background retry list
-    ec2.terminate_failures = 0
+    assert fleet.in_progress(iid)  # kept on the background retry list
+    fake.clear()
     clock.advance(60)
-    assert not fleet.in_progress("i-1")
+    assert not fleet.in_progress(iid)
 
 
 def test_an_ended_instance_is_remembered_and_the_memory_is_bounded(monkeypatch):
     """A worker reconnecting from an instance this master ended needs no EC2 call."""
     monkeypatch.setattr(termination, "ENDED_MEMORY", 3)
     clock = task.Clock()
-    fleet, ec2 = Fleet(clock, "host:/basedir"), FakeEc2()
-    assert not fleet.ending_or_ended("i-1")
-    ec2.terminate_failures = 1
-    d = fleet.terminate(ec2, "i-1")
-    assert fleet.ending_or_ended("i-1")  # in progress
+    fleet = Fleet(clock, "host:/basedir")
+    fake, _, ec2, ids = ec2_with(4)
+    assert not fleet.ending_or_ended(ids[0])
+    fake.throttle("TerminateInstances")
+    d = fleet.terminate(ec2, ids[0])
+    assert fleet.ending_or_ended(ids[0])  # in progress
     clock.advance(60)
     assert results(d) == "shutting-down"
-    assert fleet.ending_or_ended("i-1") and not fleet.in_progress("i-1")
-    for n in range(2, 5):
-        results(fleet.terminate(ec2, f"i-{n}"))
-    assert not fleet.ending_or_ended("i-1")  # the oldest is forgotten
-    assert all(fleet.ending_or_ended(f"i-{n}") for n in range(2, 5))
+    assert fleet.ending_or_ended(ids[0]) and not fleet.in_progress(ids[0])
+    for iid in ids[1:]:
+        results(fleet.terminate(ec2, iid))
+    assert not fleet.ending_or_ended(ids[0])  # the oldest is forgotten
+    assert all(fleet.ending_or_ended(iid) for iid in ids[1:])
 
 
 def test_callers_arriving_while_the_client_is_built_share_it(monkeypatch) -> None:

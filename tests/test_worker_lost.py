@@ -1,6 +1,6 @@
 """One lost instance, one record: the reconciler (instance_lost) and a lost connection
 (_why_lost) may both report it, in either order, and every slot of a shared instance
-hears of it. Real workers and Fleet, a stand-in master and EC2 client, a fake clock;
+hears of it. Real workers and Fleet, a stand-in master, the in-memory FakeEc2, a fake clock;
 test_faults.py makes both reports race on a real master and the local cloud."""
 
 from __future__ import annotations
@@ -12,32 +12,12 @@ import pytest
 from buildbot.worker.latent import States
 from twisted.internet import defer, task
 
+from buildbot_dockerami.cloud.ec2 import LaunchSpec
 from buildbot_dockerami.cloud.instances import InstanceStatus
+from buildbot_dockerami.cloud.testing import FakeEc2, InlineThreads
 from buildbot_dockerami.fleet.launch import LaunchedInstance
 from buildbot_dockerami.fleet.service import Fleet
 from buildbot_dockerami.worker.latent import DockerAMILatentWorker
-
-LOST = InstanceStatus("i-1", "terminated", "Client.UserInitiatedShutdown: User initiated")
-REASON = "instance i-1 terminated: Client.UserInitiatedShutdown: User initiated"
-
-
-class SlowEc2:
-    """DescribeInstances answers only when the test says (``answer``)."""
-
-    def __init__(self) -> None:
-        self.pending: list[defer.Deferred] = []
-        self.terminated: list[str] = []
-
-    def describe(self, ids: list[str]) -> defer.Deferred:
-        self.pending.append(defer.Deferred())
-        return self.pending[-1]
-
-    def answer(self, status: InstanceStatus) -> None:
-        self.pending.pop(0).callback({status.instance_id: status})
-
-    def terminate(self, ids: list[str]) -> defer.Deferred:
-        self.terminated += ids
-        return defer.succeed(dict.fromkeys(ids, "terminated"))
 
 
 @pytest.fixture
@@ -76,38 +56,74 @@ def lost_count(fleet: Fleet) -> float:
 
 
 @pytest.fixture
-def client() -> SlowEc2:
-    return SlowEc2()
+def fake() -> FakeEc2:
+    return FakeEc2()
 
 
 @pytest.fixture
-def instance(client: SlowEc2) -> LaunchedInstance:
-    return LaunchedInstance(client, "i-1", "t3.micro", "org/img:1", "ami-12345678")
+def threads() -> InlineThreads:
+    """DescribeInstances answers only when the test says (``release``)."""
+    threads = InlineThreads()
+    threads.hold("DescribeInstances")
+    return threads
 
 
-def test_the_reconciler_first_then_the_lost_connections_answer(fleet, client, instance):
+def launched(fake: FakeEc2, threads: InlineThreads,
+             market: str = "on-demand") -> LaunchedInstance:
+    spec = LaunchSpec(ami="ami-12345678", instance_type="t3.micro",
+                      user_data="w0 pw 127.0.0.1:9989\norg/img:1", tags={"team": "ci"},
+                      market=market)
+    return LaunchedInstance(threads.client(fake), fake.run_instance(spec).instance_id,
+                            "t3.micro", "org/img:1", "ami-12345678", market=market)
+
+
+@pytest.fixture
+def instance(fake: FakeEc2, threads: InlineThreads) -> LaunchedInstance:
+    return launched(fake, threads)
+
+
+def lost(fake: FakeEc2, instance: LaunchedInstance) -> InstanceStatus:
+    """Someone terminates the instance (the console): what EC2 then says of it."""
+    fake.terminated_elsewhere([instance.instance_id])
+    return fake.status(instance.instance_id)
+
+
+def reason(instance: LaunchedInstance) -> str:
+    return (f"instance {instance.instance_id} terminated: "
+            "Client.UserInitiatedShutdown: User initiated shutdown")
+
+
+def terminations(fake: FakeEc2) -> list[str]:
+    """What this master asked to terminate."""
+    return [iid for ids in fake.requests("TerminateInstances") for iid in ids]
+
+
+def test_the_reconciler_first_then_the_lost_connections_answer(fleet, fake, threads, instance):
+    status = lost(fake, instance)
     worker = connected_worker(fleet, "w0", instance)
     why = worker._why_lost(instance)  # the connection dropped; EC2 is slow to answer
-    worker.instance_lost(LOST)
-    assert (lost_count(fleet), worker.last_failure) == (1, REASON)
-    assert released(worker) and client.terminated == ["i-1"]
+    worker.instance_lost(status)
+    assert (lost_count(fleet), worker.last_failure) == (1, reason(instance))
+    assert released(worker) and terminations(fake) == [instance.instance_id]
     # A newer failure stands; the late answer about the old instance changes nothing.
     worker._count_failure("RunInstances:Unsupported", "RunInstances failed: Unsupported")
-    client.answer(LOST)
+    assert threads.release("DescribeInstances", count=1) == 1
     assert succeeded(why) and lost_count(fleet) == 1
     assert worker.last_failure == "RunInstances failed: Unsupported"
 
 
-def test_the_lost_connections_answer_first_then_the_reconciler(fleet, client, instance):
+def test_the_lost_connections_answer_first_then_the_reconciler(fleet, fake, threads, instance):
+    status = lost(fake, instance)
     worker = connected_worker(fleet, "w0", instance)
     why = worker._why_lost(instance)
-    client.answer(LOST)
+    assert threads.release("DescribeInstances", count=1) == 1
     assert succeeded(why) and released(worker)
-    worker.instance_lost(LOST)  # the reconciler's pass, from before the release
-    assert (lost_count(fleet), worker.last_failure) == (1, REASON)
+    worker.instance_lost(status)  # the reconciler's pass, from before the release
+    assert (lost_count(fleet), worker.last_failure) == (1, reason(instance))
 
 
-def test_a_shared_instance_is_counted_once_and_every_slot_says_why(fleet, client, instance):
+def test_a_shared_instance_is_counted_once_and_every_slot_says_why(fleet, fake, instance):
+    status = lost(fake, instance)
     group = fleet.group("g")
     slots = []
     for name in ("g-1", "g-2"):
@@ -117,17 +133,18 @@ def test_a_shared_instance_is_counted_once_and_every_slot_says_why(fleet, client
         slots.append(worker)
     group.instance = instance
     for owner in [*slots, group]:  # as the reconciler tells every owner
-        owner.instance_lost(LOST)
+        owner.instance_lost(status)
     assert lost_count(fleet) == 1
-    assert [w.last_failure for w in slots] == [REASON, REASON]
-    assert all(released(w) for w in slots) and client.terminated == ["i-1"]
+    assert [w.last_failure for w in slots] == [reason(instance), reason(instance)]
+    assert all(released(w) for w in slots) and terminations(fake) == [instance.instance_id]
 
 
-def test_a_spot_reclaim_is_counted_with_its_loss_once(fleet, client, instance):
-    spot = InstanceStatus("i-1", "terminated", "Server.SpotInstanceTermination: Spot")
+def test_a_spot_reclaim_is_counted_with_its_loss_once(fleet, fake, threads):
+    instance = launched(fake, threads, "spot")
+    fake.reclaim_spot(instance.instance_id)
     worker = connected_worker(fleet, "w0", instance)
     why = worker._why_lost(instance)
-    worker.instance_lost(spot)
-    client.answer(spot)
+    worker.instance_lost(fake.status(instance.instance_id))
+    assert threads.release("DescribeInstances", count=1) == 1
     assert succeeded(why) and released(worker)
     assert fleet.metrics.counter("dockerami_spot_interruptions_total") == 1
