@@ -181,9 +181,7 @@ class Fleet(service.SharedService):
             self.shared.stop()
 
     def _stop(self) -> None:
-        self.reconciler.stop()
-        if self.shared is not None:
-            self.shared.stop()
+        """After begin_stopping, once nothing will terminate through the fleet any more."""
         self.terminator.stop()
         if self._pool is not None:
             self._pool.stop()
