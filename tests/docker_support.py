@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
-import time
 from pathlib import Path
 
 import docker
@@ -13,7 +13,8 @@ import pytest
 import requests
 from docker.errors import DockerException, ImageNotFound
 
-from tests.harness import free_port, wait_for
+from buildbot_dockerami.localcloud import LocalCloud
+from tests.harness import BIN, Master, free_port, wait_for
 
 BASE_IMAGE = os.environ.get("DOCKERAMI_BASE_IMAGE", "dockerami/base:bookworm")
 SKIPPED_FOR_DOCKER: list[str] = []
@@ -79,11 +80,23 @@ class Registry:
             self.process.terminate()
             self.process.wait(timeout=20)
             self.process = None
-            time.sleep(0.2)
+            wait_for(lambda: not self.up(), 10, "the registry to stop answering")
 
 
 def container_names(client: docker.DockerClient, prefix: str = "dockerami-") -> list[str]:
     return [c.name for c in client.containers.list(all=True) if c.name.startswith(prefix)]
+
+
+def instance_ids(cloud: LocalCloud) -> list[str]:
+    return [i["InstanceId"] for r in cloud.client().describe_instances()["Reservations"]
+            for i in r["Instances"]]
+
+
+def containers_of(client: docker.DockerClient, ids: list[str]) -> list[str]:
+    """The containers of these instances (one, or one per slot): the engine may also run
+    another test run's."""
+    return sorted(name for name in container_names(client)
+                  if any(name.startswith(f"dockerami-{iid}") for iid in ids))
 
 
 def images_of(client: docker.DockerClient, prefix: str) -> list[str]:
@@ -100,3 +113,36 @@ def remove_repository(client: docker.DockerClient, prefix: str) -> None:
     for tag in tags:
         with contextlib.suppress(ImageNotFound):
             client.images.remove(tag, force=True)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "buildbot-dockerami"), *args], capture_output=True,
+                          text=True, timeout=900, check=False)
+
+
+def only_instance(cloud: LocalCloud) -> dict:
+    (reservation,) = cloud.client().describe_instances()["Reservations"]
+    (instance,) = reservation["Instances"]
+    return instance
+
+
+# Reports what a build can see of earlier builds, then leaves all of that behind. The
+# marker process is found through /proc (no procps in the image); the pattern and the
+# name are spelled so that neither this script nor grep matches itself.
+LEFTOVERS = (
+    "echo container=$(grep -o 'containers/[0-9a-f]*' /proc/self/mountinfo | head -n 1 "
+    "| cut -d/ -f2) instance=$DOCKERAMI_INSTANCE_ID; "
+    "seen() { if [ -e \"$1\" ]; then echo yes; else echo no; fi; }; "
+    "echo leftovers: workspace=$(seen marker-ws) home=$(seen $HOME/marker-home) "
+    "tmp=$(seen /tmp/marker-tmp) process=$(grep -las 'leftover-sleepe[r]' /proc/[0-9]*/cmdline "
+    ">/dev/null && echo yes || echo no); "
+    "touch marker-ws $HOME/marker-home /tmp/marker-tmp; "
+    "m=leftover; setsid nohup sh -c \"sleep 1000 # $m-sleeper\" >/dev/null 2>&1 &"
+)
+
+
+def facts(master: Master, build: dict) -> dict[str, str]:
+    text = master.step_log(build["buildid"])
+    found = dict(re.findall(r"\b(container|instance|workspace|home|tmp|process)=(\S*)", text))
+    assert found.get("container") and found.get("instance"), text
+    return found

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,8 @@ BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
 
 SUCCESS, WARNINGS, FAILURE, SKIPPED, EXCEPTION, RETRY, CANCELLED = range(7)
+#: Where the www plugin serves its API and metrics, under the master's web port.
+PLUGIN_PATH = "/plugins/dockerami"
 
 
 def free_port() -> int:
@@ -37,7 +39,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+        time.sleep(interval)  # polling: what is waited for is the predicate
 
 
 _TEMPLATE_DIR: Path | None = None
@@ -166,6 +168,31 @@ class Master:
         body = response.json()
         return body[next(k for k in body if k != "meta")]
 
+    # -- the plugin's own pages (c['www']['plugins']['dockerami']) -----------------------
+
+    def plugin_url(self, path: str = "api/fleet") -> str:
+        """The URL of the plugin's ``path``: api/fleet, api/control, metrics."""
+        return f"http://127.0.0.1:{self.www_port}{PLUGIN_PATH}/{path}"
+
+    def fleet(self, session: requests.Session | None = None) -> dict:
+        """The Fleet API's answer, as ``session`` (logged in, or anonymous) reads it."""
+        response = (session or requests).get(self.plugin_url("api/fleet"), timeout=20)
+        response.raise_for_status()
+        return response.json()
+
+    def control(self, session: requests.Session | None = None,
+                **body: Any) -> requests.Response:
+        """A Fleet control (prewarm, terminate, terminate_orphan, set_pool), as the page
+        sends it."""
+        return (session or requests).post(self.plugin_url("api/control"), json=body,
+                                          timeout=30)
+
+    def metrics(self, accept: str = "") -> requests.Response:
+        headers = {"Accept": accept} if accept else {}
+        response = requests.get(self.plugin_url("metrics"), headers=headers, timeout=10)
+        response.raise_for_status()
+        return response
+
     def builder_id(self, name: str) -> int:
         return wait_for(lambda: next(
             (b["builderid"] for b in self.get("builders") if b["name"] == name), None
@@ -228,15 +255,7 @@ c['buildbotNetUsageData'] = None
 c['collapseRequests'] = False
 
 COMMON = dict(
-    image={image!r},
-    ami_filters=[{{'Name': 'name', 'Values': ['dockerami-base-*']}}],
-    instance_type={instance_type!r},
-    master_address=os.environ['DOCKERAMI_MASTER_ADDRESS'],
-    tags={{'team': 'ci'}},
-    build_wait_timeout={build_wait_timeout!r},
-    missing_timeout={missing_timeout!r},
-    check_instance_interval={check_interval!r},
-    max_builds=1,
+{settings}
     {worker_extra}
 )
 c['workers'] = {workers_expr}
@@ -262,24 +281,39 @@ c['www']['authz'] = util.Authz(
 """
 
 
-def master_cfg(*, image: str = "localhost/dockerami/worker:test", instance_type: str = "t3.micro",
+def master_cfg(*, image: str = "localhost/dockerami/worker:test", instance_type: Any = "t3.micro",
                build_wait_timeout: float = 2, missing_timeout: float = 120,
                check_interval: float = 1, workers: int = 1,
                command: str = "echo hello from $(hostname)", worker_extra: str = "",
+               settings: Mapping[str, str | None] | None = None,
                pool: str | None = None, plugins: dict | None = None, users: bool = False) -> str:
     """A master.cfg with ``workers`` DockerAMILatentWorkers (or, with ``pool``, the
     workers of ``worker_pool(pool)``, e.g. "'pool', slots=2"); ``worker_extra`` is
     inserted verbatim into the workers' keyword arguments ("isolation='container',").
-    ``plugins`` is c['www']['plugins'] (e.g. {'dockerami': {}}); ``users`` adds USERS_AUTHZ."""
+    ``settings`` gives worker settings as Python source, over the ones above (e.g.
+    {'image': "util.Interpolate('%(prop:img)s')"}); None leaves one out.
+    ``plugins`` is c['www']['plugins'] (e.g. {'dockerami': {}}); ``users`` adds USERS_AUTHZ.
+    A test that needs more appends Python to the text (later assignments win)."""
     workers_expr = (
         f"worker_pool({pool}, **COMMON)" if pool else
         f"[worker.DockerAMILatentWorker('w%d' % i, **COMMON) for i in range({workers})]"
     )
+    common = {
+        "image": repr(image),
+        "ami_filters": "[{'Name': 'name', 'Values': ['dockerami-base-*']}]",
+        "instance_type": repr(instance_type),
+        "master_address": "os.environ['DOCKERAMI_MASTER_ADDRESS']",
+        "tags": "{'team': 'ci'}",
+        "build_wait_timeout": repr(build_wait_timeout),
+        "missing_timeout": repr(missing_timeout),
+        "check_instance_interval": repr(check_interval),
+        "max_builds": "1",
+        **(settings or {}),
+    }
+    lines = "\n".join(f"    {key}={value}," for key, value in common.items() if value is not None)
     return MASTER_CFG.format(
-        image=image, instance_type=instance_type, build_wait_timeout=build_wait_timeout,
-        missing_timeout=missing_timeout, check_interval=check_interval,
-        command=["sh", "-c", command], worker_extra=worker_extra, workers_expr=workers_expr,
-        plugins="{}" if plugins is None else repr(plugins),
+        settings=lines, command=["sh", "-c", command], worker_extra=worker_extra,
+        workers_expr=workers_expr, plugins="{}" if plugins is None else repr(plugins),
     ) + (USERS_AUTHZ if users else "")
 
 

@@ -4,12 +4,13 @@ the builds out, and buildbot gives a build to the worker whose instance is on it
 
 from __future__ import annotations
 
+import time
+
 import pytest
-import requests
 
 from buildbot_dockerami.worker.on_request import Candidate, plan
 from tests.harness import SUCCESS, control_worker, master_cfg, wait_for
-from tests.test_ec2_worker import instances
+from tests.helpers import instances, live
 
 
 def test_plan_launches_one_worker_per_request_beyond_the_spares() -> None:
@@ -34,20 +35,15 @@ GATE = """
 import os as _os
 def _gate(builder, wfb, request):
     return _os.path.exists({gate!r})
+c['builders'][0].canStartBuild = _gate
 """
 
 
 def gated_master(make_master, gate, **kwargs):
     """A builder that hands nothing out until the gate file exists: requests queue up
     as in a burst where buildbot has not got to them yet."""
-    config = master_cfg(workers=6, build_wait_timeout=30, **kwargs).replace(
-        "c['builders'] = [", GATE.format(gate=str(gate)) + "c['builders'] = [",
-    ).replace("factory=factory),", "factory=factory, canStartBuild=_gate),")
-    return make_master(config)
-
-
-def launched(cloud) -> list[dict]:
-    return [i for i in instances(cloud) if i["State"]["Name"] in ("pending", "running")]
+    return make_master(master_cfg(workers=6, build_wait_timeout=30, **kwargs)
+                       + GATE.format(gate=str(gate)))
 
 
 @pytest.mark.integration
@@ -58,9 +54,9 @@ def test_queued_requests_launch_instances_that_their_builds_then_use(
     master = gated_master(make_master, gate, worker_extra="launch_on_request=True,")
     requests_ = [master.force() for _ in range(3)]
     # Nothing was handed out (the gate is shut), yet three instances boot.
-    wait_for(lambda: len(launched(cloud)) == 3, 30, "three instances for three requests")
+    wait_for(lambda: len(live(cloud)) == 3, 30, "three instances for three requests")
     assert all(not master.builds_for(brid) for brid in requests_)
-    ids = {i["InstanceId"] for i in launched(cloud)}
+    ids = {i["InstanceId"] for i in live(cloud)}
     gate.touch()
     for name in ("w0", "w1"):  # buildbot looks at the queue again when a worker unpauses
         control_worker(master, name, "pause")
@@ -74,27 +70,35 @@ def test_queued_requests_launch_instances_that_their_builds_then_use(
 
 @pytest.mark.integration
 def test_launch_on_request_is_off_by_default(make_master, cloud, tmp_path):
-    master = gated_master(make_master, tmp_path / "gate")
-    master.force()
+    gate = tmp_path / "gate"
+    master = gated_master(make_master, gate)
+    brid = master.force()
     wait_for(lambda: "added buildset" in master.log(), 30, "the request")
-    with pytest.raises(AssertionError):
-        wait_for(lambda: launched(cloud), 5, "an instance")
+    opened = time.monotonic()
+    gate.touch()
+    control_worker(master, "w0", "pause")  # buildbot looks at the queue again
+    control_worker(master, "w0", "unpause")
+    # The build ran on an instance buildbot itself launched for it, once the gate let it
+    # hand the build out; launch on request would have launched at the request (in the
+    # same reactor turn as the event), said so in the log, and buildbot would have used
+    # that instance.
+    assert master.wait_request(brid, 120)["results"] == SUCCESS
+    (instance,) = instances(cloud)
+    boot = cloud.faults.clock.boot(instance["InstanceId"])
+    assert boot is not None and boot.at >= opened, "launched while the request waited"
+    assert "for the build requests waiting" not in master.log()
     assert master.stop()
 
 
 @pytest.mark.integration
 def test_a_build_goes_to_the_prewarmed_worker_not_a_random_one(make_master, cloud):
-    config = master_cfg(workers=10, build_wait_timeout=60).replace(
-        "'plugins': {}", "'plugins': {'dockerami': {'anonymous_control': True}}")
-    master = make_master(config)
-    url = f"http://127.0.0.1:{master.www_port}/plugins/dockerami/api"
+    master = make_master(master_cfg(workers=10, build_wait_timeout=60,
+                                    plugins={"dockerami": {"anonymous_control": True}}))
 
     def state(name: str) -> str:
-        rows = requests.get(f"{url}/fleet", timeout=10).json()["workers"]
-        return next(r["state"] for r in rows if r["name"] == name)
+        return next(r["state"] for r in master.fleet()["workers"] if r["name"] == name)
     for round_, name in enumerate(("w7", "w3")):
-        assert requests.post(f"{url}/control", json={"action": "prewarm", "worker": name},
-                             timeout=10).status_code == 200
+        assert master.control(action="prewarm", worker=name).status_code == 200
         wait_for(lambda name=name: state(name) == "connected", 60, f"{name} to connect")
         brid = master.force()
         assert master.wait_request(brid, 120)["results"] == SUCCESS

@@ -3,34 +3,14 @@ real buildbot-worker processes booted from our user data."""
 
 from __future__ import annotations
 
-import base64
-import subprocess
 import time
 
 import pytest
 
-from buildbot_dockerami.localcloud import LocalCloud
-from buildbot_dockerami.protocol import userdata
 from tests.harness import RETRY, SUCCESS, master_cfg, wait_for
+from tests.helpers import instances, state_of, user_data_of
 
 pytestmark = pytest.mark.integration
-
-
-def instances(cloud: LocalCloud, **filters: str) -> list[dict]:
-    ec2 = cloud.client()
-    flt = [{"Name": k, "Values": [v]} for k, v in filters.items()]
-    pages = ec2.get_paginator("describe_instances").paginate(Filters=flt)
-    return [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
-
-
-def state_of(cloud: LocalCloud, instance_id: str) -> str:
-    return instances(cloud, **{"instance-id": instance_id})[0]["State"]["Name"]
-
-
-def user_data_of(cloud: LocalCloud, instance_id: str) -> str:
-    value = cloud.client().describe_instance_attribute(
-        InstanceId=instance_id, Attribute="userData")["UserData"]["Value"]
-    return base64.b64decode(value).decode()
 
 
 def test_forced_build_runs_on_a_booted_instance_which_is_terminated_when_idle(
@@ -135,21 +115,6 @@ def test_launch_throttled_then_capacity_error_is_retried_and_nothing_leaks(make_
              "every instance to be terminated")
 
 
-def test_user_data_boots_on_a_seed_style_reader(tmp_path):
-    """The seed's base AMI takes line 2 with `tail -n +2 | head -n 1` and word-splits it;
-    its image reads line 1 with `read NAME PASSWORD MASTER`."""
-    text = userdata.render(userdata.UserData(
-        "linux-1", "s3cret", "master.example.com:9989", "org/worker-linux:2015-10-19b",
-        "https://github.com/org/buildslaves", "main"))
-    script = ('printf %s "$UD" | tail -n +2 | head -n 1 > image;'
-              'printf %s "$UD" | head -n 1 | { read NAME PASSWORD MASTER;'
-              ' echo "$NAME|$PASSWORD|$MASTER"; }; set -- $(cat image); echo "$#:$1"')
-    out = subprocess.run(["sh", "-c", script], env={"UD": text, "PATH": "/usr/bin:/bin"},
-                         capture_output=True, text=True, check=True, cwd=tmp_path).stdout
-    assert out.splitlines() == [
-        "linux-1|s3cret|master.example.com:9989", "1:org/worker-linux:2015-10-19b"]
-
-
 def test_missing_timeout_logs_console_output_and_terminates(make_master, cloud):
     cloud.hypervisor.boot_delay = 3600  # running, but the worker never comes
     master = make_master(master_cfg(missing_timeout=4, check_interval=1))
@@ -185,9 +150,9 @@ c['schedulers'] = [schedulers.ForceScheduler(name='force', builderNames=['small'
 
 
 def test_renderable_instance_type_and_incompatible_builds(make_master, cloud):
-    config = master_cfg(build_wait_timeout=2).replace(
-        "instance_type='t3.micro'", "instance_type=util.Property('itype')")
-    config = config[:config.index("c['builders']")] + RENDERED_BUILDERS
+    config = master_cfg(build_wait_timeout=2,
+                        settings={"instance_type": "util.Property('itype')"})
+    config += RENDERED_BUILDERS
     master = make_master(config)
     small = master.force("small")
     big = master.force("big")

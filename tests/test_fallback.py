@@ -6,12 +6,11 @@ from __future__ import annotations
 import re
 
 import pytest
-import requests
 
 from buildbot_dockerami.fleet import fallback
 from buildbot_dockerami.fleet.fallback import Option
 from tests.harness import RETRY, SUCCESS, master_cfg, wait_for
-from tests.test_ec2_worker import instances
+from tests.helpers import instances
 
 
 def test_options_are_tried_market_then_type_then_subnet():
@@ -47,9 +46,8 @@ def test_capacity_codes():
 def test_capacity_error_on_the_first_type_launches_the_second(make_master, cloud):
     cloud.faults.inject("RunInstances", "InsufficientInstanceCapacity",
                         "We currently do not have sufficient m5.large capacity.", count=1)
-    config = master_cfg(build_wait_timeout=0).replace(
-        "instance_type='t3.micro'", "instance_type=['m5.large', 'c5.large']")
-    master = make_master(config)
+    master = make_master(master_cfg(build_wait_timeout=0,
+                                    instance_type=["m5.large", "c5.large"]))
     assert master.wait_request(master.force(), 90)["results"] == SUCCESS
     (instance,) = instances(cloud)
     assert instance["InstanceType"] == "c5.large"
@@ -75,8 +73,7 @@ def test_spot_goes_through_run_instances_market_options(make_master, cloud):
 def test_spot_interruption_mid_build_retries_the_build_elsewhere(make_master, cloud):
     master = make_master(master_cfg(
         build_wait_timeout=600, command="echo started; pwd; sleep 6",
-        worker_extra="market='spot', reconcile_interval=5,").replace(
-        "'plugins': {}", "'plugins': {'dockerami': {}}"))
+        worker_extra="market='spot', reconcile_interval=5,", plugins={"dockerami": {}}))
     brid = master.force()
     build = wait_for(lambda: master.builds_for(brid), 60, "the build to start")[0]
     wait_for(lambda: "started" in master.step_log(build["buildid"]), 60, "the step to run")
@@ -91,9 +88,7 @@ def test_spot_interruption_mid_build_retries_the_build_elsewhere(make_master, cl
     assert interrupted not in master.step_log(final["buildid"])
     state = {i["InstanceId"]: i for i in instances(cloud)}[interrupted]["State"]["Name"]
     assert state in ("shutting-down", "terminated")
-    metrics = requests.get(
-        f"http://127.0.0.1:{master.www_port}/plugins/dockerami/metrics", timeout=10).text
+    metrics = master.metrics().text
     assert re.search(r"dockerami_spot_interruptions_total(\{\})? 1(\.0)?\n", metrics), metrics
-    status = requests.get(
-        f"http://127.0.0.1:{master.www_port}/plugins/dockerami/api/fleet", timeout=10).json()
+    status = master.fleet()
     assert status["workers"][0]["instance"]["market"] == "spot"

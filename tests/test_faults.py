@@ -12,35 +12,21 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from buildbot_dockerami.localcloud import LocalCloud
 from tests.harness import EXCEPTION, RETRY, SUCCESS, master_cfg, wait_for
-from tests.test_ec2_worker import instances
+from tests.helpers import NOT_ENDED, ids, instances, live
 
 pytestmark = pytest.mark.integration
 
 #: The reconciler's interval in these tests (its minimum): the bound they measure.
 INTERVAL = 5
 FAST = f"reconcile_interval={INTERVAL}, ec2_timeout=2,"
-LIVE = ("pending", "running", "stopping", "stopped")
-
-
-def live(cloud: LocalCloud) -> list[str]:
-    return [i["InstanceId"] for i in instances(cloud) if i["State"]["Name"] in LIVE]
+PLUGIN = {"dockerami": {}}
 
 
 def instance_of_build(master, build: dict) -> str:
     """The process runtime runs each instance's worker in <state>/instances/<id>/."""
     text = master.step_log(build["buildid"])
     return next(part for part in text.split("/") if part.startswith("i-"))
-
-
-def fleet(master) -> dict:
-    return requests.get(
-        f"http://127.0.0.1:{master.www_port}/plugins/dockerami/api/fleet", timeout=10).json()
-
-
-def with_plugin(config: str) -> str:
-    return config.replace("'plugins': {}", "'plugins': {'dockerami': {}}")
 
 
 @pytest.mark.parametrize("password", [None, "s3cret-fixed"], ids=["fresh", "explicit"])
@@ -53,7 +39,7 @@ def test_master_crash_leaves_no_instance_and_no_build_on_an_untracked_one(
         cloud.hypervisor.boot_delay = 3
     master = make_master(config)
     brid = master.force()
-    (old,) = wait_for(lambda: live(cloud), 30, "an instance to be launched")
+    (old,) = wait_for(lambda: ids(live(cloud, NOT_ENDED)), 30, "an instance to be launched")
     if when == "building":
         wait_for(lambda: master.builds_for(brid), 60, "the build to start")
     master.crash()
@@ -61,7 +47,8 @@ def test_master_crash_leaves_no_instance_and_no_build_on_an_untracked_one(
 
     master.start()
     restarted = time.monotonic()  # the bound runs from "BuildMaster is running"
-    wait_for(lambda: old not in live(cloud), 2 * INTERVAL + 15, "the old instance to end")
+    wait_for(lambda: old not in ids(live(cloud, NOT_ENDED)), 2 * INTERVAL + 15,
+             "the old instance to end")
     ended_after = time.monotonic() - restarted
     build = master.wait_request(brid, 120)
     assert build["results"] == SUCCESS, master.log()[-3000:]
@@ -84,27 +71,26 @@ def test_a_lost_run_instances_answer_is_retried_with_the_same_client_token(make_
     master = make_master(master_cfg(build_wait_timeout=0, worker_extra=FAST))
     assert master.wait_request(master.force(), 90)["results"] == SUCCESS
     assert len(instances(cloud)) == 1, "the retried launch must not start a second instance"
-    wait_for(lambda: not live(cloud), 30, "the instance to be terminated")
+    wait_for(lambda: not live(cloud, NOT_ENDED), 30, "the instance to be terminated")
 
 
 def test_a_launch_whose_answers_never_come_is_found_by_its_token(make_master, cloud):
     cloud.faults.drop("RunInstances", count=20, hold=4)  # every attempt launches, none answers
-    master = make_master(with_plugin(master_cfg(build_wait_timeout=0, worker_extra=FAST)))
+    master = make_master(master_cfg(build_wait_timeout=0, worker_extra=FAST, plugins=PLUGIN))
     brid = master.force()
     wait_for(lambda: "found by its launch token" in master.log(), 90, "the lookup by token")
     cloud.faults.clear()
     assert master.wait_request(brid, 90)["results"] == SUCCESS
     assert len(instances(cloud)) == 1
-    metrics = requests.get(
-        f"http://127.0.0.1:{master.www_port}/plugins/dockerami/metrics", timeout=10).text
+    metrics = master.metrics().text
     assert re.search(r'dockerami_launch_answers_lost_total\{outcome="found"\} 1(\.0)?\n',
                      metrics), metrics
-    wait_for(lambda: not live(cloud), 30, "the instance to be terminated")
+    wait_for(lambda: not live(cloud, NOT_ENDED), 30, "the instance to be terminated")
 
 
 def test_hanging_run_instances_fails_the_attempt_and_the_retry_builds(make_master, cloud):
     cloud.faults.hang("RunInstances", count=20, hold=4)  # never reaches EC2
-    master = make_master(with_plugin(master_cfg(build_wait_timeout=0, worker_extra=FAST)))
+    master = make_master(master_cfg(build_wait_timeout=0, worker_extra=FAST, plugins=PLUGIN))
     brid = master.force()
     wait_for(lambda: "RunInstances gave no answer" in master.log(), 90, "the launch to give up")
     assert "not launched" in master.log()
@@ -114,7 +100,7 @@ def test_hanging_run_instances_fails_the_attempt_and_the_retry_builds(make_maste
     assert final["results"] == SUCCESS
     assert RETRY in [b["results"] for b in master.builds_for(brid)]
     assert len(instances(cloud)) == 1
-    wait_for(lambda: not live(cloud), 30, "the instance to be terminated")
+    wait_for(lambda: not live(cloud, NOT_ENDED), 30, "the instance to be terminated")
 
 
 def test_a_describe_outage_never_kills_running_builds(make_master, cloud):
@@ -128,7 +114,7 @@ def test_a_describe_outage_never_kills_running_builds(make_master, cloud):
     assert [b["results"] for b in builds] == [SUCCESS] * 3, master.log()[-3000:]
     assert all(len(master.builds_for(brid)) == 1 for brid in requests_), "a build was retried"
     cloud.faults.clear()
-    wait_for(lambda: not live(cloud), 60, "every instance to be terminated")
+    wait_for(lambda: not live(cloud, NOT_ENDED), 60, "every instance to be terminated")
 
 
 def test_a_slow_instance_check_never_strands_the_next_build(make_master, cloud):
@@ -146,37 +132,36 @@ def test_a_slow_instance_check_never_strands_the_next_build(make_master, cloud):
     first, second = master.force(), master.force()
     assert master.wait_request(first, 60)["results"] == SUCCESS
     assert master.wait_request(second, 60)["results"] == SUCCESS, master.log()[-3000:]
-    wait_for(lambda: not live(cloud), 30, "the instances to be terminated")
+    wait_for(lambda: not live(cloud, NOT_ENDED), 30, "the instances to be terminated")
 
 
 @pytest.mark.parametrize("busy", [False, True], ids=["idle", "building"])
 def test_an_instance_terminated_from_outside_is_seen_within_one_interval(
         make_master, cloud, busy):
-    master = make_master(with_plugin(master_cfg(
+    master = make_master(master_cfg(
         build_wait_timeout=600, command="echo started; sleep 8" if busy else "true",
-        worker_extra=FAST)))
+        worker_extra=FAST, plugins=PLUGIN))
     brid = master.force()
     if busy:
         build = wait_for(lambda: master.builds_for(brid), 60, "the build to start")[0]
         wait_for(lambda: "started" in master.step_log(build["buildid"]), 60, "the step to run")
     else:
         assert master.wait_request(brid, 90)["results"] == SUCCESS
-    (instance_id,) = live(cloud)
+    (instance_id,) = ids(live(cloud, NOT_ENDED))
     cloud.client().terminate_instances(InstanceIds=[instance_id])
     killed = time.monotonic()
 
     def gone() -> bool:
-        row = fleet(master)["workers"][0]
+        row = master.fleet()["workers"][0]
         # The worker lets go of it (a retried build may already have a new instance).
         return ((row["instance"] or {}).get("id") != instance_id
                 and instance_id in row["last_failure"])
     wait_for(gone, INTERVAL + 10, "the Fleet page to show the instance gone")
     seen_after = time.monotonic() - killed
     assert seen_after < INTERVAL + 6, seen_after  # one check interval, not ~9 minutes
-    row = fleet(master)["workers"][0]
+    row = master.fleet()["workers"][0]
     assert f"instance {instance_id} terminated" in row["last_failure"]
-    metrics = requests.get(
-        f"http://127.0.0.1:{master.www_port}/plugins/dockerami/metrics", timeout=10).text
+    metrics = master.metrics().text
     assert re.search(r'dockerami_instances\{state="booting"\} 0(\.0)?\n', metrics), metrics
     if busy:
         final = master.wait_request(brid, 120)
@@ -187,17 +172,17 @@ def test_an_instance_terminated_from_outside_is_seen_within_one_interval(
     print(f"[measure] external termination ({'building' if busy else 'idle'}): "
           f"seen {seen_after:.1f}s later")
     assert master.stop()
-    assert not live(cloud) or all(i != instance_id for i in live(cloud))
+    assert instance_id not in ids(live(cloud, NOT_ENDED))
 
 
 def test_an_instance_lost_both_ways_is_counted_once(make_master, cloud):
     """The connection drops and the reconciler finds the instance gone: two reports of
     one loss (detached's lookup and instance_lost), one count."""
     # EC2's default timeout: the held answer below must come late, not be retried.
-    master = make_master(with_plugin(master_cfg(
-        build_wait_timeout=600, worker_extra=f"reconcile_interval={INTERVAL},")))
+    master = make_master(master_cfg(
+        build_wait_timeout=600, worker_extra=f"reconcile_interval={INTERVAL},", plugins=PLUGIN))
     assert master.wait_request(master.force(), 90)["results"] == SUCCESS
-    (instance_id,) = live(cloud)
+    (instance_id,) = ids(live(cloud, NOT_ENDED))
     # Just after a reconciler pass, the lost connection's DescribeInstances is held past
     # the next pass: the reconciler reports the loss first, that answer comes second.
     calls = cloud.faults.count("DescribeInstances")
@@ -210,18 +195,17 @@ def test_an_instance_lost_both_ways_is_counted_once(make_master, cloud):
     log = master.log()
     assert re.search(rf"instance {instance_id} [^\n]*; its builds are retried", log), (
         "the reconciler did not report the loss first: " + log[-3000:])
-    metrics = requests.get(
-        f"http://127.0.0.1:{master.www_port}/plugins/dockerami/metrics", timeout=10).text
+    metrics = master.metrics().text
     counts = re.findall(r"dockerami_instances_lost_total\{[^}]*\} (\S+)\n", metrics)
     assert sum(float(c) for c in counts) == 1, metrics
-    assert instance_id in fleet(master)["workers"][0]["last_failure"]
+    assert instance_id in master.fleet()["workers"][0]["last_failure"]
     assert master.stop()
 
 
 def test_fleet_readers_never_drive_ec2(make_master, cloud):
-    master = make_master(with_plugin(master_cfg(build_wait_timeout=600, worker_extra=FAST)))
+    master = make_master(master_cfg(build_wait_timeout=600, worker_extra=FAST, plugins=PLUGIN))
     assert master.wait_request(master.force(), 90)["results"] == SUCCESS
-    url = f"http://127.0.0.1:{master.www_port}/plugins/dockerami/api/fleet"
+    url = master.plugin_url("api/fleet")
     before = cloud.faults.count("DescribeInstances")
     started = time.monotonic()
 
@@ -235,7 +219,9 @@ def test_fleet_readers_never_drive_ec2(make_master, cloud):
 
     # EC2 hangs: the page still answers at once, from the master's own view.
     cloud.faults.hang("DescribeInstances", count=100, hold=20)
-    time.sleep(INTERVAL + 1)  # a reconciler pass is now stuck on EC2
+    calls = cloud.faults.count("DescribeInstances")
+    wait_for(lambda: cloud.faults.count("DescribeInstances") > calls, INTERVAL + 10,
+             "a reconciler pass to be stuck on EC2")
     slowest = 0.0
     for _ in range(20):
         t0 = time.monotonic()
@@ -250,14 +236,10 @@ def test_fleet_readers_never_drive_ec2(make_master, cloud):
 
 
 def test_a_value_that_can_never_work_fails_the_build_once(make_master, cloud):
-    config = master_cfg(build_wait_timeout=0, worker_extra=FAST).replace(
-        "    image='localhost/dockerami/worker:test',",
-        "    image=util.Interpolate('%(prop:img:-localhost/dockerami/worker:test)s'),",
-    ).replace(
-        "schedulers.ForceScheduler(name='force', builderNames=['runtests'])",
-        "schedulers.ForceScheduler(name='force', builderNames=['runtests'], properties=["
-        "util.StringParameter(name='img', default='')])",
-    ).replace("%(prop:img:-", "%(prop:img:~")
+    config = master_cfg(build_wait_timeout=0, worker_extra=FAST, settings={
+        "image": "util.Interpolate('%(prop:img:~localhost/dockerami/worker:test)s')"})
+    config += ("c['schedulers'] = [schedulers.ForceScheduler(name='force', builderNames="
+               "['runtests'], properties=[util.StringParameter(name='img', default='')])]\n")
     master = make_master(config)
     builderid = master.builder_id("runtests")
     response = requests.post(
@@ -282,10 +264,10 @@ def test_shutdown_is_clean_and_bounded_with_workers_in_every_state(make_master, 
     for brid in building:
         build = wait_for(lambda b=brid: master.builds_for(b), 60, "a build to start")[0]
         wait_for(lambda b=build: master.get(f"builds/{b['buildid']}/steps"), 60, "a step")
-    wait_for(lambda: len(live(cloud)) == 2, 30, "two instances")
+    wait_for(lambda: len(live(cloud, NOT_ENDED)) == 2, 30, "two instances")
     cloud.hypervisor.boot_delay = 3600  # the third never boots
     master.force()
-    wait_for(lambda: len(live(cloud)) == 3, 30, "a third, booting instance")
+    wait_for(lambda: len(live(cloud, NOT_ENDED)) == 3, 30, "a third, booting instance")
     cloud.faults.inject("TerminateInstances", "UnauthorizedOperation", "refused", count=1000)
 
     started = time.monotonic()
@@ -295,8 +277,8 @@ def test_shutdown_is_clean_and_bounded_with_workers_in_every_state(make_master, 
     assert "could not terminate" in master.log()
     # What the stopping master could not end, its next life's reconciler does.
     cloud.faults.clear()
-    left = live(cloud)
+    left = ids(live(cloud, NOT_ENDED))
     assert left, "the refusal should have left instances for the restart to end"
     master.start()
-    wait_for(lambda: not set(left) & set(live(cloud)), 2 * INTERVAL + 15,
+    wait_for(lambda: not set(left) & set(ids(live(cloud, NOT_ENDED))), 2 * INTERVAL + 15,
              "the restarted master to end them")

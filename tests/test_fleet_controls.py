@@ -12,21 +12,12 @@ import requests
 
 from buildbot_dockerami.www.jsonapi import QUOTE_CHARS
 from tests.harness import REPO, master_cfg, wait_for
-from tests.test_ec2_worker import instances, state_of
+from tests.helpers import instances, state_of
 
 pytestmark = pytest.mark.integration
 
-AUTHZ = """
-c['www']['auth'] = util.UserPasswordAuth({'admin': 'adminpw', 'viewer': 'viewerpw'})
-c['www']['authz'] = util.Authz(
-    allowRules=[util.AnyControlEndpointMatcher(role='admins')],
-    roleMatchers=[util.RolesFromUsername(roles=['admins'], usernames=['admin'])],
-)
-"""
-
-
 def config_with_authz(**kwargs) -> str:
-    return master_cfg(**kwargs).replace("'plugins': {}", "'plugins': {'dockerami': {}}") + AUTHZ
+    return master_cfg(plugins={"dockerami": {}}, users=True, **kwargs)
 
 
 def session(master, user: str | None = None, password: str = "") -> requests.Session:
@@ -38,13 +29,11 @@ def session(master, user: str | None = None, password: str = "") -> requests.Ses
 
 
 def post(s: requests.Session, master, **body) -> requests.Response:
-    return s.post(f"http://127.0.0.1:{master.www_port}/plugins/dockerami/api/control",
-                  json=body, timeout=30)
+    return master.control(s, **body)
 
 
 def fleet(s: requests.Session, master) -> dict:
-    url = f"http://127.0.0.1:{master.www_port}/plugins/dockerami/api/fleet"
-    return s.get(url, timeout=10).json()
+    return master.fleet(s)
 
 
 def test_prewarm_and_terminate_need_the_worker_control_role(make_master, cloud):
@@ -108,15 +97,13 @@ def test_orphans_can_be_terminated_only_by_controllers_and_only_if_orphaned(
 
 def test_controls_want_json(make_master, cloud):
     master = make_master(config_with_authz())
-    url = f"http://127.0.0.1:{master.www_port}/plugins/dockerami/api/control"
-    form = requests.post(url, data={"action": "prewarm", "worker": "w0"}, timeout=10)
+    form = requests.post(master.plugin_url("api/control"),
+                         data={"action": "prewarm", "worker": "w0"}, timeout=10)
     assert form.status_code == 415
 
 
 def test_pool_settings_need_the_control_role(make_master, cloud):
-    config = master_cfg(pool="'pool', count=2").replace(
-        "'plugins': {}", "'plugins': {'dockerami': {}}") + AUTHZ
-    master = make_master(config)
+    master = make_master(config_with_authz(pool="'pool', count=2"))
     viewer = session(master, "viewer", "viewerpw")
     for who in (session(master), viewer):
         assert post(who, master, action="set_pool", pool="pool", cap=1).status_code == 403
@@ -139,8 +126,6 @@ def test_fleet_page_reports_why_a_launch_failed(make_master, cloud):
 
 
 # -- issue 9: controls refused unless allowed on purpose; hostile bodies get a 4xx ------
-
-CONTROL = "/plugins/dockerami/api/control"
 
 
 def test_shipped_example_refuses_anonymous_control(make_master, cloud):
@@ -259,7 +244,7 @@ HOSTILE = [
 
 def _send(s: requests.Session, master, body) -> requests.Response:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return s.post(f"http://127.0.0.1:{master.www_port}{CONTROL}", data=data,
+    return s.post(master.plugin_url("api/control"), data=data,
                   headers={"Content-Type": "application/json"}, timeout=60)
 
 
@@ -277,7 +262,7 @@ def test_hostile_bodies_get_a_4xx_and_are_not_echoed(make_master, cloud):
         assert "error" in response.json()
     # Anonymous hostile bodies are refused before they are even parsed.
     assert _send(session(master), master, DEEP_ARRAY).status_code == 403
-    form = admin.post(f"http://127.0.0.1:{master.www_port}{CONTROL}", data={"a": MARK},
+    form = admin.post(master.plugin_url("api/control"), data={"a": MARK},
                       timeout=10)
     assert form.status_code == 415
     # Nothing changed, nothing launched, and no answer was a 500 (none logged).

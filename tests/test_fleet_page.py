@@ -3,22 +3,15 @@ Playwright (no browser download), in a 1280x800 window. Screenshots go to test-a
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import requests
 
-from tests.harness import REPO, SUCCESS, master_cfg, wait_for
+from tests.harness import PLUGIN_PATH, SUCCESS, master_cfg, wait_for
+from tests.helpers import ARTIFACTS, VIEWPORT
 
 pytestmark = pytest.mark.integration
-
-CHROMIUM = os.environ.get("DOCKERAMI_CHROMIUM", "/usr/bin/chromium")
-ARTIFACTS = REPO / "test-artifacts"
-VIEWPORT = {"width": 1280, "height": 800}
 
 #: Elements that scroll sideways (the page itself, or a box with overflow-x), as the
 #: operator would see a horizontal scrollbar.
@@ -48,32 +41,9 @@ def is_visible_style(style: dict[str, str]) -> bool:
         style["border"] not in clear and style["width"] != "0px")
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        sync_playwright = None
-    if sync_playwright is None or not shutil.which(CHROMIUM):
-        why = "playwright or chromium is missing (dev/browser installs chromium)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {why}")
-        pytest.skip(f"NO BROWSER: {why}")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync"],
-        )
-        yield browser
-        browser.close()
-
-
 def test_fleet_page_shows_the_instance_a_build_booted(make_master, cloud, browser):
-    config = master_cfg(build_wait_timeout=600, workers=1, command="sleep 20").replace(
-        "'plugins': {}", "'plugins': {'dockerami': {'prices': {'t3.micro': 0.0104}}}")
-    master = make_master(config)
+    master = make_master(master_cfg(build_wait_timeout=600, workers=1, command="sleep 20",
+                                    plugins={"dockerami": {"prices": {"t3.micro": 0.0104}}}))
     brid = master.force()
     # The build exists while its worker boots; it runs (sleep 20) once the worker connects.
     build = wait_for(lambda: next(iter(master.builds_for(brid)), None), 90, "the build")
@@ -122,19 +92,9 @@ def test_fleet_page_shows_the_instance_a_build_booted(make_master, cloud, browse
     assert master.wait_request(brid, 90)["results"] == SUCCESS
 
 
-AUTHZ = """
-c['www']['auth'] = util.UserPasswordAuth({'admin': 'adminpw'})
-c['www']['authz'] = util.Authz(
-    allowRules=[util.AnyControlEndpointMatcher(role='admins')],
-    roleMatchers=[util.RolesFromUsername(roles=['admins'], usernames=['admin'])],
-)
-"""
-
-
 def test_prewarm_and_terminate_clicks_and_refusal_for_anonymous(make_master, cloud, browser):
-    config = master_cfg(build_wait_timeout=600).replace(
-        "'plugins': {}", "'plugins': {'dockerami': {}}") + AUTHZ
-    master = make_master(config)
+    master = make_master(master_cfg(build_wait_timeout=600, plugins={"dockerami": {}},
+                                    users=True))
     base = f"http://127.0.0.1:{master.www_port}"
     ARTIFACTS.mkdir(exist_ok=True)
 
@@ -167,9 +127,16 @@ def test_prewarm_and_terminate_clicks_and_refusal_for_anonymous(make_master, clo
             questions.append(dialog.message)
             dialog.accept() if accept else dialog.dismiss()
 
+        controls: list[str] = []
+        admin.on("request", lambda r: controls.append(r.method) if is_control(r) else None)
         admin.once("dialog", lambda dialog: answer(dialog, accept=False))
         row.locator(".dockerami-terminate").click()
-        admin.wait_for_timeout(3000)  # a poll or more: still running
+        # Polls go one at a time: once the second poll after the dismissal is sent, the
+        # page has shown the answer to the first. Still running, and nothing was sent.
+        for _ in range(2):
+            with admin.expect_request(is_poll, timeout=30_000):
+                pass
+        assert controls == []
         assert questions == [f"Terminate instance {instance_id} of worker w0?"]
         assert "connected" in row.locator(".dockerami-state").inner_text()
         (reservation,) = cloud.client().describe_instances()["Reservations"]
@@ -187,9 +154,8 @@ def test_prewarm_and_terminate_clicks_and_refusal_for_anonymous(make_master, clo
 
 
 def test_pool_cap_set_from_the_page(make_master, cloud, browser):
-    config = master_cfg(pool="'pool', count=2").replace(  # anonymous, opted in
-        "'plugins': {}", "'plugins': {'dockerami': {'anonymous_control': True}}")
-    master = make_master(config)
+    master = make_master(master_cfg(  # anonymous, opted in
+        pool="'pool', count=2", plugins={"dockerami": {"anonymous_control": True}}))
     page = browser.new_page(viewport=VIEWPORT)
     try:
         page.goto(f"http://127.0.0.1:{master.www_port}/#/dockerami")
@@ -202,10 +168,20 @@ def test_pool_cap_set_from_the_page(make_master, cloud, browser):
         page.screenshot(path=str(ARTIFACTS / "fleet-pools.png"), full_page=True)
     finally:
         page.close()
-    fleet = requests.get(f"http://127.0.0.1:{master.www_port}/plugins/dockerami/api/fleet",
-                         timeout=10).json()
-    assert fleet["pools"]["pool"]["cap"] == 1
+    assert master.fleet()["pools"]["pool"]["cap"] == 1
 
+
+def is_poll(request: Any) -> bool:
+    """The page's poll of the Fleet API."""
+    return request.url.endswith(f"{PLUGIN_PATH}/api/fleet")
+
+
+def is_control(request: Any) -> bool:
+    return request.url.endswith(f"{PLUGIN_PATH}/api/control")
+
+
+#: The page polls the Fleet API this long after each answer (scripts.js).
+POLL_MS = 2000
 
 #: In the page, before its scripts: every fetch of the fleet API is held 2.5 s (a slow
 #: master) and counted, with how many were in flight at once and how many were aborted.
@@ -225,8 +201,7 @@ window.fetch = function (url, init) {
 
 
 def test_polls_one_at_a_time_and_stop_when_leaving(make_master, cloud, browser):
-    config = master_cfg().replace("'plugins': {}", "'plugins': {'dockerami': {}}")
-    master = make_master(config)
+    master = make_master(master_cfg(plugins={"dockerami": {}}))
     page = browser.new_page(viewport=VIEWPORT)
     problems: list[str] = []
     page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
@@ -242,11 +217,15 @@ def test_polls_one_at_a_time_and_stop_when_leaving(make_master, cloud, browser):
         page.wait_for_function("window.__fleet.inflight === 1", timeout=10_000)
         page.evaluate("window.location.hash = '#/builders'")
         page.get_by_text("Orphaned instances").wait_for(state="detached")
-        page.wait_for_timeout(4000)
+        page.wait_for_function("window.__fleet.aborted >= 1 && window.__fleet.inflight === 0",
+                               timeout=10_000)
         stats = page.evaluate("window.__fleet")
         assert stats["aborted"] == 1 and stats["inflight"] == 0, stats
         started = stats["started"]
-        page.wait_for_timeout(3000)
+        # A poller still running would have set its timer for the next poll when the
+        # aborted one ended; a timer of the page's own, set now and a little longer,
+        # fires after it.
+        page.evaluate(f"new Promise(resolve => setTimeout(resolve, {POLL_MS + 100}))")
         assert page.evaluate("window.__fleet.started") == started
         assert page.locator("text=Last refresh failed").count() == 0
     finally:

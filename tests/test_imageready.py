@@ -4,7 +4,6 @@ and shown by the Fleet API (real master, process runtime of the local cloud)."""
 from __future__ import annotations
 
 import pytest
-import requests
 
 from buildbot_dockerami.localcloud.timing import BootClock, Delays
 from buildbot_dockerami.protocol import imageready
@@ -87,8 +86,7 @@ def test_fleet_api_shows_image_ready_between_launch_and_connection(make_master, 
     master = make_master(master_cfg(image=image, build_wait_timeout=600,
                                     plugins={"dockerami": {}}))
     assert master.wait_request(master.force(), 90)["results"] == SUCCESS
-    url = f"http://127.0.0.1:{master.www_port}/plugins/dockerami/api/fleet"
-    row = wait_for(lambda: next((w for w in requests.get(url, timeout=10).json()["workers"]
+    row = wait_for(lambda: next((w for w in master.fleet()["workers"]
                                  if "connected" in w["timeline"]), None),
                    30, "the worker's timeline")
     timeline, launched = row["timeline"], row["instance"]["launched_at"]

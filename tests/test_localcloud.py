@@ -37,7 +37,7 @@ class RecordingRuntime:
         with self._lock:
             self.started[booting.instance_id] = time.monotonic()
             self.images[booting.instance_id] = userdata.parse(booting.user_data).image
-        time.sleep(self.start_seconds)
+        time.sleep(self.start_seconds)  # the machine's own start: work, not a wait
 
     def stop(self, instance_id: str) -> None:
         with self._lock:
@@ -53,6 +53,19 @@ class RecordingRuntime:
 
     def poweroff_requested(self, instance_id: str) -> bool:
         return False
+
+
+def hypervisor_ticks(cloud: LocalCloud) -> list[float]:
+    """A list that grows by one at the end of each of the hypervisor's passes."""
+    ticks: list[float] = []
+    tick = cloud.hypervisor.tick
+
+    def counted() -> None:
+        tick()
+        ticks.append(time.monotonic())
+
+    cloud.hypervisor.tick = counted  # type: ignore[method-assign]
+    return ticks
 
 
 def user_data(image: str, name: str = "w") -> str:
@@ -225,10 +238,12 @@ def test_start_from_stopped(timed_cloud: LocalCloud, runtime: RecordingRuntime) 
     timed_cloud.delays.pull = {"img:1": 30.0}
     timed_cloud.delays.start = 3.0
     timed_cloud.delays.pending = 2.0
+    ticks = hypervisor_ticks(timed_cloud)
     (iid,), _ = launch(timed_cloud)
     ec2 = timed_cloud.client()
     ec2.stop_instances(InstanceIds=[iid])
-    time.sleep(0.3)  # the hypervisor sees it stopped
+    seen = len(ticks)  # a pass in progress may have read the states before the stop
+    wait_for(lambda: len(ticks) >= seen + 2, 5, "the hypervisor to see it stopped")
     started = time.monotonic()
     ec2.start_instances(InstanceIds=[iid])
     assert state(timed_cloud, iid) == "pending"
@@ -241,9 +256,9 @@ def test_start_from_stopped(timed_cloud: LocalCloud, runtime: RecordingRuntime) 
 def test_terminated_while_booting_never_starts(timed_cloud: LocalCloud,
                                                runtime: RecordingRuntime) -> None:
     timed_cloud.delays.boot = 1.0
-    (iid,), _ = launch(timed_cloud)
+    (iid, twin), _ = launch(timed_cloud, count=2)  # due to start at the same moment
     timed_cloud.client().terminate_instances(InstanceIds=[iid])
-    time.sleep(1.6)
+    wait_for(lambda: twin in runtime.started, 10, "its twin to start")
     assert iid not in runtime.started
 
 

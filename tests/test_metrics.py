@@ -7,7 +7,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import pytest
-import requests
 from prometheus_client import parser as text_format
 from prometheus_client.openmetrics import parser as openmetrics_format
 from twisted.internet import task
@@ -98,9 +97,7 @@ def test_the_interface_callers_use_keeps_counting() -> None:
 def scrape(master, accept: str = "") -> dict[str, float]:
     """The page as a plain client or (with ``accept``) Prometheus sees it, parsed by
     prometheus_client; keys like 'name{label="value"}'."""
-    url = f"http://127.0.0.1:{master.www_port}/plugins/dockerami/metrics"
-    response = requests.get(url, timeout=10, headers={"Accept": accept} if accept else {})
-    response.raise_for_status()
+    response = master.metrics(accept)
     if accept:
         assert response.headers["content-type"].startswith("application/openmetrics-text")
         parsed = openmetrics_format.text_string_to_metric_families(response.text)
@@ -118,9 +115,7 @@ def scrape(master, accept: str = "") -> dict[str, float]:
 @pytest.mark.integration
 def test_metrics_page_counts_launches_requests_throttles_and_latency(make_master, cloud):
     cloud.faults.throttle("RunInstances", count=1)
-    config = master_cfg(build_wait_timeout=600).replace(
-        "'plugins': {}", "'plugins': {'dockerami': {}}")
-    master = make_master(config)
+    master = make_master(master_cfg(build_wait_timeout=600, plugins={"dockerami": {}}))
     assert master.wait_request(master.force(), 90)["results"] == SUCCESS
     values = wait_for(lambda: (v := scrape(master)).get(
         'dockerami_instances{state="connected"}') == 1 and v, 30, "the idle instance")
@@ -140,17 +135,11 @@ def test_metrics_page_counts_launches_requests_throttles_and_latency(make_master
 
 @pytest.mark.integration
 def test_fleet_api_shows_workers_instances_costs_and_orphans(make_master, cloud):
-    config = master_cfg(build_wait_timeout=600, workers=2,
-                        worker_extra="reconcile_interval=5,").replace(
-        "'plugins': {}", "'plugins': {'dockerami': {'prices': {'t3.micro': 0.0104}}}")
-    master = make_master(config)
+    master = make_master(master_cfg(
+        build_wait_timeout=600, workers=2, worker_extra="reconcile_interval=5,",
+        plugins={"dockerami": {"prices": {"t3.micro": 0.0104}}}))
     assert master.wait_request(master.force(), 90)["results"] == SUCCESS
-    url = f"http://127.0.0.1:{master.www_port}/plugins/dockerami/api/fleet"
-
-    def fleet() -> dict:
-        response = requests.get(url, timeout=10)
-        response.raise_for_status()
-        return response.json()
+    fleet = master.fleet
 
     def settled() -> dict | None:
         current = fleet()

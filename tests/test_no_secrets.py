@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from tests.harness import Master, master_cfg, wait_for
-from tests.test_ec2_worker import instances, state_of, user_data_of
+from tests.helpers import instances, state_of, user_data_of
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,7 @@ def secret_master(make_master, tmp_path: Path, secrets: dict[str, str], **kwargs
         path = dirname / key
         path.write_text(value)
         path.chmod(0o600)
-    config = master_cfg(**kwargs).replace("'plugins': {}", "'plugins': {'dockerami': {}}")
+    config = master_cfg(plugins={"dockerami": {}}, **kwargs)
     return make_master(config + SECRETS.format(dirname=str(dirname)))
 
 
@@ -44,8 +44,7 @@ def everything(master: Master) -> str:
             for entry in master.get(f"steps/{step['stepid']}/logs"):
                 raw = requests.get(f"{master.api}/logs/{entry['logid']}/raw", timeout=10)
                 seen.append(raw.text)
-    fleet = f"http://127.0.0.1:{master.www_port}/plugins/dockerami/api/fleet"
-    seen.append(requests.get(fleet, timeout=10).text)
+    seen.append(requests.get(master.plugin_url("api/fleet"), timeout=10).text)
     return "\n".join(seen)
 
 

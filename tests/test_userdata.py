@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from buildbot_dockerami.protocol import userdata
@@ -102,3 +104,18 @@ def test_dockerfile_base_images_resolve_args() -> None:
         "dockerami/base:bookworm"]
     multi = "ARG V=1\nFROM --platform=x a/b:${V} AS build\nFROM build\nFROM scratch\n"
     assert base_images(multi, {}) == ["a/b:1"]
+
+
+def test_user_data_boots_on_a_seed_style_reader(tmp_path):
+    """The seed's base AMI takes line 2 with `tail -n +2 | head -n 1` and word-splits it;
+    its image reads line 1 with `read NAME PASSWORD MASTER`."""
+    text = userdata.render(userdata.UserData(
+        "linux-1", "s3cret", "master.example.com:9989", "org/worker-linux:2015-10-19b",
+        "https://github.com/org/buildslaves", "main"))
+    script = ('printf %s "$UD" | tail -n +2 | head -n 1 > image;'
+              'printf %s "$UD" | head -n 1 | { read NAME PASSWORD MASTER;'
+              ' echo "$NAME|$PASSWORD|$MASTER"; }; set -- $(cat image); echo "$#:$1"')
+    out = subprocess.run(["sh", "-c", script], env={"UD": text, "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    assert out.splitlines() == [
+        "linux-1|s3cret|master.example.com:9989", "1:org/worker-linux:2015-10-19b"]

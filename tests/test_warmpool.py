@@ -8,8 +8,14 @@ import pytest
 from buildbot_dockerami.fleet import stopped_pool
 from buildbot_dockerami.localcloud.hypervisor import Booting
 from tests.harness import SUCCESS, master_cfg, wait_for
-from tests.test_ec2_worker import instances, user_data_of
-from tests.test_pools import peak_of_live, pool_master, set_pool
+from tests.helpers import (
+    instances,
+    peak_of_live,
+    pool_master,
+    set_pool,
+    state_of,
+    user_data_of,
+)
 
 STOP = "idle_action='stop', reconcile_interval=5,"
 
@@ -33,10 +39,6 @@ def test_retired_are_the_too_old_and_the_oldest_beyond_the_count():
     assert sorted(e.owner for e in retired) == ["a", "b"]
 
 
-def state(cloud, instance_id: str) -> str:
-    return next(i for i in instances(cloud) if i["InstanceId"] == instance_id)["State"]["Name"]
-
-
 @pytest.mark.integration
 def test_second_build_starts_the_stopped_instance_with_a_fresh_credential(make_master, cloud):
     master = make_master(master_cfg(build_wait_timeout=2, command="pwd", worker_extra=STOP))
@@ -45,7 +47,7 @@ def test_second_build_starts_the_stopped_instance_with_a_fresh_credential(make_m
     (instance,) = instances(cloud)
     instance_id = instance["InstanceId"]
     old_password = user_data_of(cloud, instance_id).split(" ")[1]
-    wait_for(lambda: state(cloud, instance_id) == "stopped", 30, "the idle instance to stop")
+    wait_for(lambda: state_of(cloud, instance_id) == "stopped", 30, "the idle instance to stop")
     assert "stopped for reuse" in master.log()
 
     second = master.wait_request(master.force(), 90)
@@ -73,11 +75,11 @@ def test_a_stale_stopped_instance_is_terminated_and_a_new_one_launched(make_mast
     assert master.wait_request(master.force(), 90)["results"] == SUCCESS
     (instance,) = instances(cloud)
     old = instance["InstanceId"]
-    wait_for(lambda: state(cloud, old) == "stopped", 30, "the idle instance to stop")
+    wait_for(lambda: state_of(cloud, old) == "stopped", 30, "the idle instance to stop")
     master.reconfig(master_cfg(build_wait_timeout=2, worker_extra=STOP,
                                image="localhost/dockerami/worker:newer"))
     assert master.wait_request(master.force(), 90)["results"] == SUCCESS
-    assert state(cloud, old) in ("shutting-down", "terminated")
+    assert state_of(cloud, old) in ("shutting-down", "terminated")
     assert f"terminating stopped instance {old}: stale" in master.log()
     assert len(instances(cloud)) == 2
 
@@ -88,7 +90,7 @@ def test_max_stopped_zero_terminates_idle_instances(make_master, cloud):
                                     worker_extra=STOP + " max_stopped=0,"))
     assert master.wait_request(master.force(), 90)["results"] == SUCCESS
     (instance,) = instances(cloud)
-    wait_for(lambda: state(cloud, instance["InstanceId"]) == "terminated", 30, "termination")
+    wait_for(lambda: state_of(cloud, instance["InstanceId"]) == "terminated", 30, "termination")
 
 
 @pytest.mark.integration

@@ -13,7 +13,6 @@ import http.client
 import json
 import socket
 import struct
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,12 +20,12 @@ import pytest
 import requests
 
 from buildbot_dockerami.patches import rest as restfix
-from tests.harness import SUCCESS, master_cfg, unhandled_errors
-from tests.test_fleet_page import ARTIFACTS, browser  # noqa: F401 (the fixture)
+from tests.harness import PLUGIN_PATH, SUCCESS, master_cfg, unhandled_errors
+from tests.helpers import ARTIFACTS, VIEWPORT
 
 REST_PATHS = ["/api/v2/builders", "/api/v2/workers", "/api/v2/masters",
               "/api/v2/builders?field=name", "/api/v2/buildrequests"]
-FLEET_PATHS = ["/plugins/dockerami/api/fleet", "/plugins/dockerami/metrics"]
+FLEET_PATHS = [f"{PLUGIN_PATH}/api/fleet", f"{PLUGIN_PATH}/metrics"]
 #: How a client walks away: after the headers, unread (urllib's ``del r``); after a few
 #: bytes; with a reset (SO_LINGER 0) once the answer starts; right after asking.
 MODES = ["unread", "partial", "reset", "immediately"]
@@ -135,10 +134,9 @@ def test_write_body_skips_a_request_whose_client_left() -> None:
 
 
 @pytest.mark.integration
-def test_dropped_answers_leave_the_web_server_working(make_master, cloud, browser):  # noqa: F811
-    config = master_cfg(build_wait_timeout=600).replace(
-        "'plugins': {}", "'plugins': {'dockerami': {}}") + MORE_BUILDERS
-    master = make_master(config)
+def test_dropped_answers_leave_the_web_server_working(make_master, cloud, browser):
+    master = make_master(master_cfg(build_wait_timeout=600, plugins={"dockerami": {}})
+                         + MORE_BUILDERS)
     port = master.www_port
     from buildbot.www.rest import V2RootResource
     buggy = restfix.has_thread_write_bug(V2RootResource)
@@ -151,12 +149,13 @@ def test_dropped_answers_leave_the_web_server_working(make_master, cloud, browse
     assert errors == [], f"{len(errors)} of {dropped} dropped requests failed: {errors[:5]}"
 
     # A browser leaving the Fleet page while its polls are in flight, a few times.
-    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page = browser.new_page(viewport=VIEWPORT)
     try:
         for _ in range(5):
-            page.goto(f"http://127.0.0.1:{port}/#/dockerami", wait_until="commit")
-            page.wait_for_timeout(150)
-            page.goto("about:blank")
+            with page.expect_request(lambda r: r.url.endswith(f"{PLUGIN_PATH}/api/fleet"),
+                                     timeout=30_000):
+                page.goto(f"http://127.0.0.1:{port}/#/dockerami", wait_until="commit")
+            page.goto("about:blank")  # its poll is in flight, or just answered
     finally:
         page.close()
 
@@ -165,11 +164,10 @@ def test_dropped_answers_leave_the_web_server_working(make_master, cloud, browse
         assert response.status_code == 200
         json.loads(response.text)
     assert [w["name"] for w in master.get("workers")] == ["w0"]
-    fleet = requests.get(f"http://127.0.0.1:{port}/plugins/dockerami/api/fleet", timeout=10)
-    assert [w["name"] for w in fleet.json()["workers"]] == ["w0"]
+    assert [w["name"] for w in master.fleet()["workers"]] == ["w0"]
 
     brid = master.force()
-    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page = browser.new_page(viewport=VIEWPORT)
     try:
         page.goto(f"http://127.0.0.1:{port}/#/dockerami")
         page.locator("tr[data-worker='w0']").wait_for(timeout=30_000)
@@ -179,9 +177,8 @@ def test_dropped_answers_leave_the_web_server_working(make_master, cloud, browse
         page.close()
     assert master.wait_request(brid, 120)["results"] == SUCCESS
 
-    time.sleep(1)  # let anything still queued reach the log
+    assert master.stop()  # anything still queued has reached the log
     log = master.log()
     assert unhandled_errors(log) == []
     assert "Unhandled error in Deferred" not in log
     assert "object has no attribute 'write'" not in log
-    assert master.stop()

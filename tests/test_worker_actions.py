@@ -9,28 +9,32 @@ from pathlib import Path
 import pytest
 
 from tests.harness import RETRY, SUCCESS, control_worker, master_cfg, wait_for
-from tests.test_ec2_worker import instances, state_of
+from tests.helpers import ids, instances, live, state_of
 
 pytestmark = pytest.mark.integration
-
-
-def running(cloud) -> list[dict]:
-    return [i for i in instances(cloud) if i["State"]["Name"] in ("pending", "running")]
 
 
 def test_pause_stops_new_builds_but_idle_instance_still_ends_then_unpause_boots(
         make_master, cloud):
     master = make_master(master_cfg(build_wait_timeout=4))
     assert master.wait_request(master.force(), 90)["results"] == SUCCESS
+    (first,) = ids(instances(cloud))
     control_worker(master, "w0", "pause")
     brid = master.force()
-    wait_for(lambda: not running(cloud), 30, "the idle instance to be terminated while paused")
-    time.sleep(2)
+    wait_for(lambda: not live(cloud), 30, "the idle instance to be terminated while paused")
     assert not master.builds_for(brid), "a build started on a paused worker"
     assert len(instances(cloud)) == 1, "a paused worker launched an instance"
+    unpaused = time.monotonic()
     control_worker(master, "w0", "unpause")
     assert master.wait_request(brid, 90)["results"] == SUCCESS
     assert len(instances(cloud)) == 2
+    # Nothing the paused worker did was missed by sampling too early: the request had
+    # one build, on the one instance launched since the first, and that launch reached
+    # EC2 after the unpause.
+    assert len(master.builds_for(brid)) == 1
+    (second,) = set(ids(instances(cloud))) - {first}
+    boot = cloud.faults.clock.boot(second)
+    assert boot is not None and boot.at >= unpaused, "an instance was launched while paused"
 
 
 def test_graceful_stop_lets_the_build_finish_then_terminates(make_master, cloud):

@@ -3,7 +3,6 @@ image (built and pushed with the CLI) and a local cloud with the container runti
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,17 +14,14 @@ from buildbot_dockerami.localcloud.containers import ContainerRuntime
 from tests.docker_support import (
     BASE_IMAGE,
     Registry,
-    container_names,
+    cli,
+    containers_of,
     docker_client,
     images_of,
+    instance_ids,
     remove_repository,
 )
-from tests.harness import BIN, REPO
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "buildbot-dockerami"), *args], capture_output=True,
-                          text=True, timeout=900, check=False)
+from tests.harness import REPO
 
 
 @pytest.fixture(scope="session")
@@ -75,12 +71,5 @@ def cloud(tmp_path: Path, engine: docker.DockerClient,
     state = tmp_path / "cloud"
     with LocalCloud(state_dir=state, runtime=runtime(state / "instances")) as local_cloud:
         yield local_cloud
-    assert not container_names(engine), "containers left behind after the cloud stopped"
-
-
-
-
-def only_instance(cloud: LocalCloud) -> dict:
-    (reservation,) = cloud.client().describe_instances()["Reservations"]
-    (instance,) = reservation["Instances"]
-    return instance
+        launched = instance_ids(local_cloud)
+    assert not containers_of(engine, launched), "containers left after the cloud stopped"

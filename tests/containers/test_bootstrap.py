@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from buildbot_dockerami.localcloud.containers import ContainerRuntime, LegacyCrontabRuntime
-from tests.containers.conftest import cli, only_instance
-from tests.docker_support import Registry, container_names
+from tests.docker_support import Registry, cli, containers_of, instance_ids, only_instance
 from tests.harness import RETRY, SUCCESS, master_cfg, wait_for
 
 pytestmark = pytest.mark.integration
@@ -33,7 +32,7 @@ def test_build_runs_in_the_pulled_container_and_idle_instance_takes_it_away(
     assert "build-user=builder in-container=yes" in output  # never true on the host
 
     instance_id = only_instance(cloud)["InstanceId"]
-    assert container_names(engine) == [f"dockerami-{instance_id}"]
+    assert containers_of(engine, instance_ids(cloud)) == [f"dockerami-{instance_id}"]
     console = cloud.runtime.console(instance_id)
     assert f"pulling {worker_image}" in console
     # The bootstrap read the user data with an IMDSv2 token.
@@ -42,7 +41,7 @@ def test_build_runs_in_the_pulled_container_and_idle_instance_takes_it_away(
 
     wait_for(lambda: only_instance(cloud)["State"]["Name"] == "terminated", 60,
              "the idle instance to be terminated")
-    wait_for(lambda: not container_names(engine), 30, "its container to be gone")
+    wait_for(lambda: not containers_of(engine, [instance_id]), 30, "its container to be gone")
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -33,9 +32,7 @@ from buildbot_dockerami.localcloud.containers import (
 )
 from buildbot_dockerami.protocol import userdata
 from buildbot_dockerami.protocol.passwords import container_password
-from tests.containers.conftest import only_instance
-from tests.containers.test_isolation import LEFTOVERS, facts
-from tests.docker_support import container_names
+from tests.docker_support import LEFTOVERS, container_names, facts, only_instance
 from tests.harness import SUCCESS, master_cfg, wait_for
 
 pytestmark = pytest.mark.integration
@@ -109,9 +106,8 @@ until curl -sf "$A/release"; do sleep 0.3; done
 
 def config(attacker_url: str, image: str) -> str:
     text = master_cfg(image=image, command="true", build_wait_timeout=120,
-                      pool="'pool', slots=2")
-    builders = text.index("c['builders'] = [")
-    return text[:builders] + f"""
+                      pool="'pool', slots=2", plugins={"dockerami": {}})
+    return text + f"""
 def probe(command):
     return util.BuildFactory([steps.ShellCommand(name='run', command=['sh', '-c', command])])
 
@@ -134,6 +130,11 @@ def pb_logins(master, attempts: list[tuple[str, str]]) -> list[str]:
         [sys.executable, str(PB_LOGIN), "127.0.0.1", str(master.pb_port)],
         input=json.dumps(attempts), capture_output=True, text=True, timeout=600, check=True)
     return json.loads(result.stdout)
+
+
+def slot_row(master, name: str) -> dict:
+    """The slot's row on the Fleet page (its timeline restarts with each container)."""
+    return next(w for w in master.fleet()["workers"] if w["name"] == name)
 
 
 def slot_secrets(cloud, instance_id: str) -> dict[int, str]:
@@ -193,14 +194,17 @@ def test_a_hostile_build_gets_no_credential_no_metadata_and_leaves_nothing(
     attempts = [(name, token) for token in found for name in ("pool-1-2", "pool-1-1")]
     assert set(pb_logins(master, attempts)) == {"refused"}, found
 
-    # 4. After the build, its password is worth nothing, while the slot waits for its
-    #    next container and afterwards.
+    # 4. After the build, its password is worth nothing: at once, while the slot waits
+    #    for its next container; once that container has connected; and (below) after
+    #    the slot's next build.
     spent = container_password(secrets[0], number)
     attacker.released.set()
-    assert master.wait_request(hostile, 120)["results"] == SUCCESS
-    for _ in range(5):
-        assert pb_logins(master, [("pool-1-1", spent)]) == ["refused"]
-        time.sleep(0.5)
+    done = master.wait_request(hostile, 120)
+    assert done["results"] == SUCCESS
+    assert pb_logins(master, [("pool-1-1", spent)]) == ["refused"]
+    wait_for(lambda: slot_row(master, "pool-1-1")["timeline"].get("connected", 0)
+             > done["complete_at"], 120, "pool-1-1's next container to connect")
+    assert pb_logins(master, [("pool-1-1", spent)]) == ["refused"]
 
     # 5. The next builds on both slots run in fresh containers and find nothing left.
     hostile_facts = facts(master, build)
@@ -211,6 +215,7 @@ def test_a_hostile_build_gets_no_credential_no_metadata_and_leaves_nothing(
         assert seen["instance"] == hostile_facts["instance"]
         assert seen["container"] != hostile_facts["container"]
         assert [seen[k] for k in ("workspace", "home", "tmp", "process")] == ["no"] * 4
+    assert pb_logins(master, [("pool-1-1", spent)]) == ["refused"]
     assert "invalid login from user 'pool-1-2'" in master.log()
     assert master.stop(timeout=30), "the master did not stop within 30s"
 

@@ -10,11 +10,10 @@ import contextlib
 import re
 
 import pytest
-import requests
 from docker.errors import ImageNotFound
 
 from buildbot_dockerami.localcloud.containers import LegacyCrontabRuntime
-from tests.containers.conftest import only_instance
+from tests.docker_support import only_instance
 from tests.harness import SUCCESS, master_cfg, wait_for
 
 pytestmark = pytest.mark.integration
@@ -26,8 +25,7 @@ def connected_row(make_master, worker_image: str, worker_extra: str = "") -> tup
                                     plugins={"dockerami": {}}, worker_extra=worker_extra))
     build = master.wait_request(master.force(), 180)
     assert build["results"] == SUCCESS, master.log()[-3000:]
-    url = f"http://127.0.0.1:{master.www_port}/plugins/dockerami/api/fleet"
-    row = wait_for(lambda: next((w for w in requests.get(url, timeout=10).json()["workers"]
+    row = wait_for(lambda: next((w for w in master.fleet()["workers"]
                                  if "connected" in w["timeline"]), None),
                    30, "the worker's timeline")
     return row, master

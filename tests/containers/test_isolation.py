@@ -3,38 +3,20 @@ kept instance (isolation='container'), several slots per instance, lost containe
 
 from __future__ import annotations
 
-import re
 import time
 
 import pytest
 
-from tests.containers.conftest import only_instance
-from tests.docker_support import container_names
+from tests.docker_support import (
+    LEFTOVERS,
+    containers_of,
+    facts,
+    instance_ids,
+    only_instance,
+)
 from tests.harness import RETRY, SUCCESS, master_cfg, wait_for
 
 pytestmark = pytest.mark.integration
-
-# Reports what a build can see of earlier builds, then leaves all of that behind. The
-# marker process is found through /proc (no procps in the image); the pattern and the
-# name are spelled so that neither this script nor grep matches itself.
-LEFTOVERS = (
-    "echo container=$(grep -o 'containers/[0-9a-f]*' /proc/self/mountinfo | head -n 1 "
-    "| cut -d/ -f2) instance=$DOCKERAMI_INSTANCE_ID; "
-    "seen() { if [ -e \"$1\" ]; then echo yes; else echo no; fi; }; "
-    "echo leftovers: workspace=$(seen marker-ws) home=$(seen $HOME/marker-home) "
-    "tmp=$(seen /tmp/marker-tmp) process=$(grep -las 'leftover-sleepe[r]' /proc/[0-9]*/cmdline "
-    ">/dev/null && echo yes || echo no); "
-    "touch marker-ws $HOME/marker-home /tmp/marker-tmp; "
-    "m=leftover; setsid nohup sh -c \"sleep 1000 # $m-sleeper\" >/dev/null 2>&1 &"
-)
-
-
-def facts(master, build: dict) -> dict[str, str]:
-    text = master.step_log(build["buildid"])
-    found = dict(re.findall(r"\b(container|instance|workspace|home|tmp|process)=(\S*)", text))
-    assert found.get("container") and found.get("instance"), text
-    return found
-
 
 def run_two_builds(master) -> tuple[dict, dict]:
     first = master.wait_request(master.force(), 180)
@@ -64,7 +46,8 @@ def test_consecutive_builds_on_one_instance_see_nothing_of_each_other(
     assert master.stop(timeout=30), "the master did not stop within 30s"
     wait_for(lambda: only_instance(cloud)["State"]["Name"] == "terminated", 30,
              "the master's instance to be terminated when it stops")
-    wait_for(lambda: not container_names(engine), 30, "no container to be left behind")
+    wait_for(lambda: not containers_of(engine, instance_ids(cloud)), 30,
+             "no container to be left behind")
 
 
 def test_without_isolation_leftovers_are_visible(make_master, cloud, worker_image):
@@ -112,7 +95,8 @@ def test_a_container_killed_mid_build_retries_the_build_in_a_fresh_one(
     assert rerun["container"] != killed and rerun["workspace"] == "no"
     assert_no_container_turned_away(master)
     assert master.stop(timeout=30), "the master did not stop within 30s"
-    wait_for(lambda: not container_names(engine), 30, "no container to be left behind")
+    wait_for(lambda: not containers_of(engine, instance_ids(cloud)), 30,
+             "no container to be left behind")
 
 
 def test_idle_timeout_still_terminates_the_instance(make_master, cloud, engine, worker_image):
@@ -123,4 +107,5 @@ def test_idle_timeout_still_terminates_the_instance(make_master, cloud, engine, 
     wait_for(lambda: only_instance(cloud)["State"]["Name"] == "terminated", 60,
              "the idle instance to be terminated")
     assert time.monotonic() - finished >= 2
-    wait_for(lambda: not container_names(engine), 30, "its containers to be gone")
+    wait_for(lambda: not containers_of(engine, instance_ids(cloud)), 30,
+             "its containers to be gone")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from buildbot_dockerami.protocol import tls
-from tests.containers.conftest import only_instance
+from tests.docker_support import only_instance
 from tests.harness import SUCCESS, master_cfg, wait_for
 
 pytestmark = pytest.mark.integration
@@ -36,9 +36,9 @@ def tls_config(image: str, cert: Path, key: Path, fingerprint: str, **settings) 
                       worker_extra=f"master_tls_fingerprint={fingerprint!r},", **settings)
     assert PLAIN_PB in text
     # The master's PB port speaks TLS only: a worker that connects at all used it.
-    return text.replace(PLAIN_PB, "c['protocols'] = {'pb': {'port': "
-                        f"'ssl:%s:interface=127.0.0.1:privateKey={key}:certKey={cert}' % "
-                        "os.environ['BUILDBOT_PB_PORT']}}")
+    return text + ("c['protocols'] = {'pb': {'port': "
+                   f"'ssl:%s:interface=127.0.0.1:privateKey={key}:certKey={cert}' % "
+                   "os.environ['BUILDBOT_PB_PORT']}}\n")
 
 
 def test_the_worker_connects_over_tls_to_the_pinned_master(
