@@ -119,6 +119,42 @@ def browser() -> Iterator[object]:
         browser.close()
 
 
+#: Modules whose tests share a costly module-scoped fixture (an installed wheel, one
+#: checkconfig of many bad settings, a browser): one worker makes it once.
+WHOLE_MODULES = ("tests/test_packaging.py", "tests/test_checkconfig.py",
+                 "tests/test_fleet_page.py")
+
+
+def xdist_group(nodeid: str) -> str | None:
+    """The pytest-xdist worker a test must share with others (with --dist loadgroup):
+    the Docker engine's tests (one worker builds the image once; no two change the
+    engine's images or the host's firewall at once), those that need PostgreSQL and
+    Crossbar (one worker starts them once), and WHOLE_MODULES'."""
+    if nodeid.startswith("tests/containers/"):
+        return "docker"
+    if nodeid.startswith("tests/test_multimaster.py") or (
+            nodeid.startswith("tests/test_shared.py") and "[postgresql]" in nodeid):
+        return "services"
+    module = nodeid.split("::", 1)[0]
+    return module if module in WHOLE_MODULES else None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """--dist loadgroup by ``xdist_group`` above, not by xdist_group marks: pytest-xdist
+    3.8 puts a mark's group in the test's node id, which pytest 9.2 no longer lets it
+    change (pytest-dev/pytest-xdist#1386), and the groups were silently lost."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Grouped(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group(nodeid) or nodeid
+
+    return Grouped(config, log)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     from tests.docker_support import SKIPPED_FOR_DOCKER
     from tests.services import SKIPPED_FOR_SERVICES

@@ -14,7 +14,7 @@ from buildbot_dockerami.fleet import multimaster, shared_tables
 from buildbot_dockerami.fleet.shared_tables import Claim, MasterRow, Row
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine]:
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'state.sqlite'}"
