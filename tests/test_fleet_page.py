@@ -189,7 +189,7 @@ SLOW_FLEET = """
 window.__fleet = {started: 0, inflight: 0, most: 0, aborted: 0};
 const realFetch = window.fetch;
 window.fetch = function (url, init) {
-  if (!String(url).includes("plugins/dockerami/api/fleet")) return realFetch(url, init);
+  if (!String(url).includes("FLEET_API")) return realFetch(url, init);
   const s = window.__fleet;
   s.started++; s.inflight++; s.most = Math.max(s.most, s.inflight);
   if (init && init.signal) init.signal.addEventListener("abort", () => { s.aborted++; });
@@ -197,7 +197,7 @@ window.fetch = function (url, init) {
     .then(() => realFetch(url, init))
     .finally(() => { s.inflight--; });
 };
-"""
+""".replace("FLEET_API", f"{PLUGIN_PATH}/api/fleet")
 
 
 def test_polls_one_at_a_time_and_stop_when_leaving(make_master, cloud, browser):

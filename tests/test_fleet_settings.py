@@ -4,7 +4,6 @@ fake clock, what checkconfig says, and a real master that uses them."""
 from __future__ import annotations
 
 import pytest
-import requests
 from twisted.internet import task
 
 from buildbot_dockerami.config.model import FleetWide, WorkerSettings
@@ -82,13 +81,11 @@ def test_checkconfig_names_fleet_settings_errors_and_moved_worker_keywords(
 def test_a_master_runs_its_fleet_with_fleet_settings(make_master) -> None:
     master = make_master(master_cfg(plugins={"dockerami": {}}, worker_extra=(
         "reconcile_interval=60,")) + FLEET_SETTINGS.format(settings="reconcile_interval=5"))
-    url = f"http://127.0.0.1:{master.www_port}/plugins/dockerami/api/fleet"
-
     def reconciled_every_5_seconds() -> bool:
-        reconciler = requests.get(url, timeout=10).json()["reconciler"]
+        reconciler = master.fleet()["reconciler"]
         return reconciler["interval"] == 5 and reconciler["checked_at"] is not None
 
     wait_for(reconciled_every_5_seconds, 30, "the reconciler to run on FleetSettings' interval")
     master.reconfig(master_cfg(plugins={"dockerami": {}}, worker_extra="reconcile_interval=60,"))
-    wait_for(lambda: requests.get(url, timeout=10).json()["reconciler"]["interval"] == 60, 30,
+    wait_for(lambda: master.fleet()["reconciler"]["interval"] == 60, 30,
              "the worker's own (deprecated) interval once FleetSettings is removed")
