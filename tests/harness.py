@@ -281,7 +281,8 @@ c['www']['authz'] = util.Authz(
 """
 
 
-def master_cfg(*, image: str = "localhost/dockerami/worker:test", instance_type: Any = "t3.micro",
+def master_cfg(*, image: str = "localhost/dockerami/worker:test",
+               instance_type: str | list[str] = "t3.micro",
                build_wait_timeout: float = 2, missing_timeout: float = 120,
                check_interval: float = 1, workers: int = 1,
                command: str = "echo hello from $(hostname)", worker_extra: str = "",
