@@ -197,7 +197,7 @@ window.fetch = function (url, init) {
     .then(() => realFetch(url, init))
     .finally(() => { s.inflight--; });
 };
-""".replace("FLEET_API", f"{PLUGIN_PATH}/api/fleet")
+""".replace("FLEET_API", f"{PLUGIN_PATH.lstrip('/')}/api/fleet")  # the page's URL is relative
 
 
 def test_polls_one_at_a_time_and_stop_when_leaving(make_master, cloud, browser):
