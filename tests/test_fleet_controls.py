@@ -154,6 +154,10 @@ def test_shipped_example_refuses_anonymous_control(make_master, cloud):
     admin = session(master, "admin", "example-admin-pw")
     assert post(admin, master, action="prewarm", worker="linux-1").status_code == 200
     (instance,) = wait_for(lambda: instances(cloud), 30, "the admin's pre-warmed instance")
+    # EC2 lists it as soon as it launched; the master knows it once the answer is in.
+    wait_for(lambda: any(w["name"] == "linux-1" and w["instance"]
+                         for w in fleet(admin, master)["workers"]), 30,
+             "the master to know its pre-warmed instance")
     assert post(admin, master, action="terminate", worker="linux-1").status_code == 200
     assert state_of(cloud, instance["InstanceId"]) in ("shutting-down", "terminated")
     assert master.stop()
