@@ -38,7 +38,7 @@ from buildbot_dockerami.config.checks import (
     rendered_problems,
 )
 from buildbot_dockerami.config.model import FLEET_WIDE, WorkerSettings
-from buildbot_dockerami.fleet import boot, fallback, pools, reconcile_plan
+from buildbot_dockerami.fleet import boot, console, ending, fallback, lost, pools
 from buildbot_dockerami.fleet.launch import (
     LaunchedInstance,
     Launcher,
@@ -48,9 +48,10 @@ from buildbot_dockerami.fleet.launch import (
     launch_spec,
     slot_user_data,
 )
+from buildbot_dockerami.fleet.prewarm import PrewarmTimer
 from buildbot_dockerami.fleet.service import Fleet
 from buildbot_dockerami.fleet.shared_instance import InstanceGroup
-from buildbot_dockerami.protocol import imageready, userdata
+from buildbot_dockerami.protocol import imageready
 from buildbot_dockerami.protocol.passwords import OneTimeCredentials
 from buildbot_dockerami.protocol.userdata import UserDataError
 from buildbot_dockerami.worker import on_request
@@ -59,8 +60,6 @@ DEFAULT_BUILD_WAIT_TIMEOUT = 10 * 60
 #: States in which a slot worker is on its way to expecting its next container.
 REARMING_STATES = (States.INSUBSTANTIATING_SUBSTANTIATING, States.SUBSTANTIATING)
 CONNECTION_WAIT_SECONDS = 30
-#: Longest console output tail logged when an instance never connected.
-CONSOLE_TAIL_CHARS = 4000
 #: The worker-info key (a file in the worker's info/ directory) carrying the id of the
 #: instance the worker runs on; images that do not report it are accepted (README).
 INSTANCE_ID_INFO = "instance_id"
@@ -125,7 +124,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     #: The user's build_wait_timeout (buildbot's is forced to 0 under isolation).
     idle_timeout: float = DEFAULT_BUILD_WAIT_TIMEOUT
     _prewarming = False
-    _prewarm_timer: Any = None
+    _prewarm: PrewarmTimer | None = None
     #: Fired when the worker connects while check_instance waits for EC2.
     _on_connect: defer.Deferred | None = None
     #: This insubstantiation is the idle timeout's (the instance may be stopped).
@@ -421,12 +420,11 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         if not ok:
             self._count_failure(f"instance_{status.state if status else 'not_found'}", reason)
             # The boot's last words (e.g. the bootstrap's "cannot pull image") say why.
-            output = yield self._console_output(instance)
+            output = yield console.output(instance, self.password, str(self))
             self._failed_console = output  # logged in full by stop_instance, not fetched again
-            last = boot.last_console_words(output or "")
-            if last:
-                reason += f"; console: {last}"
-                self.last_failure = reason
+            explained = console.explained(reason, output)
+            if explained != reason:
+                reason = self.last_failure = explained
         return (ok, reason)
 
     def _refuse(self, conn: Any, why: str) -> None:
@@ -488,7 +486,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             if self.busy:  # the build that asked for this instance starts now
                 self.timeline["build_started"] = self.timeline["connected"]
             elif self._prewarming and self.group is None:
-                self._start_prewarm_timer()
+                self._prewarm_timer.start()
             self._prewarming = False
             self.recycling = False
             self.fleet.metrics.observe(
@@ -529,31 +527,23 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     @defer.inlineCallbacks
     def _why_lost(self, instance: LaunchedInstance) -> Any:
         try:
-            status = (yield instance.client.describe([instance.instance_id])).get(
-                instance.instance_id)
+            status = yield lost.gone(instance)
         except Exception as e:
             log.msg(f"{self}: connection lost; state of {instance.instance_id} unknown: {e}")
             return
-        if status is not None and status.state in reconcile_plan.LOST_STATES:
+        if status is not None:
             reason = self._record_lost(instance, status)
             log.msg(f"{self}: connection lost: {reason}")
             if self.instance is instance and self.state == States.SUBSTANTIATED:
                 yield self.insubstantiate()
 
     def _record_lost(self, instance: LaunchedInstance, status: instances.InstanceStatus) -> str:
-        """The reason ``instance`` is lost, recorded once however often it is reported:
-        by the reconciler (instance_lost) and a lost connection (_why_lost) alike, and
-        to every slot of a shared instance. Counted once per instance; each worker shows
-        the reason once (a late report never hides a newer failure)."""
-        reason = reconcile_plan.lost_reason(status)
+        """The reason ``instance`` is lost (fleet/lost.py counts it once); this worker
+        shows it once, so a late report never hides a newer failure."""
+        reason = lost.record(self.fleet.metrics, instance, status)
         if self._lost_id != instance.instance_id:
             self._lost_id = instance.instance_id
             self.last_failure = reason
-        if not instance.lost:
-            instance.lost = True
-            self.fleet.metrics.inc("dockerami_instances_lost_total", {"state": status.state})
-            if "Spot" in status.reason:  # reclaimed without its notice having been seen
-                self.fleet.metrics.inc("dockerami_spot_interruptions_total", {})
         return reason
 
     def _let_go(self, reason: str) -> None:
@@ -643,24 +633,16 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         self.substantiate(None, None).addErrback(lambda _: None)  # failures are logged
         return True
 
-    def _start_prewarm_timer(self) -> None:
-        """A pre-warmed instance waits for a build as long as an idle one would."""
-        self._cancel_prewarm_timer()
-        if self.idle_timeout >= 0:
-            self._prewarm_timer = self.master.reactor.callLater(
-                max(self.idle_timeout, 1), self._prewarm_expired
-            )
-
-    def _cancel_prewarm_timer(self) -> None:
-        if self._prewarm_timer is not None and self._prewarm_timer.active():
-            self._prewarm_timer.cancel()
-        self._prewarm_timer = None
+    @property
+    def _prewarm_timer(self) -> PrewarmTimer:
+        if self._prewarm is None:
+            self._prewarm = PrewarmTimer(
+                self.master.reactor, lambda: self.idle_timeout,
+                lambda: self.fleet.keeper is not None and self.fleet.keeper.keeps_warm(self),
+                self._prewarm_expired)
+        return self._prewarm
 
     def _prewarm_expired(self) -> None:
-        self._prewarm_timer = None
-        if self.fleet.keeper is not None and self.fleet.keeper.keeps_warm(self):
-            self._start_prewarm_timer()  # still needed for the pool's warm minimum
-            return
         if not self.busy and self.instance is not None:
             log.msg(f"{self}: pre-warmed instance had no build; ending it")
             self._idle_stop = True
@@ -670,7 +652,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         # buildbot calls this when it claims the worker, before substantiating it.
         super().buildStarted(wfb)
         self._note_use()
-        self._cancel_prewarm_timer()
+        self._prewarm_timer.cancel()
         if self.conn is not None:
             self.timeline.setdefault("build_started", self.master.reactor.seconds())
         if self.group is not None:
@@ -735,7 +717,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
 
     @defer.inlineCallbacks
     def stop_instance(self, fast: bool = False) -> Any:
-        self._cancel_prewarm_timer()
+        self._prewarm_timer.cancel()
         instance, self.instance = self.instance, None
         self.resetWorkerPropsOnStop()
         if instance is None:
@@ -745,20 +727,19 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         if not self._connected and not cancelled:
             if not self._failure_counted:
                 self._count_failure("never_connected", "the worker never connected")
-            yield self._log_console_output(instance)
+            output = self._failed_console
+            if output is None:
+                output = yield console.output(instance, self.password, str(self))
+            console.log_never_connected(str(self), instance, output)
         if self.group is not None:
             self._leave_slot(self.group, instance)
             return True
         idle, self._idle_stop = self._idle_stop, False
-        if (idle and self.idle_action == "stop" and self._connected and not cancelled
-                and not self.fleet.stopping and self.fleet.stopped.max_count > 0):
-            stopped = yield self._launcher().stop_for_reuse(instance)
-            if stopped:
-                self.fleet.after_release()
-                return True
-        state = yield self.fleet.terminate(instance.client, instance.instance_id)
-        log.msg(f"{self}: instance {instance.instance_id} is {state}")
-        self.fleet.released(self.pool)
+        reuse = idle and ending.stops_for_reuse(
+            self.fleet, idle_action=self.idle_action, connected=self._connected,
+            cancelled=cancelled)
+        yield ending.end(self.fleet, instance, self._launcher(), self.pool, reuse=reuse,
+                         log_prefix=str(self))
         return True
 
     def _soft_disconnect(self, fast: bool = False, stopping_service: bool = False) -> Any:
@@ -776,26 +757,6 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             return
         self.recycling = True
         self.arm()
-
-    @defer.inlineCallbacks
-    def _console_output(self, instance: LaunchedInstance) -> Any:
-        """The instance's console, password masked, or None if EC2 has none for it."""
-        try:
-            output = yield instance.client.console_output(instance.instance_id)
-        except Exception as e:
-            log.msg(f"{self}: no console output for {instance.instance_id}: {e}")
-            return None
-        return userdata.redact(output, self.password)
-
-    @defer.inlineCallbacks
-    def _log_console_output(self, instance: LaunchedInstance) -> Any:
-        """Why did it never connect? The console usually says."""
-        output = self._failed_console
-        if output is None:
-            output = yield self._console_output(instance)
-        if output is not None:
-            log.msg(f"{self}: instance {instance.instance_id} never connected; console output:"
-                    f"\n{output[-CONSOLE_TAIL_CHARS:]}")
 
 
 def worker_pool(name: str, *, count: int = 1, slots: int = 1,
