@@ -315,13 +315,8 @@ class Coordinator:
         endpoint this master's workers use. Raises if EC2 cannot be asked: the
         reclaim row stays open and the next pass tries again."""
         tag = instances.master_id(corpse.name)
-        clients = []
-        for worker in list(self.fleet.workers):
-            client = yield worker.ec2_client()
-            if client not in clients:
-                clients.append(client)
         terminated = []
-        for client in clients:
+        for client in (yield self.fleet.clients()):
             found = yield client.describe_tagged(instances.MASTER_TAG, tag)
             for status in found.values():
                 if status.state in reconcile_plan.LIVE_STATES:

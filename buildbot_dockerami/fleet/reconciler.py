@@ -81,15 +81,7 @@ class Reconciler:
     @defer.inlineCallbacks
     def _pass(self) -> Any:
         fleet = self.fleet
-        clients: list[AsyncEc2] = []
-        for worker in list(fleet.workers):
-            try:
-                client = yield worker.ec2_client()
-            except Exception as e:
-                log.msg(f"dockerami: reconciler: no EC2 client for {worker.name}: {e}")
-                continue
-            if client not in clients:
-                clients.append(client)
+        clients = yield fleet.clients(skipping="reconciler")
         view: dict[str, tuple[AsyncEc2, InstanceStatus]] = {}
         seen: dict[str, InstanceStatus] = {}
         suspects: set[str] = set()
@@ -171,12 +163,7 @@ class Reconciler:
     @defer.inlineCallbacks
     def _terminate_if_untracked(self, instance_id: str, claimed_by: str) -> Any:
         fleet = self.fleet
-        clients: list[AsyncEc2] = []
-        for worker in list(fleet.workers):
-            client = yield worker.ec2_client()
-            if client not in clients:
-                clients.append(client)
-        for client in clients:
+        for client in (yield fleet.clients()):
             status = (yield client.describe([instance_id])).get(instance_id)
             if status is None:
                 continue

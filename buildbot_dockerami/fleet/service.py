@@ -215,6 +215,24 @@ class Fleet(service.SharedService):
         self._creating[key].append(waiter)
         return waiter
 
+    @defer.inlineCallbacks
+    def clients(self, skipping: str | None = None) -> Any:
+        """The distinct EC2 clients this master's workers use (one per region, endpoint
+        and credentials), in the workers' order. A worker whose client cannot be built
+        fails the call, unless ``skipping`` names the caller: then it is logged, skipped."""
+        found: list[AsyncEc2] = []
+        for worker in list(self.workers):
+            try:
+                client = yield worker.ec2_client()
+            except Exception as e:
+                if skipping is None:
+                    raise
+                log.msg(f"dockerami: {skipping}: no EC2 client for {worker.name}: {e}")
+                continue
+            if client not in found:
+                found.append(client)
+        return found
+
     def _client_created(self, result: Any, key: Hashable, pool: ThreadPool) -> None:
         waiters = self._creating.pop(key, [])
         if isinstance(result, failure.Failure):
