@@ -4,7 +4,8 @@ from importlib.resources import files
 
 from buildbot_dockerami.fleet.multimaster import Heartbeat
 from buildbot_dockerami.worker.fleet_settings import FleetSettings
-from buildbot_dockerami.worker.latent import DockerAMILatentWorker, worker_pool
+from buildbot_dockerami.worker.latent import DockerAMILatentWorker
+from buildbot_dockerami.worker.pool import worker_pool
 
 __all__ = ["DockerAMILatentWorker", "FleetSettings", "Heartbeat", "worker_pool"]
 #: The one version source is www/VERSION: buildbot's plugin loader requires that file,
