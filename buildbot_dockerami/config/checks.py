@@ -37,9 +37,13 @@ def _is_renderable(value: Any) -> bool:
 
 
 def config_problems(name: Any, password: Any, **values: Any) -> list[str]:
-    """Every problem checkable before a build exists, as "setting: message" strings;
-    ``values`` are WorkerSettings fields (the rest take their defaults)."""
-    s = WorkerSettings(**values)
+    """settings_problems for WorkerSettings fields given as keywords (the rest take
+    their defaults)."""
+    return settings_problems(name, password, WorkerSettings(**values))
+
+
+def settings_problems(name: Any, password: Any, s: WorkerSettings) -> list[str]:
+    """Every problem checkable before a build exists, as "setting: message" strings."""
     image, ami, ami_filters, ami_owners = s.image, s.ami, s.ami_filters, s.ami_owners
     instance_type, region, master_address = s.instance_type, s.region, s.master_address
     setup_repo, setup_branch, session, isolation = (s.setup_repo, s.setup_branch, s.session,

@@ -34,8 +34,8 @@ from buildbot_dockerami.config import validators
 from buildbot_dockerami.config.checks import (
     accepted_keywords,
     buildbot_settings,
-    config_problems,
     rendered_problems,
+    settings_problems,
 )
 from buildbot_dockerami.config.model import FLEET_WIDE, WorkerSettings
 from buildbot_dockerami.fleet import boot, console, ending, fallback, lost, pools
@@ -179,9 +179,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
 
     def checkConfig(self, name: Any = None, password: Any = None, **kwargs: Any) -> None:
         settings, kwargs = WorkerSettings.split(kwargs)
-        problems = config_problems(name, password, **settings.plain(),
-                                   identifier=settings.identifier,
-                                   secret_identifier=settings.secret_identifier)
+        problems = settings_problems(name, password, settings)
         bad, kwargs = buildbot_settings(kwargs, accepted_keywords(type(self)))
         for problem in problems + bad:
             config.error(f"DockerAMILatentWorker {name!r}: {problem}")
