@@ -3,10 +3,9 @@
 buildbot (4.3 at least, ``db/enginestrategy.special_case_sqlite``) gives a file SQLite
 database SQLAlchemy's ``NullPool``, a choice its comment dates to SQLAlchemy 0.6/0.7:
 every transaction opens the file, reads the schema, and on close (the last connection
-to a WAL database) checkpoints the WAL. On buildbot's own schema that is 1.64 ms per
-transaction against 0.34 ms with a kept connection; a burst of 50 latent builds costs
-buildbot ~8,100 transactions, all on its one database thread (for SQLite): in the burst
-benchmark the master's CPU fell from ~21 s to ~9 s (README, *Bursts*).
+to a WAL database) checkpoints the WAL, and a burst of latent builds costs buildbot
+thousands of transactions, all on its one database thread (for SQLite). What a kept
+connection saves is measured in bench/README.md (docs/bursts.md sums it up).
 
 The replacement is what SQLAlchemy 2 itself chooses for a file SQLite database:
 ``QueuePool`` with ``check_same_thread=False`` (buildbot runs one database thread for

@@ -61,7 +61,8 @@ DEFAULT_BUILD_WAIT_TIMEOUT = 10 * 60
 REARMING_STATES = (States.INSUBSTANTIATING_SUBSTANTIATING, States.SUBSTANTIATING)
 CONNECTION_WAIT_SECONDS = 30
 #: The worker-info key (a file in the worker's info/ directory) carrying the id of the
-#: instance the worker runs on; images that do not report it are accepted (README).
+#: instance the worker runs on; images that do not report it are accepted
+#: (docs/what-happens-when.md).
 INSTANCE_ID_INFO = "instance_id"
 
 
@@ -104,8 +105,8 @@ def _first(*waits: defer.Deferred) -> defer.Deferred:
 class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     """A latent worker that boots a base AMI which runs ``image`` as the worker.
 
-    Settings are described in the README; every one of them is applied again on
-    ``buildbot reconfig`` and used from the next launch on.
+    Settings are described in docs/configuration.md; every one of them is applied
+    again on ``buildbot reconfig`` and used from the next launch on.
     """
 
     _instance: LaunchedInstance | None = None
