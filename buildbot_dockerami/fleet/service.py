@@ -15,7 +15,6 @@ imports buildbot's worker or process modules.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -27,6 +26,7 @@ from twisted.python.threadpool import ThreadPool
 from buildbot_dockerami.cloud import instances
 from buildbot_dockerami.cloud.ec2 import CALLS_AT_ONCE, DEFAULT_TIMEOUT, AsyncEc2, Ec2
 from buildbot_dockerami.fleet import fallback, multimaster, pools, stopped_pool
+from buildbot_dockerami.fleet.holdings import Holdings
 from buildbot_dockerami.fleet.metrics import Metrics
 from buildbot_dockerami.fleet.monitor import StateMonitor
 from buildbot_dockerami.fleet.reconciler import Reconciler
@@ -69,10 +69,16 @@ class Fleet(service.SharedService):
         self._clients: dict[Hashable, AsyncEc2] = {}
         self._creating: dict[Hashable, list[defer.Deferred]] = {}
         self.terminator = Terminator(reactor, self.monitor, lambda: self.stopping)
-        self.groups: dict[str, InstanceGroup] = {}
         self.metrics = Metrics()
+        #: What this master holds (holdings.py); the names below are the same objects.
+        self.holdings = Holdings(stopped_pool.StoppedPool())
         #: This master's DockerAMILatentWorkers, for the operator surface.
-        self.workers: weakref.WeakSet = weakref.WeakSet()
+        self.workers = self.holdings.workers
+        self.groups: dict[str, InstanceGroup] = self.holdings.groups
+        #: ClientToken -> owner of every RunInstances call still in flight.
+        self.launching = self.holdings.launching
+        #: Idle instances stopped for reuse (idle_action='stop').
+        self.stopped = self.holdings.stopped
         #: Per pool: runtime limits (pools.PoolLimits), and the keeper of warm capacity.
         self.pool_limits: dict[str, Any] = {}
         self.keeper: Any = None
@@ -80,13 +86,11 @@ class Fleet(service.SharedService):
         self.after_release: Callable[[], Any] = lambda: None
         #: Instances in use per pool, for O(1) cap checks.
         self.in_use = pools.InUse()
-        #: ClientToken -> owner of every RunInstances call still in flight.
-        self.launching: dict[str, str] = {}
-        self.reconciler = Reconciler(self)
+        self.reconciler = Reconciler(reactor, self.master_id, self.holdings,
+                                     terminator=self.terminator, metrics=self.metrics,
+                                     stopping=lambda: self.stopping)
         #: Capacity options EC2 recently refused, shared by every worker.
         self.cooldown = fallback.CoolDown()
-        #: Idle instances stopped for reuse (idle_action='stop').
-        self.stopped = stopped_pool.StoppedPool()
         self._stopping = False
         #: FleetSettings' values (config.model.FleetWide); None: not configured.
         self.configured: Any = None
@@ -156,7 +160,8 @@ class Fleet(service.SharedService):
     def group(self, name: str) -> InstanceGroup:
         """The shared instance of the slot workers named for ``name``."""
         if name not in self.groups:
-            self.groups[name] = InstanceGroup(self, name)
+            self.groups[name] = InstanceGroup(name, self.reactor, self.terminator,
+                                              self.holdings, self.released)
         return self.groups[name]
 
     def _thread_pool(self) -> ThreadPool:
@@ -215,23 +220,9 @@ class Fleet(service.SharedService):
         self._creating[key].append(waiter)
         return waiter
 
-    @defer.inlineCallbacks
-    def clients(self, skipping: str | None = None) -> Any:
-        """The distinct EC2 clients this master's workers use (one per region, endpoint
-        and credentials), in the workers' order. A worker whose client cannot be built
-        fails the call, unless ``skipping`` names the caller: then it is logged, skipped."""
-        found: list[AsyncEc2] = []
-        for worker in list(self.workers):
-            try:
-                client = yield worker.ec2_client()
-            except Exception as e:
-                if skipping is None:
-                    raise
-                log.msg(f"dockerami: {skipping}: no EC2 client for {worker.name}: {e}")
-                continue
-            if client not in found:
-                found.append(client)
-        return found
+    def clients(self, skipping: str | None = None) -> defer.Deferred:
+        """The distinct EC2 clients of this master's workers (Holdings.clients)."""
+        return self.holdings.clients(skipping)
 
     def _client_created(self, result: Any, key: Hashable, pool: ThreadPool) -> None:
         waiters = self._creating.pop(key, [])
@@ -252,17 +243,8 @@ class Fleet(service.SharedService):
             self.after_release()
 
     def tracked(self) -> dict[str, list[Any]]:
-        """Instance id -> the workers (or slot groups) that own it."""
-        owners: dict[str, list[Any]] = {}
-        for worker in list(self.workers):
-            if worker.instance is not None:
-                owners.setdefault(worker.instance.instance_id, []).append(worker)
-        for group in self.groups.values():
-            if group.instance is not None:
-                owners.setdefault(group.instance.instance_id, []).append(group)
-        for instance_id in self.stopped.by_instance():
-            owners.setdefault(instance_id, []).append(self.stopped)
-        return owners
+        """Instance id -> the workers (or slot groups) that own it (Holdings.tracked)."""
+        return self.holdings.tracked()
 
     @defer.inlineCallbacks
     def find_launch(self, client: AsyncEc2, token: str) -> Any:

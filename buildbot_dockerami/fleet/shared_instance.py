@@ -4,16 +4,15 @@ launched once for all of them and terminated when every slot has been idle long 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from twisted.internet import defer
 from twisted.python import failure, log
 
 from buildbot_dockerami.cloud.instances import InstanceStatus
 from buildbot_dockerami.fleet import reconcile_plan
-
-if TYPE_CHECKING:
-    from buildbot_dockerami.fleet.service import Fleet
+from buildbot_dockerami.fleet.holdings import Holdings
+from buildbot_dockerami.fleet.termination import Terminator
 
 
 class GroupMember(Protocol):
@@ -33,11 +32,19 @@ class InstanceGroup:
     """One instance whose slots are served by several workers, each build in a fresh
     container (isolation='container'). The instance lives while any slot is busy, and
     ``idle_timeout`` seconds after the last build; then every slot is released and the
-    instance terminated."""
+    instance terminated.
 
-    def __init__(self, fleet: Fleet, name: str) -> None:
-        self.fleet = fleet
+    It is given what it uses: a clock, the terminator, the holdings it is listed in, and
+    ``released(pool, group)``, called when its instance is gone (the fleet then lets
+    builds held back by a pool cap start)."""
+
+    def __init__(self, name: str, reactor: Any, terminator: Terminator, holdings: Holdings,
+                 released: Callable[[str | None, InstanceGroup], None]) -> None:
         self.name = name
+        self.reactor = reactor
+        self.terminator = terminator
+        self.holdings = holdings
+        self.released = released
         self.members: dict[str, GroupMember] = {}
         self.instance: Any = None
         self.launch_values: dict[str, Any] | None = None
@@ -96,7 +103,7 @@ class InstanceGroup:
         self._cancel_idle_timer()
         if self.idle_timeout < 0:  # buildbot's convention: never shut down
             return
-        self._idle_timer = self.fleet.reactor.callLater(self.idle_timeout, self._idle)
+        self._idle_timer = self.reactor.callLater(self.idle_timeout, self._idle)
 
     def _cancel_idle_timer(self) -> None:
         if self._idle_timer is not None and self._idle_timer.active():
@@ -125,11 +132,11 @@ class InstanceGroup:
             yield defer.DeferredList(
                 [member.release() for member in list(self.members.values())], consumeErrors=True
             )
-            yield self.fleet.terminate(instance.client, instance.instance_id)
+            yield self.terminator.terminate(instance.client, instance.instance_id)
         finally:
             self.instance = self.launch_values = None
             self.terminating = False
-            self.fleet.released(next((m.pool for m in self.members.values()), None), self)
+            self.released(next((m.pool for m in self.members.values()), None), self)
             waiters, self._gone_waiters = self._gone_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
@@ -147,5 +154,5 @@ class InstanceGroup:
         """A member's service stops (master shutdown, removed by reconfig)."""
         self.members.pop(member.name, None)
         if not self.members:
-            self.fleet.groups.pop(self.name, None)
+            self.holdings.groups.pop(self.name, None)
             yield self.shutdown("no workers left for it")
