@@ -27,6 +27,7 @@ from buildbot_dockerami.cloud import instances
 from buildbot_dockerami.cloud.ec2 import CALLS_AT_ONCE, DEFAULT_TIMEOUT, AsyncEc2, Ec2
 from buildbot_dockerami.fleet import fallback, multimaster, pools, stopped_pool
 from buildbot_dockerami.fleet.holdings import Holdings
+from buildbot_dockerami.fleet.members import FleetWorker
 from buildbot_dockerami.fleet.metrics import Metrics
 from buildbot_dockerami.fleet.monitor import StateMonitor
 from buildbot_dockerami.fleet.reconciler import Reconciler
@@ -120,6 +121,44 @@ class Fleet(service.SharedService):
         self.begin_stopping()
         self._stop()
         return super().stopService()
+
+    # -- the workers it serves -------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def register(self, worker: FleetWorker, settings: Any, idle_timeout: float) -> Any:
+        """A worker was (re)configured with ``settings`` (config.model.WorkerSettings):
+        serve it. Its EC2 client is built now (once for all workers sharing it), not by
+        the first launch of a burst; its pool's limits are loaded and kept; a slot worker
+        (isolation='container') joins its group, whose shared instance it returns."""
+        self.workers.add(worker)
+        self.worker_configured(settings)
+        worker.ec2_client().addErrback(
+            lambda f: log.msg(f"{worker}: no EC2 client yet: {f.getErrorMessage()}"))
+        pool = settings.pool
+        if pool is not None:
+            if pool not in self.pool_limits:
+                self.pool_limits[pool] = yield pools.load_limits(self.master, pool)
+            if self.keeper is None:
+                self.keeper = pools.PoolKeeper(self)
+            self.keeper.start()
+        group = worker.group
+        name = settings.instance_group or worker.name
+        if group is not None and (settings.isolation != "container" or group.name != name):
+            group.members.pop(worker.name, None)
+            group = None
+        if settings.isolation == "container":
+            group = self.group(name)
+            group.join(worker)
+            group.idle_timeout = idle_timeout
+        return group
+
+    @defer.inlineCallbacks
+    def unregister(self, worker: FleetWorker) -> Any:
+        """A worker's service stops (master shutdown, removed by reconfig)."""
+        self.workers.discard(worker)
+        self.in_use.forget(worker)
+        if worker.group is not None:
+            yield worker.group.leave(worker)
 
     # -- fleet-wide settings ---------------------------------------------------------
 

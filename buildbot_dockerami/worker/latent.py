@@ -3,10 +3,8 @@ EC2 launches and terminations of a plain base AMI whose user data names an image
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import re
-import secrets
 import warnings
 from typing import Any
 
@@ -17,18 +15,15 @@ from buildbot.interfaces import (
     LatentWorkerSubstantiatiationCancelled,
 )
 from buildbot.process.properties import Properties
-from buildbot.process.results import RETRY
 from buildbot.util import Notifier
 from buildbot.util.latent import CompatibleLatentWorkerMixin
 from buildbot.warnings import ConfigWarning
 from buildbot.worker.latent import AbstractLatentWorker, States
-from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.python import failure, log
-from twisted.spread import pb
 
 from buildbot_dockerami import patches
-from buildbot_dockerami.cloud import address, instances
+from buildbot_dockerami.cloud import address
 from buildbot_dockerami.cloud.ec2 import Credentials
 from buildbot_dockerami.config import validators
 from buildbot_dockerami.config.checks import (
@@ -38,7 +33,7 @@ from buildbot_dockerami.config.checks import (
     settings_problems,
 )
 from buildbot_dockerami.config.model import FLEET_WIDE, WorkerSettings
-from buildbot_dockerami.fleet import boot, console, ending, fallback, lost, pools
+from buildbot_dockerami.fleet import boot_state, console, ending, fallback, pools
 from buildbot_dockerami.fleet.launch import (
     LaunchedInstance,
     Launcher,
@@ -48,27 +43,16 @@ from buildbot_dockerami.fleet.launch import (
     launch_spec,
     slot_user_data,
 )
-from buildbot_dockerami.fleet.prewarm import PrewarmTimer
 from buildbot_dockerami.fleet.service import Fleet
 from buildbot_dockerami.fleet.shared_instance import InstanceGroup
 from buildbot_dockerami.protocol import imageready
-from buildbot_dockerami.protocol.passwords import OneTimeCredentials
 from buildbot_dockerami.protocol.userdata import UserDataError
 from buildbot_dockerami.worker import on_request
+from buildbot_dockerami.worker.connections import Connections
+from buildbot_dockerami.worker.losses import Losses
+from buildbot_dockerami.worker.scheduling import Scheduling
 
 DEFAULT_BUILD_WAIT_TIMEOUT = 10 * 60
-#: States in which a slot worker is on its way to expecting its next container.
-REARMING_STATES = (States.INSUBSTANTIATING_SUBSTANTIATING, States.SUBSTANTIATING)
-CONNECTION_WAIT_SECONDS = 30
-#: The worker-info key (a file in the worker's info/ directory) carrying the id of the
-#: instance the worker runs on; images that do not report it are accepted
-#: (docs/what-happens-when.md).
-INSTANCE_ID_INFO = "instance_id"
-
-
-class ConnectionRefused(pb.Error, UnauthorizedLogin):
-    """A worker connection the master turns away: a pb.Error, so not logged as a crash,
-    and an UnauthorizedLogin, so a worker that is merely early retries."""
 
 
 def pb_port(port_setting: Any) -> int | None:
@@ -89,20 +73,8 @@ def default_master_address(protocols: dict[str, Any]) -> str | None:
     return None if port is None else f"{address.default_host()}:{port}"
 
 
-def _first(*waits: defer.Deferred) -> defer.Deferred:
-    """The first of several results (or failures); the others run on, unheeded."""
-    first: defer.Deferred = defer.Deferred()
-
-    def settle(result: Any) -> None:
-        if not first.called:
-            first.callback(result)  # a Failure takes the errback path
-
-    for wait in waits:
-        wait.addBoth(settle)
-    return first
-
-
-class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
+class DockerAMILatentWorker(Connections, Losses, Scheduling, CompatibleLatentWorkerMixin,
+                            AbstractLatentWorker):
     """A latent worker that boots a base AMI which runs ``image`` as the worker.
 
     Settings are described in docs/configuration.md; every one of them is applied
@@ -124,23 +96,15 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     recycling = False
     #: The user's build_wait_timeout (buildbot's is forced to 0 under isolation).
     idle_timeout: float = DEFAULT_BUILD_WAIT_TIMEOUT
-    _prewarming = False
-    _prewarm: PrewarmTimer | None = None
-    #: Fired when the worker connects while check_instance waits for EC2.
-    _on_connect: defer.Deferred | None = None
     #: This insubstantiation is the idle timeout's (the instance may be stopped).
     _idle_stop = False
     pool: str | None = None
     #: Why the last launch or boot failed, for the Fleet page.
     last_failure = ""
-    #: The instance whose loss this worker last recorded (see _record_lost).
-    _lost_id = ""
     #: Settings buildbot renders through the secrets providers before reconfigService
     #: (a class attribute: methods still see the ``secrets`` module).
     secrets = ["identifier", "secret_identifier"]
     credentials: Credentials | None = None
-    #: A container slot's one-time passwords (protocol/passwords.py), with a fresh password.
-    one_time: OneTimeCredentials | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Fired when a slot worker starts expecting its next container (see attached).
@@ -217,34 +181,12 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         self.credentials = None if settings.identifier is None else Credentials(
             settings.identifier, settings.secret_identifier)
         self.fleet = Fleet.of(self.master)
-        self.fleet.workers.add(self)
-        self.fleet.worker_configured(settings)
         on_request.attach(self.fleet, self.master)
-        # Built now (once for all workers sharing it), not by the first launch of a burst.
-        self.ec2_client().addErrback(
-            lambda f: log.msg(f"{self}: no EC2 client yet: {f.getErrorMessage()}"))
-        pool = settings.pool
-        if pool is not None:
-            if pool not in self.fleet.pool_limits:
-                self.fleet.pool_limits[pool] = yield pools.load_limits(self.master, pool)
-            if self.fleet.keeper is None:
-                self.fleet.keeper = pools.PoolKeeper(self.fleet)
-            self.fleet.keeper.start()
-        isolation, instance_group = settings.isolation, settings.instance_group
-        idle_timeout = kwargs.get("build_wait_timeout", DEFAULT_BUILD_WAIT_TIMEOUT)
-        self.idle_timeout = idle_timeout
-        if isolation != "none":
+        self.idle_timeout = kwargs.get("build_wait_timeout", DEFAULT_BUILD_WAIT_TIMEOUT)
+        self.group = yield self.fleet.register(self, settings, self.idle_timeout)
+        if settings.isolation != "none":
             # Every build ends its worker's connection: the container or instance is spent.
             kwargs["build_wait_timeout"] = 0
-        if self.group is not None and (
-            isolation != "container" or self.group.name != (instance_group or name)
-        ):
-            self.group.members.pop(name, None)
-            self.group = None
-        if isolation == "container":
-            self.group = self.fleet.group(instance_group or name)
-            self.group.join(self)
-            self.group.idle_timeout = idle_timeout
         self._note_use()
         # None means a fresh password per instance (see start_instance); until then,
         # getRandomPass keeps the live one if an instance is booting or connected.
@@ -319,17 +261,6 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
                                  credentials=self.credentials)
 
     @defer.inlineCallbacks
-    def renew_password(self, one_time: bool = False) -> Any:
-        """A fresh password per instance when none is configured; with ``one_time``
-        (container slots), a fresh secret whose passwords each serve one container."""
-        self.one_time = OneTimeCredentials.fresh() if (
-            one_time and self.random_password) else None
-        if self.random_password:
-            self.password = self.one_time.password if self.one_time else secrets.token_hex(16)
-            yield self.registration.update(self, self.master.config)
-        return self.password
-
-    @defer.inlineCallbacks
     def _launch(self, build: Any, group: InstanceGroup | None = None) -> Any:
         """RunInstances for this worker, or for every slot of its group."""
         values = yield self.renderWorkerPropsOnStart(build)
@@ -398,176 +329,21 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
             return (True, "")
         if self.fleet.stopping:
             return (False, "the master is shutting down")
-        monitor = self.fleet.monitor
         self._on_connect = connected = defer.Deferred()
         try:
-            status = yield _first(
-                monitor.status(instance.instance_id, self.check_instance_interval * 0.8),
-                connected)
-        except Exception as e:
-            # Not knowing the state only delays the verdict (missing_timeout still holds).
-            log.msg(f"{self}: state of {instance.instance_id} unknown for now: {e}")
-            return (True, "")
+            state = yield boot_state.check(
+                self.fleet.monitor, instance, self.check_instance_interval * 0.8, connected,
+                password=self.password, log_prefix=str(self))
         finally:
             self._on_connect = None
         if self.conn is not None or self.instance is not instance:
             return (True, "")  # connected (or gone) meanwhile: not a booting instance now
-        ok, reason = boot.boot_verdict(
-            status, monitor.seconds_since_watch(instance.instance_id))
-        if status is not None and status.state == "running":
+        if state.status is not None and state.status.state == "running":
             self.timeline.setdefault("running", self.master.reactor.seconds())
-        if not ok:
-            self._count_failure(f"instance_{status.state if status else 'not_found'}", reason)
-            # The boot's last words (e.g. the bootstrap's "cannot pull image") say why.
-            output = yield console.output(instance, self.password, str(self))
-            self._failed_console = output  # logged in full by stop_instance, not fetched again
-            explained = console.explained(reason, output)
-            if explained != reason:
-                reason = self.last_failure = explained
-        return (ok, reason)
-
-    def _refuse(self, conn: Any, why: str) -> None:
-        log.msg(f"{self}: refusing a connection: {why}")
-        conn.loseConnection()
-        raise ConnectionRefused(f"{self.name}: {why}")
-
-    def _check_origin(self, conn: Any) -> None:
-        """A connection is accepted only from the instance launched for this worker.
-
-        Images that report no instance id (the seed's) are let in; the reconciler
-        ends any instance this master does not track within its interval.
-        """
-        reported = str(conn.info.get(INSTANCE_ID_INFO) or "").strip()
-        expected = self.instance.instance_id if self.instance is not None else None
-        if reported and reported != expected:
-            self.fleet.metrics.inc("dockerami_connections_refused_total", {})
-            if reported not in self.fleet.tracked():
-                self.fleet.reconciler.terminate_untracked(reported, self.name)
-            self._refuse(conn, f"it runs on {reported}, not on this worker's instance "
-                               f"{expected or '(none)'}")
-        if (self.group is None and self.state != States.SUBSTANTIATING_STARTING
-                and self.build_wait_timeout >= 0):
-            # e.g. the worker of an instance being terminated reconnects: buildbot would
-            # refuse it with a logged RuntimeError; refuse it quietly (it may retry).
-            self._refuse(conn, f"not expecting a connection ({self.state.name.lower()})")
-
-    @defer.inlineCallbacks
-    def attached(self, conn: Any) -> Any:
-        self._check_origin(conn)
-        recycling = self.state in REARMING_STATES or (
-            self.state == States.SUBSTANTIATED and self.conn is None  # lost, not yet cleaned up
-        )
-        if self.group is not None and recycling:
-            # A fresh container can connect before buildbot has finished recycling the
-            # last one's substantiation; buildbot would turn it away. Wait for it.
-            with contextlib.suppress(defer.TimeoutError):
-                yield self._expecting_connection.wait().addTimeout(
-                    CONNECTION_WAIT_SECONDS, self.master.reactor
-                )
-        # buildbot forgets a graceful Stop when a worker connects; one asked for while
-        # the instance booted still stands.
-        graceful = self._graceful
-        yield super().attached(conn)
-        if graceful and not self._graceful:
-            self._graceful = True
-            self._update_graceful()
-        if self.one_time is not None and self.conn is not None:
-            # This container's password is spent: accepted once, never again.
-            self.password = self.one_time.spend()
-            yield self.registration.update(self, self.master.config)
-        if self.instance is not None and self.conn is not None:
-            self.timeline["connected"] = self.master.reactor.seconds()
-            self.image_ready = imageready.from_info(
-                conn.info, self.instance.launched_at, self._requested_at,
-                self.timeline["connected"])
-            if self.image_ready is not None:
-                self.timeline[imageready.STEP] = self.image_ready.at
-            if self.busy:  # the build that asked for this instance starts now
-                self.timeline["build_started"] = self.timeline["connected"]
-            elif self._prewarming and self.group is None:
-                self._prewarm_timer.start()
-            self._prewarming = False
-            self.recycling = False
-            self.fleet.metrics.observe(
-                "dockerami_provisioning_seconds",
-                self.master.reactor.seconds() - self._requested_at,
-                {"isolation": self.isolation},
-            )
-            self._connected = True
-            self.fleet.monitor.unwatch(self.instance.instance_id, self.name)
-        if self.conn is not None and self._on_connect is not None:
-            # check_instance's wait ends, and with it buildbot's lock: last, so that an
-            # insubstantiation queued on the lock sees this connection fully recorded.
-            connected, self._on_connect = self._on_connect, None
-            connected.callback(None)
-
-    def running_builds(self) -> list[Any]:
-        return [build for builder in self.botmaster.builders.values()
-                for build in builder.building if build.workername == self.name]
-
-    def instance_lost(self, status: Any) -> None:
-        """EC2 says this worker's connected instance is gone (spot reclaim, the console,
-        a colleague): its builds end as RETRY with the reason, the worker lets go of it."""
-        instance = self.instance
-        if (instance is None or instance.instance_id != status.instance_id
-                or self.state != States.SUBSTANTIATED):
-            return  # booting: check_instance decides; terminating: our own doing
-        self._let_go(self._record_lost(instance, status))
-
-    def detached(self) -> Any:
-        # A connection lost unasked may be the instance dying: ask EC2 once, now, so
-        # the reason is known without waiting for the reconciler.
-        instance = self.instance
-        if (instance is not None and self.group is None and not self._stopping
-                and self.state == States.SUBSTANTIATED and not self.fleet.stopping):
-            self._deferwaiter.add(self._why_lost(instance))
-        return super().detached()
-
-    @defer.inlineCallbacks
-    def _why_lost(self, instance: LaunchedInstance) -> Any:
-        try:
-            status = yield lost.gone(instance)
-        except Exception as e:
-            log.msg(f"{self}: connection lost; state of {instance.instance_id} unknown: {e}")
-            return
-        if status is not None:
-            reason = self._record_lost(instance, status)
-            log.msg(f"{self}: connection lost: {reason}")
-            if self.instance is instance and self.state == States.SUBSTANTIATED:
-                yield self.insubstantiate()
-
-    def _record_lost(self, instance: LaunchedInstance, status: instances.InstanceStatus) -> str:
-        """The reason ``instance`` is lost (fleet/lost.py counts it once); this worker
-        shows it once, so a late report never hides a newer failure."""
-        reason = lost.record(self.fleet.metrics, instance, status)
-        if self._lost_id != instance.instance_id:
-            self._lost_id = instance.instance_id
-            self.last_failure = reason
-        return reason
-
-    def _let_go(self, reason: str) -> None:
-        """The instance cannot serve any longer: builds RETRY with ``reason`` (built again
-        elsewhere), the connection and the instance are released."""
-        log.msg(f"{self}: {reason}; its builds are retried")
-        for build in self.running_builds():
-            build.stopBuild(reason, results=RETRY)
-        if self.conn is not None:
-            self.conn.loseConnection()
-        if self.group is None:
-            self._deferwaiter.add(self.insubstantiate())
-
-    def shutdownRequested(self) -> None:
-        """The worker asks to shut down. On a spot instance that is the bootstrap
-        answering EC2's interruption notice: don't wait for the build (the instance
-        has two minutes), retry it elsewhere now."""
-        instance = self.instance
-        if instance is None or instance.market != "spot":
-            super().shutdownRequested()
-            return
-        self.fleet.metrics.inc("dockerami_spot_interruptions_total", {})
-        reason = f"spot interruption: instance {instance.instance_id} is reclaimed by EC2"
-        self.last_failure = reason
-        self._let_go(reason)
+        if not state.ok:
+            self._count_failure(state.failure, state.reason)
+            self._failed_console = state.console  # logged in full by stop_instance
+        return (state.ok, state.reason)
 
     # -- per-build isolation -------------------------------------------------------
 
@@ -593,77 +369,10 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
 
     # -- operator controls -------------------------------------------------------
 
-    def canStartBuild(self) -> bool:
-        # A build that would need a new instance waits while its pool is at its cap.
-        return super().canStartBuild() and pools.may_launch(self)
-
     @property
     def stopping(self) -> bool:
         """The worker is being removed or the master stops: no new instance for it."""
         return self._stopping
-
-    def may_launch_ahead(self) -> bool:
-        """Whether launch on request may start this worker before a build asks for it."""
-        return (self.group is None and self.state == States.NOT_SUBSTANTIATED
-                and not self._stopping and self.canStartBuild()
-                and on_request.same_for_every_build(self))
-
-    @defer.inlineCallbacks
-    def isCompatibleWithBuild(self, build_props: Any) -> Any:
-        # Asked again for every build buildbot is about to start (canStartBuild is only
-        # asked once per batch), after the builds before it have taken their workers.
-        if on_request.prefers_spare(self, build_props.getProperty("buildername")):
-            return False  # buildbot then tries the worker whose instance is on its way
-        if not pools.may_launch(self):
-            return False
-        if not (yield super().isCompatibleWithBuild(build_props)):
-            return False
-        # Last: a pool slot held until the worker starts (across masters: claimed in
-        # the shared database).
-        return (yield pools.reserve(self, holder=build_props.getProperty("buildername")))
-
-    def prewarm(self) -> bool:
-        """Boot an instance now, before any build asks (the Fleet page's Start, the
-        pool's warm minimum, or build requests waiting: on_request.py)."""
-        if (self.state != States.NOT_SUBSTANTIATED or self.isPaused() or self._stopping
-                or not pools.may_launch(self)):
-            return False
-        self._prewarming = True
-        self.substantiate(None, None).addErrback(lambda _: None)  # failures are logged
-        return True
-
-    @property
-    def _prewarm_timer(self) -> PrewarmTimer:
-        if self._prewarm is None:
-            self._prewarm = PrewarmTimer(
-                self.master.reactor, lambda: self.idle_timeout,
-                lambda: self.fleet.keeper is not None and self.fleet.keeper.keeps_warm(self),
-                self._prewarm_expired)
-        return self._prewarm
-
-    def _prewarm_expired(self) -> None:
-        if not self.busy and self.instance is not None:
-            log.msg(f"{self}: pre-warmed instance had no build; ending it")
-            self._idle_stop = True
-            self._deferwaiter.add(self.insubstantiate())
-
-    def buildStarted(self, wfb: Any) -> None:
-        # buildbot calls this when it claims the worker, before substantiating it.
-        super().buildStarted(wfb)
-        self._note_use()
-        self._prewarm_timer.cancel()
-        if self.conn is not None:
-            self.timeline.setdefault("build_started", self.master.reactor.seconds())
-        if self.group is not None:
-            self.group.build_started()
-
-    def buildFinished(self, wfb: Any) -> None:
-        super().buildFinished(wfb)
-        self._note_use()
-        if self.group is not None:
-            self.group.build_finished()
-        # A graceful Stop waits for this (buildbot's latent workers never check it).
-        self.maybeShutdown()
 
     @defer.inlineCallbacks
     def shutdown(self) -> Any:
@@ -690,10 +399,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     def stopService(self) -> Any:
         self._stopping = True
         yield super().stopService()
-        self.fleet.workers.discard(self)
-        self.fleet.in_use.forget(self)
-        if self.group is not None:
-            yield self.group.leave(self)
+        yield self.fleet.unregister(self)
 
     # -- stopping ----------------------------------------------------------------
 

@@ -1,0 +1,94 @@
+"""The worker's scheduling glue: whether buildbot may hand it a build now (pool caps and
+reservations, fleet/pools.py; launch on request, worker/on_request.py), booting it
+before any build asks (the Fleet page's Start, a warm minimum, queued requests), and
+telling the fleet when builds start and finish.
+
+A mixin of DockerAMILatentWorker (worker/latent.py), before buildbot's classes in its
+bases so that its hooks wrap buildbot's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from buildbot.worker.latent import States
+from twisted.internet import defer
+from twisted.python import log
+
+from buildbot_dockerami.fleet import pools
+from buildbot_dockerami.fleet.prewarm import PrewarmTimer
+from buildbot_dockerami.worker import on_request
+
+
+class Scheduling:
+    """buildbot's scheduling hooks, and booting ahead of builds."""
+
+    _prewarming = False
+    _prewarm: PrewarmTimer | None = None
+
+    def canStartBuild(self) -> bool:
+        # A build that would need a new instance waits while its pool is at its cap.
+        return super().canStartBuild() and pools.may_launch(self)
+
+    def may_launch_ahead(self) -> bool:
+        """Whether launch on request may start this worker before a build asks for it."""
+        return (self.group is None and self.state == States.NOT_SUBSTANTIATED
+                and not self._stopping and self.canStartBuild()
+                and on_request.same_for_every_build(self))
+
+    @defer.inlineCallbacks
+    def isCompatibleWithBuild(self, build_props: Any) -> Any:
+        # Asked again for every build buildbot is about to start (canStartBuild is only
+        # asked once per batch), after the builds before it have taken their workers.
+        if on_request.prefers_spare(self, build_props.getProperty("buildername")):
+            return False  # buildbot then tries the worker whose instance is on its way
+        if not pools.may_launch(self):
+            return False
+        if not (yield super().isCompatibleWithBuild(build_props)):
+            return False
+        # Last: a pool slot held until the worker starts (across masters: claimed in
+        # the shared database).
+        return (yield pools.reserve(self, holder=build_props.getProperty("buildername")))
+
+    def prewarm(self) -> bool:
+        """Boot an instance now, before any build asks (the Fleet page's Start, the
+        pool's warm minimum, or build requests waiting: on_request.py)."""
+        if (self.state != States.NOT_SUBSTANTIATED or self.isPaused() or self._stopping
+                or not pools.may_launch(self)):
+            return False
+        self._prewarming = True
+        self.substantiate(None, None).addErrback(lambda _: None)  # failures are logged
+        return True
+
+    @property
+    def _prewarm_timer(self) -> PrewarmTimer:
+        if self._prewarm is None:
+            self._prewarm = PrewarmTimer(
+                self.master.reactor, lambda: self.idle_timeout,
+                lambda: self.fleet.keeper is not None and self.fleet.keeper.keeps_warm(self),
+                self._prewarm_expired)
+        return self._prewarm
+
+    def _prewarm_expired(self) -> None:
+        if not self.busy and self.instance is not None:
+            log.msg(f"{self}: pre-warmed instance had no build; ending it")
+            self._idle_stop = True
+            self._deferwaiter.add(self.insubstantiate())
+
+    def buildStarted(self, wfb: Any) -> None:
+        # buildbot calls this when it claims the worker, before substantiating it.
+        super().buildStarted(wfb)
+        self._note_use()
+        self._prewarm_timer.cancel()
+        if self.conn is not None:
+            self.timeline.setdefault("build_started", self.master.reactor.seconds())
+        if self.group is not None:
+            self.group.build_started()
+
+    def buildFinished(self, wfb: Any) -> None:
+        super().buildFinished(wfb)
+        self._note_use()
+        if self.group is not None:
+            self.group.build_finished()
+        # A graceful Stop waits for this (buildbot's latent workers never check it).
+        self.maybeShutdown()
