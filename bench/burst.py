@@ -18,7 +18,7 @@ succeeded and every instance ended terminated.
 
 Reproduce (from the repository, with the project's .venv):
     .venv/bin/python -m bench.burst [--workers 50] [--boot 20] [--api 0]
-                                    [--kinds dockerami,ec2]
+                                    [--kinds dockerami,ec2] [--settle 12]
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ def wait_build(master: Master, brid: int, timeout: float) -> dict:
 
 def run_kind(kind: str, cloud: LocalCloud, root: Path, workers: int, idle: float, *,
              profile: float = 0.0, db_url: str | None = None,
-             launch_on_request: bool = False) -> Result:
+             launch_on_request: bool = False, settle: float = 12.0) -> Result:
     env = {**cloud.env(), "BENCH_WORKERS": str(workers), "BENCH_AMI": cloud.base_ami_id,
            "BENCH_LAUNCH_ON_REQUEST": "1" if launch_on_request else "0"}
     if db_url:
@@ -222,8 +222,9 @@ def run_kind(kind: str, cloud: LocalCloud, root: Path, workers: int, idle: float
         master.builder_id("burst")
         started = time.monotonic()
         runtime.warm(workers)  # the workers' imports, before the burst (see ProcessRuntime)
-        # start-up done: first reconciler pass, EC2 client, heap frozen
-        time.sleep(max(0.0, 12 - (time.monotonic() - started)))
+        # start-up done: first reconciler pass, EC2 client, heap frozen (--settle 0: a
+        # burst at start-up, as when a master restarts with build requests queued)
+        time.sleep(max(0.0, settle - (time.monotonic() - started)))
         calls_before = master_calls(cloud)
         instances = cloud.state_dir / "instances"
         instances.mkdir(parents=True, exist_ok=True)
@@ -391,6 +392,8 @@ def main() -> int:
     parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
                         help="py-spy the master for this long from the first force "
                              "(collapsed stacks in profile-KIND.txt; needs py-spy)")
+    parser.add_argument("--settle", type=float, default=12.0, metavar="SECONDS",
+                        help="seconds from the master's start to the burst (0: at start-up)")
     args = parser.parse_args()
     pending = args.boot / 2 if args.pending is None else args.pending
     # On tmpfs by default: buildbot's SQLite commits (several fsyncs per transaction,
@@ -404,6 +407,7 @@ def main() -> int:
           f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
           f"{platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"# load before: {load}")
+    print(f"# burst {args.settle:g} s after the masters' start")
     print(f"# database: {args.db}; this plugin launches "
           f"{'on request' if args.launch_on_request else 'when buildbot hands a build out'}")
     postgres = Postgres().start() if args.db == "postgresql" else None
@@ -415,7 +419,7 @@ def main() -> int:
                 result = run_kind(
                     kind, cloud, root, args.workers, args.idle, profile=args.profile,
                     db_url=postgres.new_database() if postgres is not None else None,
-                    launch_on_request=args.launch_on_request)
+                    launch_on_request=args.launch_on_request, settle=args.settle)
                 report(result, args.boot, args.workers)
     finally:
         if postgres is not None:

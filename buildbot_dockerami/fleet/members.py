@@ -4,9 +4,13 @@ worker or process modules, so everything it needs of a worker is listed here."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet import defer
+
+if TYPE_CHECKING:
+    from buildbot_dockerami.fleet.launch import LaunchedInstance
+    from buildbot_dockerami.fleet.shared_instance import InstanceGroup
 
 
 class FleetWorker(Protocol):
@@ -18,9 +22,9 @@ class FleetWorker(Protocol):
     #: Its worker_pool's name, or None.
     pool: str | None
     #: The shared instance of its slot group (isolation='container'), or None.
-    group: Any
-    #: The instance it runs on (fleet.launch.LaunchedInstance), or None.
-    instance: Any
+    group: InstanceGroup | None
+    #: The instance it runs on, or None.
+    instance: LaunchedInstance | None
     #: Its buildbot connection, None while not connected.
     conn: Any
     #: Its settings (config.model.WorkerSettings).
