@@ -53,9 +53,21 @@ def test_prewarm_and_terminate_need_the_worker_control_role(make_master, cloud):
 
     assert post(session(master), master, action="terminate", worker="w0").status_code == 403
     assert state_of(cloud, instance["InstanceId"]) == "running"
-    assert post(admin, master, action="terminate", worker="w0").status_code == 200
+    # The page sends the instance it showed: another one by now is refused, untouched.
+    stale = post(admin, master, action="terminate", worker="w0",
+                 instance_id="i-0123456789abcdef0")
+    assert stale.status_code == 409, stale.text
+    assert f"runs on {instance['InstanceId']} now" in stale.json()["error"]
+    assert state_of(cloud, instance["InstanceId"]) == "running"
+    assert post(admin, master, action="terminate", worker="w0",
+                instance_id=instance["InstanceId"]).status_code == 200
     assert state_of(cloud, instance["InstanceId"]) in ("shutting-down", "terminated")
     assert fleet(admin, master)["workers"][0]["state"] == "not running"
+    gone = post(admin, master, action="terminate", worker="w0",
+                instance_id=instance["InstanceId"])
+    assert gone.status_code == 409 and "is gone" in gone.json()["error"], gone.text
+    assert post(admin, master, action="terminate", worker="w0",
+                instance_id=["i-1"]).status_code == 400
     assert post(admin, master, action="terminate", worker="nope").status_code == 404
 
 

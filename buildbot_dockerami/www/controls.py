@@ -89,6 +89,19 @@ def _refuse_foreign(fleet: Fleet, instance_id: Any) -> None:
                             "its own master acts on it: use that master's Fleet page")
 
 
+def _refuse_another_instance(worker: Any, shown: str | None) -> None:
+    """The operator acts on the instance the page showed: if the worker's instance is
+    another one by now (the old one idled out, a new one took a build), the click would
+    end that build. Without ``instance_id`` (API callers of old), the current one."""
+    current = worker.instance.instance_id if worker.instance is not None else None
+    if current is None:
+        gone = f" ({shown} is gone)" if shown else ""
+        raise ApiError(409, f"{worker.name} has no instance{gone}")
+    if shown and shown != current:
+        raise ApiError(409, f"{worker.name} runs on {current} now, not on {shown}: "
+                            "nothing was terminated; look again before acting")
+
+
 @defer.inlineCallbacks
 def _allowed(master: Any, request: Any, worker: Any | None) -> Any:
     endpoint = ("workers", str(worker.workerid)) if worker is not None else ("workers",)
@@ -113,10 +126,12 @@ def control(master: Any, request: Any, body: dict[str, Any]) -> Any:
         return {"ok": True, "message": f"{worker.name}: starting an instance"}
     if action == "terminate":
         worker = _worker(fleet, body)
+        shown = body.get("instance_id")
+        if shown is not None and not (isinstance(shown, str) and _INSTANCE_ID.match(shown)):
+            raise ApiError(400, f"{quote(shown)} is not an instance id (i-...)")
         yield _allowed(master, request, worker)
-        _refuse_foreign(fleet, body.get("instance_id"))
-        if worker.instance is None:
-            raise ApiError(409, f"{worker.name} has no instance")
+        _refuse_foreign(fleet, shown)
+        _refuse_another_instance(worker, shown)
         yield worker.shutdown()
         return {"ok": True, "message": f"{worker.name}: instance terminated"}
     if action == "terminate_orphan":

@@ -96,7 +96,8 @@
       controls.push(button("Terminate", "btn-danger dockerami-terminate", confirmed(
         "Terminate instance " + i.id + " of worker " + w.name + "?" +
           (w.builds.length ? " Its running build will be interrupted." : ""),
-        function () { send({action: "terminate", worker: w.name}, report); })));
+        // The instance shown: if the worker has another one by now, the API refuses.
+        function () { send({action: "terminate", worker: w.name, instance_id: i.id}, report); })));
     }
     var where = [i.type, i.availability_zone, i.market].filter(Boolean).join(" \u00b7 ");
     var running = [i.uptime_seconds == null ? "" : "up " + ago(i.uptime_seconds),
