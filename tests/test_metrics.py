@@ -56,6 +56,8 @@ def test_both_formats_parse_with_counts_zeros_and_histograms(
     assert sample(found, "dockerami_ec2_throttles_total", operation="RunInstances") == 0
     assert sample(found, "dockerami_ec2_requests_total", operation="TerminateInstances") == 0
     assert sample(found, "dockerami_launch_failures_total", reason="never_connected") == 0
+    assert sample(found, "dockerami_launch_fallbacks_total",
+                  code="InsufficientInstanceCapacity") == 0
     assert sample(found, "dockerami_provisioning_seconds_bucket", isolation="none", le="1.0") == 1
     assert sample(found, "dockerami_provisioning_seconds_bucket", isolation="none", le="5.0") == 2
     assert sample(found, "dockerami_provisioning_seconds_bucket", isolation="none",

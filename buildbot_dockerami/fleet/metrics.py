@@ -25,6 +25,8 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.utils import floatToGoString
 
+from buildbot_dockerami.fleet import fallback
+
 if TYPE_CHECKING:
     from buildbot_dockerami.fleet.service import Fleet
 
@@ -74,7 +76,8 @@ FAMILIES = {
         "outcome", ("found", "not_found")),
     "dockerami_launch_fallbacks_total": Family(
         "counter", "Launch attempts refused for capacity and retried with the next "
-        "(type, subnet, market), by EC2 error code.", "code"),
+        "(type, subnet, market), by EC2 error code.", "code",
+        tuple(sorted(fallback.CAPACITY_CODES))),
     "dockerami_untracked_terminated_total": Family(
         "counter", "Instances tagged for this master that no worker tracked, terminated."),
     "dockerami_instances_lost_total": Family(
