@@ -43,7 +43,8 @@ def is_visible_style(style: dict[str, str]) -> bool:
 
 def test_fleet_page_shows_the_instance_a_build_booted(make_master, cloud, browser):
     master = make_master(master_cfg(build_wait_timeout=600, workers=1, command="sleep 20",
-                                    plugins={"dockerami": {"prices": {"t3.micro": 0.0104}}}))
+                                    plugins={"dockerami": {"prices": {"t3.micro": 0.0104},
+                                                           "anonymous_control": True}}))
     brid = master.force()
     # The build exists while its worker boots; it runs (sleep 20) once the worker connects.
     build = wait_for(lambda: next(iter(master.builds_for(brid)), None), 90, "the build")
@@ -100,10 +101,13 @@ def test_prewarm_and_terminate_clicks_and_refusal_for_anonymous(make_master, clo
 
     anonymous = browser.new_page(viewport=VIEWPORT)
     try:
+        # No controls for a visitor the master would refuse (test_fleet_controls.py shows
+        # the API refusing them), and a line that says how to get them.
         anonymous.goto(f"{base}/#/dockerami")
-        anonymous.locator("tr[data-worker='w0'] .dockerami-prewarm").click()
-        anonymous.locator(".dockerami-outcome", has_text="not authorized").wait_for()
-        anonymous.screenshot(path=str(ARTIFACTS / "fleet-refused.png"), full_page=True)
+        anonymous.locator("tr[data-worker='w0'] .dockerami-state").wait_for()
+        anonymous.locator(".dockerami-no-controls", has_text="log in").wait_for()
+        assert anonymous.locator(".dockerami-controls .btn").count() == 0
+        anonymous.screenshot(path=str(ARTIFACTS / "fleet-anonymous.png"), full_page=True)
     finally:
         anonymous.close()
     assert cloud.client().describe_instances()["Reservations"] == []
@@ -118,6 +122,11 @@ def test_prewarm_and_terminate_clicks_and_refusal_for_anonymous(make_master, clo
         assert is_visible_style(visible_style(admin, "tr[data-worker='w0'] .dockerami-prewarm"))
         row.locator(".dockerami-prewarm").click()
         row.locator(".dockerami-state", has_text="connected").wait_for(timeout=60_000)
+        assert admin.locator(".dockerami-no-controls").count() == 0
+        # At 1280 px the state is one unbroken word (an inline box on two lines has two
+        # client rects).
+        assert row.locator(".dockerami-state-word").evaluate(
+            "e => e.getClientRects().length") == 1
         admin.screenshot(path=str(ARTIFACTS / "fleet-prewarmed.png"), full_page=True)
         instance_id = row.locator(".dockerami-instance").inner_text()
 

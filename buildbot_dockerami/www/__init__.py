@@ -16,11 +16,12 @@ from __future__ import annotations
 from typing import Any
 
 from buildbot.www.plugin import Application
+from twisted.internet import defer
 from twisted.web import resource
 
 from buildbot_dockerami.fleet.service import Fleet
 from buildbot_dockerami.patches import rest as restfix
-from buildbot_dockerami.www.controls import ControlResource
+from buildbot_dockerami.www.controls import ControlResource, may_control
 from buildbot_dockerami.www.jsonapi import AppResource, answer
 from buildbot_dockerami.www.metrics import MetricsResource
 from buildbot_dockerami.www.status import fleet_status
@@ -28,10 +29,16 @@ from buildbot_dockerami.www.status import fleet_status
 
 class FleetResource(AppResource):
     def render_GET(self, request: Any) -> Any:
+        return answer(request, self._status(request), "fleet status")
+
+    @defer.inlineCallbacks
+    def _status(self, request: Any) -> Any:
         master = self.app.master
         prices = (self.app.config or {}).get("prices", {})
-        d = fleet_status(Fleet.of(master), master.reactor.seconds(), prices)
-        return answer(request, d, "fleet status")
+        status = yield fleet_status(Fleet.of(master), master.reactor.seconds(), prices)
+        # Whether this user's page shows the controls (the API refuses others anyway).
+        status["controls"] = yield may_control(master, request, self.app.config)
+        return status
 
 
 class FleetApplication(Application):

@@ -77,6 +77,19 @@ def _logged_in(master: Any, request: Any, plugin_config: Any) -> Any:
                             f"the plugin setting {ANONYMOUS_CONTROL!r})")
 
 
+@defer.inlineCallbacks
+def may_control(master: Any, request: Any, plugin_config: Any) -> Any:
+    """Whether this request's user may use the controls at all (logged in, or the
+    opt-in, and allowed by authz to control workers): the page shows them only then.
+    Each control still checks its own worker when it is used."""
+    try:
+        yield _logged_in(master, request, plugin_config)
+        yield _allowed(master, request, None)
+    except ApiError:
+        return False
+    return True
+
+
 def _refuse_foreign(fleet: Fleet, instance_id: Any) -> None:
     """Another master's instance is that master's to act on: it tracks its workers and
     builds, and two masters must never act on one instance."""

@@ -88,11 +88,13 @@
   function WorkerRow(props) {
     var w = props.worker, i = w.instance || {}, report = props.report;
     var controls = [];
-    if (w.state === "not running") {
+    if (!props.controls) {
+      // Only users whom the master lets use them see the controls (the API refuses others).
+    } else if (w.state === "not running") {
       controls.push(button("Start now", "btn-primary dockerami-prewarm", function () {
         send({action: "prewarm", worker: w.name}, report); }));
     }
-    if (w.instance) {
+    if (props.controls && w.instance) {
       controls.push(button("Terminate", "btn-danger dockerami-terminate", confirmed(
         "Terminate instance " + i.id + " of worker " + w.name + "?" +
           (w.builds.length ? " Its running build will be interrupted." : ""),
@@ -107,7 +109,8 @@
         : h("a", {className: "dockerami-worker-link", href: "#/workers/" + w.workerid}, w.name)),
       h("td", null,
         h("div", {className: "dockerami-state", title: w.last_failure || ""},
-          w.state + (w.paused ? " (paused)" : "") +
+          // The state's words never break; a long failure reason may, anywhere.
+          h("span", {className: "dockerami-state-word"}, w.state + (w.paused ? " (paused)" : "")),
           ((w.state === "quarantine" || w.state === "not running") && w.last_failure
             ? ": " + w.last_failure : "")),
         buildLinks(w.builds)),
@@ -136,11 +139,16 @@
     return h("tr", {"data-pool": name},
       h("td", null, name),
       h("td", null, p.instances), h("td", null, p.idle),
-      h("td", null, h("input", {className: "dockerami-cap", size: 4, placeholder: "none",
-        value: capState[0], onChange: function (e) { capState[1](e.target.value); }})),
-      h("td", null, h("input", {className: "dockerami-min-warm", size: 4,
-        value: warmState[0], onChange: function (e) { warmState[1](e.target.value); }})),
-      h("td", null, button("Apply", "btn-primary dockerami-apply-pool", apply)));
+      props.controls
+        ? h("td", null, h("input", {className: "dockerami-cap", size: 4, placeholder: "none",
+            value: capState[0], onChange: function (e) { capState[1](e.target.value); }}))
+        : h("td", null, p.cap == null ? "none" : p.cap),
+      props.controls
+        ? h("td", null, h("input", {className: "dockerami-min-warm", size: 4,
+            value: warmState[0], onChange: function (e) { warmState[1](e.target.value); }}))
+        : h("td", null, p.min_warm),
+      h("td", null, props.controls
+        ? button("Apply", "btn-primary dockerami-apply-pool", apply) : null));
   }
 
   // Polls url: the next request only `interval` ms after the previous answer (a slow
@@ -192,13 +200,17 @@
     return h("div", {className: "container-fluid dockerami-fleet"},
       h("h2", null, "Fleet"),
       h("p", null, "Master " + data.master_id + ". " + data.workers.length + " workers."),
+      data.controls ? null : h("p", {className: "text-muted dockerami-no-controls"},
+        "Start now, Terminate and the pool settings are shown to users allowed to control " +
+        "workers: log in to use them."),
       outcome ? h("p", {className: "dockerami-outcome " +
                           (outcome.error ? "text-danger" : "text-success")},
                   outcome.error || outcome.ok) : null,
       h("table", {className: "table table-sm table-striped dockerami-workers"},
         h("thead", null, h("tr", null, head.map(function (c) { return h("th", {key: c}, c); }))),
         h("tbody", null, data.workers.map(function (w) {
-          return h(WorkerRow, {key: w.name, worker: w, report: report});
+          return h(WorkerRow, {key: w.name, worker: w, report: report,
+                               controls: data.controls});
         }))),
       Object.keys(data.pools).length
         ? h("div", null, h("h3", null, "Pools"),
@@ -207,7 +219,7 @@
                 "Warm minimum", ""].map(function (c) { return h("th", {key: c}, c); }))),
               h("tbody", null, Object.keys(data.pools).map(function (name) {
                 return h(PoolRow, {key: name, name: name, pool: data.pools[name],
-                                   report: report});
+                                   report: report, controls: data.controls});
               }))))
         : null,
       (data.fleet || []).some(function (r) { return !r.here; })
@@ -232,9 +244,9 @@
               return h("tr", {key: o.id, "data-orphan": o.id},
                 h("td", null, o.id), h("td", null, o.state), h("td", null, o.type),
                 h("td", null, o.availability_zone),
-                h("td", null, button("Terminate", "btn-danger dockerami-terminate-orphan",
+                h("td", null, data.controls ? button("Terminate", "btn-danger dockerami-terminate-orphan",
                   confirmed("Terminate orphaned instance " + o.id + "?", function () {
-                    send({action: "terminate_orphan", instance_id: o.id}, report); }))));
+                    send({action: "terminate_orphan", instance_id: o.id}, report); })) : null));
             }))),
       (data.stopped || []).length
         ? h("div", null, h("h3", null, "Stopped for reuse"),
