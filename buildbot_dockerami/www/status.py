@@ -148,9 +148,10 @@ def shared_status(fleet: Fleet) -> dict[str, Any]:
                    "leads": shared.leads()},
         "masters": [
             {"id": m.masterid, "name": m.name, "active": m.active,
-             "tag": instances.master_id(m.name), "reclaimed": shared.reclaimed.get(m.name)}
+             "tag": instances.master_id(m.name), "reclaimed": shared.reclaimed(m.masterid)}
             for m in sorted(shared.masters, key=lambda m: m.masterid)
         ],
         "fleet": shared.view(),
         "shared_error": shared.last_error,
+        "mq_error": shared.mq_error,
     }

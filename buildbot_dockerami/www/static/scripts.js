@@ -200,6 +200,10 @@
     return h("div", {className: "container-fluid dockerami-fleet"},
       h("h2", null, "Fleet"),
       h("p", null, "Master " + data.master_id + ". " + data.workers.length + " workers."),
+      data.mq_error ? h("p", {className: "text-danger dockerami-mq-error"},
+        "No working message queue: " + data.mq_error) : null,
+      data.shared_error ? h("p", {className: "text-danger dockerami-shared-error"},
+        "The shared fleet tables could not be read: " + data.shared_error) : null,
       data.controls ? null : h("p", {className: "text-muted dockerami-no-controls"},
         "Start now, Terminate and the pool settings are shown to users allowed to control " +
         "workers: log in to use them."),
