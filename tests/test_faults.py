@@ -228,6 +228,9 @@ def test_fleet_readers_never_drive_ec2(make_master, cloud):
         body = requests.get(url, timeout=10).json()
         slowest = max(slowest, time.monotonic() - t0)
     assert body["workers"][0]["state"] == "connected"
+    # The chart's data too: the master's own samples and the present, counted from memory.
+    history = body["history"]
+    assert history["samples"] and history["now"][1 + history["states"].index("connected")] == 1
     # Far below the 20 s hold: the answer never waits for EC2 (a loaded CI machine
     # can take a few hundred ms for one local GET, so no tighter bound here).
     assert slowest < 2.0, slowest

@@ -68,6 +68,15 @@ def test_fleet_page_shows_the_instance_a_build_booted(make_master, cloud, browse
         assert re.fullmatch(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}",
                             row.locator(".dockerami-launched").inner_text())
         assert page.get_by_text("Fleet", exact=True).first.is_visible()  # the menu entry
+        # The chart of the last hours: the master's samples (one at its start at least)
+        # and the present, where the building instance has an area of its own.
+        chart = page.locator("svg.dockerami-history-chart")
+        assert int(chart.get_attribute("data-samples") or 0) >= 1
+        page.locator(".dockerami-history-key", has_text="building 1").wait_for()
+        area = chart.locator("path[data-state='building']").bounding_box()
+        assert area is not None and area["height"] > 10, area
+        box = chart.bounding_box()
+        assert box is not None and 0 < box["x"] + box["width"] <= VIEWPORT["width"], box
         page.locator(".dockerami-no-orphans").wait_for()
         assert page.evaluate(SIDEWAYS) == []
         table = page.locator("table.dockerami-workers").bounding_box()

@@ -98,6 +98,9 @@ FAMILIES = {
         "gauge", "Instances this master owns, by state.", "state", INSTANCE_STATES),
     "dockerami_terminations_failing": Family(
         "gauge", "Instances whose termination failed and is being retried."),
+    "dockerami_pool_instances": Family(
+        "gauge", "Instances this master has running or on their way, by pool (every "
+        "configured pool, at zero too; stopped ones not counted).", "pool"),
 }
 
 
@@ -233,6 +236,22 @@ def instance_states(fleet: Fleet) -> Counter[str]:
     return Counter(states.values())
 
 
+def pool_instances(fleet: Fleet) -> dict[str, int]:
+    """How many instances this master has running or on their way, per pool: every pool
+    it knows, at zero too, so a dashboard's per-pool series start before the first launch.
+    Read from memory, like every gauge here: a scrape never calls EC2."""
+    pool_of: dict[str, str] = {}
+    for worker in list(fleet.workers):
+        if worker.pool is not None and worker.instance is not None:
+            pool_of[worker.instance.instance_id] = worker.pool
+    for group in fleet.groups.values():
+        pool = next((m.pool for m in group.members.values() if getattr(m, "pool", None)), None)
+        if group.instance is not None and pool is not None:
+            pool_of.setdefault(group.instance.instance_id, pool)
+    counts = Counter(pool_of.values())
+    return {pool: counts.get(pool, 0) for pool in sorted(set(fleet.pool_limits) | set(counts))}
+
+
 class FleetCollector:
     """A prometheus_client collector over one master's fleet (fleet.Fleet)."""
 
@@ -245,6 +264,8 @@ class FleetCollector:
         gauges = {
             "dockerami_instances": {(("state", s),): counts.get(s, 0) for s in INSTANCE_STATES},
             "dockerami_terminations_failing": {(): len(fleet.undead)},
+            "dockerami_pool_instances": {
+                (("pool", pool),): n for pool, n in pool_instances(fleet).items()},
         }
         owners = {w.group.name if w.group is not None else w.name for w in list(fleet.workers)}
         yield from labelled(families(fleet.metrics, gauges, sorted(owners)),

@@ -26,6 +26,7 @@ from twisted.python.threadpool import ThreadPool
 from buildbot_dockerami.cloud import instances
 from buildbot_dockerami.cloud.ec2 import CALLS_AT_ONCE, DEFAULT_TIMEOUT, AsyncEc2, Ec2
 from buildbot_dockerami.fleet import fallback, multimaster, pools, stopped_pool
+from buildbot_dockerami.fleet.history import History
 from buildbot_dockerami.fleet.holdings import Holdings
 from buildbot_dockerami.fleet.members import FleetWorker
 from buildbot_dockerami.fleet.metrics import Metrics
@@ -106,9 +107,12 @@ class Fleet(service.SharedService):
         #: Launches idle workers for queued build requests (one master only); made and
         #: started by the glue (worker/on_request.py), stopped with the fleet.
         self.demand: Any = None
+        #: Instances by state over the last hours, sampled on this clock (history.py).
+        self.history = History.of(self)
 
     def startService(self) -> Any:
         d = super().startService()
+        self.history.start()
         master = self.master
         if master is not None and getattr(master.config, "multiMaster", False):
             # Several masters share pools and reclaim each other's instances.
@@ -221,6 +225,7 @@ class Fleet(service.SharedService):
         if self.demand is not None:
             self.demand.stop()
         self.reconciler.stop()
+        self.history.stop()
         if self.shared is not None:
             self.shared.stop()
 

@@ -132,6 +132,8 @@ def fleet_status(fleet: Fleet, now: float, prices: Mapping[str, float]) -> Any:
             "checked_at": fleet.reconciler.checked_at,
             "error": fleet.reconciler.last_error,
         },
+        # Instances by state over the last hours, from memory (fleet/history.py).
+        "history": fleet.history.status(),
         **shared_status(fleet),
     }
 

@@ -181,6 +181,52 @@
     };
   }
 
+  // Instances by state over the last hours, from the master's own samples (the API's
+  // history: a [t, count per state...] row a minute, and `now`, counted at this answer):
+  // stacked areas. Inline SVG stretched to the box's width; its text is HTML, unstretched.
+  var STATE_COLOURS = {booting: "#f0ad4e", connected: "#5bc0de", building: "#5cb85c",
+                       idle: "#9aa9c2", terminating: "#d9534f", stopped: "#adb5bd"};
+
+  function HistoryChart(props) {
+    var hist = props.history;
+    if (!hist || !hist.samples || !hist.samples.length) return null;
+    var rows = hist.now ? hist.samples.concat([hist.now]) : hist.samples;
+    var states = hist.states, W = 600, H = 90;
+    var end = rows[rows.length - 1][0];
+    var start = Math.max(rows[0][0], end - hist.span);
+    var width = Math.max(end - start, 1);
+    function total(row, upto) {
+      return row.slice(1, upto + 1).reduce(function (a, b) { return a + b; }, 0);
+    }
+    var most = Math.max(1, Math.max.apply(null, rows.map(function (r) {
+      return total(r, states.length); })));
+    function x(t) { return ((Math.max(t, start) - start) / width * W).toFixed(1); }
+    function y(v) { return (H - v / most * H).toFixed(1); }
+    var areas = states.map(function (state, k) {
+      var upper = rows.map(function (r) { return x(r[0]) + "," + y(total(r, k + 1)); });
+      var lower = rows.map(function (r) { return x(r[0]) + "," + y(total(r, k)); }).reverse();
+      return h("path", {key: state, "data-state": state, fill: STATE_COLOURS[state] || "#6c757d",
+                        d: "M" + upper.concat(lower).join("L") + "Z"}, h("title", null, state));
+    });
+    var last = rows[rows.length - 1];
+    var legend = states.map(function (state, k) {
+      return h("span", {key: state, className: "dockerami-history-key"},
+        h("span", {className: "dockerami-swatch", style: {background: STATE_COLOURS[state]}}),
+        state + " " + last[k + 1]);
+    });
+    return h("div", {className: "dockerami-history"},
+      h("div", {className: "dockerami-history-title"},
+        "Instances of this master by state, last " + ago(end - start) +
+        "; top of the chart: " + most),
+      h("svg", {className: "dockerami-history-chart", viewBox: "0 0 " + W + " " + H,
+                preserveAspectRatio: "none", width: "100%", height: H, role: "img",
+                "data-samples": hist.samples.length, "aria-label": "instances by state over time"},
+        areas),
+      h("div", {className: "dockerami-history-axis"},
+        h("span", null, when(start).slice(11, 16)), h("span", null, when(end).slice(11, 16))),
+      h("div", null, legend));
+  }
+
   function FleetPage() {
     var state = React.useState(null), data = state[0], setData = state[1];
     var err = React.useState(null), error = err[0], setError = err[1];
@@ -200,6 +246,7 @@
     return h("div", {className: "container-fluid dockerami-fleet"},
       h("h2", null, "Fleet"),
       h("p", null, "Master " + data.master_id + ". " + data.workers.length + " workers."),
+      h(HistoryChart, {history: data.history}),
       data.mq_error ? h("p", {className: "text-danger dockerami-mq-error"},
         "No working message queue: " + data.mq_error) : null,
       data.shared_error ? h("p", {className: "text-danger dockerami-shared-error"},
