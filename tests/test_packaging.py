@@ -55,7 +55,8 @@ def test_sdist_has_the_tests_and_their_support_files(sdist: Path) -> None:
                    "tests/containers/conftest.py", "ami/dockerami-bootstrap.sh",
                    "ami/packer/base-ami.json", "images/worker-linux/Dockerfile",
                    "images/worker-linux/wheels/.gitignore", "master.cfg.example",
-                   "MANIFEST.in", "dev/test", "buildbot_dockerami/www/VERSION"):
+                   "MANIFEST.in", "dev/test", "buildbot_dockerami/www/VERSION",
+                   "grafana/dockerami.json", "grafana/provisioning/dashboards.yaml"):
         assert needed in names, needed
     assert not [n for n in names if n.endswith(".whl") or "__pycache__" in n]
 
