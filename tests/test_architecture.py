@@ -1,7 +1,7 @@
 """Graviton and mixed architectures: each instance type of a launch gets the AMI of its
 architecture (fleet/architecture.py), pure and on the in-memory FakeEc2 with a real
-Fleet on a fake clock; the same against the local cloud's moto on a real master in
-test_architecture_e2e.py."""
+Fleet on a fake clock, then against the local cloud's moto (which knows every instance
+type's architecture) on a real master."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from buildbot_dockerami.fleet import architecture, fallback
 from buildbot_dockerami.fleet.architecture import Images, Plan
 from buildbot_dockerami.fleet.launch import Launcher
 from buildbot_dockerami.fleet.service import Fleet
+from tests.harness import EXCEPTION, SUCCESS, master_cfg
+from tests.helpers import instances
 
 MIXED = ["c7g.large", "c6i.large"]
 BY_NAME = [{"Name": "name", "Values": ["dockerami-base-*"]}]
@@ -253,3 +255,41 @@ def test_rendered_per_architecture_amis_are_checked_without_quoting_them() -> No
         "setup_repo": None, "setup_branch": None})
     assert problems == ["rendered ami: the rendered value is not an AMI id "
                         "(ami- followed by 8 or 17 hex digits)"]
+
+
+# -- on a real master, against the local cloud's moto -------------------------------------
+
+
+@pytest.mark.integration
+def test_graviton_first_and_amd64_after_a_capacity_fallback(make_master, cloud):
+    """The local cloud has a base AMI per architecture, both named dockerami-base-*."""
+    master = make_master(master_cfg(build_wait_timeout=0, instance_type=MIXED))
+    assert master.wait_request(master.force(), 90)["results"] == SUCCESS
+    (first,) = instances(cloud)
+    assert (first["InstanceType"], first["ImageId"], first["Architecture"]) == (
+        "c7g.large", cloud.base_ami_ids["arm64"], "arm64")
+    cloud.faults.inject("RunInstances", "InsufficientInstanceCapacity",
+                        "We currently do not have sufficient c7g.large capacity.", count=1)
+    assert master.wait_request(master.force(), 90)["results"] == SUCCESS
+    second = max(instances(cloud), key=lambda i: i["LaunchTime"])
+    assert second["InstanceId"] != first["InstanceId"]
+    assert (second["InstanceType"], second["ImageId"], second["Architecture"]) == (
+        "c6i.large", cloud.base_ami_ids["x86_64"], "x86_64")
+    assert ("RunInstances for c7g.large (on-demand) failed (InsufficientInstanceCapacity); "
+            "trying c6i.large (on-demand)") in master.log()
+    assert cloud.faults.count("RunInstances") == 3
+    assert cloud.faults.count("DescribeInstanceTypes") == 1  # kept by the master's client
+
+
+@pytest.mark.integration
+def test_an_ami_no_listed_type_can_boot_fails_the_build_clearly(make_master, cloud):
+    arm = cloud.base_ami_ids["arm64"]
+    master = make_master(master_cfg(
+        build_wait_timeout=0, instance_type="c6i.large", plugins={"dockerami": {}},
+        settings={"ami_filters": None, "ami": repr(arm)}))
+    assert master.wait_request(master.force(), 90)["results"] == EXCEPTION
+    reason = f"no instance type has an AMI it can boot: c6i.large: it is x86_64: ami {arm} is arm64"
+    assert master.fleet()["workers"][0]["last_failure"] == reason
+    assert reason in master.log()
+    assert cloud.faults.count("RunInstances") == 0
+    assert 'dockerami_launch_failures_total{reason="no_ami"} 1.0' in master.metrics().text
