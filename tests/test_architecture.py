@@ -5,6 +5,9 @@ type's architecture) on a real master."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,7 +20,7 @@ from buildbot_dockerami.fleet import architecture, fallback
 from buildbot_dockerami.fleet.architecture import Images, Plan
 from buildbot_dockerami.fleet.launch import Launcher
 from buildbot_dockerami.fleet.service import Fleet
-from tests.harness import EXCEPTION, SUCCESS, master_cfg
+from tests.harness import EXCEPTION, REPO, SUCCESS, master_cfg
 from tests.helpers import instances
 
 MIXED = ["c7g.large", "c6i.large"]
@@ -293,3 +296,40 @@ def test_an_ami_no_listed_type_can_boot_fails_the_build_clearly(make_master, clo
     assert reason in master.log()
     assert cloud.faults.count("RunInstances") == 0
     assert 'dockerami_launch_failures_total{reason="no_ami"} 1.0' in master.metrics().text
+
+
+# -- the instance side: both AMIs, images for the engine's architecture -------------------
+
+
+def test_the_packer_template_builds_an_ami_per_architecture() -> None:
+    template = json.loads((REPO / "ami" / "packer" / "base-ami.json").read_text())
+    builders = {b["name"]: b for b in template["builders"]}
+    assert sorted(builders) == ["amd64", "arm64"]
+    variables = template["variables"]
+    for name, arch, itype in (("amd64", "x86_64", "t3.small"), ("arm64", "arm64", "t4g.small")):
+        builder = builders[name]
+        filters = builder["source_ami_filter"]["filters"]
+        assert filters["architecture"] == arch
+        source = filters["name"].replace("{{user `", "").replace("`}}", "")
+        assert variables[source] == f"debian-12-{name}-*"
+        assert variables[builder["instance_type"].split("`")[1]] == itype
+        assert architecture.guess(itype) == arch
+        # Both are found by the documented filter dockerami-base-*, per architecture.
+        assert builder["ami_name"].startswith("{{user `ami_name_prefix`}}-")
+        assert builder["tags"]["dockerami:arch"] == arch
+    assert builders["amd64"]["ami_name"] != builders["arm64"]["ami_name"]
+
+
+def test_wheels_are_fetched_for_the_engines_architecture(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from buildbot_dockerami.cli import images
+
+    assert images.engine_architecture(SimpleNamespace(version=lambda: {"Arch": "arm64"})) == (
+        "arm64")
+    commands: list[list[str]] = []
+    monkeypatch.setattr(images.subprocess, "run",
+                        lambda command, check: commands.append(command))
+    for arch, machine in (("arm64", "aarch64"), ("amd64", "x86_64")):
+        images.fetch_wheels(tmp_path, "buildbot-worker==4.3.*", architecture=arch,
+                            out=lambda _: None)
+        assert commands[-1][commands[-1].index("--platform") + 1] == f"manylinux2014_{machine}"
