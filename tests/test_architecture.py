@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from twisted.internet import defer, task
+from twisted.python import log
 
 from buildbot_dockerami.cloud.ec2 import AsyncEc2, LaunchSpec
 from buildbot_dockerami.cloud.testing import FakeEc2, InlineThreads
@@ -96,6 +97,7 @@ def test_an_unknown_architecture_gets_the_one_image_or_is_skipped() -> None:
     unknown = {"c7g.large": "DescribeInstanceTypes: UnauthorizedOperation: no"}
     as_before = architecture.choose(["c7g.large"], {}, Images(unknown_type="ami-any"), unknown)
     assert as_before.amis == {"c7g.large": "ami-any"}
+    assert as_before.unchecked == unknown
     strict = architecture.choose(["c7g.large"], {}, Images(by_arch={"arm64": "ami-arm"}),
                                  unknown)
     assert strict.amis == {}
@@ -333,3 +335,29 @@ def test_wheels_are_fetched_for_the_engines_architecture(tmp_path: Path,
         images.fetch_wheels(tmp_path, "buildbot-worker==4.3.*", architecture=arch,
                             out=lambda _: None)
         assert commands[-1][commands[-1].index("--platform") + 1] == f"manylinux2014_{machine}"
+
+
+def test_a_launch_without_the_check_says_so(fake: FakeEc2, client: AsyncEc2) -> None:
+    fake.inject("DescribeInstanceTypes", "UnauthorizedOperation", "not allowed")
+    x86 = fake.register_image("dockerami-base-amd64-1")
+    plan = resolve(client, ["c6i.large"], filters=BY_NAME)
+    assert plan.unchecked == {"c6i.large": "DescribeInstanceTypes: UnauthorizedOperation: "
+                                           "not allowed"}
+    lines: list[str] = []
+    observer = lambda event: lines.append(" ".join(map(str, event.get("message", ()))))  # noqa: E731
+    log.addObserver(observer)
+    try:
+        launcher = Launcher(Fleet(task.Clock(), "master-a"), "w0", "<worker 'w0'>",
+                            lambda *_: None)
+        spec = LaunchSpec(ami="", instance_type="", user_data="w0 pw 127.0.0.1:9989\nimg",
+                          tags={"team": "ci"})
+        instance = run(launcher.launch(client, spec, fallback.options("c6i.large", None,
+                                                                      "on-demand"),
+                                       image="img", key="k", serves=["w0"], reuse=False,
+                                       plan=plan))
+    finally:
+        log.removeObserver(observer)
+    assert instance.ami == x86
+    assert ("<worker 'w0'>: architecture of c6i.large unknown (DescribeInstanceTypes: "
+            "UnauthorizedOperation: not allowed); its AMI is chosen without the architecture "
+            "check") in lines

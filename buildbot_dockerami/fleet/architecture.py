@@ -24,6 +24,7 @@ per-architecture ``ami`` cannot choose, and skips that type.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -87,6 +88,8 @@ class Plan:
     skipped: Mapping[str, str]
     #: The launch template's ImageId, when the plan's "" stands for it (for the record).
     template_image: str = ""
+    #: Types launched without the check, their architecture unknown: why.
+    unchecked: Mapping[str, str] = field(default_factory=dict)
 
     def usable(self, options: Sequence[Any]) -> list[Any]:
         """The capacity options (fallback.Option) whose type has an AMI, in order."""
@@ -99,6 +102,7 @@ def choose(instance_types: Sequence[str], architectures: Mapping[str, tuple[str,
     one; ``unknown`` says why a type's architectures are not known."""
     amis: dict[str, str] = {}
     skipped: dict[str, str] = {}
+    unchecked: dict[str, str] = {}
     for itype in dict.fromkeys(instance_types):
         if images.any_arch is not None:
             amis[itype] = images.any_arch
@@ -108,6 +112,7 @@ def choose(instance_types: Sequence[str], architectures: Mapping[str, tuple[str,
             why = (unknown or {}).get(itype, "EC2 did not say")
             if images.unknown_type is not None:
                 amis[itype] = images.unknown_type
+                unchecked[itype] = why
             else:
                 skipped[itype] = f"its architecture is unknown ({why}), and " + (
                     images.unknown_type_reason
@@ -119,7 +124,7 @@ def choose(instance_types: Sequence[str], architectures: Mapping[str, tuple[str,
         else:
             reasons = "; ".join(images.missing.get(a, f"no AMI for {a}") for a in archs)
             skipped[itype] = f"it is {'/'.join(archs)}: {reasons}"
-    return Plan(amis, skipped)
+    return Plan(amis, skipped, unchecked=unchecked)
 
 
 def _listed(by_arch: Mapping[str, str]) -> str:
@@ -188,7 +193,7 @@ def resolve(client: AsyncEc2, instance_types: Sequence[str], ami: Any,
         images = yield _newest_per_arch(client, known, bool(unknown), ami_filters, ami_owners)
     plan = choose(instance_types, known, images, unknown)
     if ami is None and ami_filters is None and template_image:
-        plan = Plan(plan.amis, plan.skipped, template_image)
+        plan = dataclasses.replace(plan, template_image=template_image)
     return plan
 
 

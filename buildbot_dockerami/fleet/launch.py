@@ -219,6 +219,9 @@ class Launcher:
             for itype, why in plan.skipped.items():
                 self.note(f"skipped {itype}: {why}", self._now())
                 log.msg(f"{self.prefix}: not launching {itype}: {why}")
+            for itype, why in plan.unchecked.items():
+                log.msg(f"{self.prefix}: architecture of {itype} unknown ({why}); "
+                        "its AMI is chosen without the architecture check")
             options = plan.usable(options)
         choices = fleet.cooldown.order(options, self._now())
         for attempt, option in enumerate(choices, start=1):
