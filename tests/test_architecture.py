@@ -151,6 +151,8 @@ def test_one_fixed_ami_runs_only_on_types_of_its_architecture(
     plan = resolve(client, ami=x86)
     assert plan.amis == {"c6i.large": x86}
     assert plan.skipped == {"c7g.large": f"it is arm64: ami {x86} is x86_64"}
+    resolve(client, ami=x86)
+    assert fake.requests("DescribeImages") == [[x86]]  # once: it never changes
     # An image EC2 does not describe (e.g. another account's, not shared): as before.
     assert resolve(client, ami="ami-0123456789abcdef0").amis == {
         "c7g.large": "ami-0123456789abcdef0", "c6i.large": "ami-0123456789abcdef0"}

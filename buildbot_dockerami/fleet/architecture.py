@@ -13,10 +13,10 @@ The AMI comes from one of:
   of its architecture (DescribeImages says which).
 
 Each type's architectures come from DescribeInstanceTypes, asked once per client and
-type (they never change). When EC2 does not say (no ``ec2:DescribeInstanceTypes``
-permission, a type it does not know), the launch goes on as before this check: one
-image from ``ami`` or ``ami_filters`` (without the architecture filter); only a
-per-architecture ``ami`` cannot choose, and skips that type.
+type (they never change; nor does an image's, asked once too). When EC2 does not say
+(no ``ec2:DescribeInstanceTypes`` permission, a type it does not know), the launch
+goes on as before this check: one image from ``ami`` or ``ami_filters`` (without the
+architecture filter); only a per-architecture ``ami`` cannot choose, and skips that type.
 
 ``guess`` is the one answer known without EC2, from the type's name, for checkconfig.
 ``choose`` is pure; ``resolve`` asks EC2 for what ``choose`` needs.
@@ -46,8 +46,9 @@ PREFERENCE = {arch: rank for rank, arch in enumerate(ARCHITECTURES)}
 #: names are not guessed.
 _ARM_FAMILY = re.compile(r"^(?:a1|[a-z]+\d+g[a-z]*)$")
 _PLAIN_FAMILY = re.compile(r"^[a-z]+\d+[a-z]*(?:-[a-z]+)?$")
-#: The memo key (AsyncEc2.memo) of a type's architectures.
+#: The memo keys (AsyncEc2.memo) of types' and images' architectures.
 MEMO = "instance-architectures"
+IMAGE_MEMO = "image-architectures"
 
 
 def guess(instance_type: str) -> str | None:
@@ -204,11 +205,15 @@ def _one_image(client: AsyncEc2, image: str | None, from_template: bool) -> Any:
     if not image or not image.startswith("ami-"):
         # e.g. a template's resolve:ssm:... parameter: only EC2 knows, at launch.
         return Images(any_arch=launched)
-    try:
-        found = yield client.image_architectures([image])
-    except (ClientError, BotoCoreError, CloudError):
-        found = {}
-    arch = found.get(image) or ""
+    memo = client.memo.setdefault(IMAGE_MEMO, {})
+    if image not in memo:
+        try:
+            found = yield client.image_architectures([image])
+        except (ClientError, BotoCoreError, CloudError):
+            found = {}
+        if found.get(image):
+            memo[image] = found[image]  # an image's architecture never changes
+    arch = memo.get(image, "")
     if not arch:
         return Images(any_arch=launched)
     where = "the launch template's ImageId" if from_template else "ami"
