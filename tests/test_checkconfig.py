@@ -52,6 +52,22 @@ BAD_WORKERS = {
               "'metadata_options: ", "HttpEndpoint must be one of enabled, disabled"),
     "mdtags": ("image='org/w:1', metadata_options={'InstanceMetadataTags': 'yes'}",
                "'metadata_options: ", "InstanceMetadataTags"),
+    # Graviton and launch templates (issue 20).
+    "archami": ("image='org/w:1', ami_filters=None, ami={'arm64': 'ami-0123456789abcdef0'}, "
+                "instance_type=['c7g.large', 'c6i.large']", "'ami: ",
+                "has no AMI for x86_64, the architecture of instance_type 'c6i.large'"),
+    "archkey": ("image='org/w:1', ami_filters=None, ami={'aarch64': 'ami-0123456789abcdef0'}",
+                "'ami: ", "is not an EC2 architecture"),
+    "noami": ("image='org/w:1', ami_filters=None", "'ami: ", "or a launch_template"),
+    "ltstr": ("image='org/w:1', launch_template='ci-workers'", "'launch_template: ",
+              "must be a dict like"),
+    "ltboth": ("image='org/w:1', launch_template={'LaunchTemplateName': 'ci', "
+               "'LaunchTemplateId': 'lt-0123456789abcdef0'}", "'launch_template: ",
+               "exactly one of LaunchTemplateName and LaunchTemplateId"),
+    "ltver": ("image='org/w:1', launch_template={'LaunchTemplateName': 'ci-workers', "
+              "'Version': 'latest'}", "'launch_template: ", "Version must be a version number"),
+    "ltkey": ("image='org/w:1', launch_template={'Name': 'ci-workers'}", "'launch_template: ",
+              "unknown keys ['Name']"),
     "bwtstr": ("image='org/w:1', build_wait_timeout='x'", "'build_wait_timeout: ",
                "must be a number of seconds >= 0 (or -1: never), not str"),
     "bwtneg": ("image='org/w:1', build_wait_timeout=-5", "'build_wait_timeout: ", "not -5"),
@@ -209,6 +225,13 @@ GOOD_WORKERS = [
     "setup_repo=util.Interpolate('%(prop:repo)s'), setup_branch='main'",
     "setup_repo='https://x/r-1', setup_branch='feature-x'",
     "properties={'a': 1}",
+    "ami_filters=None, launch_template={'LaunchTemplateName': 'ci-workers', "
+    "'Version': '$Latest'}",
+    "launch_template={'LaunchTemplateId': 'lt-0123456789abcdef0', 'Version': 3}",
+    "ami_filters=None, instance_type=['c7g.large', 'c6i.large'], "
+    "ami={'arm64': 'ami-0123456789abcdef0', 'x86_64': 'ami-0123456789abcdef1'}",
+    "ami_filters=None, instance_type='c7g.large', "
+    "ami={'arm64': util.Property('arm_ami', default='ami-0123456789abcdef0')}",
 ]
 
 

@@ -61,6 +61,8 @@ class WorkerSettings:
     tags: Any = None
     block_device_mappings: Any = None
     metadata_options: Any = None
+    #: RunInstances' LaunchTemplate, the base of every launch (fleet/templates.py).
+    launch_template: Any = None
     endpoint_url: Any = None
     session: Any = None
     identifier: Any = field(default=None, metadata=SECRET)

@@ -25,7 +25,6 @@ from twisted.python import failure, log
 from buildbot_dockerami import patches
 from buildbot_dockerami.cloud import address
 from buildbot_dockerami.cloud.ec2 import Credentials
-from buildbot_dockerami.config import validators
 from buildbot_dockerami.config.checks import (
     accepted_keywords,
     buildbot_settings,
@@ -38,9 +37,11 @@ from buildbot_dockerami.fleet.launch import (
     LaunchedInstance,
     Launcher,
     LaunchFailed,
+    LaunchRefused,
     Slot,
     launch_key,
     launch_spec,
+    plan_launch,
     slot_user_data,
 )
 from buildbot_dockerami.fleet.service import Fleet
@@ -174,8 +175,6 @@ class DockerAMILatentWorker(Connections, Losses, Scheduling, CompatibleLatentWor
             if setting not in FLEET_WIDE:  # read through the fleet (Fleet.setting)
                 setattr(self, setting, value)
         self.tags = dict(settings.tags or {})
-        if settings.metadata_options is None:
-            self.metadata_options = validators.DEFAULT_METADATA_OPTIONS
         patches.at_configure(self.master)
         # Rendered by buildbot (``secrets`` above) before they get here.
         self.credentials = None if settings.identifier is None else Credentials(
@@ -270,9 +269,11 @@ class DockerAMILatentWorker(Connections, Losses, Scheduling, CompatibleLatentWor
             self._count_failure("invalid_setting", "; ".join(problems))
             raise LatentWorkerCannotSubstantiate(self.name, "; ".join(problems))
         client = yield self.ec2_client()
-        ami = values["ami"]
-        if ami is None:
-            ami = yield client.newest_image(self.ami_filters, self.ami_owners)
+        try:  # each instance type's AMI, and the launch template read and checked
+            plan, template = yield plan_launch(client, values, self,
+                                               self.master.reactor.seconds())
+        except LaunchFailed as e:
+            raise self._launch_failed(e) from e
         members = [group.members[n] for n in sorted(group.members)] if group else [self]
         slots = []
         for member in members:
@@ -287,22 +288,28 @@ class DockerAMILatentWorker(Connections, Losses, Scheduling, CompatibleLatentWor
             self._count_failure("invalid_setting", str(e))
             raise LatentWorkerCannotSubstantiate(self.name, str(e)) from e
         owner = group.name if group is not None else self.name
-        key = launch_key(values, ami, self)
+        key = launch_key(values, plan.amis, self)
         if not (yield pools.claim_for_launch(self)):
             message = f"pool {self.pool} is at its cap on all masters"
             self._count_failure("pool_cap", message)
             raise LatentWorkerFailedToSubstantiate(self.name, message)
-        spec = launch_spec(ami, text, self)
+        spec = launch_spec("", text, self, template)
         try:
             instance = yield self._launcher(owner).launch(
                 client, spec, fallback.options(values["instance_type"], self.subnet_id,
                                                self.market),
                 image=values["image"], key=key, serves=[slot.name for slot in slots],
-                reuse=group is None)
+                reuse=group is None, plan=plan)
         except LaunchFailed as e:
-            self._count_failure(e.reason, e.message)
-            raise LatentWorkerFailedToSubstantiate(self.name, e.message) from e
+            raise self._launch_failed(e) from e
         return (instance, copy.deepcopy(values))
+
+    def _launch_failed(self, e: LaunchFailed) -> Exception:
+        """Counted; a refused launch fails the build once, another is retried."""
+        self._count_failure(e.reason, e.message)
+        if isinstance(e, LaunchRefused):
+            return LatentWorkerCannotSubstantiate(self.name, e.message)
+        return LatentWorkerFailedToSubstantiate(self.name, e.message)
 
     def _launcher(self, owner: str | None = None) -> Launcher:
         return Launcher(self.fleet, owner or self.name, str(self), self._note_timeline)
