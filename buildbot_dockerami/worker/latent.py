@@ -51,7 +51,7 @@ from buildbot_dockerami.fleet.launch import (
 from buildbot_dockerami.fleet.prewarm import PrewarmTimer
 from buildbot_dockerami.fleet.service import Fleet
 from buildbot_dockerami.fleet.shared_instance import InstanceGroup
-from buildbot_dockerami.protocol import imageready
+from buildbot_dockerami.protocol import imageready, limits
 from buildbot_dockerami.protocol.passwords import OneTimeCredentials
 from buildbot_dockerami.protocol.userdata import UserDataError
 from buildbot_dockerami.worker import on_request
@@ -141,6 +141,9 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
     credentials: Credentials | None = None
     #: A container slot's one-time passwords (protocol/passwords.py), with a fresh password.
     one_time: OneTimeCredentials | None = None
+    container_limits: Any = None
+    #: The resource limits the connected container reported (None: it did not).
+    limits_reported: dict[str, Any] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Fired when a slot worker starts expecting its next container (see attached).
@@ -351,7 +354,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         try:
             text = slot_user_data(slots, self._connect_address(), values,
                                   isolated=group is not None,
-                                  tls_fingerprint=self.master_tls_fingerprint)
+                                  tls_fingerprint=self.master_tls_fingerprint,
+                                  container_limits=self.container_limits)
         except UserDataError as e:
             self._count_failure("invalid_setting", str(e))
             raise LatentWorkerCannotSubstantiate(self.name, str(e)) from e
@@ -482,6 +486,7 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
                 self.timeline["connected"])
             if self.image_ready is not None:
                 self.timeline[imageready.STEP] = self.image_ready.at
+            self.limits_reported = limits.from_info(conn.info)
             if self.busy:  # the build that asked for this instance starts now
                 self.timeline["build_started"] = self.timeline["connected"]
             elif self._prewarming and self.group is None:
