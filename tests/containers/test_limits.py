@@ -92,7 +92,7 @@ def cgroup_values(text: str) -> dict[str, str]:
 
 
 def test_a_build_past_its_memory_limit_is_oom_killed_in_its_own_slot(
-        make_master, cloud, engine, worker_image, gate, browser):
+        make_master, cloud, worker_image, gate, browser):
     master = make_master(config(worker_image, gate.url))
     steady = master.force("steady")
     wait_for(lambda: master.builds_for(steady)
