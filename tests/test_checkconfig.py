@@ -29,6 +29,16 @@ BAD_WORKERS = {
     "badtype": ("image='org/w:1', instance_type='large'", "'instance_type: ", "instance type"),
     "isol": ("image='org/w:1', isolation='vm'", "'isolation: ", "is not one of"),
     "grp": ("image='org/w:1', instance_group='g'", "'instance_group: ", "only with"),
+    "limkey": ("image='org/w:1', container_limits={'memroy': '6g'}", "'container_limits: ",
+               "unknown key 'memroy' (known: memory, pids, cpus)"),
+    "limmem": ("image='org/w:1', container_limits={'memory': '6 gigs'}", "'container_limits: ",
+               "memory: '6 gigs' is not a size"),
+    "limpids": ("image='org/w:1', container_limits={'pids': 0}", "'container_limits: ",
+                "pids: 0 must be positive"),
+    "limcpus": ("image='org/w:1', container_limits={'cpus': -1}", "'container_limits: ",
+                "cpus: -1 must be positive"),
+    "limtype": ("image='org/w:1', container_limits='6g'", "'container_limits: ",
+                "must be a dict such as"),
     "imds": ("image='org/w:1', metadata_options={'HttpTokens': 'maybe'}", "'metadata_options: ",
              "HttpTokens"),
     # Wrong types and ranges that used to fail later, in a loop (issue 9).
@@ -232,6 +242,8 @@ GOOD_WORKERS = [
     "ami={'arm64': 'ami-0123456789abcdef0', 'x86_64': 'ami-0123456789abcdef1'}",
     "ami_filters=None, instance_type='c7g.large', "
     "ami={'arm64': util.Property('arm_ami', default='ami-0123456789abcdef0')}",
+    "container_limits={'memory': '6g', 'pids': 4096, 'cpus': 2}",
+    "container_limits={'memory': 536870912, 'cpus': 0.5}", "container_limits={'memory': None}",
 ]
 
 

@@ -21,7 +21,7 @@ from buildbot_dockerami.fleet import architecture
 from buildbot_dockerami.fleet.fallback import MARKETS, as_list
 from buildbot_dockerami.fleet.reconcile_plan import MIN_INTERVAL
 from buildbot_dockerami.fleet.stopped_pool import IDLE_ACTIONS
-from buildbot_dockerami.protocol import tls, userdata
+from buildbot_dockerami.protocol import limits, tls, userdata
 from buildbot_dockerami.protocol.userdata import UserData, UserDataError
 
 #: "none": an instance serves builds until idle; "container": a fresh container per
@@ -128,6 +128,11 @@ def settings_problems(name: Any, password: Any, s: WorkerSettings) -> list[str]:
             problems.append("instance_group: only with isolation='container'")
         elif not isinstance(group, str) or not group.strip() or any(c.isspace() for c in group):
             problems.append(f"instance_group: {group!r} must be a non-empty word")
+    if _is_renderable(s.container_limits):
+        problems.append("container_limits: cannot be a renderable (it is not rendered per "
+                        "build)")
+    else:
+        problems += limits.problems(s.container_limits)
     bad_source = any(p.startswith(("region:", "session:")) for p in problems)
     if not bad_source and not resolve_region(region, session):
         problems.append(

@@ -69,6 +69,8 @@ class WorkerSettings:
     secret_identifier: Any = field(default=None, metadata=SECRET)
     isolation: Any = "none"
     instance_group: Any = None
+    #: Memory, pids and CPU limits of each container the bootstrap runs (None: defaults).
+    container_limits: Any = None
     pool: Any = None
     market: Any = "on-demand"
     idle_action: Any = "terminate"

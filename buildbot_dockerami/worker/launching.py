@@ -56,6 +56,9 @@ def default_master_address(protocols: dict[str, Any]) -> str | None:
 class Launching:
     """Launching this worker's instance (start_instance's work)."""
 
+    #: The container_limits setting (protocol/limits.py), for every slot it launches.
+    container_limits: Any = None
+
     def renderWorkerProps(self, build: Any) -> defer.Deferred:
         """The per-build values; a build whose values differ from the running
         instance's is not compatible with it (CompatibleLatentWorkerMixin)."""
@@ -111,7 +114,8 @@ class Launching:
         try:
             text = slot_user_data(slots, self._connect_address(), values,
                                   isolated=group is not None,
-                                  tls_fingerprint=self.master_tls_fingerprint)
+                                  tls_fingerprint=self.master_tls_fingerprint,
+                                  container_limits=self.container_limits)
         except UserDataError as e:
             self._count_failure("invalid_setting", str(e))
             raise LatentWorkerCannotSubstantiate(self.name, str(e)) from e
