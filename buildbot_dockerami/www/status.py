@@ -11,7 +11,7 @@ from twisted.internet import defer
 from buildbot_dockerami.cloud import instances
 from buildbot_dockerami.fleet import pools
 from buildbot_dockerami.fleet.service import Fleet
-from buildbot_dockerami.protocol import imageready
+from buildbot_dockerami.protocol import imageready, limits
 
 
 def worker_state(worker: Any) -> str:
@@ -67,6 +67,10 @@ def worker_row(worker: Any, now: float, prices: Mapping[str, float]) -> Any:
         # pull took, as the image reported it (None: it did not, e.g. a seed image).
         "image_ready": (imageready.row(worker.timeline, worker.image_ready)
                         if instance is not None else None),
+        # Memory, pids and CPU limits: as configured (a key not given: the bootstrap's
+        # default) and as the container reported them at connect (None: not reported).
+        "container_limits": limits.row(
+            worker.container_limits, worker.limits_reported if instance is not None else None),
         "instance": None,
     }
     if instance is not None:
