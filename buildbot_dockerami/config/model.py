@@ -68,6 +68,8 @@ class WorkerSettings:
     isolation: Any = "none"
     instance_group: Any = None
     pool: Any = None
+    #: The pool's warm minimum: a number or periods (fleet/schedule.py); worker_pool's.
+    min_warm: Any = None
     market: Any = "on-demand"
     idle_action: Any = "terminate"
     master_tls_fingerprint: Any = None
