@@ -6,6 +6,7 @@ saving."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
@@ -14,8 +15,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from twisted.internet import defer, task
 
-from buildbot_dockerami.cloud import instances
 from buildbot_dockerami.cloud.ec2 import LaunchSpec
+from buildbot_dockerami.cloud.instances import instance_tags
 from buildbot_dockerami.cloud.testing import FakeEc2, InlineThreads
 from buildbot_dockerami.config.checks import config_problems, fleet_problems
 from buildbot_dockerami.config.model import FleetWide, WorkerSettings
@@ -24,6 +25,8 @@ from buildbot_dockerami.fleet.prewarm import PrewarmTimer
 from buildbot_dockerami.fleet.schedule import ScheduleError, describe, parse
 from buildbot_dockerami.fleet.service import Fleet
 from buildbot_dockerami.fleet.stopped_pool import StoppedPool
+from tests.harness import master_cfg, wait_for
+from tests.helpers import instances, live, pool_master
 
 BERLIN = ZoneInfo("Europe/Berlin")
 
@@ -277,7 +280,7 @@ class Worker:
         if self.instance is not None:
             return False
         world = self.world
-        tags = instances.instance_tags(self.name, self.fleet.master_id, {})
+        tags = instance_tags(self.name, self.fleet.master_id, {})
         status = world.fake.run_instance(LaunchSpec(ami="ami-1", instance_type="t3.micro",
                                                     user_data="u", tags=tags))
         self.instance = SimpleNamespace(instance_id=status.instance_id, client=world.client)
@@ -360,3 +363,55 @@ def test_a_period_at_eight_in_berlin_is_an_hour_earlier_in_utc_after_the_spring_
     world.skip_quiet(at(2026, 3, 30, 5, 0))  # the weekend
     world.run_until(at(2026, 3, 30, 6, 1))
     assert world.events() == [("launch", utc(at(2026, 3, 30, 6, 0) - 122))]
+
+
+# -- a real master through the local cloud, over one period boundary --------------------
+
+
+def minute_period(earliest: float) -> tuple[str, float, float]:
+    """A one-minute UTC period starting at the first whole minute after ``earliest``."""
+    start = (int(earliest) // 60 + 1) * 60
+    begins, ends = datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(start + 60, UTC)
+    end_text = "24:00" if ends.day != begins.day else f"{ends:%H:%M}"
+    day = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")[begins.weekday()]
+    return f"{day} {begins:%H:%M}-{end_text} UTC", float(start), float(start + 60)
+
+
+@pytest.mark.integration
+def test_a_real_master_warms_ahead_of_a_period_and_idles_out_after_it(make_master, cloud):
+    """The master measures the pool's provisioning on a first instance, then, with a period
+    configured a minute or so ahead, launches that measured lead before its start and lets
+    the instance idle out its idle timeout (5 s) after the end."""
+    idle = 5
+    master = pool_master(make_master, count=2, build_wait_timeout=idle)
+    assert master.control(action="prewarm", worker="pool-1").status_code == 200
+    row = wait_for(lambda: next((w for w in master.fleet()["workers"]
+                                 if w["state"] == "connected"), None), 60, "a first instance")
+    measured = row["timeline"]["connected"] - row["timeline"]["requested"]
+    wait_for(lambda: not live(cloud), 60, "the first instance to idle out")
+
+    period, start, end = minute_period(time.time() + measured + pools.KEEPER_INTERVAL + 15)
+    master.reconfig(master_cfg(
+        pool=f"'pool', count=2, min_warm={{{period!r}: 1, 'default': 0}}",
+        plugins={"dockerami": {"anonymous_control": True}}, build_wait_timeout=idle))
+    shown = master.fleet()["pools"]["pool"]
+    assert shown["schedule"]["next"] == {"period": period, "value": 1, "start": start,
+                                         "end": end}
+    assert shown["schedule"]["lead_measured"] is True
+    lead = shown["schedule"]["lead_seconds"]
+    assert lead == pytest.approx(measured + pools.KEEPER_INTERVAL, abs=0.2)
+    assert time.time() < start - lead, "the reconfig took too long for the test's period"
+
+    (instance,) = wait_for(lambda: live(cloud), start - time.time() + 30, "the warm launch")
+    launched = time.time()
+    assert launched < start, "not launched ahead of the period"
+    # EC2's launch time is in whole seconds; a keeper tick is 2 s.
+    assert instance["LaunchTime"].timestamp() >= int(start - lead - pools.KEEPER_INTERVAL) - 1
+    shown = wait_for(lambda: (p := master.fleet()["pools"]["pool"])["idle"] == 1 and p, 60,
+                     "the warm instance to connect")
+    wait_for(lambda: time.time() >= end, end - time.time() + 5, "the period's end")
+    assert [i["InstanceId"] for i in live(cloud)] == [instance["InstanceId"]]
+    assert master.fleet()["pools"]["pool"]["schedule"]["current"]["period"] == "default"
+    wait_for(lambda: not live(cloud), idle + 30, "the warm instance to idle out")
+    assert time.time() >= end + idle
+    assert len(instances(cloud)) == 2  # the measured one and the warm one, nothing more
