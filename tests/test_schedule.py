@@ -195,13 +195,40 @@ def test_the_provisioning_lead_is_a_high_percentile_of_recent_launches() -> None
 
 
 class State:
-    """buildbot's state table, as the fleet loads a pool's limits from it."""
+    """buildbot's state table (master.db.state), in memory."""
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[int, str], Any] = {}
 
     def getObjectId(self, name: str, class_name: str) -> defer.Deferred:
         return defer.succeed(1)
 
     def getState(self, objectid: int, key: str, default: Any) -> defer.Deferred:
-        return defer.succeed(default)
+        return defer.succeed(self.values.get((objectid, key), default))
+
+    def setState(self, objectid: int, key: str, value: Any) -> defer.Deferred:
+        self.values[(objectid, key)] = value
+        return defer.succeed(None)
+
+
+@pytest.mark.parametrize(("stored", "min_warm"), [
+    ({}, None),
+    # Stored before a minimum could be configured: 0 was "none set", a number was set.
+    ({"cap": 3, "min_warm": 0}, None),
+    ({"cap": 3, "min_warm": 2}, 2),
+    ({"cap": None, "min_warm": 0, "override": True}, 0),
+    ({"cap": None, "min_warm": 0, "override": False}, None),
+])
+def test_the_pages_override_is_kept_apart_from_none_set(stored: dict, min_warm: Any) -> None:
+    state = State()
+    state.values[(1, "limits")] = stored
+    master = SimpleNamespace(db=SimpleNamespace(state=state))
+    loaded = pools.load_limits(master, "p").result
+    assert (loaded.cap, loaded.min_warm) == (stored.get("cap"), min_warm)
+    pools.save_limits(master, "p", loaded)
+    assert pools.load_limits(master, "p").result == loaded
+    # A master of the release before reads a number.
+    assert isinstance(state.values[(1, "limits")]["min_warm"], int)
 
 
 class World:
