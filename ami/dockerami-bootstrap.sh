@@ -14,6 +14,9 @@
 #      instance's user data nor other slots' secrets. It is told when the image was
 #      ready and how (DOCKERAMI_IMAGE_READY: epoch seconds; DOCKERAMI_IMAGE_PULL:
 #      "present" or the pull's seconds), for the master's provisioning timeline.
+#      Each container gets the memory, pids and CPU limits of the user-data extensions
+#      limits.memory/pids/cpus (container_limits); with several slots, a limit not
+#      given defaults to a share that keeps the slots from starving each other.
 # If the image cannot be pulled at all, it says why on the console and powers the
 # instance off (EC2 then terminates it), so the master sees the failure at once.
 #
@@ -35,6 +38,10 @@ CONTAINER_GID=${DOCKERAMI_CONTAINER_GID:-64999}
 IPTABLES=${DOCKERAMI_IPTABLES:-iptables}
 FIREWALL_TAG=${DOCKERAMI_FIREWALL_TAG:-dockerami-bootstrap}   # comment on our rules
 SPOT_POLL=${DOCKERAMI_SPOT_POLL:-5}               # seconds between interruption checks
+# With several slots, each container's default memory limit is an equal share of what
+# the host keeps for itself beyond this (MiB; at most a quarter of its memory).
+HOST_MEMORY_MB=${DOCKERAMI_HOST_MEMORY_MB:-512}
+DEFAULT_PIDS=${DOCKERAMI_DEFAULT_PIDS:-4096}       # and at most this many tasks each
 set -eu
 
 log() { echo "dockerami-bootstrap: $*"; }
@@ -160,6 +167,56 @@ slots=${slots:-1}
 case $slots in "" | *[!0-9]* | 0) give_up "bad slots=$slots in user data" ;; esac
 master=$(sed -n 1p "$STATE_DIR/user-data" | cut -d' ' -f3)
 
+# Resource limits of every container (limits.memory=<bytes>, limits.pids=<tasks>,
+# limits.cpus=<CPUs>; "none" for no limit). With several slots a limit not given gets a
+# default, so that no slot's build takes the instance from the others: the memory the
+# host does not keep, shared equally, and DEFAULT_PIDS tasks (fewer if the kernel's
+# pid_max would not leave the host a share). CPU time needs none: it is shared equally
+# when contended and idle CPUs are not wasted. A single container gets no default.
+limit_memory=$(extension limits.memory)
+limit_pids=$(extension limits.pids)
+limit_cpus=$(extension limits.cpus)
+case $limit_memory in "" | none) ;; *[!0-9]*) give_up "bad limits.memory=$limit_memory in user data" ;; esac
+case $limit_pids in "" | none) ;; *[!0-9]*) give_up "bad limits.pids=$limit_pids in user data" ;; esac
+case $limit_cpus in
+    "" | none) ;;
+    *[!0-9.]* | .* | *. | *.*.*) give_up "bad limits.cpus=$limit_cpus in user data" ;;
+esac
+# An option DOCKERAMI_RUN_OPTIONS sets itself is not overridden by a default.
+case " $RUN_OPTIONS" in *" --memory"* | *" -m"*) run_memory=yes ;; *) run_memory=no ;; esac
+case " $RUN_OPTIONS" in *" --pids-limit"*) run_pids=yes ;; *) run_pids=no ;; esac
+if [ "$slots" -gt 1 ]; then
+    if [ -z "$limit_memory" ] && [ "$run_memory" = no ]; then
+        limit_memory=$(awk -v slots="$slots" -v keep="$HOST_MEMORY_MB" '/^MemTotal:/ {
+            total = $2 * 1024; keep = keep * 1048576
+            if (keep > total / 4) keep = total / 4
+            printf "%.0f", int((total - keep) / slots / 1048576) * 1048576 }' /proc/meminfo)
+        case $limit_memory in "" | 0 | *[!0-9]*) limit_memory=none ;; esac
+    fi
+    if [ -z "$limit_pids" ] && [ "$run_pids" = no ]; then
+        pid_max=$(cat /proc/sys/kernel/pid_max 2>/dev/null) || pid_max=32768
+        limit_pids=$((pid_max / (slots + 1)))
+        [ "$limit_pids" -le "$DEFAULT_PIDS" ] || limit_pids=$DEFAULT_PIDS
+    fi
+fi
+if [ -n "$limit_cpus" ] && [ "$limit_cpus" != none ]; then
+    # docker refuses more CPUs than the host has: a smaller instance type gets them all.
+    cpus_here=$(nproc 2>/dev/null) || cpus_here=1
+    if awk -v a="$limit_cpus" -v b="$cpus_here" 'BEGIN { exit !(a > b) }'; then
+        log "limits.cpus=$limit_cpus is more than the $cpus_here CPUs here; using $cpus_here"
+        limit_cpus=$cpus_here
+    fi
+fi
+limit_options=""
+case $limit_memory in
+    "" | none) ;;
+    # Swap equal to memory: no swap beyond the limit, so swapping cannot bypass it.
+    *) limit_options="--memory $limit_memory --memory-swap $limit_memory" ;;
+esac
+case $limit_pids in "" | none) ;; *) limit_options="$limit_options --pids-limit $limit_pids" ;; esac
+case $limit_cpus in "" | none) ;; *) limit_options="$limit_options --cpus $limit_cpus" ;; esac
+log "container limits: memory ${limit_memory:-none}, pids ${limit_pids:-none}, cpus ${limit_cpus:-none}"
+
 slot_container() { if [ "$1" -eq 0 ]; then echo "$CONTAINER"; else echo "$CONTAINER-$1"; fi; }
 
 # "<name> <password>" of slot $1, as the master wrote it.
@@ -224,11 +281,17 @@ run_slot() {
         log "starting $image as $name"
         # shellcheck disable=SC2086 # option lists
         $DOCKER run --name "$name" --network host $container_options $RUN_OPTIONS \
-            --mount "type=bind,source=$dir/user-data,target=/run/dockerami/user-data,readonly" \
+            $limit_options --mount "type=bind,source=$dir/user-data,target=/run/dockerami/user-data,readonly" \
             --env DOCKERAMI_USER_DATA_FILE=/run/dockerami/user-data \
             --env DOCKERAMI_INSTANCE_ID="$instance_id" --env DOCKERAMI_SLOT="$1" \
             --env DOCKERAMI_IMAGE_READY="$image_ready" --env DOCKERAMI_IMAGE_PULL="$image_pull" \
             "$image" || log "$name exited with status $?"
+        # The kernel's OOM killer ended a process of it (a build past limits.memory).
+        if [ "$($DOCKER container inspect -f '{{.State.OOMKilled}}' "$name" 2>/dev/null)" = true ]
+        then
+            log "$name: out of memory: the kernel's OOM killer killed a process in it" \
+                "(memory limit ${limit_memory:-none})"
+        fi
         # A crashing image must not spin; an isolated worker's exit is the normal case.
         [ "$isolation" = container ] || sleep 2
     done

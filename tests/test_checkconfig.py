@@ -29,6 +29,16 @@ BAD_WORKERS = {
     "badtype": ("image='org/w:1', instance_type='large'", "'instance_type: ", "instance type"),
     "isol": ("image='org/w:1', isolation='vm'", "'isolation: ", "is not one of"),
     "grp": ("image='org/w:1', instance_group='g'", "'instance_group: ", "only with"),
+    "limkey": ("image='org/w:1', container_limits={'memroy': '6g'}", "'container_limits: ",
+               "unknown key 'memroy' (known: memory, pids, cpus)"),
+    "limmem": ("image='org/w:1', container_limits={'memory': '6 gigs'}", "'container_limits: ",
+               "memory: '6 gigs' is not a size"),
+    "limpids": ("image='org/w:1', container_limits={'pids': 0}", "'container_limits: ",
+                "pids: 0 must be positive"),
+    "limcpus": ("image='org/w:1', container_limits={'cpus': -1}", "'container_limits: ",
+                "cpus: -1 must be positive"),
+    "limtype": ("image='org/w:1', container_limits='6g'", "'container_limits: ",
+                "must be a dict such as"),
     "imds": ("image='org/w:1', metadata_options={'HttpTokens': 'maybe'}", "'metadata_options: ",
              "HttpTokens"),
     # Wrong types and ranges that used to fail later, in a loop (issue 9).
@@ -52,6 +62,22 @@ BAD_WORKERS = {
               "'metadata_options: ", "HttpEndpoint must be one of enabled, disabled"),
     "mdtags": ("image='org/w:1', metadata_options={'InstanceMetadataTags': 'yes'}",
                "'metadata_options: ", "InstanceMetadataTags"),
+    # Graviton and launch templates (issue 20).
+    "archami": ("image='org/w:1', ami_filters=None, ami={'arm64': 'ami-0123456789abcdef0'}, "
+                "instance_type=['c7g.large', 'c6i.large']", "'ami: ",
+                "has no AMI for x86_64, the architecture of instance_type 'c6i.large'"),
+    "archkey": ("image='org/w:1', ami_filters=None, ami={'aarch64': 'ami-0123456789abcdef0'}",
+                "'ami: ", "is not an EC2 architecture"),
+    "noami": ("image='org/w:1', ami_filters=None", "'ami: ", "or a launch_template"),
+    "ltstr": ("image='org/w:1', launch_template='ci-workers'", "'launch_template: ",
+              "must be a dict like"),
+    "ltboth": ("image='org/w:1', launch_template={'LaunchTemplateName': 'ci', "
+               "'LaunchTemplateId': 'lt-0123456789abcdef0'}", "'launch_template: ",
+               "exactly one of LaunchTemplateName and LaunchTemplateId"),
+    "ltver": ("image='org/w:1', launch_template={'LaunchTemplateName': 'ci-workers', "
+              "'Version': 'latest'}", "'launch_template: ", "Version must be a version number"),
+    "ltkey": ("image='org/w:1', launch_template={'Name': 'ci-workers'}", "'launch_template: ",
+              "unknown keys ['Name']"),
     "bwtstr": ("image='org/w:1', build_wait_timeout='x'", "'build_wait_timeout: ",
                "must be a number of seconds >= 0 (or -1: never), not str"),
     "bwtneg": ("image='org/w:1', build_wait_timeout=-5", "'build_wait_timeout: ", "not -5"),
@@ -239,6 +265,15 @@ GOOD_WORKERS = [
     "pool='p', min_warm={'mon-fri 08:00-19:00 Europe/Berlin': 4, 'sat 10:00-14:00 UTC': 1, "
     "'sun 22:00-01:00 America/New_York': 2, 'default': 0}", "pool='p', min_warm=3",
     "max_stopped={'sat,sun 00:00-24:00 UTC': 0, 'default': 10}",
+    "ami_filters=None, launch_template={'LaunchTemplateName': 'ci-workers', "
+    "'Version': '$Latest'}",
+    "launch_template={'LaunchTemplateId': 'lt-0123456789abcdef0', 'Version': 3}",
+    "ami_filters=None, instance_type=['c7g.large', 'c6i.large'], "
+    "ami={'arm64': 'ami-0123456789abcdef0', 'x86_64': 'ami-0123456789abcdef1'}",
+    "ami_filters=None, instance_type='c7g.large', "
+    "ami={'arm64': util.Property('arm_ami', default='ami-0123456789abcdef0')}",
+    "container_limits={'memory': '6g', 'pids': 4096, 'cpus': 2}",
+    "container_limits={'memory': 536870912, 'cpus': 0.5}", "container_limits={'memory': None}",
 ]
 
 

@@ -66,8 +66,16 @@ class Side:
         """A ClientToken no earlier test used."""
         return f"{name}-{uuid.uuid4().hex[:8]}"
 
-    def register_image(self, name: str, creation_date: str) -> str: ...
+    def register_image(self, name: str, creation_date: str,
+                       architecture: str = "x86_64") -> str: ...
     def add_subnet(self, zone: str) -> str: ...
+    def security_group(self) -> str: ...
+    def add_launch_template(self, name: str, data: dict[str, Any]) -> str: ...
+    def add_template_version(self, template_id: str, data: dict[str, Any]) -> None: ...
+    def launched(self, instance_id: str) -> dict[str, Any]:
+        """What EC2 says of the instance beyond InstanceStatus: its image, key pair,
+        security groups and tags."""
+        ...
     def user_data(self, instance_id: str) -> str: ...
     def set_console(self, instance_id: str, text: str) -> None: ...
     def terminated_elsewhere(self, instance_id: str) -> None: ...
@@ -86,11 +94,26 @@ class FakeSide(Side):
         super().__init__(fake, fake.register_image(BASE_AMI_NAME))
         self.fake = fake
 
-    def register_image(self, name: str, creation_date: str) -> str:
-        return self.fake.register_image(name, creation_date)
+    def register_image(self, name: str, creation_date: str,
+                       architecture: str = "x86_64") -> str:
+        return self.fake.register_image(name, creation_date, architecture)
 
     def add_subnet(self, zone: str) -> str:
         return self.fake.add_subnet(zone)
+
+    def security_group(self) -> str:
+        return "sg-" + uuid.uuid4().hex[:17]  # taken as given
+
+    def add_launch_template(self, name: str, data: dict[str, Any]) -> str:
+        return self.fake.add_launch_template(name, data)
+
+    def add_template_version(self, template_id: str, data: dict[str, Any]) -> None:
+        self.fake.add_template_version(template_id, data)
+
+    def launched(self, instance_id: str) -> dict[str, Any]:
+        instance = self.fake.instances[instance_id]
+        return {"ami": instance.ami, "key_name": instance.key_name,
+                "security_groups": list(instance.security_group_ids), "tags": instance.tags}
 
     def user_data(self, instance_id: str) -> str:
         return self.fake.instances[instance_id].user_data
@@ -143,15 +166,37 @@ class MotoSide(Side):
         self.counted = {action: self.cloud.faults.count(action, ACCESS_KEY)
                         for action in ACTIONS.values()}
 
-    def register_image(self, name: str, creation_date: str) -> str:
+    def register_image(self, name: str, creation_date: str,
+                       architecture: str = "x86_64") -> str:
         from moto.core import DEFAULT_ACCOUNT_ID
         from moto.ec2.models import ec2_backends
 
-        image_id = self.other.register_image(Name=name)["ImageId"]
+        image_id = self.cloud.register_image(name, architecture)
         # RegisterImage dates an image to the second: set it, as EC2 keeps the real one.
         ec2_backends[DEFAULT_ACCOUNT_ID][self.cloud.region].amis[image_id].creation_date = (
             datetime.strptime(creation_date, "%Y-%m-%dT%H:%M:%S.000Z"))
         return image_id
+
+    def security_group(self) -> str:
+        return self.other.create_security_group(
+            GroupName=self.token("sg"), Description="conformance")["GroupId"]
+
+    def add_launch_template(self, name: str, data: dict[str, Any]) -> str:
+        return self.other.create_launch_template(
+            LaunchTemplateName=name, LaunchTemplateData=data)["LaunchTemplate"][
+            "LaunchTemplateId"]
+
+    def add_template_version(self, template_id: str, data: dict[str, Any]) -> None:
+        self.other.create_launch_template_version(LaunchTemplateId=template_id,
+                                                  LaunchTemplateData=data)
+
+    def launched(self, instance_id: str) -> dict[str, Any]:
+        (reservation,) = self.other.describe_instances(InstanceIds=[instance_id])[
+            "Reservations"]
+        (instance,) = reservation["Instances"]
+        return {"ami": instance.get("ImageId"), "key_name": instance.get("KeyName"),
+                "security_groups": [g["GroupId"] for g in instance.get("SecurityGroups", [])],
+                "tags": {t["Key"]: t["Value"] for t in instance.get("Tags", [])}}
 
     def add_subnet(self, zone: str) -> str:
         vpc = self.other.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
@@ -401,3 +446,83 @@ def test_terminated_elsewhere_and_spot_reclaims(side: Side) -> None:
     assert (found[iid].state, found[iid].reason) == ("terminated", USER_SHUTDOWN)
     assert (found[spot].state, found[spot].reason, found[spot].market) == (
         "terminated", SPOT_RECLAIMED, "spot")
+
+
+def test_instance_types_and_their_architectures(side: Side) -> None:
+    assert side.ec2.instance_architectures(["c7g.large", "c6i.large", "t2.micro"]) == {
+        "c7g.large": ("arm64",), "c6i.large": ("x86_64",), "t2.micro": ("i386", "x86_64")}
+    with pytest.raises(ClientError) as info:
+        side.ec2.instance_architectures(["c7g.large", "c9z.huge"])
+    assert error_code(info) == ("InvalidInstanceType", "DescribeInstanceTypes")
+    assert "c9z.huge" in info.value.response["Error"]["Message"]
+    assert side.count("DescribeInstanceTypes") == 2
+
+
+def test_every_instance_type_the_fake_knows_is_as_ec2_says(side: Side) -> None:
+    from buildbot_dockerami.cloud.testing import INSTANCE_TYPES
+
+    assert side.ec2.instance_architectures(list(INSTANCE_TYPES)) == dict(INSTANCE_TYPES)
+
+
+def test_newest_image_of_an_architecture(side: Side) -> None:
+    x86 = side.register_image("base-amd64", "2024-01-01T00:00:00.000Z")
+    arm = side.register_image("base-arm64", "2024-02-01T00:00:00.000Z", "arm64")
+    old_arm = side.register_image("base-arm64-old", "2023-01-01T00:00:00.000Z", "arm64")
+    by_name = [{"Name": "name", "Values": ["base-*"]}]
+    assert side.ec2.newest_image(by_name, None) == arm
+    assert side.ec2.newest_image(by_name, None, "x86_64") == x86
+    assert side.ec2.newest_image(by_name, ["self"], "arm64") == arm
+    with pytest.raises(CloudError, match="no available AMI for i386 matches"):
+        side.ec2.newest_image(by_name, None, "i386")
+    unknown = "ami-0123456789abcdef0"
+    assert side.ec2.image_architectures([x86, old_arm, unknown]) == {
+        x86: "x86_64", old_arm: "arm64"}
+
+
+def test_launch_template_versions(side: Side) -> None:
+    first = {"KeyName": "ci", "InstanceType": "t3.micro"}
+    template_id = side.add_launch_template("workers", first)
+    side.add_template_version(template_id, {"KeyName": "ci-2"})
+    by_name = {"LaunchTemplateName": "workers"}
+    assert side.ec2.launch_template_data(by_name) == first  # $Default: version 1
+    assert side.ec2.launch_template_data({**by_name, "Version": "$Latest"}) == {
+        "KeyName": "ci-2"}
+    assert side.ec2.launch_template_data(
+        {"LaunchTemplateId": template_id, "Version": 2}) == {"KeyName": "ci-2"}
+    assert side.ec2.launch_template_data(
+        {"LaunchTemplateId": template_id, "Version": "$Default"}) == first
+    with pytest.raises(ClientError) as info:
+        side.ec2.launch_template_data({"LaunchTemplateName": "nobody"})
+    assert error_code(info) == ("InvalidLaunchTemplateName.NotFoundException",
+                                "DescribeLaunchTemplateVersions")
+    with pytest.raises(ClientError) as info:
+        side.ec2.launch_template_data({**by_name, "Version": "7"})
+    assert error_code(info) == ("InvalidLaunchTemplateId.VersionNotFound",
+                                "DescribeLaunchTemplateVersions")
+    assert side.count("DescribeLaunchTemplateVersions") == 6
+
+
+def test_a_launch_through_a_template_takes_what_the_launch_does_not_say(side: Side) -> None:
+    template_ami = side.register_image("from-template", "2024-01-01T00:00:00.000Z")
+    group = side.security_group()
+    template_id = side.add_launch_template("base", {
+        "ImageId": template_ami, "KeyName": "ci", "SecurityGroupIds": [group],
+        "TagSpecifications": [{"ResourceType": "instance",
+                               "Tags": [{"Key": "cost-centre", "Value": "42"},
+                                        {"Key": "team", "Value": "infra"}]}]})
+    ref = {"LaunchTemplateName": "base", "Version": "$Latest"}
+    answer = side.ec2.run_instance(spec(side, ami="", launch_template=ref))
+    seen = side.launched(answer.instance_id)
+    assert (seen["ami"], seen["key_name"], seen["security_groups"]) == (
+        template_ami, "ci", [group])
+    assert seen["tags"] == {"cost-centre": "42", "team": "ci", WORKER_TAG: "w0",
+                            MASTER_TAG: "m-1", "aws:ec2launchtemplate:id": template_id,
+                            "aws:ec2launchtemplate:version": "1"}
+    # What the launch says wins over the template.
+    answer = side.ec2.run_instance(spec(side, launch_template=ref, keypair_name="mine"))
+    seen = side.launched(answer.instance_id)
+    assert (seen["ami"], seen["key_name"]) == (side.ami, "mine")
+    assert side.user_data(answer.instance_id) == "w0 pw 127.0.0.1:9989\norg/img:1"
+    with pytest.raises(ClientError) as info:
+        side.ec2.run_instance(spec(side, launch_template={"LaunchTemplateName": "nobody"}))
+    assert error_code(info) == ("InvalidLaunchTemplateName.NotFoundException", "RunInstances")

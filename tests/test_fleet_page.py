@@ -275,3 +275,21 @@ def test_polls_one_at_a_time_and_stop_when_leaving(make_master, cloud, browser):
     finally:
         page.close()
     assert problems == []
+
+
+def test_configured_limits_are_shown_until_a_container_reports_them(make_master, cloud, browser):
+    """The process runtime's workers report no limits: the page shows the configured
+    ones, a key not given as the bootstrap's default."""
+    master = make_master(master_cfg(plugins={"dockerami": {}},
+                                    worker_extra="container_limits={'memory': '6g', "
+                                                 "'pids': None},"))
+    page = browser.new_page(viewport=VIEWPORT)
+    try:
+        page.goto(f"http://127.0.0.1:{master.www_port}/#/dockerami")
+        shown = page.locator("tr[data-worker='w0'] .dockerami-limits")
+        shown.wait_for(timeout=30_000)
+        assert shown.inner_text() == (
+            "limits: memory 6 GiB \u00b7 pids unlimited \u00b7 cpus default (configured)")
+        assert page.evaluate(SIDEWAYS) == []
+    finally:
+        page.close()

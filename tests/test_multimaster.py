@@ -4,12 +4,13 @@ workers booted by one local cloud."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
 
 from buildbot_dockerami.fleet import multimaster
-from tests.harness import RETRY, SUCCESS, wait_for
+from tests.harness import RETRY, SUCCESS, free_port, wait_for
 from tests.helpers import ids, instances, live, peak_of_live
 
 pytestmark = pytest.mark.integration
@@ -40,6 +41,23 @@ def test_a_burst_on_every_master_respects_the_shared_cap(make_fleet, cloud):
     assert 1 <= peak[0] <= 3, f"{peak[0]} instances ran at once with a shared cap of 3"
     owners = {tag(i, "buildbot:master") for i in instances(cloud)}
     assert len(owners) >= 2, f"only {owners} launched: the burst did not spread"
+    # Slots freed on one master were told to the others over the message queue (read at
+    # once, not at their next pass), and every master's queue works.
+    heard = sum(float(m.group(1)) for master in masters for m in re.finditer(
+        r"^dockerami_freed_slot_messages_total(?:\{[^}]*\})? (\S+)$", master.metrics().text, re.M))
+    assert heard >= 1, "no master heard of a slot freed on another"
+    assert [master.fleet()["mq_error"] for master in masters] == ["", "", ""]
+
+
+def test_a_master_that_cannot_reach_the_router_says_so(make_fleet, cloud):
+    """buildbot logs nothing when its WAMP router is wrong: the master runs and hears
+    nothing from the others. The plugin says it, in the log and on the Fleet page."""
+    (master,) = make_fleet(1, start=False, FLEET_ROUTER_URL=f"ws://127.0.0.1:{free_port()}/ws")
+    master.start(timeout=180)
+    problem = wait_for(lambda: master.fleet()["mq_error"], multimaster.MQ_GRACE + 60,
+                       "the master to say its message queue does not work")
+    assert "not connected to the WAMP router" in problem, problem
+    assert "dockerami: no working message queue: not connected" in master.log()
 
 
 def a_pass_of(master, since_cap_set_on, cap: int) -> None:
@@ -80,7 +98,7 @@ def test_a_warm_minimum_is_kept_once_not_per_master(make_fleet, cloud):
 
 def test_a_killed_masters_instances_are_reclaimed_and_its_build_is_built_by_another(
         make_fleet, cloud):
-    a, b = make_fleet(2, start=False, FLEET_POOL_SIZE="2", FLEET_IDLE="600",
+    a, b, c = make_fleet(3, start=False, FLEET_POOL_SIZE="2", FLEET_IDLE="600",
                       FLEET_COMMAND="sleep 20", FLEET_HEARTBEAT=str(HEARTBEAT),
                       FLEET_EXPIRE_AFTER=str(EXPIRE_AFTER), FLEET_RECONCILE="5")
     b.start(timeout=180)
@@ -91,6 +109,7 @@ def test_a_killed_masters_instances_are_reclaimed_and_its_build_is_built_by_anot
     (b_instance,) = live(cloud)
     b_tag = tag(b_instance, "buildbot:master")
     a.start(timeout=180)
+    c.start(timeout=180)
 
     # a's Fleet API shows b's instance, with its owner, and refuses to act on it.
     def shows_b() -> dict | None:
@@ -114,15 +133,29 @@ def test_a_killed_masters_instances_are_reclaimed_and_its_build_is_built_by_anot
     assert took <= RECLAIM_BOUND + 30, f"reclaimed after {took:.0f}s, bound {RECLAIM_BOUND}s"
     # Logged once b's build requests are given back too (two transactions after the
     # termination): wait for it rather than read the log the moment the instance goes.
-    wait_for(lambda: "reclaimed its instances: " + b_instance["InstanceId"] in a.log(), 30,
-             "a to log the reclaim")
+    reclaimer = wait_for(
+        lambda: next((m for m in (a, c)
+                      if "reclaimed its instances: " + b_instance["InstanceId"] in m.log()),
+                     None), 30, "a live master to log the reclaim")
 
-    # buildbot retried b's build; a builds the request on an instance of its own.
+    # buildbot retried b's build; a live master builds it on an instance of its own.
     final = a.wait_request(brid, 300)
     assert final["results"] == SUCCESS
     builds = a.builds_for(brid)
     assert [x["results"] for x in builds] == [RETRY, SUCCESS]
-    (a_instance,) = [i for i in instances(cloud) if i["InstanceId"] != b_instance["InstanceId"]]
-    assert tag(a_instance, "buildbot:master") == a_tag
-    dead = {m["tag"]: m for m in a.fleet()["masters"]}[b_tag]
-    assert (dead["active"], dead["reclaimed"]) == (False, [b_instance["InstanceId"]])
+    (new_instance,) = [i for i in instances(cloud)
+                       if i["InstanceId"] != b_instance["InstanceId"]]
+    assert tag(new_instance, "buildbot:master") in {a_tag, c.fleet()["master"]["tag"]}
+
+    # Every live master shows what was reclaimed (from the shared tables), also the
+    # reclaimer after a restart.
+    def shows_reclaim(master) -> bool:
+        dead = {m["tag"]: m for m in master.fleet()["masters"]}.get(b_tag)
+        return dead is not None and (dead["active"], dead["reclaimed"]) == (
+            False, [b_instance["InstanceId"]])
+
+    for master in (a, c):
+        wait_for(lambda m=master: shows_reclaim(m), 30, f"{master.basedir.name} to show it")
+    assert reclaimer.stop()
+    reclaimer.start(timeout=180)
+    wait_for(lambda: shows_reclaim(reclaimer), 30, "the restarted reclaimer to show it")

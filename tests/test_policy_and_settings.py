@@ -9,7 +9,8 @@ from buildbot_dockerami.config import checks, validators
 from buildbot_dockerami.fleet import boot, termination
 from buildbot_dockerami.protocol import userdata
 from buildbot_dockerami.protocol.userdata import UserData, UserDataError
-from buildbot_dockerami.worker.latent import DockerAMILatentWorker, pb_port
+from buildbot_dockerami.worker.latent import DockerAMILatentWorker
+from buildbot_dockerami.worker.launching import pb_port
 
 
 def test_master_id_is_stable_short_and_distinct() -> None:

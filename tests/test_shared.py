@@ -89,8 +89,11 @@ def test_one_live_master_reclaims_a_dead_one_and_a_dead_reclaimer_is_taken_over(
     assert run(engine, shared_tables.take_reclaim, dead, 1, {1, 2})  # its own unfinished one
     assert run(engine, shared_tables.take_reclaim, dead, 2, {2})  # master 1 died meanwhile
     assert run(engine, shared_tables.claim, Claim(7, "x", "pool", 1, 900))
-    run(engine, shared_tables.reclaimed, 7, 2)
+    run(engine, shared_tables.reclaimed, 7, 2, ["i-1", "i-2"], 1050)
     assert run(engine, shared_tables.reclaims_done) == {7: 1000}
+    # Every master reads what was reclaimed, from the database (kept across restarts).
+    assert run(engine, shared_tables.reports) == {
+        7: shared_tables.ReclaimReport(2, 1050, ("i-1", "i-2"))}
     assert run(engine, shared_tables.read)[0] == []  # its slot is free again
     assert not run(engine, shared_tables.take_reclaim, dead, 1, {1, 2})  # done with this death
     again = MasterRow(7, "host:/dead", False, 5000)  # restarted, then died again
@@ -129,3 +132,12 @@ def test_every_series_carries_the_master_label_when_asked():
     assert series and all('master="m-1"' in line for line in series)
     assert any(line.startswith("dockerami_instance_launches_total{") and 'worker="w0"' in line
                and line.endswith(" 1.0") for line in series), series
+
+
+def test_a_message_queue_that_cannot_work_is_named():
+    wamp = {"type": "wamp", "router_url": "ws://127.0.0.1:1/ws", "realm": "r"}
+    assert multimaster.mq_problem(wamp, joined=True, waited=100) == ""
+    assert multimaster.mq_problem(wamp, joined=False, waited=multimaster.MQ_GRACE - 1) == ""
+    late = multimaster.mq_problem(wamp, joined=False, waited=multimaster.MQ_GRACE)
+    assert "not connected to the WAMP router 'ws://127.0.0.1:1/ws' (realm 'r')" in late
+    assert "'simple'" in multimaster.mq_problem({}, joined=False, waited=0)

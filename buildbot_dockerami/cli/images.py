@@ -49,18 +49,32 @@ def engine() -> docker.DockerClient:
     return client
 
 
+#: Docker's architecture names -> the machine in pip's manylinux platform tags.
+WHEEL_MACHINES = {"amd64": "x86_64", "arm64": "aarch64", "386": "i686",
+                  "ppc64le": "ppc64le", "s390x": "s390x"}
+
+
+def engine_architecture(client: Any = None) -> str:
+    """The engine's architecture in Docker's words (amd64, arm64): what ``build`` builds
+    for, the engine's own platform (no emulation). On a Mac or a remote DOCKER_HOST it
+    need not be this host's."""
+    client = client or engine()
+    return str(client.version().get("Arch") or "")
+
+
 #: What the reference image installs next to the worker (its Dockerfile's WORKER_EXTRAS):
 #: Twisted's TLS extra (pyOpenSSL, service_identity), for ``master_tls_fingerprint``.
 WORKER_EXTRAS = ("twisted[tls]",)
 
 
 def fetch_wheels(context: Path, *requirements: str, python_version: str = "3.11",
-                 out: Printer = print) -> None:
+                 out: Printer = print, architecture: str | None = None) -> None:
     """Download the worker's wheels into ``context/wheels`` with this host's pip, so the
-    image builds with ``PIP_OPTIONS=--no-index`` where the engine cannot reach PyPI."""
+    image builds with ``PIP_OPTIONS=--no-index`` where the engine cannot reach PyPI;
+    for the engine's ``architecture`` (Docker's name), this host's machine if None."""
     target = context / "wheels"
     target.mkdir(exist_ok=True)
-    arch = platform.machine()
+    arch = WHEEL_MACHINES.get(architecture or "", architecture) or platform.machine()
     out(f"fetching wheels for {' '.join(requirements)} (CPython {python_version}, {arch}) "
         f"into {target}")
     subprocess.run(
@@ -124,7 +138,8 @@ def build(context: Path, tag: str, build_args: dict[str, str], out: Printer = pr
                 f"base image {base!r} is not on this Docker engine; make one (dev/engine "
                 "makes dockerami/base:bookworm) and pass --base, or pull it yourself"
             ) from None
-    out(f"building {tag} from {context}")
+    out(f"building {tag} from {context} for linux/{engine_architecture(client)} "
+        "(the engine's own platform)")
     stream = client.api.build(
         path=str(context), tag=tag, buildargs=build_args, decode=True, rm=True,
         pull=False, network_mode="host",

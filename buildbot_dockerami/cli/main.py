@@ -85,7 +85,8 @@ def _image_build(args: argparse.Namespace) -> int:
         build_args["BASE"] = args.base
     if args.wheels:
         version = build_args.get("BUILDBOT_WORKER_VERSION", "4.3.*")
-        images.fetch_wheels(context, f"buildbot-worker=={version}", *images.WORKER_EXTRAS)
+        images.fetch_wheels(context, f"buildbot-worker=={version}", *images.WORKER_EXTRAS,
+                            architecture=images.engine_architecture())
         build_args.setdefault("PIP_OPTIONS", "--no-index")
     images.build(context, tag, build_args)
     print(tag)
@@ -161,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     build = image_commands.add_parser(
         "build", help="build an image folder, tagged REPO:YYYY-MM-DD (today)",
         description="Build DIR/Dockerfile with the local Docker engine, never pulling, and tag "
-                    "it with today's date (the seed's convention).",
+                    "it with today's date (the seed's convention). The image is for the "
+                    "engine's own architecture (amd64 or arm64); a multi-arch image is one "
+                    "build per architecture joined in a manifest list "
+                    "(docs/base-ami-and-image.md).",
     )
     build.add_argument("directory", type=Path, metavar="DIR", nargs="?",
                        default=assets.default_image_dir(),
@@ -173,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE",
                        help="extra build argument (repeatable)")
     build.add_argument("--wheels", action="store_true",
-                       help="download buildbot-worker's wheels with this host's pip first, and "
-                            "build without a package index")
+                       help="download buildbot-worker's wheels (for the engine's architecture) "
+                            "with this host's pip first, and build without a package index")
     build.set_defaults(func=_image_build)
     push_cmd = image_commands.add_parser(
         "push", help="push a tag to its registry",

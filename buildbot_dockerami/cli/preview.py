@@ -13,7 +13,8 @@ from buildbot.config.master import FileLoader
 from buildbot.interfaces import IRenderable
 
 from buildbot_dockerami.protocol import userdata
-from buildbot_dockerami.worker.latent import DockerAMILatentWorker, default_master_address
+from buildbot_dockerami.worker.latent import DockerAMILatentWorker
+from buildbot_dockerami.worker.launching import default_master_address
 
 REDACTED = "********"
 

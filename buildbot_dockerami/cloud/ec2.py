@@ -50,6 +50,15 @@ def boto_config(timeout: float = DEFAULT_TIMEOUT) -> Config:
     )
 
 
+#: RunInstances' MetadataOptions unless metadata_options says otherwise (or a launch
+#: template sets them): IMDSv2 only, the metadata service refuses token-less (v1)
+#: requests; hop limit 2 so a bridged container of the seed's AMI can reach it.
+DEFAULT_METADATA_OPTIONS: Mapping[str, Any] = {
+    "HttpTokens": "required",
+    "HttpEndpoint": "enabled",
+    "HttpPutResponseHopLimit": 2,
+}
+
 #: DescribeInstances accepts at most this many values per filter.
 DESCRIBE_CHUNK = 200
 
@@ -60,6 +69,7 @@ class CloudError(Exception):
 
 @dataclass(frozen=True)
 class LaunchSpec:
+    #: "" with a launch template: the template's ImageId is used.
     ami: str
     instance_type: str
     user_data: str
@@ -74,17 +84,27 @@ class LaunchSpec:
     client_token: str = ""
     #: "spot" asks for a one-time spot instance through RunInstances (not the legacy API).
     market: str = "on-demand"
+    #: RunInstances' LaunchTemplate ({'LaunchTemplateName' or 'LaunchTemplateId': ...,
+    #: 'Version': ...}): the base that every other argument here overrides.
+    launch_template: Mapping[str, Any] | None = None
+    #: The template's own tags by resource type ("instance", "volume"): sent again with
+    #: ours, so they hold whether EC2 merges the request's tags with the template's or not.
+    template_tags: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def run_instances_args(self) -> dict[str, Any]:
         args: dict[str, Any] = {
-            "ImageId": self.ami,
             "InstanceType": self.instance_type,
             "MinCount": 1,
             "MaxCount": 1,
             "UserData": self.user_data,  # boto3 base64-encodes it
-            "TagSpecifications": tag_specifications(self.tags),
+            "TagSpecifications": tag_specifications(self.tags, self.template_tags),
             "InstanceInitiatedShutdownBehavior": "terminate",
         }
+        if self.ami:
+            args["ImageId"] = self.ami
+        if self.launch_template:
+            args["LaunchTemplate"] = {key: str(value)
+                                      for key, value in self.launch_template.items()}
         if self.client_token:
             args["ClientToken"] = self.client_token
         if self.market == "spot":
@@ -143,6 +163,33 @@ def _status(instance: Mapping[str, Any]) -> InstanceStatus:
         launched_at=launched.timestamp() if hasattr(launched, "timestamp") else 0.0,
         market=instance.get("InstanceLifecycle") or "on-demand",
     )
+
+
+#: What names a launch template in RunInstances' LaunchTemplate (exactly one of them).
+TEMPLATE_KEYS = ("LaunchTemplateName", "LaunchTemplateId")
+
+
+def template_name(template: Mapping[str, Any]) -> str:
+    """How messages name a launch template: its name or id, and its version."""
+    ref = next((template[k] for k in TEMPLATE_KEYS if k in template), "?")
+    return f"{ref!r} version {template.get('Version', '$Default')}"
+
+
+def image_filters(filters: Sequence[Mapping[str, Any]],
+                  architecture: str | None = None) -> list[dict[str, Any]]:
+    """DescribeImages filters: the operator's, available images only, and the
+    architecture if one is asked for."""
+    extra = [{"Name": "state", "Values": ["available"]}]
+    if architecture:
+        extra.append({"Name": "architecture", "Values": [architecture]})
+    return [dict(f) for f in filters] + extra
+
+
+def no_image_error(filters: Sequence[Mapping[str, Any]], owners: Sequence[str] | None,
+                   architecture: str | None) -> CloudError:
+    arch = f" for {architecture}" if architecture else ""
+    return CloudError(
+        f"no available AMI{arch} matches ami_filters={list(filters)!r} ami_owners={owners!r}")
 
 
 #: Error codes EC2 uses when it throttles a caller.
@@ -262,20 +309,50 @@ class Ec2:
         return response.get("Output") or ""
 
     def newest_image(
-        self, filters: Sequence[Mapping[str, Any]], owners: Sequence[str] | None
+        self, filters: Sequence[Mapping[str, Any]], owners: Sequence[str] | None,
+        architecture: str | None = None,
     ) -> str:
-        args: dict[str, Any] = {
-            "Filters": [dict(f) for f in filters] + [{"Name": "state", "Values": ["available"]}]
-        }
+        """The newest available image matching ``filters`` (and, if given, of that
+        ``architecture``: an extra DescribeImages filter)."""
+        args: dict[str, Any] = {"Filters": image_filters(filters, architecture)}
         if owners:
             args["Owners"] = list(owners)
         images = self.client.describe_images(**args)["Images"]
         if not images:
-            raise CloudError(
-                f"no available AMI matches ami_filters={list(filters)!r} ami_owners={owners!r}"
-            )
+            raise no_image_error(filters, owners, architecture)
         newest = max(images, key=lambda image: image.get("CreationDate", ""))
         return newest["ImageId"]
+
+    def image_architectures(self, ami_ids: Sequence[str]) -> dict[str, str]:
+        """DescribeImages by id: each image's architecture ("" when EC2 names none). Ids
+        EC2 does not know are absent (a filter, not ImageIds, which fails the call)."""
+        response = self.client.describe_images(
+            Filters=[{"Name": "image-id", "Values": list(ami_ids)}])
+        return {image["ImageId"]: image.get("Architecture") or ""
+                for image in response["Images"]}
+
+    def instance_architectures(self, instance_types: Sequence[str]) -> dict[str, tuple[str, ...]]:
+        """DescribeInstanceTypes: the architectures each type runs (ProcessorInfo's
+        SupportedArchitectures, e.g. ('arm64',) or ('i386', 'x86_64')). A type EC2 does
+        not know fails the whole call (InvalidInstanceType)."""
+        found: dict[str, tuple[str, ...]] = {}
+        paginator = self.client.get_paginator("describe_instance_types")
+        for page in paginator.paginate(InstanceTypes=list(instance_types)):
+            for item in page["InstanceTypes"]:
+                found[item["InstanceType"]] = tuple(
+                    item.get("ProcessorInfo", {}).get("SupportedArchitectures", []))
+        return found
+
+    def launch_template_data(self, template: Mapping[str, Any]) -> dict[str, Any]:
+        """DescribeLaunchTemplateVersions: the LaunchTemplateData of the template's
+        version (``template`` as RunInstances' LaunchTemplate; no Version: $Default)."""
+        args: dict[str, Any] = {key: template[key] for key in TEMPLATE_KEYS if key in template}
+        args["Versions"] = [str(template.get("Version", "$Default"))]
+        versions = self.client.describe_launch_template_versions(**args)[
+            "LaunchTemplateVersions"]
+        if not versions:
+            raise CloudError(f"launch template {template_name(template)} has no such version")
+        return dict(versions[0].get("LaunchTemplateData") or {})
 
 
 class AsyncEc2:
@@ -285,6 +362,10 @@ class AsyncEc2:
         self.ec2 = ec2
         self._pool = pool
         self._reactor = reactor
+        #: Answers the fleet keeps per client because they rarely or never change
+        #: (fleet/architecture.py: instance types' architectures; fleet/templates.py:
+        #: launch template data, for a while). Keys are the keeper's own.
+        self.memo: dict[Any, Any] = {}
 
     def _call(self, fn: Callable[..., T], *args: Any) -> Any:
         return threads.deferToThreadPool(self._reactor, self._pool, fn, *args)
@@ -314,6 +395,16 @@ class AsyncEc2:
         return self._call(self.ec2.set_user_data, instance_id, user_data)
 
     def newest_image(
-        self, filters: Sequence[Mapping[str, Any]], owners: Sequence[str] | None
+        self, filters: Sequence[Mapping[str, Any]], owners: Sequence[str] | None,
+        architecture: str | None = None,
     ) -> Any:
-        return self._call(self.ec2.newest_image, filters, owners)
+        return self._call(self.ec2.newest_image, filters, owners, architecture)
+
+    def image_architectures(self, ami_ids: Sequence[str]) -> Any:
+        return self._call(self.ec2.image_architectures, ami_ids)
+
+    def instance_architectures(self, instance_types: Sequence[str]) -> Any:
+        return self._call(self.ec2.instance_architectures, instance_types)
+
+    def launch_template_data(self, template: Mapping[str, Any]) -> Any:
+        return self._call(self.ec2.launch_template_data, template)

@@ -53,10 +53,13 @@ def instance_tags(worker_name: str, master: str, user_tags: Mapping[str, str],
     return tags
 
 
-def tag_specifications(tags: Mapping[str, str]) -> list[dict]:
-    """Tags applied at launch, so an instance is never untagged, even for a moment."""
-    tag_list = [{"Key": k, "Value": v} for k, v in tags.items()]
+def tag_specifications(tags: Mapping[str, str],
+                       base: Mapping[str, Mapping[str, str]] | None = None) -> list[dict]:
+    """Tags applied at launch, so an instance is never untagged, even for a moment;
+    ``base`` (a launch template's tags by resource type) under ours."""
     return [
-        {"ResourceType": "instance", "Tags": tag_list},
-        {"ResourceType": "volume", "Tags": tag_list},
+        {"ResourceType": kind,
+         "Tags": [{"Key": k, "Value": v} for k, v in {**(base or {}).get(kind, {}),
+                                                        **tags}.items()]}
+        for kind in ("instance", "volume")
     ]

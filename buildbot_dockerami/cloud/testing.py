@@ -16,7 +16,11 @@ running reactor, and an answer can be held back until the test hands it over.
 Like moto, and unlike EC2: stop and start of a terminated instance succeed, user data
 can be changed in any state, and security groups, key pairs and instance profiles are
 taken as given (moto checks that security groups exist). Images are only those the
-test registers (moto also lists its own public ones).
+test registers (moto also lists its own public ones), x86_64 unless registered
+otherwise. Instance types are those of ``INSTANCE_TYPES`` and the ones a test adds
+(moto knows every EC2 type). Launch templates keep their data as given; a launch
+through one takes its ImageId (when the launch names none), KeyName, SecurityGroupIds
+and instance tags, as moto does.
 
 No buildbot imports, and nothing of the fleet or worker layers.
 """
@@ -34,7 +38,13 @@ from typing import Any
 from botocore.exceptions import ClientError, ReadTimeoutError
 from twisted.python import failure
 
-from buildbot_dockerami.cloud.ec2 import DESCRIBE_CHUNK, AsyncEc2, CloudError, LaunchSpec
+from buildbot_dockerami.cloud.ec2 import (
+    DESCRIBE_CHUNK,
+    AsyncEc2,
+    LaunchSpec,
+    image_filters,
+    no_image_error,
+)
 from buildbot_dockerami.cloud.instances import (
     LAUNCH_TAG,
     MASTER_TAG,
@@ -60,7 +70,22 @@ ACTIONS = {
     "set_user_data": "ModifyInstanceAttribute",
     "console_output": "GetConsoleOutput",
     "newest_image": "DescribeImages",
+    "image_architectures": "DescribeImages",
+    "instance_architectures": "DescribeInstanceTypes",
+    "launch_template_data": "DescribeLaunchTemplateVersions",
 }
+#: The instance types the fake knows from the start, with their architectures as EC2
+#: (and moto) give them; ``FakeEc2.add_instance_type`` adds others.
+INSTANCE_TYPES: Mapping[str, tuple[str, ...]] = {
+    "t2.micro": ("i386", "x86_64"), "m1.small": ("i386", "x86_64"),
+    "t3.nano": ("x86_64",), "t3.micro": ("x86_64",), "t3.large": ("x86_64",),
+    "m5.large": ("x86_64",), "c5.large": ("x86_64",), "c5.xlarge": ("x86_64",),
+    "c6i.large": ("x86_64",), "c7g.large": ("arm64",), "m7g.large": ("arm64",),
+    "t4g.micro": ("arm64",),
+}
+#: Tags EC2 (and moto) put on an instance launched from a template.
+TEMPLATE_ID_TAG = "aws:ec2launchtemplate:id"
+TEMPLATE_VERSION_TAG = "aws:ec2launchtemplate:version"
 
 
 def client_error(action: str, code: str, message: str = "", status: int = 400) -> ClientError:
@@ -87,6 +112,8 @@ class FakeInstance:
     client_token: str
     subnet_id: str | None
     metadata_options: dict[str, Any]
+    key_name: str | None = None
+    security_group_ids: tuple[str, ...] = ()
     state: str = "running"
     reason: str = ""
     console: str = ""
@@ -109,6 +136,30 @@ class FakeImage:
     creation_date: str
     owner_id: str = ACCOUNT_ID
     state: str = "available"
+    architecture: str = "x86_64"
+
+
+@dataclass
+class FakeTemplate:
+    template_id: str
+    name: str
+    #: Version n's LaunchTemplateData is versions[n - 1].
+    versions: list[dict[str, Any]]
+    default_version: int = 1
+
+    def version(self, wanted: Any, action: str) -> tuple[int, dict[str, Any]]:
+        """Version ``wanted`` ($Latest, $Default or a number), as moto looks it up, or
+        its error for ``action``."""
+        text = str(wanted).lower()
+        number = (len(self.versions) if text == "$latest" else
+                  self.default_version if text == "$default" else
+                  int(text) if text.isdigit() else 0)
+        if not 1 <= number <= len(self.versions):
+            raise client_error(
+                action, "InvalidLaunchTemplateId.VersionNotFound",
+                f"Could not find the specified version {wanted} for the launch template "
+                f"with ID {self.template_id}.")
+        return number, self.versions[number - 1]
 
 
 @dataclass
@@ -141,6 +192,8 @@ class FakeEc2:
         self.instances: dict[str, FakeInstance] = {}
         self.images: dict[str, FakeImage] = {}
         self.subnets: dict[str, str] = {}
+        self.instance_types: dict[str, tuple[str, ...]] = dict(INSTANCE_TYPES)
+        self.templates: dict[str, FakeTemplate] = {}
         self.calls: list[tuple[str, Any]] = []
         self._faults: list[_Fault] = []
         self._tokens: dict[str, InstanceStatus] = {}
@@ -148,15 +201,36 @@ class FakeEc2:
 
     # -- what the test sets up, and EC2's own doings (not calls) ---------------------------
 
-    def register_image(self, name: str, creation_date: str | None = None) -> str:
+    def register_image(self, name: str, creation_date: str | None = None,
+                       architecture: str = "x86_64") -> str:
         """An available image owned by this account; ``creation_date`` as EC2 writes it
         (e.g. 2024-01-31T12:00:00.000Z), now by default."""
         image_id = "ami-" + uuid.uuid4().hex[:17]
         created = creation_date or time.strftime("%Y-%m-%dT%H:%M:%S.000Z",
                                                  time.gmtime(self.clock()))
         with self._lock:
-            self.images[image_id] = FakeImage(image_id, name, created)
+            self.images[image_id] = FakeImage(image_id, name, created,
+                                              architecture=architecture)
         return image_id
+
+    def add_instance_type(self, instance_type: str, *architectures: str) -> None:
+        """An instance type EC2 knows, running these architectures."""
+        with self._lock:
+            self.instance_types[instance_type] = tuple(architectures)
+
+    def add_launch_template(self, name: str, data: Mapping[str, Any]) -> str:
+        """A launch template (version 1, the default) with this LaunchTemplateData."""
+        template_id = "lt-" + uuid.uuid4().hex[:17]
+        with self._lock:
+            self.templates[template_id] = FakeTemplate(template_id, name, [dict(data)])
+        return template_id
+
+    def add_template_version(self, template_id: str, data: Mapping[str, Any]) -> int:
+        """A new version of the template (not made the default); its number."""
+        with self._lock:
+            versions = self.templates[template_id].versions
+            versions.append(dict(data))
+            return len(versions)
 
     def add_subnet(self, availability_zone: str) -> str:
         """A subnet in ``availability_zone``; launches into it are placed there."""
@@ -262,6 +336,18 @@ class FakeEc2:
             if not spec.tags:
                 raise client_error("RunInstances", "InvalidParameterValue",
                                    "Tag specification must have at least one tag")
+            ami, tags = spec.ami, dict(spec.tags)
+            key_name, groups = spec.keypair_name, tuple(spec.security_group_ids or ())
+            if spec.launch_template:
+                template = self._template(spec.launch_template, "RunInstances")
+                number, data = template.version(
+                    spec.launch_template.get("Version", "$Default"), "RunInstances")
+                ami = ami or data.get("ImageId", "")
+                key_name = key_name or data.get("KeyName")
+                groups = groups or tuple(data.get("SecurityGroupIds", ()))
+                tags = {**_template_tags(data).get("instance", {}),
+                        TEMPLATE_ID_TAG: template.template_id,
+                        TEMPLATE_VERSION_TAG: str(number), **tags}
             zone = f"{self.region}a"
             if spec.subnet_id:
                 if spec.subnet_id not in self.subnets:
@@ -269,13 +355,14 @@ class FakeEc2:
                                        f"The subnet ID '{spec.subnet_id}' does not exist")
                 zone = self.subnets[spec.subnet_id]
             instance = FakeInstance(
-                instance_id="i-" + uuid.uuid4().hex[:17], ami=spec.ami,
+                instance_id="i-" + uuid.uuid4().hex[:17], ami=ami,
                 instance_type=spec.instance_type, availability_zone=zone,
-                tags=dict(spec.tags), user_data=spec.user_data,
+                tags=tags, user_data=spec.user_data,
                 launched_at=float(int(self.clock())),
                 market="spot" if spec.market == "spot" else "on-demand",
                 client_token=spec.client_token, subnet_id=spec.subnet_id,
                 metadata_options=dict(spec.metadata_options),
+                key_name=key_name, security_group_ids=groups,
                 console="fake console output\n",
             )
             self.instances[instance.instance_id] = instance
@@ -339,18 +426,57 @@ class FakeEc2:
         return self._answer(call, text)
 
     def newest_image(self, filters: Sequence[Mapping[str, Any]],
-                     owners: Sequence[str] | None) -> str:
-        call = self._call("DescribeImages", (list(filters), owners))
+                     owners: Sequence[str] | None, architecture: str | None = None) -> str:
+        call = self._call("DescribeImages", (list(filters), owners, architecture))
         with self._lock:
-            images = [i for i in self.images.values()
-                      if i.state == "available" and _owned(i, owners)
-                      and all(_matches(i, f) for f in filters)]
+            images = [i for i in self.images.values() if _owned(i, owners)
+                      and all(_matches(i, f) for f in image_filters(filters, architecture))]
         if not images:
             self._answer(call, None)
-            raise CloudError(
-                f"no available AMI matches ami_filters={list(filters)!r} ami_owners={owners!r}"
-            )
+            raise no_image_error(filters, owners, architecture)
         return self._answer(call, max(images, key=lambda i: i.creation_date).image_id)
+
+    def image_architectures(self, ami_ids: Sequence[str]) -> dict[str, str]:
+        call = self._call("DescribeImages", list(ami_ids))
+        with self._lock:
+            answer = {i: self.images[i].architecture for i in ami_ids if i in self.images}
+        return self._answer(call, answer)
+
+    def instance_architectures(self, instance_types: Sequence[str]) -> dict[str, tuple[str, ...]]:
+        call = self._call("DescribeInstanceTypes", list(instance_types))
+        with self._lock:
+            unknown = [t for t in instance_types if t not in self.instance_types]
+            if unknown:
+                raise client_error(
+                    "DescribeInstanceTypes", "InvalidInstanceType",
+                    f"The following supplied instance types do not exist: [{', '.join(unknown)}]")
+            answer = {t: self.instance_types[t] for t in instance_types}
+        return self._answer(call, answer)
+
+    def launch_template_data(self, template: Mapping[str, Any]) -> dict[str, Any]:
+        call = self._call("DescribeLaunchTemplateVersions", dict(template))
+        with self._lock:
+            found = self._template(template, "DescribeLaunchTemplateVersions")
+            _, data = found.version(template.get("Version", "$Default"),
+                                    "DescribeLaunchTemplateVersions")
+            answer = dict(data)
+        return self._answer(call, answer)
+
+    def _template(self, ref: Mapping[str, Any], action: str) -> FakeTemplate:
+        """The template ``ref`` names, or moto's error for ``action``."""
+        if "LaunchTemplateId" in ref:
+            found = self.templates.get(ref["LaunchTemplateId"])
+            if found is None:
+                raise client_error(
+                    action, "InvalidLaunchTemplateId.NotFound",
+                    f"The specified launch template, with template ID "
+                    f"{ref['LaunchTemplateId']}, does not exist.")
+            return found
+        for candidate in self.templates.values():
+            if candidate.name == ref.get("LaunchTemplateName"):
+                return candidate
+        raise client_error(action, "InvalidLaunchTemplateName.NotFoundException",
+                           _TEMPLATE_NOT_FOUND[action].format(ref.get("LaunchTemplateName")))
 
     def _known(self, action: str, instance_ids: Sequence[str]) -> list[FakeInstance]:
         """The instances, or EC2's error for the whole call if one is unknown."""
@@ -375,8 +501,21 @@ def _owned(image: FakeImage, owners: Sequence[str] | None) -> bool:
 
 _IMAGE_FILTERS: dict[str, Callable[[FakeImage], str]] = {
     "name": lambda i: i.name, "image-id": lambda i: i.image_id, "state": lambda i: i.state,
-    "owner-id": lambda i: i.owner_id,
+    "owner-id": lambda i: i.owner_id, "architecture": lambda i: i.architecture,
 }
+#: moto words "no such template name" differently in the two calls.
+_TEMPLATE_NOT_FOUND = {
+    "DescribeLaunchTemplateVersions":
+        "The specified launch template, with template name {}, does not exist.",
+    "RunInstances":
+        "At least one of the launch templates specified in the request does not exist.",
+}
+
+
+def _template_tags(data: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """A LaunchTemplateData's TagSpecifications, by resource type."""
+    return {spec["ResourceType"]: {t["Key"]: t["Value"] for t in spec.get("Tags", [])}
+            for spec in data.get("TagSpecifications", [])}
 
 
 def _matches(image: FakeImage, flt: Mapping[str, Any]) -> bool:

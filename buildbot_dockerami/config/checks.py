@@ -17,11 +17,11 @@ from buildbot_dockerami.cloud.ec2 import resolve_region
 from buildbot_dockerami.config import validators
 from buildbot_dockerami.config.credentials import key_problems
 from buildbot_dockerami.config.model import WORKER_SETTINGS, FleetWide, WorkerSettings
-from buildbot_dockerami.fleet import schedule
-from buildbot_dockerami.fleet.fallback import MARKETS
+from buildbot_dockerami.fleet import architecture, schedule
+from buildbot_dockerami.fleet.fallback import MARKETS, as_list
 from buildbot_dockerami.fleet.reconcile_plan import MIN_INTERVAL
 from buildbot_dockerami.fleet.stopped_pool import IDLE_ACTIONS
-from buildbot_dockerami.protocol import tls, userdata
+from buildbot_dockerami.protocol import limits, tls, userdata
 from buildbot_dockerami.protocol.userdata import UserData, UserDataError
 
 #: "none": an instance serves builds until idle; "container": a fresh container per
@@ -71,10 +71,16 @@ def settings_problems(name: Any, password: Any, s: WorkerSettings) -> list[str]:
         problems.append("instance_type: is required (e.g. 't3.large')")
     elif not _is_renderable(instance_type):
         check(validators.check_instance_type, instance_type)
-    if (ami is None) == (ami_filters is None):
+    if ami is not None and ami_filters is not None:
         problems.append("ami: give exactly one of ami= or ami_filters= (with ami_owners=)")
+    elif ami is None and ami_filters is None and s.launch_template is None:
+        problems.append("ami: give exactly one of ami= or ami_filters= (with ami_owners=), "
+                        "or a launch_template whose ImageId is used")
     elif ami is not None and not _is_renderable(ami):
-        check(validators.check_ami_id, ami)
+        before = len(problems)
+        check(validators.check_ami, ami, _is_renderable)
+        if len(problems) == before:
+            problems.extend(architecture_problems(ami, instance_type))
     elif ami_filters is not None:
         check(validators.check_ami_filters, ami_filters, ami_owners)
     if ami_owners is not None and ami_filters is None:
@@ -103,6 +109,7 @@ def settings_problems(name: Any, password: Any, s: WorkerSettings) -> list[str]:
         ("region", region, validators.check_region),
         ("endpoint_url", s.endpoint_url, validators.check_endpoint_url),
         ("session", session, validators.check_session),
+        ("launch_template", s.launch_template, validators.check_launch_template),
     ]
     for setting, value, fn in plain:
         if value is None:
@@ -121,6 +128,11 @@ def settings_problems(name: Any, password: Any, s: WorkerSettings) -> list[str]:
             problems.append("instance_group: only with isolation='container'")
         elif not isinstance(group, str) or not group.strip() or any(c.isspace() for c in group):
             problems.append(f"instance_group: {group!r} must be a non-empty word")
+    if _is_renderable(s.container_limits):
+        problems.append("container_limits: cannot be a renderable (it is not rendered per "
+                        "build)")
+    else:
+        problems += limits.problems(s.container_limits)
     bad_source = any(p.startswith(("region:", "session:")) for p in problems)
     if not bad_source and not resolve_region(region, session):
         problems.append(
@@ -142,6 +154,20 @@ def settings_problems(name: Any, password: Any, s: WorkerSettings) -> list[str]:
     return problems + fleet_problems(s) + lifecycle_problems(s) + warm_problems(s) + key_problems(
         s.identifier, s.secret_identifier, session) + tls.fingerprint_problems(
         s.master_tls_fingerprint)
+
+
+def architecture_problems(ami: Any, instance_type: Any) -> list[str]:
+    """An instance type whose architecture (known from its name) has no AMI in a
+    per-architecture ``ami``: it could never launch."""
+    if not isinstance(ami, Mapping) or instance_type is None or _is_renderable(instance_type):
+        return []
+    problems = []
+    for itype in as_list(instance_type):
+        arch = architecture.guess(itype) if isinstance(itype, str) else None
+        if arch is not None and arch not in ami:
+            problems.append(f"ami: has no AMI for {arch}, the architecture of instance_type "
+                            f"{itype!r} (ami has {', '.join(sorted(map(str, ami)))})")
+    return problems
 
 
 def fleet_problems(s: FleetWide | WorkerSettings) -> list[str]:
@@ -215,7 +241,7 @@ def rendered_problems(values: dict[str, Any]) -> list[str]:
         (validators.check_instance_type, "instance_type", (values["instance_type"],)),
     ]
     if values["ami"] is not None:
-        checks.append((validators.check_ami_id, "ami", (values["ami"],)))
+        checks.append((validators.check_ami, "ami", (values["ami"],)))
     for setting in ("setup_repo", "setup_branch"):
         if values[setting] is not None:
             checks.append((userdata.check_secret_word, setting, (setting, values[setting])))
@@ -225,9 +251,12 @@ def rendered_problems(values: dict[str, Any]) -> list[str]:
             fn(*args)
         except UserDataError as e:
             value = values[setting]
-            message = e.message.replace(repr(value), "the rendered value")
-            if isinstance(value, str) and value:
-                message = message.replace(value, "***")
+            message = e.message
+            # an AMI per architecture: each of its ids is a rendered value too
+            for part in [value, *(value.values() if isinstance(value, Mapping) else ())]:
+                message = message.replace(repr(part), "the rendered value")
+                if isinstance(part, str) and part:
+                    message = message.replace(part, "***")
             problems.append(f"rendered {e.setting}: {message}")
     return problems
 

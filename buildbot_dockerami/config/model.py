@@ -61,12 +61,16 @@ class WorkerSettings:
     tags: Any = None
     block_device_mappings: Any = None
     metadata_options: Any = None
+    #: RunInstances' LaunchTemplate, the base of every launch (fleet/templates.py).
+    launch_template: Any = None
     endpoint_url: Any = None
     session: Any = None
     identifier: Any = field(default=None, metadata=SECRET)
     secret_identifier: Any = field(default=None, metadata=SECRET)
     isolation: Any = "none"
     instance_group: Any = None
+    #: Memory, pids and CPU limits of each container the bootstrap runs (None: defaults).
+    container_limits: Any = None
     pool: Any = None
     #: The pool's warm minimum: a number or periods (fleet/schedule.py); worker_pool's.
     min_warm: Any = None

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 import boto3.session
 
+from buildbot_dockerami.cloud import ec2
+from buildbot_dockerami.fleet.architecture import ARCHITECTURES
 from buildbot_dockerami.protocol.userdata import UserDataError
 
 SettingError = UserDataError
@@ -35,12 +37,8 @@ METADATA_OPTION_KEYS = {
     "InstanceMetadataTags",
 }
 
-#: IMDSv2 only: the metadata service refuses token-less (v1) requests.
-DEFAULT_METADATA_OPTIONS: Mapping[str, Any] = {
-    "HttpTokens": "required",
-    "HttpEndpoint": "enabled",
-    "HttpPutResponseHopLimit": 2,
-}
+#: IMDSv2 only (declared with the launch, which applies it when metadata_options is unset).
+DEFAULT_METADATA_OPTIONS = ec2.DEFAULT_METADATA_OPTIONS
 
 
 def check_ami_id(value: Any, setting: str = "ami") -> None:
@@ -48,6 +46,60 @@ def check_ami_id(value: Any, setting: str = "ami") -> None:
         raise SettingError(
             setting, f"{value!r} is not an AMI id (ami- followed by 8 or 17 hex digits)"
         )
+
+
+def check_ami(value: Any, skip: Callable[[Any], bool] = lambda _: False) -> None:
+    """An AMI id, or one per architecture ({'arm64': 'ami-...', 'x86_64': 'ami-...'});
+    ids for which ``skip`` is true (renderables) are checked once rendered."""
+    if not isinstance(value, Mapping):
+        check_ami_id(value)
+        return
+    if not value:
+        raise SettingError("ami", "an AMI per architecture names at least one, e.g. "
+                           "{'arm64': 'ami-...', 'x86_64': 'ami-...'}")
+    for arch, one in value.items():
+        if arch not in ARCHITECTURES:
+            raise SettingError("ami", f"{short(arch)} is not an EC2 architecture "
+                               f"({', '.join(ARCHITECTURES)})")
+        if not skip(one):
+            check_ami_id(one)
+
+
+_TEMPLATE_ID = re.compile(r"^lt-(?:[0-9a-f]{8}|[0-9a-f]{17})$")
+_TEMPLATE_NAME = re.compile(r"^[A-Za-z0-9().\-/_]{3,128}$")
+TEMPLATE_VERSIONS = ("$Latest", "$Default")
+
+
+def check_launch_template(value: Any) -> None:
+    """RunInstances' LaunchTemplate: exactly one of LaunchTemplateName and
+    LaunchTemplateId, and optionally a Version (a number, '$Latest' or '$Default')."""
+    example = "{'LaunchTemplateName': 'ci-workers', 'Version': '$Latest'}"
+    if not isinstance(value, Mapping):
+        raise SettingError("launch_template", f"must be a dict like {example}, "
+                           f"not {_type_name(value)}")
+    allowed = (*ec2.TEMPLATE_KEYS, "Version")
+    unknown = [k for k in value if k not in allowed]
+    if unknown:
+        raise SettingError("launch_template", f"unknown keys {sorted(map(str, unknown))}; "
+                           f"allowed: {', '.join(allowed)}")
+    named = [k for k in ec2.TEMPLATE_KEYS if k in value]
+    if len(named) != 1:
+        raise SettingError("launch_template", "give exactly one of LaunchTemplateName and "
+                           f"LaunchTemplateId, e.g. {example}")
+    ref = value[named[0]]
+    pattern = _TEMPLATE_ID if named[0] == "LaunchTemplateId" else _TEMPLATE_NAME
+    if not isinstance(ref, str) or not pattern.match(ref):
+        wanted = ("lt- followed by 8 or 17 hex digits" if named[0] == "LaunchTemplateId"
+                  else "3-128 letters, digits and ( ) . - / _")
+        raise SettingError("launch_template", f"{named[0]} {short(ref)} is not a launch "
+                           f"template {'id' if 'Id' in named[0] else 'name'} ({wanted})")
+    if "Version" in value:
+        version = value["Version"]
+        number = (version if isinstance(version, int) and not isinstance(version, bool)
+                  else int(version) if isinstance(version, str) and version.isdigit() else 0)
+        if version not in TEMPLATE_VERSIONS and number < 1:
+            raise SettingError("launch_template", f"Version must be a version number "
+                               f"(1, 2, ...), '$Latest' or '$Default', not {short(version)}")
 
 
 def _one_or_list(value: Any) -> list[Any]:

@@ -1,7 +1,9 @@
 """Launching an instance: the owner's stopped instance started again while it still
 matches, else RunInstances over the capacity options in order (fallback.py), each call
 idempotent by its ClientToken so that a lost answer is found again, never launched
-twice. Stopping an idle instance for that reuse is here too.
+twice. Each option gets the AMI of its instance type's architecture (architecture.py),
+over the launch template if one is given (templates.py). Stopping an idle instance for
+that reuse is here too.
 
 Fleet layer: EC2 and the master's Fleet, nothing of builds. A launch that failed for
 good is raised as LaunchFailed; the worker counts it and fails the substantiation.
@@ -22,9 +24,9 @@ from twisted.python import log
 
 from buildbot_dockerami.cloud import instances
 from buildbot_dockerami.cloud.ec2 import AsyncEc2, CloudError, LaunchSpec
-from buildbot_dockerami.fleet import fallback, stopped_pool
+from buildbot_dockerami.fleet import architecture, fallback, stopped_pool, templates
 from buildbot_dockerami.fleet.metrics import Metrics
-from buildbot_dockerami.protocol import tls, userdata
+from buildbot_dockerami.protocol import limits, tls, userdata
 from buildbot_dockerami.protocol.passwords import SECRET_KEY
 from buildbot_dockerami.protocol.userdata import UserData
 
@@ -44,9 +46,11 @@ class Slot:
 
 
 def slot_user_data(slots: Sequence[Slot], master: str, values: Mapping[str, Any], *,
-                   isolated: bool, tls_fingerprint: str | None) -> str:
+                   isolated: bool, tls_fingerprint: str | None,
+                   container_limits: Mapping[str, Any] | None = None) -> str:
     """The user data of an instance serving ``slots`` (the first on line 1, the others
-    on extension lines), for the rendered per-build ``values``; raises UserDataError."""
+    on extension lines), for the rendered per-build ``values``; raises UserDataError.
+    ``container_limits`` (checked at checkconfig) apply to each of its containers."""
     extensions: dict[str, str] = {}
     if isolated:
         extensions["isolation"] = "container"
@@ -59,6 +63,7 @@ def slot_user_data(slots: Sequence[Slot], master: str, values: Mapping[str, Any]
                 extensions[SECRET_KEY.format(slot=number)] = slot.secret
     if tls_fingerprint is not None:
         extensions[tls.EXTENSION] = tls.normalize_fingerprint(tls_fingerprint)
+    extensions.update(limits.extensions(container_limits))
     return userdata.render(UserData(
         worker_name=slots[0].name, password=slots[0].password, master=master,
         image=values["image"], setup_repo=values["setup_repo"],
@@ -67,24 +72,31 @@ def slot_user_data(slots: Sequence[Slot], master: str, values: Mapping[str, Any]
 
 
 LAUNCH_SETTINGS = ("subnet_id", "market", "security_group_ids", "keypair_name",
-                   "instance_profile", "tags", "block_device_mappings", "metadata_options")
+                   "instance_profile", "tags", "block_device_mappings", "metadata_options",
+                   "launch_template")
 
 
-def launch_key(values: Mapping[str, Any], ami: str, settings: Any) -> str:
+def launch_key(values: Mapping[str, Any], ami: Any, settings: Any) -> str:
     """stopped_pool.launch_key of what an instance is launched with: the rendered values,
-    the AMI and the worker's LAUNCH_SETTINGS (read from ``settings``)."""
+    the AMI (or the AMIs by instance type) and the worker's LAUNCH_SETTINGS (read from
+    ``settings``)."""
     return stopped_pool.launch_key({
-        **values, "ami": ami, **{name: getattr(settings, name) for name in LAUNCH_SETTINGS}})
+        **values, "ami": ami,
+        **{name: getattr(settings, name, None) for name in LAUNCH_SETTINGS}})
 
 
-def launch_spec(ami: str, user_data: str, settings: Any) -> LaunchSpec:
-    """What every capacity option of one launch shares (fallback sets the rest)."""
+def launch_spec(ami: str, user_data: str, settings: Any,
+                template: Mapping[str, Any] | None = None) -> LaunchSpec:
+    """What every capacity option of one launch shares (fallback and the plan set the
+    rest); ``template``: the data of the worker's launch template, if it has one."""
     return LaunchSpec(
         ami=ami, instance_type="", user_data=user_data, tags=settings.tags,
         security_group_ids=settings.security_group_ids, keypair_name=settings.keypair_name,
         instance_profile=settings.instance_profile,
         block_device_mappings=settings.block_device_mappings,
-        metadata_options=settings.metadata_options,
+        metadata_options=templates.metadata_options(template, settings.metadata_options),
+        launch_template=getattr(settings, "launch_template", None),
+        template_tags=templates.tags(template or {}),
     )
 
 
@@ -96,6 +108,52 @@ class LaunchFailed(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+class LaunchRefused(LaunchFailed):
+    """No instance, and none will come of these settings as they are (a launch template
+    that sets user data, no AMI for any instance type): the build fails, not retried."""
+
+
+@defer.inlineCallbacks
+def plan_launch(client: AsyncEc2, values: Mapping[str, Any], settings: Any,
+                now: float) -> Any:
+    """(architecture.Plan, the launch template's data or None) for one launch of the
+    worker ``settings`` with the rendered ``values``: each instance type's AMI, the
+    template read and checked. Raises LaunchFailed / LaunchRefused."""
+    template_ref = getattr(settings, "launch_template", None)
+    found = None
+    has_ami = values["ami"] is not None or settings.ami_filters is not None
+    if template_ref is not None:
+        try:
+            found = yield templates.data(client, template_ref, now)
+        except Exception as e:
+            raise LaunchFailed("launch_template", "launch_template: DescribeLaunchTemplate"
+                               f"Versions failed: {_ec2_error(e)}") from e
+        problems = templates.problems(found, settings, has_ami=has_ami)
+        if problems:
+            raise LaunchRefused("launch_template", "; ".join(problems))
+    types = [o.instance_type for o in fallback.options(values["instance_type"], None,
+                                                        "on-demand")]
+    try:
+        plan = yield architecture.resolve(
+            client, types, values["ami"], settings.ami_filters, settings.ami_owners,
+            template_image=(found or {}).get("ImageId"))
+    except CloudError as e:
+        raise LaunchFailed("no_ami", str(e)) from e
+    if not plan.amis:
+        reasons = "; ".join(f"{t}: {why}" for t, why in plan.skipped.items())
+        # Fixed AMIs never change by themselves; filters may match a new image soon.
+        refused = LaunchRefused if settings.ami_filters is None else LaunchFailed
+        raise refused("no_ami", f"no instance type has an AMI it can boot: {reasons}")
+    return plan, found
+
+
+def _ec2_error(e: Exception) -> str:
+    if isinstance(e, ClientError):
+        error = e.response.get("Error", {})
+        return f"{error.get('Code', '')}: {error.get('Message', '')}"
+    return str(e)
 
 
 @dataclass
@@ -148,18 +206,30 @@ class Launcher:
 
     @defer.inlineCallbacks
     def launch(self, client: AsyncEc2, spec: LaunchSpec, options: Sequence[fallback.Option],
-               *, image: str, key: str, serves: Sequence[str], reuse: bool) -> Any:
+               *, image: str, key: str, serves: Sequence[str], reuse: bool,
+               plan: architecture.Plan | None = None) -> Any:
         """A LaunchedInstance: the owner's stopped one if ``reuse`` and it matches
         ``key``, else a new one. ``spec`` gives what every option shares; its instance
         type, subnet, market, ClientToken and ownership tags are set per option (its
-        ``tags`` are the operator's)."""
+        ``tags`` are the operator's), and with a ``plan`` its AMI (options whose type
+        the plan skips are left out, each with its reason)."""
         if reuse:
             restarted = yield self.start_stopped(key, spec.user_data)
             if restarted is not None:
                 return restarted
         fleet = self.fleet
+        if plan is not None:
+            for itype, why in plan.skipped.items():
+                self.note(f"skipped {itype}: {why}", self._now())
+                log.msg(f"{self.prefix}: not launching {itype}: {why}")
+            for itype, why in plan.unchecked.items():
+                log.msg(f"{self.prefix}: architecture of {itype} unknown ({why}); "
+                        "its AMI is chosen without the architecture check")
+            options = plan.usable(options)
         choices = fleet.cooldown.order(options, self._now())
         for attempt, option in enumerate(choices, start=1):
+            if plan is not None:
+                spec = dataclasses.replace(spec, ami=plan.amis[option.instance_type])
             try:
                 status = yield self._run_instance(client, spec, option)
                 break
@@ -175,13 +245,15 @@ class Launcher:
                     continue
                 raise LaunchFailed(f"RunInstances:{code}",
                                    f"RunInstances failed: {code}: {message}") from e
+        ami = spec.ami or (plan.template_image if plan is not None else "")
+        shown = ami or "the launch template's AMI"
         log.msg(
-            f"{self.prefix}: launched {status.instance_id} ({option}, {spec.ami}) "
+            f"{self.prefix}: launched {status.instance_id} ({option}, {shown}) "
             f"running image {image} for {', '.join(serves)}"
         )
         fleet.metrics.inc("dockerami_instance_launches_total", {"worker": self.owner})
         return LaunchedInstance(
-            client, status.instance_id, option.instance_type, image, spec.ami,
+            client, status.instance_id, option.instance_type, image, ami,
             status.availability_zone, self._now(), option.market, key,
         )
 

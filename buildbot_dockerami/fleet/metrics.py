@@ -89,6 +89,9 @@ FAMILIES = {
         "counter", "Stopped warm instances started again for a build."),
     "dockerami_connections_refused_total": Family(
         "counter", "Worker connections refused: not from the instance launched for them."),
+    "dockerami_freed_slot_messages_total": Family(
+        "counter", "Other masters' messages that a slot of a capped pool was freed (each "
+        "read at once, not at the next pass)."),
     "dockerami_reclaimed_total": Family(
         "counter", "Instances of a dead master (heartbeat expired) this master terminated."),
     "dockerami_instances": Family(

@@ -40,6 +40,11 @@ SYNC_INTERVAL = 2.0
 CLAIM_GRACE = 30.0
 #: Seconds between two looks for dead masters to reclaim.
 RECLAIM_INTERVAL = 10.0
+#: Routing key (buildbot's message queue) of "a slot of a capped pool was freed on the
+#: master whose id follows": the others read the rows at once, not at their next pass.
+FREED = ("dockerami", "freed")
+#: Seconds a master may run without a joined WAMP session before it says so.
+MQ_GRACE = 15.0
 
 
 # -- pure decisions --------------------------------------------------------------------
@@ -71,6 +76,24 @@ def stopped_masters(masters: Iterable[MasterRow], me: int, now: float,
     their rows say nothing true any more; their own start writes them anew."""
     return [m.masterid for m in masters
             if not m.active and m.masterid != me and now - m.last_active < expire]
+
+
+def mq_problem(mq: Any, joined: bool, waited: float, grace: float = MQ_GRACE) -> str:
+    """Why this master's message queue cannot work with several masters, or "".
+
+    buildbot logs nothing when its WAMP router cannot be reached: the master runs and
+    hears nothing from the others (build requests, cancellations, freed slots)."""
+    kind = (mq or {}).get("type", "simple")
+    if kind != "wamp":
+        return (f"c['mq'] type is {kind!r}: with several masters it must be 'wamp' (a "
+                "router all masters connect to), or no master hears of another's build "
+                "requests")
+    if not joined and waited >= grace:
+        return (f"not connected to the WAMP router {mq.get('router_url')!r} (realm "
+                f"{mq.get('realm', 'buildbot')!r}) {waited:.0f} s after start: this master "
+                "hears nothing from the others (build requests, cancellations) until it is; "
+                "check c['mq']['router_url'] and that the router runs")
+    return ""
 
 
 @dataclass(frozen=True)
@@ -135,7 +158,8 @@ class Coordinator:
         #: Instance keys claimed here and not yet running, with when.
         self.pending: dict[str, float] = {}
         self.last_error = ""
-        self.reclaimed: dict[str, list[str]] = {}
+        #: Dead master id -> its last reclaim (by any master), as the database says.
+        self.reports: dict[int, shared_tables.ReclaimReport] = {}
         self._tables = False
         self._lock = defer.DeferredLock()
         self._flight = SingleFlight(self._pass, self._done)
@@ -143,6 +167,14 @@ class Coordinator:
         self._free: dict[str, int] = {}
         self._loop = task.LoopingCall(self.tick)
         self._loop.clock = master.reactor
+        #: Freed slots, told to the others (event-driven: one more after a busy one).
+        self._announce = SingleFlight(self._mirror_and_announce, self._done, again=True)
+        #: Other masters' freed slots, read at once.
+        self._wake = SingleFlight(self._read_and_wake, self._done, again=True)
+        self._consumer: Any = None
+        self._started_at = master.reactor.seconds()
+        #: Why this master's message queue does not work with several masters, or "".
+        self.mq_error = ""
 
     @property
     def masterid(self) -> int | None:
@@ -150,11 +182,60 @@ class Coordinator:
 
     def start(self) -> None:
         if not self._loop.running:
+            self._started_at = self.master.reactor.seconds()
             self._loop.start(SYNC_INTERVAL, now=False).addErrback(log.err, "dockerami shared")
+        if self._consumer is None:
+            d = self.master.mq.startConsuming(self._on_freed, (*FREED, None))
+            d.addCallback(lambda consumer: setattr(self, "_consumer", consumer))
+            d.addErrback(log.err, "dockerami: listening for freed slots")
 
     def stop(self) -> None:
         if self._loop.running:
             self._loop.stop()
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            defer.maybeDeferred(consumer.stopConsuming).addErrback(
+                log.err, "dockerami: no longer listening for freed slots")
+
+    def freed(self) -> None:
+        """An instance of a capped pool ended here: its row goes now, and the other
+        masters are told over buildbot's message queue, so a build waiting there for
+        the slot starts without waiting for either master's next pass."""
+        if self.masterid is not None:
+            self._announce.tick()
+
+    @defer.inlineCallbacks
+    def _mirror_and_announce(self) -> Any:
+        yield self._ensure_tables()
+        now = self.master.reactor.seconds()
+        yield self._lock.run(self.master.db.pool.do, shared_tables.mirror, self.masterid,
+                             local_rows(self.fleet), int(now), CLAIM_GRACE)
+        self.master.mq.produce((*FREED, str(self.masterid)), {"masterid": self.masterid})
+
+    def _on_freed(self, _key: Any, message: Any) -> None:
+        if self.masterid is None or message.get("masterid") == self.masterid:
+            return
+        self.fleet.metrics.inc("dockerami_freed_slot_messages_total", {})
+        self._wake.tick()
+
+    @defer.inlineCallbacks
+    def _read_and_wake(self) -> Any:
+        rows, masters = yield self.master.db.pool.do(shared_tables.read)
+        now = self.master.reactor.seconds()
+        stopped = set(stopped_masters(masters, self.masterid, now, expire_after()))
+        self.rows = [r for r in rows if r.masterid not in stopped]
+        self.masters = masters
+        self._wake_if_freed()
+
+    def _check_mq(self, now: float) -> None:
+        wamp = getattr(self.master, "wamp", None)
+        problem = mq_problem(getattr(self.master.config, "mq", None),
+                             getattr(wamp, "service", None) is not None,
+                             now - self._started_at)
+        if problem != self.mq_error:
+            log.msg(f"dockerami: no working message queue: {problem}" if problem
+                    else "dockerami: the message queue works again")
+        self.mq_error = problem
 
     def leads(self) -> bool:
         """Whether this master keeps the warm minimums (with no rows read yet: not)."""
@@ -240,10 +321,12 @@ class Coordinator:
             # Another master's Fleet page may have changed them.
             fleet.pool_limits[pool] = yield pools.load_limits(master, pool)
         now = master.reactor.seconds()
+        self._check_mq(now)
         self.pending = {k: t for k, t in self.pending.items() if now - t < CLAIM_GRACE}
         yield self._lock.run(master.db.pool.do, shared_tables.mirror, self.masterid,
                              local_rows(fleet), int(now), CLAIM_GRACE)
         rows, masters = yield master.db.pool.do(shared_tables.read)
+        self.reports = yield master.db.pool.do(shared_tables.reports)
         stopped = stopped_masters(masters, self.masterid, now, expire_after())
         if any(r.masterid in stopped for r in rows):
             yield master.db.pool.do(shared_tables.forget, stopped)
@@ -282,8 +365,8 @@ class Coordinator:
                 continue
             terminated = yield self._terminate_instances_of(corpse)
             brids = yield self._release_requests(corpse.masterid)
-            yield self.master.db.pool.do(shared_tables.reclaimed, corpse.masterid, self.masterid)
-            self.reclaimed[corpse.name] = terminated
+            yield self.master.db.pool.do(shared_tables.reclaimed, corpse.masterid, self.masterid,
+                                         terminated, int(now))
             log.msg(f"dockerami: master {corpse.name} (id {corpse.masterid}) is inactive "
                     f"since its heartbeat at {corpse.last_active}; reclaimed its instances: "
                     f"{', '.join(terminated) or 'none'}; gave back its build requests: "
@@ -324,6 +407,12 @@ class Coordinator:
                     self.fleet.metrics.inc("dockerami_reclaimed_total", {})
                     terminated.append(status.instance_id)
         return sorted(terminated)
+
+    def reclaimed(self, masterid: int) -> list[str] | None:
+        """The instances the last reclaim of this (dead) master ended, whichever master
+        did it; None if it was never reclaimed."""
+        report = self.reports.get(masterid)
+        return None if report is None else list(report.instance_ids)
 
     def view(self) -> list[dict[str, Any]]:
         """Every master's instances, for the Fleet page: the others as last read."""

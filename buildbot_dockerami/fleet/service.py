@@ -308,6 +308,8 @@ class Fleet(service.SharedService):
             self.in_use.group_changed(group)
         if pools.capped(pool, self):
             self.after_release()
+            if self.shared is not None:
+                self.shared.freed()
 
     def tracked(self) -> dict[str, list[Any]]:
         """Instance id -> the workers (or slot groups) that own it (Holdings.tracked)."""

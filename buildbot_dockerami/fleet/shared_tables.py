@@ -54,6 +54,19 @@ reclaims = sa.Table(
     sa.Column("done", sa.Boolean, nullable=False),
 )
 
+#: What each reclaim of a dead master ended, for every master's Fleet page (kept across
+#: restarts; the last reclaim of each dead master). A table of its own, so databases
+#: made by an earlier release get it from ``create_all`` without a migration.
+reclaim_reports = sa.Table(
+    "dockerami_reclaim_reports",
+    metadata,
+    sa.Column("masterid", sa.Integer, primary_key=True),
+    sa.Column("by_masterid", sa.Integer, nullable=False),
+    sa.Column("at", sa.Integer, nullable=False),
+    # Instance ids, space-separated.
+    sa.Column("instance_ids", sa.Text, nullable=False, server_default=""),
+)
+
 #: States of a row whose instance is not up yet (counted as on its way to warm).
 STARTING = frozenset({"claimed", "launching", "booting"})
 
@@ -213,12 +226,32 @@ def take_reclaim(conn: Any, dead: MasterRow, me: int, live: set[int]) -> bool:
     return result.rowcount == 1
 
 
-def reclaimed(conn: Any, dead: int, me: int) -> None:
-    """The dead master's instances are gone: so are its rows, and its slots are free."""
+def reclaimed(conn: Any, dead: int, me: int, terminated: list[str] | None = None,
+              now: int = 0) -> None:
+    """The dead master's instances are gone: so are its rows, and its slots are free;
+    what was terminated is reported for every master to show."""
     conn.execute(instances.delete().where(instances.c.masterid == dead))
     conn.execute(reclaims.update().where(sa.and_(
         reclaims.c.masterid == dead, reclaims.c.by_masterid == me)).values(done=True))
+    conn.execute(reclaim_reports.delete().where(reclaim_reports.c.masterid == dead))
+    conn.execute(reclaim_reports.insert().values(
+        masterid=dead, by_masterid=me, at=now, instance_ids=" ".join(terminated or ())))
     conn.commit()
+
+
+@dataclass(frozen=True)
+class ReclaimReport:
+    """The last reclaim of a dead master: by whom, when, and the instances it ended."""
+
+    by_masterid: int
+    at: int
+    instance_ids: tuple[str, ...]
+
+
+def reports(conn: Any) -> dict[int, ReclaimReport]:
+    """Dead master id -> its last reclaim's report."""
+    return {r.masterid: ReclaimReport(r.by_masterid, r.at, tuple(r.instance_ids.split()))
+            for r in conn.execute(sa.select(reclaim_reports)).fetchall()}
 
 
 def reclaims_done(conn: Any) -> dict[int, int]:

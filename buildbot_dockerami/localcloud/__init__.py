@@ -24,9 +24,13 @@ from buildbot_dockerami.localcloud.timing import Delays
 
 #: Name of the base AMI registered in the local cloud; ami_filters can find it.
 BASE_AMI_NAME = "dockerami-base-local"
+#: The local cloud's base AMIs by architecture (as a Packer build of both makes them);
+#: the hypervisor boots either the same way, on the local machine.
+#: (x86_64 registered last: the newest, where no architecture is asked for).
+BASE_AMI_NAMES = {"arm64": f"{BASE_AMI_NAME}-arm64", "x86_64": BASE_AMI_NAME}
 LOCAL_ACCESS_KEY = "AKIDLOCALCLOUD"
 
-__all__ = ["BASE_AMI_NAME", "Delays", "LocalCloud", "make_runtime"]
+__all__ = ["BASE_AMI_NAME", "BASE_AMI_NAMES", "Delays", "LocalCloud", "make_runtime"]
 
 
 def make_runtime(runtime: str | Runtime, directory: Path) -> Runtime:
@@ -63,7 +67,9 @@ class LocalCloud:
             lambda: self.server.instance_states(region), clock=self.server.faults.clock,
         )
         self.server.faults.console = self.hypervisor.console_output
+        #: The x86_64 base AMI, and each architecture's (BASE_AMI_NAMES).
         self.base_ami_id = ""
+        self.base_ami_ids: dict[str, str] = {}
 
     @property
     def endpoint_url(self) -> str:
@@ -100,15 +106,27 @@ class LocalCloud:
             urllib.request.Request(f"{self.endpoint_url}/moto-api/reset", method="POST"),
             timeout=10,
         ).close()
-        image = self.client().register_image(
-            Name=BASE_AMI_NAME, Description="local stand-in for the dockerami base AMI"
-        )
-        self.base_ami_id = image["ImageId"]
+        self.base_ami_ids = {
+            arch: self.register_image(name, arch, "local stand-in for the dockerami base AMI")
+            for arch, name in BASE_AMI_NAMES.items()}
+        self.base_ami_id = self.base_ami_ids["x86_64"]
         self.hypervisor.start()
         logging.getLogger("dockerami.localcloud").info(
             "local cloud at %s, base AMI %s", self.endpoint_url, self.base_ami_id
         )
         return self
+
+    def register_image(self, name: str, architecture: str = "x86_64",
+                       description: str = "") -> str:
+        """An available AMI of this ``architecture``. moto's RegisterImage takes no
+        Architecture, so it is set on moto's own record of the image (its server runs
+        in this process)."""
+        from moto.core import DEFAULT_ACCOUNT_ID
+        from moto.ec2.models import ec2_backends
+
+        image_id = self.client().register_image(Name=name, Description=description)["ImageId"]
+        ec2_backends[DEFAULT_ACCOUNT_ID][self.region].amis[image_id].architecture = architecture
+        return image_id
 
     def stop(self) -> None:
         self.hypervisor.stop()

@@ -19,7 +19,7 @@ from twisted.internet import defer
 from twisted.python import log
 from twisted.spread import pb
 
-from buildbot_dockerami.protocol import imageready
+from buildbot_dockerami.protocol import imageready, limits
 from buildbot_dockerami.protocol.passwords import OneTimeCredentials
 
 #: States in which a slot worker is on its way to expecting its next container.
@@ -43,6 +43,8 @@ class Connections:
     one_time: OneTimeCredentials | None = None
     #: Fired when the worker connects while check_instance waits for EC2.
     _on_connect: defer.Deferred | None = None
+    #: The resource limits the connected container reported (None: it did not).
+    limits_reported: dict[str, Any] | None = None
 
     @defer.inlineCallbacks
     def renew_password(self, one_time: bool = False) -> Any:
@@ -111,6 +113,7 @@ class Connections:
                 self.timeline["connected"])
             if self.image_ready is not None:
                 self.timeline[imageready.STEP] = self.image_ready.at
+            self.limits_reported = limits.from_info(conn.info)
             if self.busy:  # the build that asked for this instance starts now
                 self.timeline["build_started"] = self.timeline["connected"]
             elif self._prewarming and self.group is None:

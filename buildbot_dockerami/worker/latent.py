@@ -4,17 +4,14 @@ EC2 launches and terminations of a plain base AMI whose user data names an image
 from __future__ import annotations
 
 import copy
-import re
 import warnings
 from typing import Any
 
 from buildbot import config
 from buildbot.interfaces import (
-    LatentWorkerCannotSubstantiate,
     LatentWorkerFailedToSubstantiate,
     LatentWorkerSubstantiatiationCancelled,
 )
-from buildbot.process.properties import Properties
 from buildbot.util import Notifier
 from buildbot.util.latent import CompatibleLatentWorkerMixin
 from buildbot.warnings import ConfigWarning
@@ -25,56 +22,30 @@ from twisted.python import failure, log
 from buildbot_dockerami import patches
 from buildbot_dockerami.cloud import address
 from buildbot_dockerami.cloud.ec2 import Credentials
-from buildbot_dockerami.config import validators
 from buildbot_dockerami.config.checks import (
     accepted_keywords,
     buildbot_settings,
-    rendered_problems,
     settings_problems,
 )
 from buildbot_dockerami.config.model import FLEET_WIDE, WorkerSettings
-from buildbot_dockerami.fleet import boot_state, console, ending, fallback, pools
+from buildbot_dockerami.fleet import boot_state, console, ending
 from buildbot_dockerami.fleet.launch import (
     LaunchedInstance,
-    Launcher,
-    LaunchFailed,
-    Slot,
-    launch_key,
-    launch_spec,
-    slot_user_data,
 )
 from buildbot_dockerami.fleet.service import Fleet
 from buildbot_dockerami.fleet.shared_instance import InstanceGroup
 from buildbot_dockerami.protocol import imageready
-from buildbot_dockerami.protocol.userdata import UserDataError
 from buildbot_dockerami.worker import on_request
 from buildbot_dockerami.worker.connections import Connections
+from buildbot_dockerami.worker.launching import Launching
 from buildbot_dockerami.worker.losses import Losses
 from buildbot_dockerami.worker.scheduling import Scheduling
 
 DEFAULT_BUILD_WAIT_TIMEOUT = 10 * 60
 
 
-def pb_port(port_setting: Any) -> int | None:
-    """The TCP port from buildbot's ``c['protocols']['pb']['port']`` (int or strport)."""
-    if isinstance(port_setting, int):
-        return port_setting
-    if isinstance(port_setting, str):
-        match = re.search(r"(?:^|:)(?:port=)?(\d+)(?::|$)", port_setting)
-        if match:
-            return int(match.group(1))
-    return None
-
-
-def default_master_address(protocols: dict[str, Any]) -> str | None:
-    """This host (its EC2 private IPv4 or FQDN, see cloud/address.py) and the master's PB port:
-    where instances connect by default."""
-    port = pb_port(protocols.get("pb", {}).get("port"))
-    return None if port is None else f"{address.default_host()}:{port}"
-
-
-class DockerAMILatentWorker(Connections, Losses, Scheduling, CompatibleLatentWorkerMixin,
-                            AbstractLatentWorker):
+class DockerAMILatentWorker(Launching, Connections, Losses, Scheduling,
+                            CompatibleLatentWorkerMixin, AbstractLatentWorker):
     """A latent worker that boots a base AMI which runs ``image`` as the worker.
 
     Settings are described in docs/configuration.md; every one of them is applied
@@ -177,8 +148,6 @@ class DockerAMILatentWorker(Connections, Losses, Scheduling, CompatibleLatentWor
             if setting not in FLEET_WIDE:  # read through the fleet (Fleet.setting)
                 setattr(self, setting, value)
         self.tags = dict(settings.tags or {})
-        if settings.metadata_options is None:
-            self.metadata_options = validators.DEFAULT_METADATA_OPTIONS
         patches.at_configure(self.master)
         # Rendered by buildbot (``secrets`` above) before they get here.
         self.credentials = None if settings.identifier is None else Credentials(
@@ -204,32 +173,7 @@ class DockerAMILatentWorker(Connections, Losses, Scheduling, CompatibleLatentWor
     def launch_on_request(self) -> bool:
         return bool(self.fleet.setting(self.settings, "launch_on_request"))
 
-    # -- launching ---------------------------------------------------------------
-
-    def renderWorkerProps(self, build: Any) -> defer.Deferred:
-        """The per-build values; a build whose values differ from the running
-        instance's is not compatible with it (CompatibleLatentWorkerMixin)."""
-        renderer = build if build is not None else Properties()
-        return renderer.render(
-            {
-                "image": self.image,
-                "instance_type": self.instance_type,
-                "ami": self.ami,
-                "setup_repo": self.setup_repo,
-                "setup_branch": self.setup_branch,
-            }
-        )
-
-    def _connect_address(self) -> str:
-        """Where this worker's instances connect: master_address, or the default."""
-        address = self.master_address or default_master_address(self.master.config.protocols)
-        if address is None:
-            raise LatentWorkerFailedToSubstantiate(
-                self.name,
-                "master_address is not set and this master has no PB port "
-                "(c['protocols']['pb']['port'])",
-            )
-        return address
+    # -- the instance: buildbot's AbstractLatentWorker contract -------------------
 
     @defer.inlineCallbacks
     def start_instance(self, build: Any) -> Any:
@@ -257,68 +201,6 @@ class DockerAMILatentWorker(Connections, Losses, Scheduling, CompatibleLatentWor
         self._connected = False
         self.fleet.monitor.watch(instance.client, instance.instance_id, self.name)
         return True
-
-    def ec2_client(self) -> defer.Deferred:
-        """The (shared) EC2 client for this worker's region and endpoint."""
-        return self.fleet.client(self.region, self.endpoint_url, self.session,
-                                 self.fleet.setting(self.settings, "ec2_timeout"),
-                                 credentials=self.credentials)
-
-    @defer.inlineCallbacks
-    def _launch(self, build: Any, group: InstanceGroup | None = None) -> Any:
-        """RunInstances for this worker, or for every slot of its group."""
-        self._launched_for_request = True
-        values = yield self.renderWorkerPropsOnStart(build)
-        problems = rendered_problems(values)
-        if problems:
-            # A value that will never work fails the build once, instead of a retry loop.
-            self._count_failure("invalid_setting", "; ".join(problems))
-            raise LatentWorkerCannotSubstantiate(self.name, "; ".join(problems))
-        client = yield self.ec2_client()
-        ami = values["ami"]
-        if ami is None:
-            ami = yield client.newest_image(self.ami_filters, self.ami_owners)
-        members = [group.members[n] for n in sorted(group.members)] if group else [self]
-        slots = []
-        for member in members:
-            password = yield member.renew_password(group is not None)
-            slots.append(Slot(member.name, password,
-                              member.one_time.secret if member.one_time else None))
-        try:
-            text = slot_user_data(slots, self._connect_address(), values,
-                                  isolated=group is not None,
-                                  tls_fingerprint=self.master_tls_fingerprint)
-        except UserDataError as e:
-            self._count_failure("invalid_setting", str(e))
-            raise LatentWorkerCannotSubstantiate(self.name, str(e)) from e
-        owner = group.name if group is not None else self.name
-        key = launch_key(values, ami, self)
-        if not (yield pools.claim_for_launch(self)):
-            message = f"pool {self.pool} is at its cap on all masters"
-            self._count_failure("pool_cap", message)
-            raise LatentWorkerFailedToSubstantiate(self.name, message)
-        spec = launch_spec(ami, text, self)
-        try:
-            instance = yield self._launcher(owner).launch(
-                client, spec, fallback.options(values["instance_type"], self.subnet_id,
-                                               self.market),
-                image=values["image"], key=key, serves=[slot.name for slot in slots],
-                reuse=group is None)
-        except LaunchFailed as e:
-            self._count_failure(e.reason, e.message)
-            raise LatentWorkerFailedToSubstantiate(self.name, e.message) from e
-        return (instance, copy.deepcopy(values))
-
-    def _launcher(self, owner: str | None = None) -> Launcher:
-        return Launcher(self.fleet, owner or self.name, str(self), self._note_timeline)
-
-    def _note_timeline(self, event: str, seconds: float) -> None:
-        self.timeline[event] = seconds
-
-    def _count_failure(self, reason: str, message: str = "") -> None:
-        self._failure_counted = True
-        self.last_failure = message or reason
-        self.fleet.metrics.inc("dockerami_launch_failures_total", {"reason": reason})
 
     @defer.inlineCallbacks
     def check_instance(self) -> Any:

@@ -11,7 +11,7 @@ from twisted.internet import defer
 from buildbot_dockerami.cloud import instances
 from buildbot_dockerami.fleet import pools
 from buildbot_dockerami.fleet.service import Fleet
-from buildbot_dockerami.protocol import imageready
+from buildbot_dockerami.protocol import imageready, limits
 
 
 def worker_state(worker: Any) -> str:
@@ -67,6 +67,10 @@ def worker_row(worker: Any, now: float, prices: Mapping[str, float]) -> Any:
         # pull took, as the image reported it (None: it did not, e.g. a seed image).
         "image_ready": (imageready.row(worker.timeline, worker.image_ready)
                         if instance is not None else None),
+        # Memory, pids and CPU limits: as configured (a key not given: the bootstrap's
+        # default) and as the container reported them at connect (None: not reported).
+        "container_limits": limits.row(
+            worker.container_limits, worker.limits_reported if instance is not None else None),
         "instance": None,
     }
     if instance is not None:
@@ -148,9 +152,10 @@ def shared_status(fleet: Fleet) -> dict[str, Any]:
                    "leads": shared.leads()},
         "masters": [
             {"id": m.masterid, "name": m.name, "active": m.active,
-             "tag": instances.master_id(m.name), "reclaimed": shared.reclaimed.get(m.name)}
+             "tag": instances.master_id(m.name), "reclaimed": shared.reclaimed(m.masterid)}
             for m in sorted(shared.masters, key=lambda m: m.masterid)
         ],
         "fleet": shared.view(),
         "shared_error": shared.last_error,
+        "mq_error": shared.mq_error,
     }

@@ -110,6 +110,36 @@ case ${DOCKERAMI_IMAGE_PULL:-} in
     "" | *[!0-9.]*) rm -f "$BASEDIR/info/image_pull" ;;
     *) printf '%s' "$DOCKERAMI_IMAGE_PULL" > "$BASEDIR/info/image_pull" ;;
 esac
+# The resource limits this container got (container_limits, applied by the bootstrap),
+# as its cgroup says (v2, else v1), for the master's Fleet page:
+# "memory=<bytes> pids=<tasks> cpus=<CPUs>", "max" for no limit.
+cgroup_read() { head -n 1 "$1" 2>/dev/null || true; }
+container_limits() {
+    if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
+        memory=$(cgroup_read /sys/fs/cgroup/memory.max)
+        pids=$(cgroup_read /sys/fs/cgroup/pids.max)
+        cpu=$(cgroup_read /sys/fs/cgroup/cpu.max)     # "<quota> <period>", quota "max"
+        quota=${cpu% *} period=${cpu#* }
+    else
+        memory=$(cgroup_read /sys/fs/cgroup/memory/memory.limit_in_bytes)
+        pids=$(cgroup_read /sys/fs/cgroup/pids/pids.max)
+        quota=$(cgroup_read /sys/fs/cgroup/cpu/cpu.cfs_quota_us)     # -1: none
+        period=$(cgroup_read /sys/fs/cgroup/cpu/cpu.cfs_period_us)
+    fi
+    # cgroup v1 says "no limit" with a number near 2^63.
+    case $memory in "" | *[!0-9]*) ;; *) [ "${#memory}" -lt 19 ] || memory=max ;; esac
+    case $quota:$period in
+        max:* | -1:* | :* | *:) cpus=max ;;
+        *) cpus=$(awk -v q="$quota" -v p="$period" 'BEGIN { printf "%.2f", q / p }') ;;
+    esac
+    [ -n "$memory" ] && [ -n "$pids" ] || return 1
+    printf 'memory=%s pids=%s cpus=%s' "$memory" "$pids" "$cpus"
+}
+if limits=$(container_limits); then
+    printf '%s' "$limits" > "$BASEDIR/info/container_limits"
+else
+    rm -f "$BASEDIR/info/container_limits"
+fi
 case $BUILDMASTER_PORT in "" | *[!0-9]*) log "bad master port '$BUILDMASTER_PORT'"; exit 1 ;; esac
 
 # TLS, pinned: fetch the master's certificate, refuse it unless its SHA-256 fingerprint
@@ -186,6 +216,78 @@ if one_connection == "1":
         return connected(perspective)
 
     worker.bf.gotPerspective = serve_one_connection
+
+# Out of memory (container_limits): the kernel's OOM killer ends a command that takes
+# its container past the memory limit with SIGKILL, which buildbot reports only as
+# "killed by signal 9" (or exit code 137, 128 + 9, from a shell whose child it was).
+# The container's cgroup counts OOM kills: a command that ended so while the count rose
+# gets a line in its step's log that says why. Its processes are also the OOM killer's
+# first choice, before the worker (whose death would end the build).
+from buildbot_worker.runprocess import RunProcess
+
+OOM_COUNTERS = ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control")
+MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def oom_kills():
+    for path in OOM_COUNTERS:
+        try:
+            with open(path) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            pass
+    return None
+
+
+def memory_limit():
+    for path in MEMORY_LIMITS:
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+        except OSError:
+            continue
+        if value.isdigit() and len(value) < 19:
+            return f"{int(value) / 1048576:g} MiB"
+        return "none"
+    return "unknown"
+
+
+start_command, spawn_process, command_finished = (
+    RunProcess.start, RunProcess._spawnProcess, RunProcess.finished)
+
+
+def start_counting(self):
+    self.oom_kills_before = oom_kills()
+    return start_command(self)
+
+
+def spawn_oom_first(self, *args, **kwargs):
+    process = spawn_process(self, *args, **kwargs)
+    try:
+        with open(f"/proc/{process.pid}/oom_score_adj", "w") as f:
+            f.write("500")  # inherited by what it starts
+    except (OSError, AttributeError, TypeError):
+        pass
+    return process
+
+
+def finished_explained(self, sig, rc):
+    before, after = getattr(self, "oom_kills_before", None), oom_kills()
+    killed_by_us = getattr(getattr(self, "pp", None), "killed", False)
+    if ((sig == 9 or (sig is None and rc == 137)) and self.sendRC and not killed_by_us
+            and None not in (before, after) and after > before):
+        self.send_update([("header", (
+            "\nout of memory: the kernel's OOM killer killed this command (OOM-killed): "
+            f"its container reached its memory limit ({memory_limit()}, container_limits)\n"))])
+    return command_finished(self, sig, rc)
+
+
+RunProcess.start = start_counting
+RunProcess._spawnProcess = spawn_oom_first
+RunProcess.finished = finished_explained
 TAC
 unset WORKERPASS USER_DATA
 log "worker $WORKERNAME connecting to $BUILDMASTER:$BUILDMASTER_PORT"

@@ -77,6 +77,26 @@
       .map(function (text) { return h("span", {key: text, className: "dockerami-step"}, text); });
   }
 
+  function bytes(n) {
+    var gib = n / 1073741824;
+    return gib >= 1 ? (Math.round(gib * 10) / 10) + " GiB" : Math.round(n / 1048576) + " MiB";
+  }
+
+  // A container's memory, pids and CPU limits: as it reported them at connect, else as
+  // configured (a limit not configured is the bootstrap's default).
+  function limits(l) {
+    if (!l) return "";
+    var shown = l.applied || l.configured;
+    if (!Object.keys(shown).length) return "";
+    var text = ["memory", "pids", "cpus"].map(function (k) {
+      if (!(k in shown)) return k + " default";
+      var v = shown[k];
+      if (v == null) return k + " unlimited";
+      return k + " " + (k === "memory" ? bytes(v) : String(v));
+    }).join(" \u00b7 ");
+    return "limits: " + text + (l.applied ? "" : " (configured)");
+  }
+
   function buildLinks(builds) {
     return builds.map(function (b) {
       return h("div", {key: b.buildid}, h("a", {
@@ -115,7 +135,9 @@
             ? ": " + w.last_failure : "")),
         buildLinks(w.builds)),
       h("td", null, h("div", {className: "dockerami-instance"}, i.id || ""),
-        where ? h("small", {className: "text-muted"}, where) : null),
+        where ? h("small", {className: "text-muted"}, where) : null,
+        limits(w.container_limits) ? h("div", null, h("small",
+          {className: "text-muted dockerami-limits"}, limits(w.container_limits))) : null),
       h("td", {className: "dockerami-image"}, i.image || ""),
       h("td", null,
         i.launched_at ? h("div", {className: "dockerami-launched",
@@ -224,6 +246,10 @@
     return h("div", {className: "container-fluid dockerami-fleet"},
       h("h2", null, "Fleet"),
       h("p", null, "Master " + data.master_id + ". " + data.workers.length + " workers."),
+      data.mq_error ? h("p", {className: "text-danger dockerami-mq-error"},
+        "No working message queue: " + data.mq_error) : null,
+      data.shared_error ? h("p", {className: "text-danger dockerami-shared-error"},
+        "The shared fleet tables could not be read: " + data.shared_error) : null,
       data.controls ? null : h("p", {className: "text-muted dockerami-no-controls"},
         "Start now, Terminate and the pool settings are shown to users allowed to control " +
         "workers: log in to use them."),
