@@ -103,6 +103,18 @@ BAD_WORKERS = {
     "kprender": ("image='org/w:1', keypair_name=util.Property('kp')", "'keypair_name: ",
                  "cannot be a renderable"),
     "pool": ("image='org/w:1', pool=['p']", "'pool: ", "must be a non-empty name"),
+    # A warm minimum by schedule (fleet/schedule.py).
+    "warmday": ("image='org/w:1', pool='p', min_warm={'mon-fry 08:00-19:00 UTC': 1}",
+                "'min_warm: ", "period 'mon-fry 08:00-19:00 UTC': 'fry' is not a day"),
+    "warmzone": ("image='org/w:1', pool='p', min_warm={'mon 08:00-19:00 Europe/Berln': 1}",
+                 "'min_warm: ", "'Europe/Berln' is not a time zone this host knows"),
+    "warmtime": ("image='org/w:1', pool='p', min_warm={'mon 08:00-25:00 UTC': 1}",
+                 "'min_warm: ", "'25:00' is not a time HH:MM"),
+    "warmover": ("image='org/w:1', pool='p', min_warm={'mon-fri 08:00-19:00 UTC': 2, "
+                 "'fri 18:00-20:00 UTC': 1}", "'min_warm: ", "overlap (both at Fri"),
+    "warmnopool": ("image='org/w:1', min_warm=2", "'min_warm: ", "needs pool="),
+    "stoppedsched": ("image='org/w:1', max_stopped={'sat 00:00-24:00 UTC': -1}",
+                     "'max_stopped: ", "-1 must be a whole number >= 0"),
     "typo": ("image='org/w:1', imagee='org/w:2'", "'imagee: ",
              "unknown setting; did you mean 'image'?"),
     "typo2": ("image='org/w:1', bild_wait_timeout=3", "'bild_wait_timeout: ",
@@ -211,6 +223,21 @@ def test_pool_with_slots_but_without_container_isolation_is_refused(
         result.stdout + result.stderr)
 
 
+def test_a_pools_bad_schedule_is_named_once(
+        masters_root: Path, checkconfig_env: dict[str, str]) -> None:
+    master = _master(masters_root, "bad-pool-schedule", checkconfig_env)
+    master.write_config(BAD_CFG.format(workers="    *__import__('buildbot_dockerami')"
+                                       ".worker_pool('p', count=3, image='org/w:1', min_warm="
+                                       "{'mon-fri 08:00-19:00 Europe/Berlin': 4, "
+                                       "'sat 7:00-6:00 Nowhere/Zone': 1}, **base),"))
+    result = master.checkconfig()
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    expected = ("worker_pool 'p': min_warm: period 'sat 7:00-6:00 Nowhere/Zone': "
+                "'Nowhere/Zone' is not a time zone this host knows")
+    assert output.count(expected) == 1, output
+
+
 def test_bad_config_output_has_no_traceback(bad_output: str) -> None:
     assert "Traceback" not in bad_output and "error while parsing" not in bad_output, bad_output
 
@@ -235,6 +262,9 @@ GOOD_WORKERS = [
     "setup_repo=util.Interpolate('%(prop:repo)s'), setup_branch='main'",
     "setup_repo='https://x/r-1', setup_branch='feature-x'",
     "properties={'a': 1}",
+    "pool='p', min_warm={'mon-fri 08:00-19:00 Europe/Berlin': 4, 'sat 10:00-14:00 UTC': 1, "
+    "'sun 22:00-01:00 America/New_York': 2, 'default': 0}", "pool='p', min_warm=3",
+    "max_stopped={'sat,sun 00:00-24:00 UTC': 0, 'default': 10}",
     "ami_filters=None, launch_template={'LaunchTemplateName': 'ci-workers', "
     "'Version': '$Latest'}",
     "launch_template={'LaunchTemplateId': 'lt-0123456789abcdef0', 'Version': 3}",

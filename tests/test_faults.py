@@ -202,8 +202,18 @@ def test_an_instance_lost_both_ways_is_counted_once(make_master, cloud):
     assert master.stop()
 
 
+#: A pool whose warm minimum follows a period three days ahead: the page shows its
+#: periods, computed from the master's memory like the rest (its worker, weekly-1, is
+#: listed after w0).
+SCHEDULED_POOL = """
+c['workers'] += worker_pool('weekly', count=1, min_warm={{'{day} 10:00-11:00 UTC': 1}}, **COMMON)
+"""
+
+
 def test_fleet_readers_never_drive_ec2(make_master, cloud):
-    master = make_master(master_cfg(build_wait_timeout=600, worker_extra=FAST, plugins=PLUGIN))
+    day = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")[(time.gmtime().tm_wday + 3) % 7]
+    master = make_master(master_cfg(build_wait_timeout=600, worker_extra=FAST, plugins=PLUGIN)
+                         + SCHEDULED_POOL.format(day=day))
     assert master.wait_request(master.force(), 90)["results"] == SUCCESS
     url = master.plugin_url("api/fleet")
     before = cloud.faults.count("DescribeInstances")
@@ -231,6 +241,7 @@ def test_fleet_readers_never_drive_ec2(make_master, cloud):
     # The chart's data too: the master's own samples and the present, counted from memory.
     history = body["history"]
     assert history["samples"] and history["now"][1 + history["states"].index("connected")] == 1
+    assert body["pools"]["weekly"]["schedule"]["next"]["period"] == f"{day} 10:00-11:00 UTC"
     # Far below the 20 s hold: the answer never waits for EC2 (a loaded CI machine
     # can take a few hundred ms for one local GET, so no tighter bound here).
     assert slowest < 2.0, slowest

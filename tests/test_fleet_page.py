@@ -4,12 +4,13 @@ Playwright (no browser download), in a 1280x800 window. Screenshots go to test-a
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import pytest
 
 from tests.harness import PLUGIN_PATH, SUCCESS, master_cfg, wait_for
-from tests.helpers import ARTIFACTS, VIEWPORT
+from tests.helpers import ARTIFACTS, VIEWPORT, instances
 
 pytestmark = pytest.mark.integration
 
@@ -187,6 +188,40 @@ def test_pool_cap_set_from_the_page(make_master, cloud, browser):
     finally:
         page.close()
     assert master.fleet()["pools"]["pool"]["cap"] == 1
+
+
+def test_pool_schedule_shown_and_overridden_from_the_page(make_master, cloud, browser):
+    """A pool whose warm minimum follows periods: the page shows the one in force and
+    the next; a number typed in overrides it, an empty field follows it again."""
+    day = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")[(time.gmtime().tm_wday + 3) % 7]
+    period = f"{day} 10:00-11:00 Europe/Berlin"
+    master = make_master(master_cfg(
+        pool=f"'pool', count=2, min_warm={{{period!r}: 1, 'default': 0}}",
+        plugins={"dockerami": {"anonymous_control": True}}))
+    page = browser.new_page(viewport=VIEWPORT)
+    try:
+        page.goto(f"http://127.0.0.1:{master.www_port}/#/dockerami")
+        row = page.locator("tr[data-pool='pool']")
+        row.locator(".dockerami-schedule-now", has_text="now: default \u2192 0 until").wait_for()
+        assert row.locator(".dockerami-schedule-next").inner_text().startswith(
+            f"next: {period} \u2192 1 from ")
+        assert row.locator(".dockerami-schedule-lead").inner_text() == (
+            "warms 5 min ahead (default)")
+        assert page.evaluate(SIDEWAYS) == []
+        row.locator(".dockerami-min-warm").fill("0")
+        row.locator(".dockerami-apply-pool").click()
+        page.locator(".dockerami-outcome", has_text="warm minimum 0").wait_for()
+        row.locator(".dockerami-schedule-override", has_text="overridden here: 0").wait_for()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "fleet-pool-schedule.png"), full_page=True)
+        row.locator(".dockerami-min-warm").fill("")
+        row.locator(".dockerami-apply-pool").click()
+        page.locator(".dockerami-outcome", has_text="warm minimum as configured").wait_for()
+        row.locator(".dockerami-schedule-override").wait_for(state="detached")
+    finally:
+        page.close()
+    assert master.fleet()["pools"]["pool"]["schedule"]["override"] is None
+    assert instances(cloud) == []
 
 
 def is_poll(request: Any) -> bool:

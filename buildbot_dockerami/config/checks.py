@@ -17,7 +17,7 @@ from buildbot_dockerami.cloud.ec2 import resolve_region
 from buildbot_dockerami.config import validators
 from buildbot_dockerami.config.credentials import key_problems
 from buildbot_dockerami.config.model import WORKER_SETTINGS, FleetWide, WorkerSettings
-from buildbot_dockerami.fleet import architecture
+from buildbot_dockerami.fleet import architecture, schedule
 from buildbot_dockerami.fleet.fallback import MARKETS, as_list
 from buildbot_dockerami.fleet.reconcile_plan import MIN_INTERVAL
 from buildbot_dockerami.fleet.stopped_pool import IDLE_ACTIONS
@@ -151,7 +151,7 @@ def settings_problems(name: Any, password: Any, s: WorkerSettings) -> list[str]:
                 setup_branch,
             ),
         )
-    return problems + fleet_problems(s) + lifecycle_problems(s) + key_problems(
+    return problems + fleet_problems(s) + lifecycle_problems(s) + warm_problems(s) + key_problems(
         s.identifier, s.secret_identifier, session) + tls.fingerprint_problems(
         s.master_tls_fingerprint)
 
@@ -179,7 +179,9 @@ def fleet_problems(s: FleetWide | WorkerSettings) -> list[str]:
     ):
         if isinstance(value, bool) or not isinstance(value, int | float) or value < least:
             problems.append(f"{setting}: {value!r} must be a number of seconds >= {least:g}")
-    if (isinstance(s.max_stopped, bool) or not isinstance(s.max_stopped, int)
+    if isinstance(s.max_stopped, Mapping):
+        problems += schedule_problems("max_stopped", s.max_stopped)
+    elif (isinstance(s.max_stopped, bool) or not isinstance(s.max_stopped, int)
             or s.max_stopped < 0):
         problems.append(f"max_stopped: {s.max_stopped!r} must be a whole number >= 0")
     age = s.max_stopped_age
@@ -202,6 +204,26 @@ def lifecycle_problems(s: WorkerSettings) -> list[str]:
         problems.append("idle_action: 'stop' needs isolation='none' (an isolated build "
                         "never reuses what another build left on the disk)")
     return problems
+
+
+def schedule_problems(setting: str, spec: Any) -> list[str]:
+    """A number or periods (fleet/schedule.py): overlaps, days, times, zones."""
+    if _is_renderable(spec):
+        return [f"{setting}: cannot be a renderable (it is not rendered per build)"]
+    try:
+        schedule.parse(spec)
+    except schedule.ScheduleError as e:
+        return [f"{setting}: {e}"]
+    return []
+
+
+def warm_problems(s: WorkerSettings) -> list[str]:
+    """A configured warm minimum belongs to a pool."""
+    if s.min_warm is None:
+        return []
+    if s.pool is None:
+        return ["min_warm: needs pool= (a warm minimum is a pool's: use worker_pool(...))"]
+    return schedule_problems("min_warm", s.min_warm)
 
 
 def check_not_option(setting: str, value: str) -> None:

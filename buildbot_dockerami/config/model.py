@@ -72,6 +72,8 @@ class WorkerSettings:
     #: Memory, pids and CPU limits of each container the bootstrap runs (None: defaults).
     container_limits: Any = None
     pool: Any = None
+    #: The pool's warm minimum: a number or periods (fleet/schedule.py); worker_pool's.
+    min_warm: Any = None
     market: Any = "on-demand"
     idle_action: Any = "terminate"
     master_tls_fingerprint: Any = None

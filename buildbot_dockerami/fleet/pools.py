@@ -2,7 +2,10 @@
 
 A pool is the workers of one ``worker_pool`` (their ``pool`` setting). Operators set
 its limits from the Fleet page; they are kept in the master's database, so they
-survive a restart. The decisions are the pure functions ``may_launch_one`` and
+survive a restart. A warm minimum may also be configured (``worker_pool(min_warm=...)``,
+a number or periods: schedule.py), warmed ahead of each period by the pool's measured
+provisioning time (provisioning.py); one set on the Fleet page overrides it until it
+is cleared there. The decisions are the pure functions ``may_launch_one`` and
 ``warm_shortfall``; the rest counts and acts.
 """
 
@@ -10,12 +13,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, task
 from twisted.python import log
 
+from buildbot_dockerami.fleet import schedule
 from buildbot_dockerami.fleet.members import FleetWorker
 
 if TYPE_CHECKING:
@@ -29,7 +33,8 @@ STATE_CLASS = "buildbot_dockerami.Pool"
 @dataclass
 class PoolLimits:
     cap: int | None = None
-    min_warm: int = 0
+    #: Set on the Fleet page: overrides the configured warm minimum; None follows it.
+    min_warm: int | None = None
 
 
 #: How long buildbot may take from approving a worker for a build to starting it.
@@ -240,11 +245,38 @@ def _counts(fleet: Fleet, pool: str) -> tuple[int, int, int]:
     return len(in_use), idle_count(in_use), starting
 
 
+def lead(fleet: Fleet, pool: str) -> float:
+    """How long before a period its warm minimum is started: the pool's measured
+    provisioning time, plus a keeper interval (a launch waits for the next tick)."""
+    return fleet.provisioning.lead(pool) + KEEPER_INTERVAL
+
+
+def warm_minimum(fleet: Fleet, pool: str, now: float) -> int:
+    """The idle instances the pool keeps now: the Fleet page's override, else the
+    configured minimum (warmed ahead of each period), else none."""
+    limits = fleet.pool_limits.get(pool, PoolLimits())
+    if limits.min_warm is not None:
+        return limits.min_warm
+    configured = fleet.warm_schedules.get(pool)
+    return 0 if configured is None else configured.target(now, lead(fleet, pool))
+
+
 def pool_status(fleet: Fleet, pool: str) -> dict[str, Any]:
-    """The pool's limits and its instances on every master."""
+    """The pool's limits and its instances on every master; with a configured warm
+    minimum, its periods (the one in force, the next) and the page's override."""
     limits = fleet.pool_limits.get(pool, PoolLimits())
     instances, idle, _ = _counts(fleet, pool)
-    return {**asdict(limits), "instances": instances, "idle": idle}
+    now = fleet.reactor.seconds()
+    status: dict[str, Any] = {"cap": limits.cap, "min_warm": warm_minimum(fleet, pool, now),
+                              "instances": instances, "idle": idle}
+    configured = fleet.warm_schedules.get(pool)
+    if configured is not None:
+        status["schedule"] = {
+            **schedule.describe(configured, now, lead(fleet, pool)),
+            "lead_measured": fleet.provisioning.samples(pool) > 0,
+            "override": limits.min_warm,
+        }
+    return status
 
 
 def _idle(workers: list[FleetWorker]) -> bool:
@@ -276,14 +308,15 @@ class PoolKeeper:
         multimaster), so a minimum is kept once, not once per master."""
         self.fleet.in_use.resync(w for w in list(self.fleet.workers) if w.pool is not None)
         shared = getattr(self.fleet, "shared", None)
+        now = self.fleet.reactor.seconds()
         for pool, limits in list(self.fleet.pool_limits.items()):
-            if limits.min_warm <= 0:
+            min_warm = warm_minimum(self.fleet, pool, now)
+            if min_warm <= 0:
                 continue
             workers = members(self.fleet, pool)
             in_use = instances_in_use(workers)
             instances, idle, starting = _counts(self.fleet, pool)
-            wanted = warm_shortfall(idle, starting, instances, limits.min_warm,
-                                           limits.cap)
+            wanted = warm_shortfall(idle, starting, instances, min_warm, limits.cap)
             spare = [w for w in workers if instance_key(w) not in in_use
                      and (shared is None or instance_key(w) not in shared.pending)]
             for worker in spare:
@@ -292,7 +325,7 @@ class PoolKeeper:
                 if not (yield reserve(worker)):
                     break
                 log.msg(f"dockerami: pool {pool}: pre-warming {worker.name} "
-                        f"({idle} idle fleet-wide, minimum {limits.min_warm})")
+                        f"({idle} idle fleet-wide, minimum {min_warm})")
                 if worker.prewarm():
                     wanted -= 1
 
@@ -300,19 +333,37 @@ class PoolKeeper:
         """Whether ending this idle worker's instance would drop its pool below minimum."""
         if worker.pool is None:
             return False
-        limits = self.fleet.pool_limits.get(worker.pool, PoolLimits())
         _, idle, _ = _counts(self.fleet, worker.pool)
-        return idle <= limits.min_warm
+        return idle <= warm_minimum(self.fleet, worker.pool, self.fleet.reactor.seconds())
+
+    def warm_ended(self, worker: FleetWorker, within: float) -> float | None:
+        """When a period of the worker's pool schedule last ended, if at most ``within``
+        seconds ago (and no override holds the minimum): an instance it kept warm idles
+        out from then, as any idle instance would."""
+        if worker.pool is None:
+            return None
+        limits = self.fleet.pool_limits.get(worker.pool, PoolLimits())
+        configured = self.fleet.warm_schedules.get(worker.pool)
+        if limits.min_warm is not None or configured is None:
+            return None
+        return configured.last_end(self.fleet.reactor.seconds(), within)
 
 
 @defer.inlineCallbacks
 def load_limits(master: Any, pool: str) -> Any:
     objectid = yield master.db.state.getObjectId(pool, STATE_CLASS)
     stored = yield master.db.state.getState(objectid, "limits", {})
-    return PoolLimits(cap=stored.get("cap"), min_warm=stored.get("min_warm", 0))
+    if "override" in stored:
+        min_warm = stored.get("min_warm") if stored["override"] else None
+    else:  # stored before warm minimums were configurable: 0 was "none set"
+        min_warm = stored.get("min_warm") or None
+    return PoolLimits(cap=stored.get("cap"), min_warm=min_warm)
 
 
 @defer.inlineCallbacks
 def save_limits(master: Any, pool: str, limits: PoolLimits) -> Any:
     objectid = yield master.db.state.getObjectId(pool, STATE_CLASS)
-    yield master.db.state.setState(objectid, "limits", asdict(limits))
+    # "min_warm" stays a number for a master of an older release sharing the database.
+    yield master.db.state.setState(objectid, "limits", {
+        "cap": limits.cap, "min_warm": limits.min_warm or 0,
+        "override": limits.min_warm is not None})

@@ -25,12 +25,13 @@ from twisted.python.threadpool import ThreadPool
 
 from buildbot_dockerami.cloud import instances
 from buildbot_dockerami.cloud.ec2 import CALLS_AT_ONCE, DEFAULT_TIMEOUT, AsyncEc2, Ec2
-from buildbot_dockerami.fleet import fallback, multimaster, pools, stopped_pool
+from buildbot_dockerami.fleet import fallback, multimaster, pools, schedule, stopped_pool
 from buildbot_dockerami.fleet.history import History
 from buildbot_dockerami.fleet.holdings import Holdings
 from buildbot_dockerami.fleet.members import FleetWorker
 from buildbot_dockerami.fleet.metrics import Metrics
 from buildbot_dockerami.fleet.monitor import StateMonitor
+from buildbot_dockerami.fleet.provisioning import ProvisioningTimes
 from buildbot_dockerami.fleet.reconciler import Reconciler
 from buildbot_dockerami.fleet.shared_instance import InstanceGroup
 from buildbot_dockerami.fleet.termination import Terminator
@@ -73,7 +74,7 @@ class Fleet(service.SharedService):
         self.terminator = Terminator(reactor, self.monitor, lambda: self.stopping)
         self.metrics = Metrics()
         #: What this master holds (holdings.py); the names below are the same objects.
-        self.holdings = Holdings(stopped_pool.StoppedPool())
+        self.holdings = Holdings(stopped_pool.StoppedPool(clock=reactor.seconds))
         #: This master's DockerAMILatentWorkers, for the operator surface.
         self.workers = self.holdings.workers
         self.groups: dict[str, InstanceGroup] = self.holdings.groups
@@ -84,6 +85,12 @@ class Fleet(service.SharedService):
         #: Per pool: runtime limits (pools.PoolLimits), and the keeper of warm capacity.
         self.pool_limits: dict[str, Any] = {}
         self.keeper: Any = None
+        #: Per pool: the configured warm minimum (worker_pool's min_warm, schedule.py),
+        #: and the spec it was parsed from.
+        self.warm_schedules: dict[str, schedule.Schedule] = {}
+        self._warm_specs: dict[str, Any] = {}
+        #: Per pool: recent provisioning times, the lead of a scheduled warm minimum.
+        self.provisioning = ProvisioningTimes()
         #: Called when an instance is gone, so builds waiting on a pool cap can start.
         self.after_release: Callable[[], Any] = lambda: None
         #: Instances in use per pool, for O(1) cap checks.
@@ -140,6 +147,7 @@ class Fleet(service.SharedService):
             lambda f: log.msg(f"{worker}: no EC2 client yet: {f.getErrorMessage()}"))
         pool = settings.pool
         if pool is not None:
+            self._configure_warm(pool, settings.min_warm, worker.name)
             if pool not in self.pool_limits:
                 self.pool_limits[pool] = yield pools.load_limits(self.master, pool)
             if self.keeper is None:
@@ -155,6 +163,26 @@ class Fleet(service.SharedService):
             group.join(worker)
             group.idle_timeout = idle_timeout
         return group
+
+    def _configure_warm(self, pool: str, spec: Any, worker: str) -> None:
+        """The pool's configured warm minimum, as its workers carry it (worker_pool gives
+        all of them the same; workers made by hand: the one configured last)."""
+        previous = self._warm_specs.get(pool)
+        if pool in self._warm_specs and previous == spec:
+            return
+        self._warm_specs[pool] = spec
+        try:
+            parsed = None if spec is None else schedule.parse(spec)
+        except schedule.ScheduleError as e:  # checkconfig refused it already
+            log.msg(f"dockerami: pool {pool}: min_warm of {worker}: {e}")
+            parsed = None
+        if parsed is None:
+            self.warm_schedules.pop(pool, None)
+        else:
+            self.warm_schedules[pool] = parsed
+        if spec is not None or previous is not None:
+            log.msg(f"dockerami: pool {pool}: configured warm minimum {spec!r} "
+                    f"(from {worker})")
 
     @defer.inlineCallbacks
     def unregister(self, worker: FleetWorker) -> Any:

@@ -7,15 +7,21 @@ was launched for, only while it still matches what that worker would launch now
 (AMI, image, instance type, launch settings), and never with its old credential: the
 master writes a fresh password into its user data before starting it. Pure except
 for the bookkeeping; launch.py does the EC2 calls.
+
+How many are kept (``max_stopped``) may follow the week (schedule.py): e.g. none over
+the weekend. Outside a period the surplus is terminated by the next reconciler pass.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from buildbot_dockerami.fleet import schedule
 
 #: ``idle_action=`` values.
 IDLE_ACTIONS = ("terminate", "stop")
@@ -59,10 +65,24 @@ def to_retire(entries: Iterable[StoppedInstance], now: float, max_count: int,
 class StoppedPool:
     """The master's stopped instances, at most one per worker (its own)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.entries: dict[str, StoppedInstance] = {}
-        self.max_count = DEFAULT_MAX_STOPPED
+        self._clock = clock
+        self._limit = schedule.Schedule((), DEFAULT_MAX_STOPPED)
+        self._limit_spec: Any = DEFAULT_MAX_STOPPED
         self.max_age = DEFAULT_MAX_STOPPED_AGE
+
+    @property
+    def max_count(self) -> int:
+        """``max_stopped`` now (a number, or the value of its period in force)."""
+        return self._limit.value(self._clock())
+
+    @max_count.setter
+    def max_count(self, spec: Any) -> None:
+        """A whole number or periods (checked at checkconfig)."""
+        if spec != self._limit_spec:
+            self._limit = schedule.parse(spec)
+            self._limit_spec = spec
 
     def add(self, entry: StoppedInstance) -> None:
         self.entries[entry.owner] = entry

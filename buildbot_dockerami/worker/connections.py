@@ -120,11 +120,13 @@ class Connections:
                 self._prewarm_timer.start()
             self._prewarming = False
             self.recycling = False
+            provisioning = self.master.reactor.seconds() - self._requested_at
             self.fleet.metrics.observe(
-                "dockerami_provisioning_seconds",
-                self.master.reactor.seconds() - self._requested_at,
-                {"isolation": self.isolation},
+                "dockerami_provisioning_seconds", provisioning, {"isolation": self.isolation},
             )
+            if self._launched_for_request:  # not a slot's fresh container
+                self.fleet.provisioning.record(self.pool, provisioning)
+                self._launched_for_request = False
             self._connected = True
             self.fleet.monitor.unwatch(self.instance.instance_id, self.name)
         if self.conn is not None and self._on_connect is not None:

@@ -63,6 +63,9 @@ class DockerAMILatentWorker(Launching, Connections, Losses, Scheduling,
     #: The console fetched when this substantiation's instance was found dead.
     _failed_console: str | None = None
     _requested_at = 0.0
+    #: This substantiation launched (or started) the instance: its connection measures
+    #: the pool's provisioning time (fleet/provisioning.py).
+    _launched_for_request = False
     #: A container slot waiting for the fresh container that replaces its last one.
     recycling = False
     #: The user's build_wait_timeout (buildbot's is forced to 0 under isolation).
@@ -183,6 +186,7 @@ class DockerAMILatentWorker(Launching, Connections, Losses, Scheduling,
             )
         self._requested_at = self.master.reactor.seconds()
         self.timeline = {"requested": self._requested_at}
+        self._launched_for_request = False
         self._failure_counted = False
         self._failed_console = None
         if self.group is not None:

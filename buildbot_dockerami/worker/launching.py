@@ -93,6 +93,7 @@ class Launching:
     @defer.inlineCallbacks
     def _launch(self, build: Any, group: InstanceGroup | None = None) -> Any:
         """RunInstances for this worker, or for every slot of its group."""
+        self._launched_for_request = True  # its connection measures the pool's provisioning
         values = yield self.renderWorkerPropsOnStart(build)
         problems = rendered_problems(values)
         if problems:

@@ -7,18 +7,28 @@ from typing import Any
 
 from buildbot import config
 
+from buildbot_dockerami.config.checks import schedule_problems
 from buildbot_dockerami.worker.latent import DockerAMILatentWorker
 
 
-def worker_pool(name: str, *, count: int = 1, slots: int = 1,
+def worker_pool(name: str, *, count: int = 1, slots: int = 1, min_warm: Any = None,
                 **worker_settings: Any) -> list[DockerAMILatentWorker]:
     """The workers of ``count`` instances with ``slots`` isolated build slots each, for
     ``c['workers']``. Every slot is its own worker and container; the workers of one
     instance share it (``instance_group``). Names: ``name-K`` with one slot per
-    instance, ``name-K-S`` with several (K, S from 1)."""
+    instance, ``name-K-S`` with several (K, S from 1). ``min_warm``: the pool's warm
+    minimum, a number or periods (docs/warm-capacity.md), carried by every worker."""
     if not isinstance(count, int) or count < 1 or not isinstance(slots, int) or slots < 1:
         config.error(f"worker_pool {name!r}: count and slots must be positive integers")
         return []
+    if min_warm is not None:
+        # Checked once here, not once per worker.
+        problems = schedule_problems("min_warm", min_warm)
+        for problem in problems:
+            config.error(f"worker_pool {name!r}: {problem}")
+        if problems:
+            return []
+        worker_settings["min_warm"] = min_warm
     if slots > 1:
         isolation = worker_settings.setdefault("isolation", "container")
         if isolation != "container":

@@ -66,7 +66,9 @@ class Scheduling:
             self._prewarm = PrewarmTimer(
                 self.master.reactor, lambda: self.idle_timeout,
                 lambda: self.fleet.keeper is not None and self.fleet.keeper.keeps_warm(self),
-                self._prewarm_expired)
+                self._prewarm_expired,
+                lambda within: (self.fleet.keeper.warm_ended(self, within)
+                                if self.fleet.keeper is not None else None))
         return self._prewarm
 
     def _prewarm_expired(self) -> None:

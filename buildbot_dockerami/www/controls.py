@@ -164,13 +164,17 @@ def control(master: Any, request: Any, body: dict[str, Any]) -> Any:
         yield _allowed(master, request, None)
         if pool not in fleet.pool_limits:
             raise ApiError(404, f"no pool named {quote(pool)}")
+        if limits.min_warm == 0 and pool not in fleet.warm_schedules:
+            # Nothing to override: a minimum configured later is not overridden by it.
+            limits.min_warm = None
         yield pools.save_limits(master, pool, limits)
         fleet.pool_limits[pool] = limits
         fleet.after_release()  # a raised cap lets waiting builds start now
         if fleet.keeper is not None and (fleet.shared is None or fleet.shared.leads()):
             fleet.keeper.tick().addErrback(log.err, "dockerami: keeping pools warm")
-        return {"ok": True, "message": f"pool {pool}: cap {limits.cap}, "
-                                       f"warm minimum {limits.min_warm}"}
+        warm = (limits.min_warm if limits.min_warm is not None
+                else "as configured" if pool in fleet.warm_schedules else 0)
+        return {"ok": True, "message": f"pool {pool}: cap {limits.cap}, warm minimum {warm}"}
     raise ApiError(400, f"unknown action {quote(action)}")
 
 
@@ -179,12 +183,15 @@ def _whole(value: Any) -> bool:
 
 
 def _pool_limits(body: dict[str, Any]) -> pools.PoolLimits:
-    cap, min_warm = body.get("cap"), body.get("min_warm", 0)
+    """``min_warm``: a number overrides the configured warm minimum; null (or left out)
+    follows it (worker_pool's min_warm; none configured: 0)."""
+    cap, min_warm = body.get("cap"), body.get("min_warm")
     if cap is not None and not _whole(cap):
         raise ApiError(400, f"cap must be a whole number 0-{MAX_POOL_LIMIT}, or null for no cap")
-    if not _whole(min_warm):
-        raise ApiError(400, f"min_warm must be a whole number 0-{MAX_POOL_LIMIT}")
-    if cap is not None and min_warm > cap:
+    if min_warm is not None and not _whole(min_warm):
+        raise ApiError(400, f"min_warm must be a whole number 0-{MAX_POOL_LIMIT}, or null "
+                            "to follow the configured warm minimum")
+    if cap is not None and min_warm is not None and min_warm > cap:
         raise ApiError(400, f"min_warm ({min_warm}) cannot exceed the cap ({cap})")
     return pools.PoolLimits(cap=cap, min_warm=min_warm)
 

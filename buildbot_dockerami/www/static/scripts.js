@@ -149,14 +149,35 @@
       h("td", {className: "dockerami-controls"}, controls));
   }
 
+  // A configured warm minimum: the period in force, the next one, how far ahead the
+  // pool warms (its measured provisioning time), and the page's override if any.
+  function periods(s) {
+    if (!s) return null;
+    var now = s.current, next = s.next;
+    return [
+      h("div", {key: "now", className: "dockerami-schedule-now"}, "now: " + now.period +
+        " \u2192 " + now.value + (now.until ? " until " + when(now.until) : "")),
+      next ? h("div", {key: "next", className: "dockerami-schedule-next"}, "next: " +
+        next.period + " \u2192 " + next.value + " from " + when(next.start)) : null,
+      h("small", {key: "lead", className: "text-muted dockerami-schedule-lead"}, "warms " +
+        ago(s.lead_seconds) + " ahead" + (s.lead_measured ? " (measured)" : " (default)")),
+      s.override == null ? null : h("div", {key: "override",
+        className: "text-warning dockerami-schedule-override"},
+        "overridden here: " + s.override + " (clear the field to follow the schedule)")
+    ];
+  }
+
   function PoolRow(props) {
-    var name = props.name, p = props.pool;
+    var name = props.name, p = props.pool, scheduled = !!p.schedule;
     var capState = React.useState(p.cap == null ? "" : String(p.cap));
-    var warmState = React.useState(String(p.min_warm));
+    // With a configured minimum the field holds only the page's override (empty: follow it).
+    var warmState = React.useState(scheduled ? (p.schedule.override == null ? ""
+                                                : String(p.schedule.override))
+                                             : String(p.min_warm));
     function apply() {
       var cap = capState[0].trim() === "" ? null : parseInt(capState[0], 10);
-      send({action: "set_pool", pool: name, cap: cap, min_warm: parseInt(warmState[0] || "0", 10)},
-           props.report);
+      var warm = warmState[0].trim() === "" ? (scheduled ? null : 0) : parseInt(warmState[0], 10);
+      send({action: "set_pool", pool: name, cap: cap, min_warm: warm}, props.report);
     }
     return h("tr", {"data-pool": name},
       h("td", null, name),
@@ -167,8 +188,11 @@
         : h("td", null, p.cap == null ? "none" : p.cap),
       props.controls
         ? h("td", null, h("input", {className: "dockerami-min-warm", size: 4,
+            placeholder: scheduled ? String(p.min_warm) : "",
+            title: scheduled ? "empty: the configured minimum (now " + p.min_warm + ")" : "",
             value: warmState[0], onChange: function (e) { warmState[1](e.target.value); }}))
         : h("td", null, p.min_warm),
+      h("td", {className: "dockerami-schedule"}, periods(p.schedule)),
       h("td", null, props.controls
         ? button("Apply", "btn-primary dockerami-apply-pool", apply) : null));
   }
@@ -289,7 +313,7 @@
         ? h("div", null, h("h3", null, "Pools"),
             h("table", {className: "table table-sm dockerami-pools"},
               h("thead", null, h("tr", null, ["Pool", "Instances", "Idle", "Cap",
-                "Warm minimum", ""].map(function (c) { return h("th", {key: c}, c); }))),
+                "Warm minimum", "Schedule", ""].map(function (c) { return h("th", {key: c}, c); }))),
               h("tbody", null, Object.keys(data.pools).map(function (name) {
                 return h(PoolRow, {key: name, name: name, pool: data.pools[name],
                                    report: report, controls: data.controls});
