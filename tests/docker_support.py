@@ -11,7 +11,7 @@ from pathlib import Path
 import docker
 import pytest
 import requests
-from docker.errors import DockerException, ImageNotFound
+from docker.errors import DockerException, ImageNotFound, NotFound
 
 from buildbot_dockerami.localcloud import LocalCloud
 from tests.harness import BIN, Master, free_port, wait_for
@@ -84,7 +84,11 @@ class Registry:
 
 
 def container_names(client: docker.DockerClient, prefix: str = "dockerami-") -> list[str]:
-    return [c.name for c in client.containers.list(all=True) if c.name.startswith(prefix)]
+    """One listing call: docker-py's ``containers.list`` inspects each container after
+    listing them, and fails on one removed in between (another test's, or a slot's)."""
+    names = [name.lstrip("/") for c in client.api.containers(all=True)
+             for name in c.get("Names") or ()]
+    return [name for name in names if name.startswith(prefix)]
 
 
 def instance_ids(cloud: LocalCloud) -> list[str]:
@@ -107,9 +111,10 @@ def images_of(client: docker.DockerClient, prefix: str) -> list[str]:
 def remove_repository(client: docker.DockerClient, prefix: str) -> None:
     """Remove the containers started from, and the images tagged with, ``prefix``."""
     tags = images_of(client, prefix)
-    for container in client.containers.list(all=True):
-        if any(tag in container.image.tags for tag in tags):
-            container.remove(force=True)
+    for container in client.api.containers(all=True):
+        if container.get("Image") in tags:
+            with contextlib.suppress(NotFound):
+                client.api.remove_container(container["Id"], force=True)
     for tag in tags:
         with contextlib.suppress(ImageNotFound):
             client.images.remove(tag, force=True)

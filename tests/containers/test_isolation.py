@@ -41,7 +41,7 @@ def test_consecutive_builds_on_one_instance_see_nothing_of_each_other(
     assert {k: second[k] for k in ("workspace", "home", "tmp", "process")} == dict.fromkeys(
         ("workspace", "home", "tmp", "process"), "no")
     # The previous container is gone before the next build starts.
-    assert all(first["container"] not in c.id for c in engine.containers.list(all=True))
+    assert all(first["container"] not in c["Id"] for c in engine.api.containers(all=True))
 
     assert master.stop(timeout=30), "the master did not stop within 30s"
     wait_for(lambda: only_instance(cloud)["State"]["Name"] == "terminated", 30,
