@@ -32,6 +32,7 @@ from buildbot_dockerami.fleet.metrics import Metrics
 from buildbot_dockerami.fleet.monitor import StateMonitor
 from buildbot_dockerami.fleet.reconciler import Reconciler
 from buildbot_dockerami.fleet.shared_instance import InstanceGroup
+from buildbot_dockerami.fleet.spending import Spending
 from buildbot_dockerami.fleet.termination import Terminator
 
 
@@ -106,6 +107,11 @@ class Fleet(service.SharedService):
         #: Launches idle workers for queued build requests (one master only); made and
         #: started by the glue (worker/on_request.py), stopped with the fleet.
         self.demand: Any = None
+        #: On-demand prices from the www plugin's older ``prices`` setting (www/__init__.py).
+        self.page_prices: dict[str, float] = {}
+        #: Prices, each build's share, the cost counter and the day's total (spending.py).
+        self.spending = Spending(reactor, self.holdings, self.metrics, self.prices,
+                                 lambda: iter(sorted(self.pool_limits)))
 
     def startService(self) -> Any:
         d = super().startService()
@@ -114,6 +120,7 @@ class Fleet(service.SharedService):
             # Several masters share pools and reclaim each other's instances.
             self.shared = multimaster.Coordinator(self, master)
             self.shared.start()
+        self.spending.start()
         return d
 
     def stopService(self) -> Any:
@@ -196,6 +203,12 @@ class Fleet(service.SharedService):
             interval = min(intervals)
         self.reconciler.start(interval)
 
+    def prices(self) -> dict[str, float]:
+        """The operator's prices (instance type -> on-demand USD per hour, and
+        ``stopped``): FleetSettings' over the www plugin's older setting."""
+        configured = getattr(self.configured, "prices", None) or {}
+        return {**self.page_prices, **configured}
+
     def group(self, name: str) -> InstanceGroup:
         """The shared instance of the slot workers named for ``name``."""
         if name not in self.groups:
@@ -220,6 +233,7 @@ class Fleet(service.SharedService):
             self.reservation_wakeup.cancel()
         if self.demand is not None:
             self.demand.stop()
+        self.spending.stop()
         self.reconciler.stop()
         if self.shared is not None:
             self.shared.stop()
