@@ -80,6 +80,8 @@ class Side:
     def set_console(self, instance_id: str, text: str) -> None: ...
     def terminated_elsewhere(self, instance_id: str) -> None: ...
     def reclaim_spot(self, instance_id: str) -> None: ...
+    def set_spot_price(self, instance_type: str, price: float,
+                       zone: str | None = None) -> None: ...
     def inject(self, action: str, code: str, message: str, count: int = 1) -> None: ...
     def throttle(self, action: str) -> None: ...
     def drop(self, action: str) -> None: ...
@@ -127,6 +129,9 @@ class FakeSide(Side):
     def reclaim_spot(self, instance_id: str) -> None:
         self.fake.reclaim_spot(instance_id)
 
+    def set_spot_price(self, instance_type: str, price: float, zone: str | None = None) -> None:
+        self.fake.set_spot_price(instance_type, price, zone)
+
     def inject(self, action: str, code: str, message: str, count: int = 1) -> None:
         self.fake.inject(action, code, message, count)
 
@@ -162,6 +167,7 @@ class MotoSide(Side):
             f"{self.cloud.endpoint_url}/moto-api/reset", method="POST"), timeout=10).close()
         self.ami = self.other.register_image(Name=BASE_AMI_NAME)["ImageId"]
         self.cloud.faults.clear()
+        self.cloud.faults.spot_prices.clear()
         self.runtime.consoles.clear()
         self.counted = {action: self.cloud.faults.count(action, ACCESS_KEY)
                         for action in ACTIONS.values()}
@@ -218,6 +224,9 @@ class MotoSide(Side):
         self.cloud.hypervisor.interrupt(instance_id, notice=0)
         wait_for(lambda: self.ec2.describe([instance_id])[instance_id].reason == SPOT_RECLAIMED,
                  10, "the spot instance to be reclaimed")
+
+    def set_spot_price(self, instance_type: str, price: float, zone: str | None = None) -> None:
+        self.cloud.set_spot_price(instance_type, price, zone)
 
     def inject(self, action: str, code: str, message: str, count: int = 1) -> None:
         self.cloud.faults.inject(action, code, message, count)
@@ -526,3 +535,22 @@ def test_a_launch_through_a_template_takes_what_the_launch_does_not_say(side: Si
     with pytest.raises(ClientError) as info:
         side.ec2.run_instance(spec(side, launch_template={"LaunchTemplateName": "nobody"}))
     assert error_code(info) == ("InvalidLaunchTemplateName.NotFoundException", "RunInstances")
+
+
+def test_spot_prices_of_offered_types_and_zones(side: Side) -> None:
+    found = side.ec2.spot_prices(["t3.micro", "x9.nothing"], ["us-east-1a", "us-east-1z"])
+    assert list(found) == [("t3.micro", "us-east-1a")]  # nothing for unknown ones
+    assert found["t3.micro", "us-east-1a"] > 0
+    assert side.ec2.spot_prices([], ["us-east-1a"]) == {}
+    assert side.ec2.spot_prices(["t3.micro"], []) == {}
+    assert side.count("DescribeSpotPriceHistory") == 1  # none for nothing asked
+    side.set_spot_price("t3.micro", 0.0031)
+    side.set_spot_price("c5.large", 0.04, zone="us-east-1b")
+    found = side.ec2.spot_prices(["t3.micro", "c5.large"], ["us-east-1a", "us-east-1b"])
+    assert found["t3.micro", "us-east-1a"] == found["t3.micro", "us-east-1b"] == 0.0031
+    assert found["c5.large", "us-east-1b"] == 0.04
+    assert 0 < found["c5.large", "us-east-1a"] != 0.04  # set in one zone only
+    side.throttle("DescribeSpotPriceHistory")
+    with pytest.raises(ClientError) as info:
+        side.ec2.spot_prices(["t3.micro"], ["us-east-1a"])
+    assert error_code(info) == ("RequestLimitExceeded", "DescribeSpotPriceHistory")

@@ -212,20 +212,28 @@ c['workers'] += worker_pool('weekly', count=1, min_warm={{'{day} 10:00-11:00 UTC
 
 def test_fleet_readers_never_drive_ec2(make_master, cloud):
     day = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")[(time.gmtime().tm_wday + 3) % 7]
-    master = make_master(master_cfg(build_wait_timeout=600, worker_extra=FAST, plugins=PLUGIN)
-                         + SCHEDULED_POOL.format(day=day))
+    # A spot worker: its price comes from DescribeSpotPriceHistory, asked by the fleet.
+    master = make_master(master_cfg(build_wait_timeout=600, worker_extra=FAST + "market='spot',",
+                                    plugins=PLUGIN) + SCHEDULED_POOL.format(day=day))
     assert master.wait_request(master.force(), 90)["results"] == SUCCESS
     url = master.plugin_url("api/fleet")
+    wait_for(lambda: requests.get(url, timeout=10).json()["workers"][0]["last_build_cost"],
+             30, "the build's cost, at the spot price the fleet asked for")
     before = cloud.faults.count("DescribeInstances")
+    prices_before = cloud.faults.count("DescribeSpotPriceHistory")
     started = time.monotonic()
 
-    def get(_: int) -> int:
-        return requests.get(url, timeout=10).status_code
+    def get(number: int) -> int:  # the Fleet API, and /metrics every other time
+        return requests.get(url if number % 2 else master.plugin_url("metrics"),
+                            timeout=10).status_code
     with ThreadPoolExecutor(8) as pool:
         assert set(pool.map(get, range(1000))) == {200}
     elapsed = time.monotonic() - started
     calls = cloud.faults.count("DescribeInstances") - before
     assert calls <= elapsed / INTERVAL + 2, (calls, elapsed)
+    # The spot price is known: no reader asked for it again (the fleet does, half-hourly).
+    assert cloud.faults.count("DescribeSpotPriceHistory") == prices_before
+    assert requests.get(url, timeout=10).json()["workers"][0]["instance"]["usd_per_hour"] > 0
 
     # EC2 hangs: the page still answers at once, from the master's own view.
     cloud.faults.hang("DescribeInstances", count=100, hold=20)

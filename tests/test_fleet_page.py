@@ -102,6 +102,23 @@ def test_fleet_page_shows_the_instance_a_build_booted(make_master, cloud, browse
         page.close()
     assert master.wait_request(brid, 90)["results"] == SUCCESS
 
+    # Once it has finished: the build's cost (its share of the instance at the price
+    # the plugin settings give t3.micro), and the day's total on this master.
+    page = browser.new_page(viewport=VIEWPORT)
+    try:
+        page.goto(f"{base}#/dockerami")
+        cost = page.locator("tr[data-worker='w0'] .dockerami-last-build-cost")
+        cost.wait_for(timeout=30_000)
+        assert re.fullmatch(r"last build runtests #1 \$0\.00\d{4}", cost.inner_text()), \
+            cost.inner_text()
+        assert "at $0.0104/h (configured)" in (cost.get_attribute("title") or "")
+        today = page.locator(".dockerami-cost-today").inner_text()
+        assert re.fullmatch(r" ?Today \(UTC \d{4}-\d{2}-\d{2}\): \$0\.00\d{4}\.", today), today
+        assert page.evaluate(SIDEWAYS) == []
+        page.screenshot(path=str(ARTIFACTS / "fleet-page-cost.png"), full_page=True)
+    finally:
+        page.close()
+
 
 def test_prewarm_and_terminate_clicks_and_refusal_for_anonymous(make_master, cloud, browser):
     master = make_master(master_cfg(build_wait_timeout=600, plugins={"dockerami": {}},

@@ -65,9 +65,11 @@ def test_checkconfig_names_fleet_settings_errors_and_moved_worker_keywords(
     assert result.returncode != 0
     assert "FleetSettings: bogus: unknown setting" in output, output
     master.write_config(master_cfg(worker_extra="reconcile_interval=60,") + FLEET_SETTINGS.format(
-        settings="reconcile_interval=1, max_stopped=-1, launch_on_request='yes'"))
+        settings="reconcile_interval=1, max_stopped=-1, launch_on_request='yes', "
+                 "prices={'t3.micro': -1}"))
     output = (result := master.checkconfig()).stdout + result.stderr
     assert "FleetSettings: reconcile_interval: 1 must be a number of seconds >= 5" in output
+    assert "FleetSettings: prices: t3.micro: -1 must be USD per hour, a number >= 0" in output
     assert "FleetSettings: max_stopped: -1 must be a whole number >= 0" in output
     assert "FleetSettings: launch_on_request: 'yes' must be True or False" in output
     master.write_config(master_cfg(worker_extra="reconcile_interval=60,"))

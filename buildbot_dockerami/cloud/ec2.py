@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import boto3
@@ -61,6 +62,9 @@ DEFAULT_METADATA_OPTIONS: Mapping[str, Any] = {
 
 #: DescribeInstances accepts at most this many values per filter.
 DESCRIBE_CHUNK = 200
+#: The spot price history's product descriptions of Linux: EC2 answers "Linux/UNIX" in
+#: today's accounts, and "(Amazon VPC)" for the same price in some older ones (and moto).
+SPOT_LINUX = ("Linux/UNIX", "Linux/UNIX (Amazon VPC)")
 
 
 class CloudError(Exception):
@@ -354,6 +358,29 @@ class Ec2:
             raise CloudError(f"launch template {template_name(template)} has no such version")
         return dict(versions[0].get("LaunchTemplateData") or {})
 
+    def spot_prices(self, instance_types: Iterable[str],
+                    zones: Iterable[str]) -> dict[tuple[str, str], float]:
+        """The Linux spot price in effect now, USD per hour, of each (instance type,
+        availability zone) EC2 offers among these: one DescribeSpotPriceHistory (and its
+        pages) for them all. A start and end time of now asks for the price in effect
+        then, not a history; pairs EC2 does not offer are absent."""
+        types, zones = sorted(set(instance_types)), sorted(set(zones))
+        if not types or not zones:
+            return {}
+        now = datetime.now(UTC)
+        paginator = self.client.get_paginator("describe_spot_price_history")
+        newest: dict[tuple[str, str], tuple[datetime, float]] = {}
+        for page in paginator.paginate(
+                InstanceTypes=types, ProductDescriptions=list(SPOT_LINUX),
+                Filters=[{"Name": "availability-zone", "Values": zones}],
+                StartTime=now, EndTime=now):
+            for item in page["SpotPriceHistory"]:
+                key = (item["InstanceType"], item["AvailabilityZone"])
+                stamp = item.get("Timestamp") or now
+                if key not in newest or stamp > newest[key][0]:
+                    newest[key] = (stamp, float(item["SpotPrice"]))
+        return {key: price for key, (_, price) in newest.items()}
+
 
 class AsyncEc2:
     """``Ec2`` with every call returning a Deferred, run in a shared thread pool."""
@@ -408,3 +435,6 @@ class AsyncEc2:
 
     def launch_template_data(self, template: Mapping[str, Any]) -> Any:
         return self._call(self.ec2.launch_template_data, template)
+
+    def spot_prices(self, instance_types: Iterable[str], zones: Iterable[str]) -> Any:
+        return self._call(self.ec2.spot_prices, list(instance_types), list(zones))

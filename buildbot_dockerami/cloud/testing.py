@@ -73,6 +73,7 @@ ACTIONS = {
     "image_architectures": "DescribeImages",
     "instance_architectures": "DescribeInstanceTypes",
     "launch_template_data": "DescribeLaunchTemplateVersions",
+    "spot_prices": "DescribeSpotPriceHistory",
 }
 #: The instance types the fake knows from the start, with their architectures as EC2
 #: (and moto) give them; ``FakeEc2.add_instance_type`` adds others.
@@ -86,6 +87,12 @@ INSTANCE_TYPES: Mapping[str, tuple[str, ...]] = {
 #: Tags EC2 (and moto) put on an instance launched from a template.
 TEMPLATE_ID_TAG = "aws:ec2launchtemplate:id"
 TEMPLATE_VERSION_TAG = "aws:ec2launchtemplate:version"
+#: The spot price moto answers for every type and zone it offers, USD per hour.
+MOTO_SPOT_PRICE = 0.00001
+#: Instance types the fake offers in spot price history (moto: every type it knows),
+#: in the zones ``<region>a`` to ``<region>d``; ``set_spot_price`` adds others.
+SPOT_TYPES = frozenset(f"{family}.{size}" for family in ("t3", "t3a", "t4g", "m5", "c5")
+                       for size in ("nano", "micro", "small", "medium", "large", "xlarge"))
 
 
 def client_error(action: str, code: str, message: str = "", status: int = 400) -> ClientError:
@@ -197,6 +204,8 @@ class FakeEc2:
         self.calls: list[tuple[str, Any]] = []
         self._faults: list[_Fault] = []
         self._tokens: dict[str, InstanceStatus] = {}
+        #: Spot prices set by the test: (type, zone or None for every zone) -> USD/hour.
+        self._spot_prices: dict[tuple[str, str | None], float] = {}
         self._lock = threading.RLock()
 
     # -- what the test sets up, and EC2's own doings (not calls) ---------------------------
@@ -256,6 +265,13 @@ class FakeEc2:
         once its notice is over."""
         with self._lock:
             self._end(self.instances[instance_id], SPOT_RECLAIMED)
+
+    def set_spot_price(self, instance_type: str, price: float, zone: str | None = None) -> None:
+        """EC2's spot price for the type in ``zone``, or in every zone the fake offers
+        (``<region>a`` to ``<region>d``) if None, as the local cloud's ``set_spot_price``
+        sets it; the type is offered there from now on."""
+        with self._lock:
+            self._spot_prices[(instance_type, zone)] = price
 
     def status(self, instance_id: str) -> InstanceStatus:
         """What DescribeInstances would say of the instance, without a call."""
@@ -477,6 +493,25 @@ class FakeEc2:
                 return candidate
         raise client_error(action, "InvalidLaunchTemplateName.NotFoundException",
                            _TEMPLATE_NOT_FOUND[action].format(ref.get("LaunchTemplateName")))
+
+    def spot_prices(self, instance_types: Sequence[str],
+                    zones: Sequence[str]) -> dict[tuple[str, str], float]:
+        types, places = sorted(set(instance_types)), sorted(set(zones))
+        if not types or not places:
+            return {}
+        call = self._call("DescribeSpotPriceHistory", (types, places))
+        region_zones = {f"{self.region}{letter}" for letter in "abcd"}
+        answer = {}
+        with self._lock:
+            for instance_type in types:
+                for zone in places:
+                    price = self._spot_prices.get((instance_type, zone))
+                    if price is None and zone in region_zones:
+                        price = self._spot_prices.get((instance_type, None), (
+                            MOTO_SPOT_PRICE if instance_type in SPOT_TYPES else None))
+                    if price is not None:
+                        answer[(instance_type, zone)] = price
+        return self._answer(call, answer)
 
     def _known(self, action: str, instance_ids: Sequence[str]) -> list[FakeInstance]:
         """The instances, or EC2's error for the whole call if one is unknown."""

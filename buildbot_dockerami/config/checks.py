@@ -189,6 +189,26 @@ def fleet_problems(s: FleetWide | WorkerSettings) -> list[str]:
         problems.append(f"max_stopped_age: {age!r} must be seconds > 0")
     if not isinstance(s.launch_on_request, bool):
         problems.append(f"launch_on_request: {s.launch_on_request!r} must be True or False")
+    if isinstance(s, FleetWide):
+        problems += price_problems(s.prices)
+    return problems
+
+
+def price_problems(prices: Any) -> list[str]:
+    """FleetSettings' ``prices``: instance type (or ``stopped``) -> USD per hour."""
+    if prices is None:
+        return []
+    if not isinstance(prices, Mapping):
+        return [f"prices: {prices!r} must be a dict of instance type -> on-demand USD per "
+                "hour, e.g. {'t3.large': 0.0832}"]
+    problems = []
+    for instance_type, price in prices.items():
+        if not isinstance(instance_type, str) or not instance_type.strip():
+            problems.append(f"prices: {instance_type!r} is not an instance type")
+        elif (isinstance(price, bool) or not isinstance(price, int | float)
+              or not 0 <= price < float("inf")):
+            problems.append(f"prices: {instance_type}: {price!r} must be USD per hour, "
+                            "a number >= 0")
     return problems
 
 

@@ -35,6 +35,8 @@ class FleetWide:
     max_stopped_age: Any = DEFAULT_MAX_STOPPED_AGE
     #: Launch idle workers as soon as build requests are queued (one master only).
     launch_on_request: Any = False
+    #: On-demand USD per hour by instance type (and ``stopped``), over the default table.
+    prices: Any = None
 
 
 FLEET_WIDE = tuple(f.name for f in dataclasses.fields(FleetWide))

@@ -36,8 +36,8 @@ Labels = tuple[tuple[str, str], ...]
 LATENCY_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 
 #: The EC2 operations the plugin calls: their request counters exist from the start.
-EC2_OPERATIONS = ("DescribeImages", "DescribeInstances", "GetConsoleOutput", "RunInstances",
-                  "TerminateInstances")
+EC2_OPERATIONS = ("DescribeImages", "DescribeInstances", "DescribeSpotPriceHistory",
+                  "GetConsoleOutput", "RunInstances", "TerminateInstances")
 #: Launch failure reasons that are not EC2 error codes (``RunInstances:<code>`` are).
 FAILURE_REASONS = ("instance_not_found", "instance_shutting-down", "instance_stopped",
                    "instance_stopping", "instance_terminated", "invalid_setting",
@@ -94,6 +94,12 @@ FAMILIES = {
         "read at once, not at the next pass)."),
     "dockerami_reclaimed_total": Family(
         "counter", "Instances of a dead master (heartbeat expired) this master terminated."),
+    # Also labelled ``pool`` (empty outside a worker_pool; each pool's series from the
+    # start, fleet/spending.py).
+    "dockerami_cost_dollars_total": Family(
+        "counter", "Estimated USD this master's instances cost, by pool and market "
+        "(spot: EC2's spot price; on-demand: the configured or default price).", "market",
+        ("on-demand", "spot")),
     "dockerami_instances": Family(
         "gauge", "Instances this master owns, by state.", "state", INSTANCE_STATES),
     "dockerami_terminations_failing": Family(
@@ -260,6 +266,7 @@ class FleetCollector:
 
     def collect(self) -> Iterator[Metric]:
         fleet = self.fleet
+        fleet.spending.accrue()  # the cost counter up to now (memory only, no EC2 call)
         counts = instance_states(fleet)
         gauges = {
             "dockerami_instances": {(("state", s),): counts.get(s, 0) for s in INSTANCE_STATES},

@@ -34,6 +34,7 @@ from buildbot_dockerami.fleet.monitor import StateMonitor
 from buildbot_dockerami.fleet.provisioning import ProvisioningTimes
 from buildbot_dockerami.fleet.reconciler import Reconciler
 from buildbot_dockerami.fleet.shared_instance import InstanceGroup
+from buildbot_dockerami.fleet.spending import Spending
 from buildbot_dockerami.fleet.termination import Terminator
 
 
@@ -116,6 +117,11 @@ class Fleet(service.SharedService):
         self.demand: Any = None
         #: Instances by state over the last hours, sampled on this clock (history.py).
         self.history = History.of(self)
+        #: On-demand prices from the www plugin's older ``prices`` setting (www/__init__.py).
+        self.page_prices: dict[str, float] = {}
+        #: Prices, each build's share, the cost counter and the day's total (spending.py).
+        self.spending = Spending(reactor, self.holdings, self.metrics, self.prices,
+                                 lambda: iter(sorted(self.pool_limits)))
 
     def startService(self) -> Any:
         d = super().startService()
@@ -125,6 +131,7 @@ class Fleet(service.SharedService):
             # Several masters share pools and reclaim each other's instances.
             self.shared = multimaster.Coordinator(self, master)
             self.shared.start()
+        self.spending.start()
         return d
 
     def stopService(self) -> Any:
@@ -228,6 +235,12 @@ class Fleet(service.SharedService):
             interval = min(intervals)
         self.reconciler.start(interval)
 
+    def prices(self) -> dict[str, float]:
+        """The operator's prices (instance type -> on-demand USD per hour, and
+        ``stopped``): FleetSettings' over the www plugin's older setting."""
+        configured = getattr(self.configured, "prices", None) or {}
+        return {**self.page_prices, **configured}
+
     def group(self, name: str) -> InstanceGroup:
         """The shared instance of the slot workers named for ``name``."""
         if name not in self.groups:
@@ -252,6 +265,7 @@ class Fleet(service.SharedService):
             self.reservation_wakeup.cancel()
         if self.demand is not None:
             self.demand.stop()
+        self.spending.stop()
         self.reconciler.stop()
         self.history.stop()
         if self.shared is not None:

@@ -79,6 +79,11 @@ class LocalCloud:
     def faults(self) -> Any:
         return self.server.faults
 
+    def set_spot_price(self, instance_type: str, price: float, zone: str | None = None) -> None:
+        """What DescribeSpotPriceHistory answers for the type, USD per hour, in ``zone``
+        or in every zone moto offers it (moto's own answer is 0.00001 everywhere)."""
+        self.server.faults.spot_prices[(instance_type, zone)] = price
+
     def env(self) -> dict[str, str]:
         """What a master (or any boto3 program) needs to talk to this cloud."""
         return {

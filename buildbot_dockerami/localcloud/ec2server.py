@@ -42,6 +42,10 @@ _RUNNING_ITEM = re.compile(
     rb"<instanceState><code>16</code><name>running</name></instanceState>",
     re.DOTALL,
 )
+#: A spot price history item as moto writes it (zone, type, product, price, ...).
+_SPOT_ITEM = re.compile(
+    rb"<availabilityZone>([^<]*)</availabilityZone><instanceType>([^<]*)</instanceType>"
+    rb"(<productDescription>[^<]*</productDescription>)<spotPrice>[^<]*</spotPrice>")
 
 
 @dataclass
@@ -85,6 +89,9 @@ class FaultInjector:
         #: Held while a launch or start is carried out and timed, so that a reader of
         #: moto's state (``Ec2Server.instance_states``) never sees an untimed instance.
         self.launching = threading.Lock()
+        #: Spot prices DescribeSpotPriceHistory answers instead of moto's (which is
+        #: 0.00001 for everything): (type, zone or None for every zone) -> USD/hour.
+        self.spot_prices: dict[tuple[str, str | None], float] = {}
 
     def inject(self, action: str, code: str, message: str, count: int = 1,
                status: int = 400) -> None:
@@ -210,6 +217,8 @@ class FaultInjector:
             else:
                 self.clock.started(ids, at=arrived)
             return answer, headers
+        if action == "DescribeSpotPriceHistory" and self.spot_prices:
+            return self._priced(answer, headers)
         if action != "DescribeInstances" or self.clock.delays.pending <= 0:
             return answer, headers
 
@@ -222,6 +231,22 @@ class FaultInjector:
         rewritten = _RUNNING_ITEM.sub(pending, answer)
         if rewritten is answer or rewritten == answer:
             return answer, headers
+        headers = [(k, str(len(rewritten)) if k.lower() == "content-length" else v)
+                   for k, v in headers]
+        return rewritten, headers
+
+    def _priced(self, answer: bytes, headers: list) -> tuple[bytes, list]:
+        """moto's spot price history with the prices the test set (``spot_prices``)."""
+        def price(match: re.Match) -> bytes:
+            zone, instance_type = match.group(1).decode(), match.group(2).decode()
+            value = self.spot_prices.get((instance_type, zone),
+                                         self.spot_prices.get((instance_type, None)))
+            if value is None:
+                return match.group(0)
+            return (match.group(0).rsplit(b"<spotPrice>", 1)[0]
+                    + b"<spotPrice>" + repr(float(value)).encode() + b"</spotPrice>")
+
+        rewritten = _SPOT_ITEM.sub(price, answer)
         headers = [(k, str(len(rewritten)) if k.lower() == "content-length" else v)
                    for k, v in headers]
         return rewritten, headers

@@ -1,7 +1,8 @@
 """The worker's scheduling glue: whether buildbot may hand it a build now (pool caps and
 reservations, fleet/pools.py; launch on request, worker/on_request.py), booting it
 before any build asks (the Fleet page's Start, a warm minimum, queued requests), and
-telling the fleet when builds start and finish.
+telling the fleet when builds start and finish (and, for their cost, when a build has
+its instance's worker connected: fleet/spending.py).
 
 A mixin of DockerAMILatentWorker (worker/latent.py), before buildbot's classes in its
 bases so that its hooks wrap buildbot's.
@@ -18,6 +19,9 @@ from twisted.python import log
 from buildbot_dockerami.fleet import pools
 from buildbot_dockerami.fleet.prewarm import PrewarmTimer
 from buildbot_dockerami.worker import on_request
+
+#: The build property that carries a build's cost (docs/web-ui-and-metrics.md#costs).
+COST_PROPERTY = "dockerami_cost_usd"
 
 
 class Scheduling:
@@ -86,11 +90,47 @@ class Scheduling:
             self.timeline.setdefault("build_started", self.master.reactor.seconds())
         if self.group is not None:
             self.group.build_started()
+        self._builds_on_instance()
+
+    @defer.inlineCallbacks
+    def attached(self, conn: Any) -> Any:
+        result = yield super().attached(conn)
+        self._builds_on_instance()  # the builds that waited for this worker start now
+        return result
+
+    def _builds_on_instance(self) -> None:
+        """Builds running with this worker connected run on its instance (their cost's
+        share starts): told once per build."""
+        if self.instance is None or self.conn is None:
+            return
+        for wfb in list(self.workerforbuilders.values()):
+            if wfb.isBusy():
+                self.fleet.spending.build_started(wfb, self.instance)
 
     def buildFinished(self, wfb: Any) -> None:
+        build = next((b for b in getattr(getattr(wfb, "builder", None), "building", ())
+                      if getattr(b, "workerforbuilder", None) is wfb), None)
         super().buildFinished(wfb)
         self._note_use()
         if self.group is not None:
             self.group.build_finished()
         # A graceful Stop waits for this (buildbot's latent workers never check it).
         self.maybeShutdown()
+        # Not waited for by a stopping master: a spot price may still be on its way.
+        self._record_cost(wfb, build)
+
+    @defer.inlineCallbacks
+    def _record_cost(self, wfb: Any, build: Any) -> Any:
+        """The finished build's cost, as its property and the Fleet page's last build.
+        buildbot has saved the build as finished by now: the property is written to
+        the database through the data API right after."""
+        buildid = getattr(build, "buildid", None)
+        about = {"buildid": buildid, "number": getattr(build, "number", None),
+                 "builder": wfb.builder_name}
+        try:
+            found = yield self.fleet.spending.build_finished(wfb, self.name, about)
+            if found is not None and buildid is not None:
+                yield self.master.data.updates.setBuildProperty(
+                    buildid, COST_PROPERTY, found.usd, "DockerAMI")
+        except Exception as e:
+            log.msg(f"{self}: could not record the cost of build {buildid}: {e}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from buildbot.worker.latent import States
@@ -11,6 +10,7 @@ from twisted.internet import defer
 from buildbot_dockerami.cloud import instances
 from buildbot_dockerami.fleet import pools
 from buildbot_dockerami.fleet.service import Fleet
+from buildbot_dockerami.fleet.spending import Spending
 from buildbot_dockerami.protocol import imageready, limits
 
 
@@ -50,7 +50,7 @@ def current_builds(worker: Any) -> Any:
 
 
 @defer.inlineCallbacks
-def worker_row(worker: Any, now: float, prices: Mapping[str, float]) -> Any:
+def worker_row(worker: Any, now: float, spending: Spending) -> Any:
     instance = worker.instance
     row: dict[str, Any] = {
         "name": worker.name,
@@ -72,10 +72,12 @@ def worker_row(worker: Any, now: float, prices: Mapping[str, float]) -> Any:
         "container_limits": limits.row(
             worker.container_limits, worker.limits_reported if instance is not None else None),
         "instance": None,
+        # Its last finished build's cost (fleet/spending.py), as set on the build.
+        "last_build_cost": spending.last_build.get(worker.name),
     }
     if instance is not None:
         uptime = max(0.0, now - instance.launched_at)
-        price = prices.get(instance.instance_type)
+        price = spending.price(instance)  # as known: never asks EC2
         row["instance"] = {
             "id": instance.instance_id,
             "type": instance.instance_type,
@@ -85,16 +87,17 @@ def worker_row(worker: Any, now: float, prices: Mapping[str, float]) -> Any:
             "ami": instance.ami,
             "launched_at": instance.launched_at,
             "uptime_seconds": round(uptime, 1),
-            "cost_so_far": None if price is None else round(price * uptime / 3600, 4),
+            "usd_per_hour": None if price is None else price.usd_per_hour,
+            "price_source": None if price is None else price.source,
+            "cost_so_far": None if price is None else round(price.of(uptime), 6),
         }
     return row
 
 
-def stopped_row(entry: Any, now: float, prices: Mapping[str, float]) -> dict[str, Any]:
-    """A stopped instance kept for reuse; it costs its storage (``prices['stopped']``,
-    USD per hour per stopped instance, if the operator gives one)."""
+def stopped_row(entry: Any, now: float, price: float | None) -> dict[str, Any]:
+    """A stopped instance kept for reuse; it costs its storage (``price``: the operator's
+    ``prices['stopped']``, USD per hour per stopped instance, if given)."""
     age = max(0.0, now - entry.stopped_at)
-    price = prices.get("stopped")
     instance = entry.instance
     return {
         "id": instance.instance_id, "worker": entry.owner, "type": instance.instance_type,
@@ -117,10 +120,10 @@ def orphans(fleet: Fleet) -> defer.Deferred:
 
 
 @defer.inlineCallbacks
-def fleet_status(fleet: Fleet, now: float, prices: Mapping[str, float]) -> Any:
+def fleet_status(fleet: Fleet, now: float) -> Any:
     rows = []
     for worker in sorted(fleet.workers, key=lambda w: w.name):
-        rows.append((yield worker_row(worker, now, prices)))
+        rows.append((yield worker_row(worker, now, fleet.spending)))
     return {
         "master_id": fleet.master_id,
         "pools": {pool: pools.pool_status(fleet, pool) for pool in sorted(fleet.pool_limits)},
@@ -129,7 +132,9 @@ def fleet_status(fleet: Fleet, now: float, prices: Mapping[str, float]) -> Any:
             {k: v for k, v in o.items() if k != "client"} for o in (yield orphans(fleet))
         ],
         "terminations_failing": fleet.undead,
-        "stopped": [stopped_row(entry, now, prices)
+        # Today's (UTC) spending on this master's instances, from its memory.
+        "cost": fleet.spending.today(),
+        "stopped": [stopped_row(entry, now, fleet.spending.stopped_price())
                     for entry in sorted(fleet.stopped.entries.values(), key=lambda e: e.owner)],
         "reconciler": {
             "interval": fleet.reconciler.interval,

@@ -58,11 +58,18 @@ def test_without_isolation_leftovers_are_visible(make_master, cloud, worker_imag
     assert (second["workspace"], second["process"]) == ("yes", "yes")
 
 
+#: t3.micro at 3.6 USD an hour (a tenth of a cent a second), for the builds' costs.
+PRICED = """
+from buildbot_dockerami import FleetSettings
+c['services'] = [FleetSettings(prices={'t3.micro': 3.6})]
+"""
+
+
 def test_two_slots_build_concurrently_in_two_containers_on_one_instance(
         make_master, cloud, engine, worker_image):
     master = make_master(master_cfg(
         image=worker_image, command=f"{LEFTOVERS}\nsleep 4", build_wait_timeout=60,
-        pool="'pool', slots=2"))
+        pool="'pool', slots=2", plugins={"dockerami": {}}) + PRICED)
     requests = [master.force(), master.force()]
     builds = [master.wait_request(brid, 180) for brid in requests]
     assert [b["results"] for b in builds] == [SUCCESS, SUCCESS], master.log()[-3000:]
@@ -73,6 +80,16 @@ def test_two_slots_build_concurrently_in_two_containers_on_one_instance(
     assert len(cloud.client().describe_instances()["Reservations"]) == 1
     workers = {w["workerid"]: w["name"] for w in master.get("workers")}
     assert {workers[b["workerid"]] for b in builds} == {"pool-1-1", "pool-1-2"}
+    # They shared the instance: while both ran each paid half of it
+    # (docs/web-ui-and-metrics.md#costs), at least its 4 s sleep at half.
+    costs = [wait_for(lambda b=b: master.get(f"builds/{b['buildid']}/properties")[0]
+                      .get("dockerami_cost_usd", [None])[0], 20, "the build's cost")
+             for b in builds]
+    assert all(cost >= 0.001 * 4 / 2 for cost in costs), costs
+    for row in master.fleet()["workers"]:
+        last = row["last_build_cost"]
+        assert last["usd"] in costs and last["share_seconds"] < last["ran_seconds"], last
+        assert last["usd"] == pytest.approx(0.001 * last["share_seconds"], abs=1e-4)
 
 
 def test_a_container_killed_mid_build_retries_the_build_in_a_fresh_one(

@@ -97,6 +97,20 @@
     return "limits: " + text + (l.applied ? "" : " (configured)");
   }
 
+  // Dollars: four decimals, or six below a cent (a short build on a small instance).
+  function usd(value) {
+    return "$" + value.toFixed(Math.abs(value) < 0.01 ? 6 : 4);
+  }
+
+  // The worker's last finished build and what its share of the instance cost.
+  function lastBuildCost(c) {
+    if (!c) return null;
+    var what = (c.builder ? c.builder + " " : "") + (c.number == null ? "" : "#" + c.number);
+    return h("div", null, h("small", {className: "text-muted dockerami-last-build-cost", title:
+      c.share_seconds + " s of the instance's time, at $" + c.usd_per_hour + "/h (" +
+      c.price_source + ")"}, "last build " + (what ? what + " " : "") + usd(c.usd)));
+  }
+
   function buildLinks(builds) {
     return builds.map(function (b) {
       return h("div", {key: b.buildid}, h("a", {
@@ -123,7 +137,7 @@
     }
     var where = [i.type, i.availability_zone, i.market].filter(Boolean).join(" \u00b7 ");
     var running = [i.uptime_seconds == null ? "" : "up " + ago(i.uptime_seconds),
-                   i.cost_so_far == null ? "" : "$" + i.cost_so_far.toFixed(4)];
+                   i.cost_so_far == null ? "" : usd(i.cost_so_far)];
     return h("tr", {"data-worker": w.name, className: "dockerami-worker"},
       h("td", {className: "dockerami-name"}, w.workerid == null ? w.name
         : h("a", {className: "dockerami-worker-link", href: "#/workers/" + w.workerid}, w.name)),
@@ -143,8 +157,10 @@
         i.launched_at ? h("div", {className: "dockerami-launched",
                                   title: new Date(i.launched_at * 1000).toString()},
                           when(i.launched_at)) : null,
-        running.join("") ? h("small", {className: "text-muted dockerami-running"},
-                             running.filter(Boolean).join(" \u00b7 ")) : null),
+        running.join("") ? h("small", {className: "text-muted dockerami-running",
+                                       title: i.price_source || ""},
+                             running.filter(Boolean).join(" \u00b7 ")) : null,
+        lastBuildCost(w.last_build_cost)),
       h("td", {className: "dockerami-timeline"}, timeline(w.timeline, w.image_ready)),
       h("td", {className: "dockerami-controls"}, controls));
   }
@@ -291,7 +307,12 @@
                 "Provisioning", ""];
     return h("div", {className: "container-fluid dockerami-fleet"},
       h("h2", null, "Fleet"),
-      h("p", null, "Master " + data.master_id + ". " + data.workers.length + " workers."),
+      h("p", null, "Master " + data.master_id + ". " + data.workers.length + " workers.",
+        data.cost ? h("span", {className: "dockerami-cost-today", title:
+          "This master's instances since " + (data.cost.counting_since ?
+            when(data.cost.counting_since) : "it started") + " (estimated)" +
+          (data.cost.spot_prices_error ? "; " + data.cost.spot_prices_error : "")},
+          " Today (UTC " + data.cost.day + "): " + usd(data.cost.today_usd) + ".") : null),
       h(HistoryChart, {history: data.history}),
       data.mq_error ? h("p", {className: "text-danger dockerami-mq-error"},
         "No working message queue: " + data.mq_error) : null,
