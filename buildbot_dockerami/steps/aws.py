@@ -235,8 +235,9 @@ class RenewAwsCredentials(BuildStep, CompositeStepMixin):
         yield self.addLogForRemoteCommands("stdio")
         problem = yield session.hand_over(self)
         if problem is not None:
-            yield self.rc_log.addStderr(f"AwsCredentials: {problem}; trying again after "
-                                        f"the first step that ends {RETRY_AFTER:g} s from now\n")
+            yield self.rc_log.addStderr(f"AwsCredentials: {problem}; trying again at the "
+                                        f"first step boundary {RETRY_AFTER:g} s or more from "
+                                        "now\n")
             if not session.ended:
                 session.arm(self.build, RETRY_AFTER)
             self.descriptionDone = ["AWS credentials not renewed"]
