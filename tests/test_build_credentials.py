@@ -24,7 +24,7 @@ from twisted.internet import task
 
 from buildbot_dockerami.cloud import sts
 from buildbot_dockerami.steps import aws
-from tests.harness import SUCCESS, master_cfg, wait_for
+from tests.harness import SUCCESS, WARNINGS, master_cfg, wait_for
 from tests.helpers import (
     AWS_STEPS,
     caller_arn,
@@ -197,17 +197,24 @@ c['schedulers'].append(schedulers.ForceScheduler(
     assert steps["remove aws credentials"]["results"] == SUCCESS
 
 
+def _hold(name: str, path: Path) -> str:
+    """master.cfg source: a step that waits for ``<path>-<build number>``."""
+    return (f"aws_shell({name!r}, util.Interpolate('while [ ! -e {path}-%(prop:buildnumber)s ]; "
+            "do sleep 0.05; done'))")
+
+
 @pytest.mark.integration
 def test_a_long_builds_credentials_are_renewed_while_it_runs(make_master, cloud, tmp_path):
     """renew_before=895 of 900: the renewal is due after 5 s. The build is held in one
     step until the master says so, then in the next one while the test waits for the
-    file on the worker to hold a new session's key."""
+    file on the worker to hold a new session's key. A second build's renewal is refused
+    by STS: a warning, and the build goes on with the credentials it has."""
     role = make_role(cloud, "ci-long")
     go1, go2 = tmp_path / "go1", tmp_path / "go2"
     config = master_cfg() + AWS_STEPS + f"""
 c['builders'].append(aws_builder(
     'long', AwsCredentials(role_arn={role!r}, duration=900, renew_before=895),
-    aws_hold('hold1', {str(go1)!r}), aws_hold('hold2', {str(go2)!r})))
+    {_hold('hold1', go1)}, {_hold('hold2', go2)}))
 c['schedulers'].append(schedulers.ForceScheduler(name='aws', builderNames=['long']))
 """
     master = make_master(config)
@@ -217,7 +224,7 @@ c['schedulers'].append(schedulers.ForceScheduler(name='aws', builderNames=['long
     assert caller_arn(cloud, first) == "arn:aws:sts::123456789012:assumed-role/ci-long/long-1"
     wait_step_started(master, brid, "hold1")
     wait_for(lambda: "session long-1: renewal due" in master.log(), 60, "the renewal to be due")
-    go1.touch()
+    Path(f"{go1}-1").touch()
     renewed = wait_for(
         lambda: path.exists() and (found := read_credentials(path))
         ["aws_access_key_id"] != first["aws_access_key_id"] and found,
@@ -225,11 +232,41 @@ c['schedulers'].append(schedulers.ForceScheduler(name='aws', builderNames=['long
     assert not master.get(f"buildrequests/{brid}")[0]["complete"]  # while the build runs
     assert caller_arn(cloud, renewed) == "arn:aws:sts::123456789012:assumed-role/ci-long/long-1"
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o400
-    go2.touch()
+    Path(f"{go2}-1").touch()
     build = master.wait_request(brid)
     assert build["results"] == SUCCESS
     steps = [(s["name"], s["results"]) for s in master.get(f"builds/{build['buildid']}/steps")]
     assert steps[1:4] == [("aws credentials", SUCCESS), ("hold1", SUCCESS),
-                         ("renew aws credentials", SUCCESS)], steps
+                          ("renew aws credentials", SUCCESS)], steps
     assert steps[-2:] == [("hold2", SUCCESS), ("remove aws credentials", SUCCESS)], steps
     assert not path.exists() and not path.parent.exists()
+
+    brid = master.force("long", "aws")
+    wait_step_started(master, brid, "hold1")
+    held = read_credentials(path)
+    cloud.faults.inject("AssumeRole", "AccessDenied", "Not now.", count=1)
+    wait_for(lambda: "session long-2: renewal due" in master.log(), 60, "the renewal to be due")
+    Path(f"{go1}-2").touch()
+    hold2 = wait_step_started(master, brid, "hold2")
+    assert read_credentials(path) == held  # the file kept what it had
+    assert "AccessDenied: Not now." in master.step_log(hold2["buildid"],
+                                                       "renew aws credentials")
+    Path(f"{go2}-2").touch()
+    build = master.wait_request(brid)
+    assert build["results"] == WARNINGS
+    steps = [(s["name"], s["results"]) for s in master.get(f"builds/{build['buildid']}/steps")]
+    assert ("renew aws credentials", WARNINGS) in steps
+    assert steps[-1] == ("remove aws credentials", SUCCESS)
+    assert not path.exists()
+
+
+@pytest.mark.integration
+def test_checkconfig_names_the_step_and_the_setting(make_master):
+    master = make_master(master_cfg() + AWS_STEPS + """
+c['builders'].append(aws_builder('bad', AwsCredentials(role_arn='ci-publish', duration=60)))
+""", start=False)
+    checked = master.checkconfig()
+    output = checked.stdout + checked.stderr
+    assert checked.returncode != 0, output
+    assert "AwsCredentials: role_arn: 'ci-publish' is not an IAM role ARN" in output, output
+    assert "AwsCredentials: duration: must be whole seconds 900-43200" in output, output

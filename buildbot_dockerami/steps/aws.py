@@ -223,6 +223,7 @@ class RenewAwsCredentials(BuildStep, CompositeStepMixin):
     logEnviron = False
 
     def __init__(self, session: RoleSession, **kwargs: Any) -> None:
+        kwargs.setdefault("warnOnWarnings", True)  # the build shows it
         super().__init__(**kwargs)
         self.session = session
 
@@ -255,6 +256,7 @@ class RemoveAwsCredentials(BuildStep, CompositeStepMixin):
     logEnviron = False
 
     def __init__(self, session: RoleSession, **kwargs: Any) -> None:
+        kwargs.setdefault("warnOnWarnings", True)  # the build shows it
         super().__init__(**kwargs)
         self.session = session
 
