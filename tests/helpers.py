@@ -4,16 +4,19 @@ running at once) and of a master's pools: one copy each, for every test module."
 from __future__ import annotations
 
 import base64
+import configparser
 import contextlib
+import json
 import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import boto3
 import requests
 
 from buildbot_dockerami.localcloud import LocalCloud
-from tests.harness import REPO, Master, master_cfg
+from tests.harness import REPO, Master, master_cfg, wait_for
 
 #: Debian's chromium, which Playwright drives (no browser download): dev/browser.
 CHROMIUM = os.environ.get("DOCKERAMI_CHROMIUM", "/usr/bin/chromium")
@@ -87,3 +90,70 @@ def set_pool(master: Master, **body: Any) -> requests.Response:
 
 def pools(master: Master) -> dict:
     return master.fleet()["pools"]
+
+
+# -- AWS credentials for builds (steps.aws.AwsCredentials) -----------------------------
+
+#: Appended to a master_cfg: ``aws_shell`` steps talk to the local cloud's STS with only
+#: what the build was handed (no key of the worker's own environment), ``aws_hold``
+#: holds a build until a file exists, ``WHOAMI`` prints the build's AWS identity.
+AWS_STEPS = """
+import sys
+from buildbot_dockerami import AwsCredentials
+AWS_ENV = {'AWS_ENDPOINT_URL': os.environ['AWS_ENDPOINT_URL'], 'AWS_DEFAULT_REGION': 'us-east-1',
+           'AWS_ACCESS_KEY_ID': None, 'AWS_SECRET_ACCESS_KEY': None, 'AWS_SESSION_TOKEN': None,
+           'AWS_PROFILE': None}
+WHOAMI = ('%s -c "import boto3; print(\\'caller:\\', '
+          'boto3.client(\\'sts\\').get_caller_identity()[\\'Arn\\'])"' % sys.executable)
+def aws_shell(name, command):
+    return steps.ShellCommand(name=name, command=['sh', '-c', command], env=AWS_ENV)
+def aws_hold(name, path):
+    return aws_shell(name, 'while [ ! -e %s ]; do sleep 0.05; done' % path)
+def aws_builder(name, *build_steps, **kwargs):
+    return util.BuilderConfig(name=name, workernames=[w.name for w in c['workers']],
+                              factory=util.BuildFactory(list(build_steps)), **kwargs)
+"""
+
+
+def aws_client(cloud: LocalCloud, service: str, key: str = "AKIDINSPECTOR",
+               secret: str = "local", token: str | None = None) -> Any:
+    return boto3.client(service, region_name=cloud.region, endpoint_url=cloud.endpoint_url,
+                        aws_access_key_id=key, aws_secret_access_key=secret,
+                        aws_session_token=token)
+
+
+def make_role(cloud: LocalCloud, name: str) -> str:
+    """An IAM role in the local cloud that the master may assume; returns its ARN."""
+    trust = {"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Principal": {"AWS": "*"},
+        "Action": ["sts:AssumeRole", "sts:TagSession"]}]}
+    return aws_client(cloud, "iam").create_role(
+        RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+
+
+def read_credentials(path: os.PathLike | str) -> dict[str, str]:
+    """The default profile of a shared credentials file, as the SDKs read it."""
+    parser = configparser.ConfigParser()
+    parser.read(path)
+    return dict(parser["default"])
+
+
+def caller_arn(cloud: LocalCloud, credentials: dict[str, str]) -> str:
+    """Who STS says these credentials are: arn:aws:sts::<account>:assumed-role/<role>/<session>."""
+    return aws_client(cloud, "sts", credentials["aws_access_key_id"],
+                      credentials["aws_secret_access_key"],
+                      credentials["aws_session_token"]).get_caller_identity()["Arn"]
+
+
+def step_of(master: Master, brid: int, name: str) -> dict | None:
+    """The step ``name`` of the request's build, once it exists."""
+    builds = master.builds_for(brid)
+    if not builds:
+        return None
+    return next((s for s in master.get(f"builds/{builds[-1]['buildid']}/steps")
+                 if s["name"] == name), None)
+
+
+def wait_step_started(master: Master, brid: int, name: str, timeout: float = 60) -> dict:
+    return wait_for(lambda: (s := step_of(master, brid, name)) and s["started_at"] and s,
+                    timeout, f"step {name} to start")

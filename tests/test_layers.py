@@ -21,6 +21,7 @@ LAYERS = {
     "config": 4,
     "patches": 5,
     "worker": 6,
+    "steps": 6,
     "localcloud": 6,
     "www": 7,
     "cli": 8,

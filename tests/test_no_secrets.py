@@ -1,16 +1,28 @@
 """No secret in any message: after each failure path, the master log, the REST API's
-answers, every step log and the Fleet API are searched for the secret (issue 9)."""
+answers, every step log and the Fleet API are searched for the secret (issue 9); and
+the AWS credentials a build is given are nowhere but in their file (issue 21)."""
 
 from __future__ import annotations
 
 import json
+import re
+import stat
 from pathlib import Path
 
 import pytest
 import requests
 
 from tests.harness import Master, master_cfg, wait_for
-from tests.helpers import instances, state_of, user_data_of
+from tests.helpers import (
+    AWS_STEPS,
+    caller_arn,
+    instances,
+    make_role,
+    read_credentials,
+    state_of,
+    user_data_of,
+    wait_step_started,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -109,4 +121,47 @@ def test_secret_password_when_the_worker_never_connects(make_master, cloud, tmp_
     wait_for(lambda: state_of(cloud, instance["InstanceId"]) == "terminated", 30,
              "the instance to be terminated")
     assert_hidden(master, secret, "never connected")
+    assert master.stop()
+
+
+def test_build_aws_credentials_are_readable_only_in_their_file(make_master, cloud, tmp_path):
+    """A build's role credentials (steps/aws.py): the build reads them from a 0400 file
+    the master wrote through the worker connection. They are in no step log (a step
+    that prints the file shows the names they are masked with), no REST answer, the
+    master's and the worker's logs, the user data, the environment of the build's
+    commands; and the file is gone when the build ends."""
+    role = make_role(cloud, "ci-secret")
+    go = tmp_path / "go"
+    config = master_cfg(plugins={"dockerami": {}}) + AWS_STEPS + f"""
+c['builders'].append(aws_builder(
+    'publish', AwsCredentials(role_arn={role!r}),
+    aws_shell('show', 'cat "$AWS_SHARED_CREDENTIALS_FILE"; env > ../env.txt; ' + WHOAMI),
+    aws_hold('hold', {str(go)!r})))
+c['schedulers'].append(schedulers.ForceScheduler(name='aws', builderNames=['publish']))
+"""
+    master = make_master(config)
+    brid = master.force("publish", "aws")
+    hold = wait_step_started(master, brid, "hold")
+    shown = master.step_log(hold["buildid"], "show")
+    builddir = Path(re.search(r"AWS_SHARED_CREDENTIALS_FILE=(\S+)/\.buildbot-aws/credentials",
+                              shown).group(1))
+    path = builddir / ".buildbot-aws" / "credentials"
+    credentials = read_credentials(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o400
+    assert caller_arn(cloud, credentials) == (
+        "arn:aws:sts::123456789012:assumed-role/ci-secret/publish-1")
+    assert "caller: arn:aws:sts::123456789012:assumed-role/ci-secret/publish-1" in shown
+    for name in credentials:  # cat printed them, masked
+        assert f"{name} = <{name}>" in shown, shown
+    environment = (builddir / "env.txt").read_text()
+    assert f"AWS_SHARED_CREDENTIALS_FILE={path}" in environment
+    go.touch()
+    assert master.wait_request(brid)["results"] == 0
+    assert not path.exists()
+    (instance,) = instances(cloud)
+    elsewhere = "\n".join([environment, user_data_of(cloud, instance["InstanceId"]),
+                           (builddir.parent / "twistd.log").read_text()])
+    for name, value in credentials.items():
+        assert value not in elsewhere, f"{name} in the environment, user data or worker log"
+        assert_hidden(master, value)
     assert master.stop()

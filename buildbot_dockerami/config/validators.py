@@ -298,3 +298,16 @@ def check_max_builds(value: Any) -> None:
 def check_mapping(setting: str, value: Any) -> None:
     if not isinstance(value, Mapping):
         raise SettingError(setting, f"must be a dict, not {_type_name(value)}")
+
+
+#: arn:<partition>:iam::<account>:role/[<path>/]<name> (STS's RoleArn, 20-2048 characters).
+_ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/(?:[\w+=,.@-]+/)*[\w+=,.@-]{1,64}$",
+                       re.ASCII)
+
+
+def check_role_arn(value: Any, setting: str = "role_arn") -> None:
+    if not isinstance(value, str):
+        raise SettingError(setting, f"must be a string (an IAM role ARN), not {_type_name(value)}")
+    if len(value) > 2048 or not _ROLE_ARN.match(value):
+        raise SettingError(setting, f"{short(value)} is not an IAM role ARN "
+                           "(arn:aws:iam::<12-digit account>:role/<name>)")

@@ -1,0 +1,1 @@
+"""Build steps the plugin provides (buildbot glue, beside worker/)."""
