@@ -35,7 +35,7 @@ PROMETHEUS_ACCEPT = "application/openmetrics-text;version=1.0.0,text/plain;versi
 #: Labels Prometheus attaches to every series of a scrape target: never in /metrics.
 TARGET_LABELS = frozenset({"job", "instance"})
 #: What the dashboard must show (issue 21, part 6): instances by state and pool, launches
-#: and failures by reason, time from request to worker, EC2 calls, fallbacks, spot.
+#: and failures by reason, time from request to worker, EC2 calls, fallbacks, spot, cost.
 REQUIRED = {
     "dockerami_instances": {"state"},
     "dockerami_pool_instances": {"pool"},
@@ -46,6 +46,7 @@ REQUIRED = {
     "dockerami_ec2_throttles_total": {"operation"},
     "dockerami_launch_fallbacks_total": {"code"},
     "dockerami_spot_interruptions_total": set(),
+    "dockerami_cost_dollars_total": {"pool", "market"},
 }
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
