@@ -36,6 +36,7 @@ from buildbot_dockerami.config.checks import (
     buildbot_settings,
     rendered_problems,
     settings_problems,
+    settings_warnings,
 )
 from buildbot_dockerami.config.model import FLEET_WIDE, WorkerSettings
 from buildbot_dockerami.fleet import boot, console, ending, fallback, lost, pools
@@ -197,6 +198,9 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
                 f"set it once with c['services'].append(FleetSettings({setting}=...)) "
                 "(the worker keyword still works in this release)",
                 ConfigWarning, stacklevel=2)
+        for warning in settings_warnings(settings):
+            warnings.warn(f"DockerAMILatentWorker {name!r}: {warning}", ConfigWarning,
+                          stacklevel=2)
         warning = address.loopback_warning() if settings.master_address is None else None
         if warning:
             warnings.warn(f"DockerAMILatentWorker {name!r}: master_address: {warning}",
@@ -351,7 +355,8 @@ class DockerAMILatentWorker(CompatibleLatentWorkerMixin, AbstractLatentWorker):
         try:
             text = slot_user_data(slots, self._connect_address(), values,
                                   isolated=group is not None,
-                                  tls_fingerprint=self.master_tls_fingerprint)
+                                  tls_fingerprint=self.master_tls_fingerprint,
+                                  registry_credentials=self.registry_credentials)
         except UserDataError as e:
             self._count_failure("invalid_setting", str(e))
             raise LatentWorkerCannotSubstantiate(self.name, str(e)) from e
