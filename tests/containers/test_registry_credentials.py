@@ -205,7 +205,8 @@ def test_credentials_fetched_with_the_instance_role_pull_the_image_and_stay_secr
 
 def test_a_pull_without_credentials_fails_at_once_and_the_master_says_why(
         make_master, cloud, private_image):
-    master = make_master(master_cfg(image=private_image, missing_timeout=600))
+    master = make_master(master_cfg(image=private_image, missing_timeout=600,
+                                    plugins={"dockerami": {}}))
     brid = master.force()
     wait_for(lambda: "latent worker crashed before connecting" in master.log(), 60,
              "the substantiation to fail")
@@ -215,6 +216,10 @@ def test_a_pull_without_credentials_fails_at_once_and_the_master_says_why(
             in failure), failure
     assert "no basic auth credentials" in failure
     assert "set the worker's registry_credentials" in failure
+    # The Fleet page shows the same reason as the worker's last failure.
+    (row,) = master.fleet()["workers"]
+    assert f"FATAL: registry authentication failed for image {private_image}" in (
+        row["last_failure"])
     (instance_id,) = [i["InstanceId"] for r in cloud.client().describe_instances()[
         "Reservations"] for i in r["Instances"]]
     text = console(cloud, instance_id)
