@@ -208,14 +208,20 @@ class _Machine:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
-        # Powering off takes the containers (one per slot) with it, whatever the clients did.
-        listed = subprocess.run(
-            [self.docker, "ps", "-aq", "--filter", f"name=^/{self.container}"],
-            capture_output=True, text=True, check=False,
-        )
-        if listed.stdout.split():
-            subprocess.run([self.docker, "rm", "-f", *listed.stdout.split()],
-                           capture_output=True, check=False)
+        # Powering off takes the containers (one per slot) with it, whatever the clients did:
+        # until none is left, since a killed client's removal (or run) may still be under
+        # way in the engine when the first one is asked.
+        deadline = time.monotonic() + 30
+        while True:
+            listed = subprocess.run(
+                [self.docker, "ps", "-aq", "--filter", f"name=^/{self.container}"],
+                capture_output=True, text=True, check=False,
+            ).stdout.split()
+            if not listed or time.monotonic() > deadline:
+                break
+            subprocess.run([self.docker, "rm", "-f", *listed], capture_output=True,
+                           check=False)
+            time.sleep(0.2)
         self.thread.join(timeout=15)
         remove_firewall_rules(firewall_tag(self.instance_id))
         self.metadata.stop()
