@@ -18,7 +18,17 @@
 #      limits.memory/pids/cpus (container_limits); with several slots, a limit not
 #      given defaults to a share that keeps the slots from starving each other.
 # If the image cannot be pulled at all, it says why on the console and powers the
-# instance off (EC2 then terminates it), so the master sees the failure at once.
+# instance off (EC2 then terminates it), so the master sees the failure at once; a
+# registry that refuses the credentials (or their absence) ends it at the first pull,
+# in one FATAL line, with no retries.
+# Private registries (docs/base-ami-and-image.md, "Private registries and ECR"), always
+# with the instance's own role, never a secret in the user data:
+#   - an ECR image: its host goes into credHelpers of the pull's Docker config, so
+#     docker-credential-ecr-login (amazon-ecr-credential-helper) gets a token;
+#   - extension registry.credentials=ssm:<parameter> or secretsmanager:<secret>: the
+#     value, {"username": ..., "password": ...}, is fetched with the aws CLI and given
+#     to `docker login --password-stdin`, in a Docker config under the root-only state
+#     directory that no container mounts, and removed once the image is pulled.
 #
 # Settings (environment, e.g. from /etc/default/dockerami-bootstrap):
 DOCKER=${DOCKER:-docker}
@@ -30,6 +40,7 @@ PULL_ATTEMPTS=${DOCKERAMI_PULL_ATTEMPTS:-12}       # then give up and power off
 PULL_MAX_DELAY=${DOCKERAMI_PULL_MAX_DELAY:-30}     # backoff cap between pulls, seconds
 RUN_OPTIONS=${DOCKERAMI_RUN_OPTIONS:-}             # extra `docker run` options
 POWEROFF=${DOCKERAMI_POWEROFF:-systemctl poweroff}
+AWS=${DOCKERAMI_AWS:-aws}                          # the aws CLI, for registry.credentials
 # Containers' processes carry this supplementary group; the firewall rejects its
 # traffic to the metadata service. "no" leaves the metadata service open to them
 # (only for images that read the user data themselves, like the seed's).
@@ -48,6 +59,7 @@ log() { echo "dockerami-bootstrap: $*"; }
 
 give_up() {
     log "FATAL: $*"
+    [ -z "${pull_config:-}" ] || rm -rf "$pull_config"
     log "powering off (the instance terminates if launched with shutdown behaviour terminate)"
     sh -c "$POWEROFF"
     exit 1
@@ -121,6 +133,142 @@ case $image in
     "" | -* | *[!A-Za-z0-9._:/@-]*) give_up "user data line 2 is not an image reference: '$image'" ;;
 esac
 
+# Extensions (lines 5+, ignored by the seed's readers): isolation=container makes each
+# worker serve one build and exit; slots=N runs N workers, slot.K=<name> <password>;
+# secret.K=<hex> gives slot K one-time passwords (see container_password);
+# registry.credentials names where the registry's credentials live.
+extension() { sed -n '5,$p' "$STATE_DIR/user-data" | sed -n "s/^$1=//p" | head -n 1; }
+
+# The registry the image comes from, as Docker reads the reference: the first path
+# component if it looks like a host, else Docker Hub.
+registry=docker.io
+case $image in */*)
+    case ${image%%/*} in *.* | *:* | localhost) registry=${image%%/*} ;; esac ;;
+esac
+credentials_from=$(extension 'registry\.credentials')
+case $credentials_from in *[!A-Za-z0-9/_+=.@:-]*) give_up "bad registry.credentials in user data" ;; esac
+# What the FATAL line of a refused pull advises.
+auth_hint="no registry credentials: set the worker's registry_credentials (or, for ECR, its instance_profile)"
+pull_config=""    # the pull's own Docker config (root's own if empty)
+
+new_pull_config() {
+    pull_config=$STATE_DIR/docker
+    rm -rf "$pull_config"
+    (umask 077 && mkdir -p "$pull_config")
+    chmod 700 "$pull_config"
+}
+
+# The last line of file $1 that says why, on one line and short.
+reason_in() {
+    grep -v '^[[:space:]]*$' "$1" | tail -n 1 | sed 's/^Error response from daemon: //' | cut -c1-300
+}
+
+# A registry's answer that more attempts cannot change: it wants (other) credentials.
+auth_refused() {
+    grep -Eiq 'no basic auth credentials|unauthorized|authentication required|denied:|access denied|error getting credentials' "$1"
+}
+
+aws_call() {
+    # The instance role from this instance's metadata service; the endpoint from
+    # AWS_ENDPOINT_URL where it is set (older CLIs only take it as an option).
+    # shellcheck disable=SC2086 # the endpoint option is absent or two words
+    AWS_EC2_METADATA_SERVICE_ENDPOINT="$IMDS/" AWS_DEFAULT_REGION="$aws_region" AWS_PAGER="" \
+        $AWS ${AWS_ENDPOINT_URL:+--endpoint-url "$AWS_ENDPOINT_URL"} "$@"
+}
+
+# Field $1 of the JSON object on stdin, which must be a non-empty one-line string.
+json_field() {
+    python3 -c 'import json, sys
+value = json.load(sys.stdin)
+field = value.get(sys.argv[1]) if isinstance(value, dict) else None
+if not isinstance(field, str) or not field or "\n" in field:
+    sys.exit(1)
+sys.stdout.write(field)' "$1" 2>/dev/null
+}
+
+# registry.credentials: fetch the secret with the instance role and log in to the
+# image's registry. The secret stays in this shell and in pipes: never on a command
+# line, in the environment, a log or a file other than the pull's Docker config.
+registry_login() {
+    scheme=${credentials_from%%:*}
+    secret_name=${credentials_from#*:}
+    case $scheme in
+        ssm) fetch="ssm get-parameter --with-decryption --query Parameter.Value --output text --name" ;;
+        secretsmanager) fetch="secretsmanager get-secret-value --query SecretString --output text --secret-id" ;;
+        *) give_up "registry.credentials '$credentials_from': unknown scheme '$scheme' (ssm or secretsmanager)" ;;
+    esac
+    command -v "$AWS" >/dev/null 2>&1 \
+        || give_up "registry.credentials needs the aws CLI on the AMI ($AWS not found; install-base.sh installs awscli)"
+    command -v python3 >/dev/null 2>&1 \
+        || give_up "registry.credentials needs python3 on the AMI (it reads the secret's JSON)"
+    case $secret_name in
+        arn:*) aws_region=$(echo "$secret_name" | cut -d: -f4) ;;
+        *) aws_region=${AWS_REGION:-${AWS_DEFAULT_REGION:-}}
+           [ -n "$aws_region" ] || aws_region=$(imds_get meta-data/placement/region) || aws_region= ;;
+    esac
+    [ -n "$aws_region" ] || give_up "cannot tell the region to read $credentials_from in"
+    attempt=1
+    # shellcheck disable=SC2086 # $fetch is the command's words
+    until secret=$(aws_call $fetch "$secret_name" 2>"$STATE_DIR/aws-error"); do
+        # An answer (no such parameter, access denied, no role) is final; a network
+        # error is retried a few times.
+        if grep -Eq 'An error occurred|Unable to locate credentials|NoCredentials' \
+                "$STATE_DIR/aws-error" || [ "$attempt" -ge 5 ]; then
+            give_up "cannot read registry credentials from $credentials_from (with the instance role): $(reason_in "$STATE_DIR/aws-error")"
+        fi
+        log "reading $credentials_from failed (attempt $attempt); retrying in ${attempt}s"
+        sleep "$attempt"
+        attempt=$((attempt + 1))
+    done
+    rm -f "$STATE_DIR/aws-error"
+    username=$(printf '%s' "$secret" | json_field username) \
+        || give_up "$credentials_from is not JSON {\"username\": ..., \"password\": ...}"
+    printf '%s' "$secret" | json_field password >/dev/null \
+        || give_up "$credentials_from has no \"password\" (a non-empty string)"
+    new_pull_config
+    attempt=1
+    until printf '%s' "$secret" | json_field password \
+            | DOCKER_CONFIG=$pull_config $DOCKER login --username "$username" --password-stdin \
+                "$registry" >/dev/null 2>"$STATE_DIR/login-error"; do
+        if auth_refused "$STATE_DIR/login-error"; then
+            give_up "registry $registry refused the credentials from $credentials_from: $(reason_in "$STATE_DIR/login-error")"
+        fi
+        [ "$attempt" -ge 5 ] && give_up "cannot log in to $registry: $(reason_in "$STATE_DIR/login-error")"
+        log "login to $registry failed (attempt $attempt): $(reason_in "$STATE_DIR/login-error")"
+        sleep "$attempt"
+        attempt=$((attempt + 1))
+    done
+    secret="" username=""
+    rm -f "$STATE_DIR/login-error"
+    log "logged in to $registry with the credentials from $credentials_from"
+    auth_hint="the credentials from $credentials_from do not give access to it"
+}
+
+if printf '%s\n' "$registry" \
+        | grep -Eq '^[0-9]{12}\.dkr\.ecr(-fips)?\.[a-z0-9-]+\.amazonaws\.com(\.cn)?$'; then
+    # ECR: the credential helper asks ECR for a token with the instance role.
+    command -v docker-credential-ecr-login >/dev/null 2>&1 \
+        || give_up "image $image is in ECR but docker-credential-ecr-login is not installed (amazon-ecr-credential-helper, see ami/install-base.sh)"
+    new_pull_config
+    printf '{"credHelpers": {"%s": "ecr-login"}}\n' "$registry" > "$pull_config/config.json"
+    [ -z "$credentials_from" ] || log "registry.credentials not used: ECR pulls with the instance role"
+    log "pulling from ECR ($registry) with the instance role's credentials"
+    auth_hint="ECR pulls with the instance role: its instance_profile must allow ecr:GetAuthorizationToken, ecr:BatchGetImage and ecr:GetDownloadUrlForLayer"
+elif [ -n "$credentials_from" ]; then
+    registry_login
+fi
+
+pull() {
+    if [ -n "$pull_config" ]; then
+        DOCKER_CONFIG=$pull_config $DOCKER pull "$image" 2>"$STATE_DIR/pull-error"
+    else
+        $DOCKER pull "$image" 2>"$STATE_DIR/pull-error"
+    fi
+    status=$?
+    cat "$STATE_DIR/pull-error" >&2
+    return "$status"
+}
+
 # Epoch seconds, with a fraction where date has %N.
 now() {
     t=$(date +%s.%N)
@@ -135,7 +283,10 @@ pull_started=$(now)
 attempt=1
 delay=1
 log "pulling $image"
-until $DOCKER pull "$image"; do
+until pull; do
+    if auth_refused "$STATE_DIR/pull-error"; then
+        give_up "registry authentication failed for image $image: $(reason_in "$STATE_DIR/pull-error"); $auth_hint"
+    fi
     [ "$attempt" -ge "$PULL_ATTEMPTS" ] && give_up "cannot pull image $image after $attempt attempts"
     log "pull of $image failed (attempt $attempt of $PULL_ATTEMPTS); retrying in ${delay}s"
     sleep "$delay"
@@ -144,6 +295,10 @@ until $DOCKER pull "$image"; do
     [ "$delay" -gt "$PULL_MAX_DELAY" ] && delay=$PULL_MAX_DELAY
 done
 image_ready=$(now)
+# The credentials were for this pull only.
+[ -z "$pull_config" ] || rm -rf "$pull_config"
+pull_config=""
+rm -f "$STATE_DIR/pull-error"
 pull_seconds=$(seconds_since "$pull_started" "$image_ready")
 if [ "$present" = yes ]; then
     log "image $image already present (registry checked in ${pull_seconds} s)"
@@ -155,10 +310,6 @@ fi
 
 instance_id=$(imds_get meta-data/instance-id) || instance_id=unknown
 
-# Extensions (lines 5+, ignored by the seed's readers): isolation=container makes each
-# worker serve one build and exit; slots=N runs N workers, slot.K=<name> <password>;
-# secret.K=<hex> gives slot K one-time passwords (see container_password).
-extension() { sed -n '5,$p' "$STATE_DIR/user-data" | sed -n "s/^$1=//p" | head -n 1; }
 isolation=$(extension isolation)
 tls_sha256=$(extension tls.sha256)   # the master's pinned certificate, checked by the image
 case $tls_sha256 in *[!0-9a-f]*) give_up "bad tls.sha256 in user data" ;; esac

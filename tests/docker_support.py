@@ -45,18 +45,28 @@ def docker_client() -> docker.DockerClient:
 
 
 class Registry:
-    """Debian's docker-registry on 127.0.0.1 with storage in a temp dir; restartable."""
+    """Debian's docker-registry on 127.0.0.1 with storage in a temp dir; restartable.
+    With ``users`` (name -> password) it wants HTTP basic auth (an htpasswd file)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, users: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         root.mkdir(parents=True, exist_ok=True)
         self.config = root / "config.yml"
+        auth = ""
+        if users:
+            import bcrypt  # the registry's htpasswd takes bcrypt hashes only
+
+            htpasswd = root / "htpasswd"
+            htpasswd.write_text("".join(
+                f"{name}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()}\n"
+                for name, password in users.items()))
+            auth = f"auth:\n  htpasswd:\n    realm: test\n    path: {htpasswd}\n"
         self.config.write_text(
             "version: 0.1\n"
             "log:\n  level: warn\n"
             f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
-            f"http:\n  addr: {self.address}\n"
+            f"http:\n  addr: {self.address}\n" + auth
         )
         self.log = root / "registry.log"
         self.process: subprocess.Popen | None = None
@@ -71,7 +81,7 @@ class Registry:
 
     def up(self) -> bool:
         try:
-            return requests.get(f"http://{self.address}/v2/", timeout=1).status_code == 200
+            return requests.get(f"http://{self.address}/v2/", timeout=1).status_code in (200, 401)
         except requests.ConnectionError:
             return False
 

@@ -120,6 +120,12 @@ BAD_WORKERS = {
     "typo2": ("image='org/w:1', bild_wait_timeout=3", "'bild_wait_timeout: ",
               "did you mean 'build_wait_timeout'?"),
     "junk": ("image='org/w:1', zzz=3", "'zzz: ", "unknown setting"),
+    "regscheme": ("image='org/w:1', registry_credentials='vault:ci/registry'",
+                  "'registry_credentials: ", "'vault' is not a known scheme; use one of"),
+    "regname": ("image='org/w:1', registry_credentials='ssm:/ci/a b'",
+                "'registry_credentials: ", "is not a valid ssm name"),
+    "regrender": ("image='org/w:1', registry_credentials=util.Property('r')",
+                  "'registry_credentials: ", "cannot be a renderable"),
 }
 
 BAD_CFG = """\
@@ -274,6 +280,9 @@ GOOD_WORKERS = [
     "ami={'arm64': util.Property('arm_ami', default='ami-0123456789abcdef0')}",
     "container_limits={'memory': '6g', 'pids': 4096, 'cpus': 2}",
     "container_limits={'memory': 536870912, 'cpus': 0.5}", "container_limits={'memory': None}",
+    "registry_credentials='ssm:/ci/registry', instance_profile='buildbot-worker'",
+    "registry_credentials='secretsmanager:arn:aws:secretsmanager:eu-west-1:123456789012:"
+    "secret:ci/registry-AbCdEf', instance_profile='buildbot-worker'",
 ]
 
 
@@ -328,3 +337,21 @@ def test_password_errors_never_show_the_password(
     assert "DockerAMILatentWorker 'sp': password: the value contains whitespace" in output
     assert "DockerAMILatentWorker 'ctl': password: the value contains control characters" in output
     assert "Secret" not in output and "7a6b" not in output, output
+
+
+def test_an_ecr_image_without_an_instance_profile_is_warned_about(
+        masters_root: Path, checkconfig_env: dict[str, str]) -> None:
+    """The instance pulls from ECR with its role: a warning (not an error) names the
+    worker and the setting."""
+    master = _master(masters_root, "ecr-warning", checkconfig_env)
+    image = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/ci/linux:2026-12-01"
+    master.write_config(BAD_CFG.format(workers=f"""
+    worker.DockerAMILatentWorker('ecr', image={image!r}, **base),
+    worker.DockerAMILatentWorker('ecr-ok', image={image!r}, instance_profile='ci', **base),
+""") + SCHEDULER)
+    result = master.checkconfig()
+    assert result.returncode == 0, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert (f"DockerAMILatentWorker 'ecr': instance_profile: image {image!r} is in ECR"
+            in output), output
+    assert "'ecr-ok': instance_profile" not in output

@@ -21,7 +21,7 @@ from buildbot_dockerami.fleet import architecture, schedule
 from buildbot_dockerami.fleet.fallback import MARKETS, as_list
 from buildbot_dockerami.fleet.reconcile_plan import MIN_INTERVAL
 from buildbot_dockerami.fleet.stopped_pool import IDLE_ACTIONS
-from buildbot_dockerami.protocol import limits, tls, userdata
+from buildbot_dockerami.protocol import limits, registry, tls, userdata
 from buildbot_dockerami.protocol.userdata import UserData, UserDataError
 
 #: "none": an instance serves builds until idle; "container": a fresh container per
@@ -153,7 +153,23 @@ def settings_problems(name: Any, password: Any, s: WorkerSettings) -> list[str]:
         )
     return problems + fleet_problems(s) + lifecycle_problems(s) + warm_problems(s) + key_problems(
         s.identifier, s.secret_identifier, session) + tls.fingerprint_problems(
-        s.master_tls_fingerprint)
+        s.master_tls_fingerprint) + registry_problems(s)
+
+
+def registry_problems(s: WorkerSettings) -> list[str]:
+    """``registry_credentials``: a known scheme and a valid name, not a renderable (the
+    name goes into the user data as it is)."""
+    if _is_renderable(s.registry_credentials):
+        return ["registry_credentials: cannot be a renderable (it names where the "
+                "credentials live, e.g. 'ssm:/ci/registry')"]
+    return registry.problems(s.registry_credentials)
+
+
+def settings_warnings(s: WorkerSettings) -> list[str]:
+    """What checkconfig warns about (not errors: the setup may still work), as
+    "setting: message" strings."""
+    image = None if _is_renderable(s.image) else s.image
+    return registry.warnings(image, s.registry_credentials, s.instance_profile)
 
 
 def architecture_problems(ami: Any, instance_type: Any) -> list[str]:

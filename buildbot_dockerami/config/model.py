@@ -79,6 +79,9 @@ class WorkerSettings:
     market: Any = "on-demand"
     idle_action: Any = "terminate"
     master_tls_fingerprint: Any = None
+    #: Where the image's registry credentials live ('ssm:...' or 'secretsmanager:...'),
+    #: fetched at boot with the instance role (protocol/registry.py); never the secret.
+    registry_credentials: Any = None
     # Fleet-wide (FleetWide): still taken per worker for one release, with a warning.
     reconcile_interval: Any = FleetWide.reconcile_interval
     ec2_timeout: Any = FleetWide.ec2_timeout

@@ -26,7 +26,7 @@ from buildbot_dockerami.cloud import instances
 from buildbot_dockerami.cloud.ec2 import AsyncEc2, CloudError, LaunchSpec
 from buildbot_dockerami.fleet import architecture, fallback, stopped_pool, templates
 from buildbot_dockerami.fleet.metrics import Metrics
-from buildbot_dockerami.protocol import limits, tls, userdata
+from buildbot_dockerami.protocol import limits, registry, tls, userdata
 from buildbot_dockerami.protocol.passwords import SECRET_KEY
 from buildbot_dockerami.protocol.userdata import UserData
 
@@ -47,10 +47,13 @@ class Slot:
 
 def slot_user_data(slots: Sequence[Slot], master: str, values: Mapping[str, Any], *,
                    isolated: bool, tls_fingerprint: str | None,
-                   container_limits: Mapping[str, Any] | None = None) -> str:
+                   container_limits: Mapping[str, Any] | None = None,
+                   registry_credentials: str | None = None) -> str:
     """The user data of an instance serving ``slots`` (the first on line 1, the others
     on extension lines), for the rendered per-build ``values``; raises UserDataError.
-    ``container_limits`` (checked at checkconfig) apply to each of its containers."""
+    ``container_limits`` (checked at checkconfig) apply to each of its containers;
+    ``registry_credentials`` is where the bootstrap fetches the registry's credentials
+    (its name only: protocol/registry.py)."""
     extensions: dict[str, str] = {}
     if isolated:
         extensions["isolation"] = "container"
@@ -64,6 +67,8 @@ def slot_user_data(slots: Sequence[Slot], master: str, values: Mapping[str, Any]
     if tls_fingerprint is not None:
         extensions[tls.EXTENSION] = tls.normalize_fingerprint(tls_fingerprint)
     extensions.update(limits.extensions(container_limits))
+    if registry_credentials is not None:
+        extensions[registry.EXTENSION] = registry_credentials
     return userdata.render(UserData(
         worker_name=slots[0].name, password=slots[0].password, master=master,
         image=values["image"], setup_repo=values["setup_repo"],

@@ -1,8 +1,10 @@
 """Container runtimes for the local cloud: the real base-AMI bootstrap on a real Docker engine.
 
 Each booted instance gets its own metadata service on 127.0.0.1 (IMDSv2 token,
-user data and a role's credentials, like 169.254.169.254 on EC2) and a "machine"
-thread that runs what the base AMI runs at boot:
+user data, placement and a role's credentials, like 169.254.169.254 on EC2) and a
+"machine" thread that runs what the base AMI runs at boot, with the AWS environment
+of an instance: no keys nor AWS config files of the host, only its role, and the
+local cloud's endpoint (``AWS_ENDPOINT_URL``; e.g. its SSM and Secrets Manager):
 
 * ``ContainerRuntime``: ``ami/dockerami-bootstrap.sh``, restarted when it exits
   as systemd's ``Restart=always`` would;
@@ -84,11 +86,18 @@ class MetadataService:
     def __init__(self, booting: Booting) -> None:
         self.booting = booting
         # What a build must never get: stands for the instance role's credentials.
+        now = time.time()
         self.role_credentials = json.dumps({
             "Code": "Success", "Type": "AWS-HMAC",
             "AccessKeyId": "ASIA" + secrets.token_hex(8).upper(),
             "SecretAccessKey": secrets.token_urlsafe(30), "Token": secrets.token_urlsafe(60),
+            "LastUpdated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+            "Expiration": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + 6 * 3600)),
         })
+        region = booting.region or "us-east-1"
+        #: Paths a booted instance's metadata answers besides the user data and role.
+        self.placement = {"/latest/meta-data/placement/region": region,
+                          "/latest/meta-data/placement/availability-zone": f"{region}a"}
         self.tokens: set[str] = set()
         #: The spot interruption notice (JSON), once one is given.
         self.spot = ""
@@ -123,6 +132,8 @@ class MetadataService:
                     self.reply(200, service.booting.instance_id)
                 elif self.path == "/latest/meta-data/spot/instance-action" and service.spot:
                     self.reply(200, service.spot)
+                elif self.path in service.placement:
+                    self.reply(200, service.placement[self.path])
                 elif self.path == f"{ROLE_CREDENTIALS_PATH}/":
                     self.reply(200, ROLE_NAME)
                 elif self.path == f"{ROLE_CREDENTIALS_PATH}/{ROLE_NAME}":
@@ -197,14 +208,20 @@ class _Machine:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
-        # Powering off takes the containers (one per slot) with it, whatever the clients did.
-        listed = subprocess.run(
-            [self.docker, "ps", "-aq", "--filter", f"name=^/{self.container}"],
-            capture_output=True, text=True, check=False,
-        )
-        if listed.stdout.split():
-            subprocess.run([self.docker, "rm", "-f", *listed.stdout.split()],
-                           capture_output=True, check=False)
+        # Powering off takes the containers (one per slot) with it, whatever the clients did:
+        # until none is left, since a killed client's removal (or run) may still be under
+        # way in the engine when the first one is asked.
+        deadline = time.monotonic() + 30
+        while True:
+            listed = subprocess.run(
+                [self.docker, "ps", "-aq", "--filter", f"name=^/{self.container}"],
+                capture_output=True, text=True, check=False,
+            ).stdout.split()
+            if not listed or time.monotonic() > deadline:
+                break
+            subprocess.run([self.docker, "rm", "-f", *listed], capture_output=True,
+                           check=False)
+            time.sleep(0.2)
         self.thread.join(timeout=15)
         remove_firewall_rules(firewall_tag(self.instance_id))
         self.metadata.stop()
@@ -219,8 +236,10 @@ class ContainerRuntime:
                  bootstrap: Path = AMI_DIR / "dockerami-bootstrap.sh",
                  pull_attempts: int = 12, pull_max_delay: int = 30,
                  restart_delay: float = 2.0, run_options: str = "",
-                 iptables: str = "iptables") -> None:
+                 iptables: str = "iptables", env: dict[str, str] | None = None) -> None:
+        """``env``: more environment for the boot process (e.g. a PATH with the aws CLI)."""
         self.state_dir = state_dir
+        self.env = dict(env or {})
         self.iptables = iptables
         self.docker = docker
         self.bootstrap = bootstrap
@@ -243,8 +262,13 @@ class ContainerRuntime:
         directory.mkdir(parents=True, exist_ok=True)
         metadata = MetadataService(booting).start()
         container = self.container_name(booting.instance_id)
+        # An instance has no AWS keys nor config files: only its role, from the metadata
+        # service, and the local cloud's endpoint.
         env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+            "AWS_CONFIG_FILE": str(directory / "no-aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(directory / "no-aws-credentials"),
+            **({"AWS_ENDPOINT_URL": booting.endpoint_url} if booting.endpoint_url else {}),
             "DOCKER": self.docker,
             "DOCKERAMI_IMDS": metadata.url,
             "DOCKERAMI_STATE_DIR": str(directory / "run"),
@@ -257,6 +281,7 @@ class ContainerRuntime:
             # The bootstrap closes this instance's metadata port to its containers.
             "DOCKERAMI_FIREWALL_TAG": firewall_tag(booting.instance_id),
             "DOCKERAMI_IPTABLES": self.iptables,
+            **self.env,
         }
         machine = _Machine(
             booting.instance_id, directory, self.boot_command(metadata, container), env,

@@ -88,6 +88,10 @@ class Booting:
     http_tokens: str = "required"
     #: Seconds the emulated image pull took (0: the image was on the disk already).
     pull_seconds: float = 0.0
+    #: The instance's region (its metadata's placement) and the cloud's AWS endpoint,
+    #: which the instance's own AWS calls (with its role) go to.
+    region: str = ""
+    endpoint_url: str = ""
 
 
 class Runtime(Protocol):
@@ -275,6 +279,7 @@ class Hypervisor:
         self.runtime = runtime
         self._states = states
         self.region = region
+        self.endpoint_url = endpoint_url
         self.clock = clock or BootClock()
         self.poll_interval = poll_interval
         self.booted: dict[str, float] = {}
@@ -415,7 +420,8 @@ class Hypervisor:
             )
             encoded = attribute.get("UserData", {}).get("Value", "")
             text = base64.b64decode(encoded).decode() if encoded else ""
-            booting = Booting(instance_id, text, http_tokens, self.clock.pull_seconds(instance_id))
+            booting = Booting(instance_id, text, http_tokens, self.clock.pull_seconds(instance_id),
+                              region=self.region, endpoint_url=self.endpoint_url)
             if prepare is not None:
                 # The runtime does its start-up work now and starts the worker at
                 # ``due`` (wall clock), as a machine with its own CPU would.

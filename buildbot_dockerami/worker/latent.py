@@ -26,6 +26,7 @@ from buildbot_dockerami.config.checks import (
     accepted_keywords,
     buildbot_settings,
     settings_problems,
+    settings_warnings,
 )
 from buildbot_dockerami.config.model import FLEET_WIDE, WorkerSettings
 from buildbot_dockerami.fleet import boot_state, console, ending
@@ -135,6 +136,12 @@ class DockerAMILatentWorker(Launching, Connections, Losses, Scheduling,
                 f"set it once with c['services'].append(FleetSettings({setting}=...)) "
                 "(the worker keyword still works in this release)",
                 ConfigWarning, stacklevel=2)
+        for warning in settings_warnings(settings):
+            warnings.warn(f"DockerAMILatentWorker {name!r}: {warning}", ConfigWarning,
+                          stacklevel=2)
+        for warning in settings_warnings(settings):
+            warnings.warn(f"DockerAMILatentWorker {name!r}: {warning}", ConfigWarning,
+                          stacklevel=2)
         warning = address.loopback_warning() if settings.master_address is None else None
         if warning:
             warnings.warn(f"DockerAMILatentWorker {name!r}: master_address: {warning}",

@@ -58,6 +58,8 @@ class Launching:
 
     #: The container_limits setting (protocol/limits.py), for every slot it launches.
     container_limits: Any = None
+    #: The registry_credentials setting (protocol/registry.py): where, never what.
+    registry_credentials: str | None = None
 
     def renderWorkerProps(self, build: Any) -> defer.Deferred:
         """The per-build values; a build whose values differ from the running
@@ -116,7 +118,8 @@ class Launching:
             text = slot_user_data(slots, self._connect_address(), values,
                                   isolated=group is not None,
                                   tls_fingerprint=self.master_tls_fingerprint,
-                                  container_limits=self.container_limits)
+                                  container_limits=self.container_limits,
+                                  registry_credentials=self.registry_credentials)
         except UserDataError as e:
             self._count_failure("invalid_setting", str(e))
             raise LatentWorkerCannotSubstantiate(self.name, str(e)) from e
