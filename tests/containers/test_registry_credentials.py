@@ -257,7 +257,7 @@ def test_refused_credentials_fail_in_one_line_and_the_password_is_nowhere(
            "role): An error occurred (ParameterNotFound)"),
     ("user:password", "ssm:/ci/registry is not JSON {\"username\": ..., \"password\": ...}"),
     (json.dumps({"username": USER}), "ssm:/ci/registry has no \"password\""),
-])
+], ids=["missing", "not-json", "no-password"])  # ids fixed: xdist workers must agree
 def test_unusable_credentials_fail_at_once_with_the_reason(
         cloud, private_image, stored, expected):
     if stored is not None:
