@@ -8,8 +8,22 @@ from typing import Any
 
 import pytest
 
+from buildbot_dockerami.cloud.ec2 import AsyncEc2
+from buildbot_dockerami.cloud.testing import FakeEc2, InlineThreads
 from buildbot_dockerami.localcloud import LocalCloud
 from tests.harness import Master, unhandled_errors
+
+
+@pytest.fixture
+def fake() -> FakeEc2:
+    """The in-memory EC2 (cloud/testing.py), held to moto by the conformance tests."""
+    return FakeEc2()
+
+
+@pytest.fixture
+def client(fake: FakeEc2) -> AsyncEc2:
+    """An AsyncEc2 over ``fake`` whose calls answer at once (InlineThreads)."""
+    return InlineThreads().client(fake)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from typing import Any
 
 import boto3
 import requests
+from twisted.internet import defer
 
 from buildbot_dockerami.localcloud import LocalCloud
 from tests.harness import REPO, Master, master_cfg, wait_for
@@ -157,3 +158,14 @@ def step_of(master: Master, brid: int, name: str) -> dict | None:
 def wait_step_started(master: Master, brid: int, name: str, timeout: float = 60) -> dict:
     return wait_for(lambda: (s := step_of(master, brid, name)) and s["started_at"] and s,
                     timeout, f"step {name} to start")
+
+
+def run(d: defer.Deferred) -> Any:
+    """The result of a Deferred that has already fired (FakeEc2 through InlineThreads,
+    a task.Clock advanced): its value, or its failure raised."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    (result,) = results
+    if hasattr(result, "raiseException"):
+        result.raiseException()
+    return result

@@ -11,41 +11,25 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from twisted.internet import defer, task
+from twisted.internet import task
 from twisted.python import log
 
 from buildbot_dockerami.cloud.ec2 import AsyncEc2, LaunchSpec
-from buildbot_dockerami.cloud.testing import FakeEc2, InlineThreads
+from buildbot_dockerami.cloud.testing import FakeEc2
 from buildbot_dockerami.config import checks
 from buildbot_dockerami.fleet import architecture, fallback
 from buildbot_dockerami.fleet.architecture import Images, Plan
 from buildbot_dockerami.fleet.launch import Launcher
 from buildbot_dockerami.fleet.service import Fleet
 from tests.harness import EXCEPTION, REPO, SUCCESS, master_cfg
-from tests.helpers import instances
+from tests.helpers import instances, run
 
 MIXED = ["c7g.large", "c6i.large"]
 BY_NAME = [{"Name": "name", "Values": ["dockerami-base-*"]}]
 
 
-@pytest.fixture
-def fake() -> FakeEc2:
-    return FakeEc2()
 
 
-@pytest.fixture
-def client(fake: FakeEc2) -> AsyncEc2:
-    return InlineThreads().client(fake)
-
-
-def run(d: defer.Deferred) -> Any:
-    """The result of a Deferred that the fake has already fired."""
-    results: list[Any] = []
-    d.addBoth(results.append)
-    (result,) = results
-    if hasattr(result, "raiseException"):
-        result.raiseException()
-    return result
 
 
 def resolve(client: AsyncEc2, types: Any = MIXED, ami: Any = None, filters: Any = None,

@@ -8,14 +8,15 @@ import dataclasses
 from typing import Any
 
 import pytest
-from twisted.internet import defer, task
+from twisted.internet import task
 
 from buildbot_dockerami.cloud import instances
 from buildbot_dockerami.cloud.ec2 import AsyncEc2, LaunchSpec
-from buildbot_dockerami.cloud.testing import FakeEc2, InlineThreads
+from buildbot_dockerami.cloud.testing import FakeEc2
 from buildbot_dockerami.fleet import fallback
 from buildbot_dockerami.fleet.launch import LaunchedInstance, Launcher, LaunchFailed
 from buildbot_dockerami.fleet.service import Fleet
+from tests.helpers import run
 
 SPEC = LaunchSpec(ami="ami-1", instance_type="", user_data="w0 pw 127.0.0.1:9989\nimg",
                   tags={"team": "ci"})
@@ -28,24 +29,8 @@ def fleet() -> Fleet:
     return Fleet(clock, "master-a")
 
 
-@pytest.fixture
-def fake() -> FakeEc2:
-    return FakeEc2()
 
 
-@pytest.fixture
-def client(fake: FakeEc2) -> AsyncEc2:
-    return InlineThreads().client(fake)
-
-
-def run(d: defer.Deferred) -> Any:
-    """The result of a Deferred that the fake has already fired."""
-    results: list[Any] = []
-    d.addBoth(results.append)
-    (result,) = results
-    if hasattr(result, "raiseException"):
-        result.raiseException()
-    return result
 
 
 def launch(fleet: Fleet, client: AsyncEc2, instance_types: Any = "t3.micro",

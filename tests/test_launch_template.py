@@ -10,11 +10,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from twisted.internet import defer
 
 from buildbot_dockerami.cloud.ec2 import DEFAULT_METADATA_OPTIONS, AsyncEc2
 from buildbot_dockerami.cloud.instances import WORKER_TAG
-from buildbot_dockerami.cloud.testing import FakeEc2, InlineThreads
+from buildbot_dockerami.cloud.testing import FakeEc2
 from buildbot_dockerami.config import checks
 from buildbot_dockerami.fleet import templates
 from buildbot_dockerami.fleet.launch import (
@@ -25,7 +24,7 @@ from buildbot_dockerami.fleet.launch import (
 )
 from buildbot_dockerami.protocol import userdata
 from tests.harness import EXCEPTION, SUCCESS, master_cfg
-from tests.helpers import instances
+from tests.helpers import instances, run
 
 REF = {"LaunchTemplateName": "ci-workers", "Version": "$Latest"}
 VALUES = {"image": "org/w:1", "instance_type": ["c7g.large", "c6i.large"], "ami": None,
@@ -36,23 +35,8 @@ TEMPLATE_TAGS = [{"ResourceType": "instance", "Tags": [{"Key": "cost-centre", "V
                   "Tags": [{"Key": "eni", "Value": "1"}]}]
 
 
-@pytest.fixture
-def fake() -> FakeEc2:
-    return FakeEc2()
 
 
-@pytest.fixture
-def client(fake: FakeEc2) -> AsyncEc2:
-    return InlineThreads().client(fake)
-
-
-def run(d: defer.Deferred) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    (result,) = results
-    if hasattr(result, "raiseException"):
-        result.raiseException()
-    return result
 
 
 def worker(**changes: Any) -> SimpleNamespace:
