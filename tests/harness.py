@@ -73,11 +73,15 @@ def _template_basedir(root: Path) -> Path:
 #: arbitration between two connections under one worker name (an orphan's and the
 #: tracked instance's; the plugin then refuses the orphan), and buildbot 4.3 stopping
 #: a build at master shutdown whose step has no database row yet (``_interrupt_impl``
-#: calls ``addCompleteLog``, which raises BuildStepCancelled for a step without id).
+#: calls ``addCompleteLog``, which raises BuildStepCancelled for a step without id), and
+#: a worker whose connection closes while buildbot asks its info (its instance ended as
+#: it reconnected: buildbot 4.3 logs the lost login; the build is not affected).
 BUILDBOT_NOISE = ("twisted.cred.error.UnauthorizedLogin",
                   "in requestAvatarId\n\t    eventually(self.master.initLock.release)",
                   'raise RuntimeError("rejecting duplicate worker")',
-                  "in _interrupt_impl\n\t    yield self.addCompleteLog(log_name, str(reason))")
+                  "in _interrupt_impl\n\t    yield self.addCompleteLog(log_name, str(reason))",
+                  "in remoteGetWorkerInfo\n\t    info = yield self.mind.callRemote('getWorkerInfo')"
+                  "\n\ttwisted.spread.pb.PBConnectionLost")
 
 
 def unhandled_errors(log: str) -> list[str]:
