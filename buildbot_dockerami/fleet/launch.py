@@ -44,9 +44,11 @@ class Slot:
 
 
 def slot_user_data(slots: Sequence[Slot], master: str, values: Mapping[str, Any], *,
-                   isolated: bool, tls_fingerprint: str | None) -> str:
+                   isolated: bool, tls_fingerprint: str | None,
+                   disk: Mapping[str, str] | None = None) -> str:
     """The user data of an instance serving ``slots`` (the first on line 1, the others
-    on extension lines), for the rendered per-build ``values``; raises UserDataError."""
+    on extension lines), for the rendered per-build ``values``; ``disk``: the caches'
+    and the disk floor's extensions (protocol/caches.py). Raises UserDataError."""
     extensions: dict[str, str] = {}
     if isolated:
         extensions["isolation"] = "container"
@@ -59,6 +61,7 @@ def slot_user_data(slots: Sequence[Slot], master: str, values: Mapping[str, Any]
                 extensions[SECRET_KEY.format(slot=number)] = slot.secret
     if tls_fingerprint is not None:
         extensions[tls.EXTENSION] = tls.normalize_fingerprint(tls_fingerprint)
+    extensions.update(disk or {})
     return userdata.render(UserData(
         worker_name=slots[0].name, password=slots[0].password, master=master,
         image=values["image"], setup_repo=values["setup_repo"],
@@ -114,6 +117,8 @@ class LaunchedInstance:
     key: str = ""
     #: Its loss is counted: the workers that hear of it again count nothing more.
     lost: bool = False
+    #: Why its bootstrap retired it (fleet/retirement.py); "" while it serves.
+    retired: str = ""
 
 
 class FleetParts(Protocol):

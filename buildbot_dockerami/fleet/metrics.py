@@ -86,6 +86,9 @@ FAMILIES = {
         "counter", "Stopped warm instances started again for a build."),
     "dockerami_connections_refused_total": Family(
         "counter", "Worker connections refused: not from the instance launched for them."),
+    "dockerami_retirements_total": Family(
+        "counter", "Instances that retired themselves (e.g. the disk stayed too full after "
+        "pruning), by reason.", "reason", ("disk_full", "other")),
     "dockerami_reclaimed_total": Family(
         "counter", "Instances of a dead master (heartbeat expired) this master terminated."),
     "dockerami_instances": Family(

@@ -45,6 +45,32 @@ def firewall_tag(instance_id: str) -> str:
     return f"dockerami-{instance_id}"
 
 
+def prune_label(instance_id: str) -> str:
+    """The label of what one local instance's bootstrap may prune from the shared engine
+    (images and volumes carrying it): on EC2 the engine is the instance's own."""
+    return f"dockerami.localcloud.prunable={instance_id}"
+
+
+def volume_prefix(instance_id: str) -> str:
+    """The names of one local instance's cache volumes start with this (its disk)."""
+    return f"dockerami-{instance_id}"
+
+
+def detach_mounts_under(directory: Path) -> int:
+    """Lazily unmount whatever is mounted under ``directory`` (a bootstrap's cache mount
+    points, if it was killed before it could), innermost first."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return 0
+    root = str(directory.resolve())
+    points = [p for p in (line.split()[4].encode().decode("unicode_escape") for line in lines)
+              if p == root or p.startswith(root + "/")]
+    for point in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+    return len(points)
+
+
 def remove_firewall_rules(tag: str, iptables: str = "iptables") -> int:
     """Delete the OUTPUT rules carrying ``tag``, e.g. left by a bootstrap that was
     killed before it could remove them; the machine's firewall is the host's here."""
@@ -189,6 +215,8 @@ class _Machine:
                 self.stopping.wait(self.restart_delay)
 
     def stop(self) -> None:
+        """Power off: the boot process and its containers go; its disk (the cache
+        volumes) stays until the instance is discarded."""
         self.stopping.set()
         process = self.process
         if process is not None and process.poll() is None:
@@ -206,6 +234,7 @@ class _Machine:
             subprocess.run([self.docker, "rm", "-f", *listed.stdout.split()],
                            capture_output=True, check=False)
         self.thread.join(timeout=15)
+        detach_mounts_under(self.directory)
         remove_firewall_rules(firewall_tag(self.instance_id))
         self.metadata.stop()
 
@@ -219,7 +248,8 @@ class ContainerRuntime:
                  bootstrap: Path = AMI_DIR / "dockerami-bootstrap.sh",
                  pull_attempts: int = 12, pull_max_delay: int = 30,
                  restart_delay: float = 2.0, run_options: str = "",
-                 iptables: str = "iptables") -> None:
+                 iptables: str = "iptables", disk_path: str | None = None,
+                 disk_poll: float | None = None) -> None:
         self.state_dir = state_dir
         self.iptables = iptables
         self.docker = docker
@@ -228,7 +258,12 @@ class ContainerRuntime:
         self.pull_max_delay = pull_max_delay
         self.restart_delay = restart_delay
         self.run_options = run_options
+        #: The file system the bootstraps keep free space on (None: the engine's root).
+        self.disk_path = disk_path
+        self.disk_poll = disk_poll
         self._machines: dict[str, _Machine] = {}
+        #: Every instance booted, whose disk (cache volumes) exists until discarded.
+        self._disks: set[str] = set()
         self._lock = threading.Lock()
 
     @staticmethod
@@ -257,13 +292,21 @@ class ContainerRuntime:
             # The bootstrap closes this instance's metadata port to its containers.
             "DOCKERAMI_FIREWALL_TAG": firewall_tag(booting.instance_id),
             "DOCKERAMI_IPTABLES": self.iptables,
+            # The engine is shared: prune only this instance's, name its volumes apart.
+            "DOCKERAMI_PRUNE_FILTER": f"label={prune_label(booting.instance_id)}",
+            "DOCKERAMI_VOLUME_PREFIX": volume_prefix(booting.instance_id),
         }
+        if self.disk_path is not None:
+            env["DOCKERAMI_DISK_PATH"] = self.disk_path
+        if self.disk_poll is not None:
+            env["DOCKERAMI_DISK_POLL"] = str(self.disk_poll)
         machine = _Machine(
             booting.instance_id, directory, self.boot_command(metadata, container), env,
             self.restart, self.restart_delay, metadata, container, self.docker,
         )
         with self._lock:
             self._machines[booting.instance_id] = machine
+            self._disks.add(booting.instance_id)
         machine.thread.start()
         log.info("%s: booting with %s (metadata at %s)", booting.instance_id,
                  type(self).__name__, metadata.url)
@@ -278,6 +321,27 @@ class ContainerRuntime:
     def running(self) -> list[str]:
         with self._lock:
             return [iid for iid, m in self._machines.items() if m.thread.is_alive()]
+
+    def discard(self, instance_id: str) -> None:
+        """The instance is terminated: its disk goes, and with it its cache volumes."""
+        with self._lock:
+            if instance_id not in self._disks:
+                return
+            self._disks.discard(instance_id)
+        listed = subprocess.run([self.docker, "volume", "ls", "-q"], capture_output=True,
+                                text=True, check=False)
+        prefix = volume_prefix(instance_id) + "-"
+        volumes = [v for v in listed.stdout.split() if v.startswith(prefix)]
+        if volumes:
+            subprocess.run([self.docker, "volume", "rm", "-f", *volumes], capture_output=True,
+                           check=False)
+
+    def close(self) -> None:
+        """The local cloud stops: every instance's disk goes."""
+        with self._lock:
+            disks = list(self._disks)
+        for instance_id in disks:
+            self.discard(instance_id)
 
     def console(self, instance_id: str) -> str | None:
         path = self.state_dir / instance_id / "console.log"

@@ -29,11 +29,12 @@ from buildbot_dockerami.config import validators
 from buildbot_dockerami.config.checks import (
     accepted_keywords,
     buildbot_settings,
+    cache_builds_problems,
     rendered_problems,
     settings_problems,
 )
 from buildbot_dockerami.config.model import FLEET_WIDE, WorkerSettings
-from buildbot_dockerami.fleet import boot_state, console, ending, fallback, pools
+from buildbot_dockerami.fleet import boot_state, console, ending, fallback, pools, retirement
 from buildbot_dockerami.fleet.launch import (
     LaunchedInstance,
     Launcher,
@@ -45,7 +46,7 @@ from buildbot_dockerami.fleet.launch import (
 )
 from buildbot_dockerami.fleet.service import Fleet
 from buildbot_dockerami.fleet.shared_instance import InstanceGroup
-from buildbot_dockerami.protocol import imageready
+from buildbot_dockerami.protocol import caches, imageready
 from buildbot_dockerami.protocol.userdata import UserDataError
 from buildbot_dockerami.worker import on_request
 from buildbot_dockerami.worker.connections import Connections
@@ -144,7 +145,8 @@ class DockerAMILatentWorker(Connections, Losses, Scheduling, CompatibleLatentWor
 
     def checkConfig(self, name: Any = None, password: Any = None, **kwargs: Any) -> None:
         settings, kwargs = WorkerSettings.split(kwargs)
-        problems = settings_problems(name, password, settings)
+        problems = settings_problems(name, password, settings) + cache_builds_problems(
+            settings, kwargs.get("max_builds"))
         bad, kwargs = buildbot_settings(kwargs, accepted_keywords(type(self)))
         for problem in problems + bad:
             config.error(f"DockerAMILatentWorker {name!r}: {problem}")
@@ -282,7 +284,8 @@ class DockerAMILatentWorker(Connections, Losses, Scheduling, CompatibleLatentWor
         try:
             text = slot_user_data(slots, self._connect_address(), values,
                                   isolated=group is not None,
-                                  tls_fingerprint=self.master_tls_fingerprint)
+                                  tls_fingerprint=self.master_tls_fingerprint,
+                                  disk=caches.extensions(self.caches, self.disk_floor))
         except UserDataError as e:
             self._count_failure("invalid_setting", str(e))
             raise LatentWorkerCannotSubstantiate(self.name, str(e)) from e
@@ -455,6 +458,9 @@ class DockerAMILatentWorker(Connections, Losses, Scheduling, CompatibleLatentWor
     def _leave_slot(self, group: InstanceGroup, instance: LaunchedInstance) -> None:
         """This slot's container is spent (build done, container lost) or never came."""
         if group.instance is not instance or group.terminating or self._stopping:
+            return
+        if retirement.retired(instance):  # its bootstrap retired it: it ends once no slot builds
+            group.end_if_retired()
             return
         if not self._connected:
             # Not waited for: shutting the group down releases this very worker.

@@ -82,6 +82,9 @@ def worker_row(worker: Any, now: float, prices: Mapping[str, float]) -> Any:
             "launched_at": instance.launched_at,
             "uptime_seconds": round(uptime, 1),
             "cost_so_far": None if price is None else round(price * uptime / 3600, 4),
+            # Why its bootstrap retired it (its disk stayed too full): it takes no new
+            # build and is terminated after its running ones (fleet/retirement.py).
+            "retired": getattr(instance, "retired", "") or None,
         }
     return row
 
