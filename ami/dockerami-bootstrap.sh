@@ -212,7 +212,7 @@ write_slot_user_data() {
 # the instance across builds and across a stop and start. A slot's container starts
 # before its build is known, so each cache path in it is at first an empty, root-owned
 # mount point. When its build starts, the image's worker (before any step runs; images
-# labelled dockerami.caches=1) writes its builder's name to its requests directory; the
+# labelled dockerami.host-dir=1) writes its builder's name to its requests directory; the
 # bootstrap mounts that builder's volumes onto the slot's points, and the mounts
 # propagate into the running container. With isolation=container a container gets one
 # builder's caches, once; the points are emptied before the slot's next container.
@@ -435,26 +435,22 @@ watch_disk() {
     done
 }
 
-# The instance cannot serve any longer ($*: "<reason>: <detail>"): it starts no new
-# container, asks its connected workers to finish and shut down (SIGHUP, as for a spot
-# notice), and tells the master why: host/retired, which the image shows as the worker
-# info dockerami_retired. A slot without a connected worker starts one more container,
-# to say so. The master then terminates the instance once its running builds end.
+# The instance cannot serve any longer ($*: "<reason>: <detail>"). It tells the master
+# why through its workers: host/retired, which the image shows as the worker info
+# dockerami_retired, read when a worker asks to shut down (SIGHUP, as for a spot notice)
+# and when one connects. From now on a slot's new container only says so (the master
+# refuses it builds); the master terminates the instance once its running builds end.
 retire() {
     [ ! -f "$STATE_DIR/retired" ] || return 0
     printf '%s\n' "$*" > "$STATE_DIR/retired.new"
     mv "$STATE_DIR/retired.new" "$STATE_DIR/retired"
-    log "RETIRING: $*; no new containers; the master ends this instance after its builds"
+    log "RETIRING: $*; the master ends this instance after its running builds"
     retire_slot=0
     while [ "$retire_slot" -lt "$slots" ]; do
         if [ -d "$STATE_DIR/slot.$retire_slot/host" ]; then
             install -m 644 "$STATE_DIR/retired" "$STATE_DIR/slot.$retire_slot/host/retired"
         fi
-        retire_name=$(slot_container "$retire_slot")
-        if $DOCKER logs "$retire_name" 2>&1 | grep -q 'Connected to buildmaster'; then
-            touch "$STATE_DIR/slot.$retire_slot/reported"
-        fi
-        $DOCKER kill --signal HUP "$retire_name" >/dev/null 2>&1 || true
+        $DOCKER kill --signal HUP "$(slot_container "$retire_slot")" >/dev/null 2>&1 || true
         retire_slot=$((retire_slot + 1))
     done
 }
@@ -483,11 +479,11 @@ run_slot() {
             fi
             $DOCKER rm -f -v "$name" >/dev/null 2>&1 || true
         fi
-        if ! keep_disk && [ -f "$dir/reported" ]; then
+        # Retired, a new container tells the master so: only an image that can say it.
+        if ! keep_disk && [ "$host_dir" != 1 ]; then
             log "$name: not started again: this instance retires"
             return 0
         fi
-        [ ! -f "$STATE_DIR/retired" ] || touch "$dir/reported"  # this one tells the master
         until reset_slot "$1"; do
             log "$name: cannot empty its cache mount points; retrying"
             sleep 5
@@ -562,12 +558,15 @@ done
 set +f
 case $STATE_DIR in *[!A-Za-z0-9._@+/-]*) [ -z "$caches" ] || give_up "caches need a plain $STATE_DIR" ;; esac
 rm -rf "$STATE_DIR"/slot.*/lock "$STATE_DIR/caches.lock" "$STATE_DIR/disk.lock"
+# An image labelled dockerami.host-dir=1 reads /run/dockerami/host (the retirement) and
+# asks for its builder's caches itself (see images/worker-linux/start-worker.sh).
+host_dir=$($DOCKER image inspect -f '{{ index .Config.Labels "dockerami.host-dir" }}' "$image" \
+    2>/dev/null) || host_dir=""
 if [ -n "$caches" ]; then
     # Only an image whose worker asks for its builder's caches gets them: with another,
     # a build could ask for any builder's.
-    if [ "$($DOCKER image inspect -f '{{ index .Config.Labels "dockerami.caches" }}' "$image" \
-            2>/dev/null)" != 1 ]; then
-        log "WARNING: caches are off: the image has no label dockerami.caches=1 (its worker" \
+    if [ "$host_dir" != 1 ]; then
+        log "WARNING: caches are off: the image has no label dockerami.host-dir=1 (its worker" \
             "does not ask for its builder's caches)"
         caches=""
     elif ! mkdir -p "$cache_root" || ! { mountpoint -q "$cache_root" \

@@ -82,6 +82,17 @@ BAD_WORKERS = {
     "typo2": ("image='org/w:1', bild_wait_timeout=3", "'bild_wait_timeout: ",
               "did you mean 'build_wait_timeout'?"),
     "junk": ("image='org/w:1', zzz=3", "'zzz: ", "unknown setting"),
+    # Caches and the disk floor (issue 20).
+    "cachename": ("image='org/w:1', isolation='container', caches={'C C': '/c'}", "'caches: ",
+                  "name 'C C' must be 1-32 characters"),
+    "cachepath": ("image='org/w:1', isolation='container', caches={'c': '/usr'}", "'caches: ",
+                  "would hide the image's own files"),
+    "cacheinst": ("image='org/w:1', isolation='instance', caches={'c': '/cache'}", "'caches: ",
+                  "not with isolation='instance'"),
+    "cachebuilds": ("image='org/w:1', caches={'c': '/cache'}", "'caches: ",
+                    "with isolation='none' needs max_builds=1"),
+    "floor": ("image='org/w:1', disk_floor='95%'", "'disk_floor: ",
+              "must be a percentage of the disk like '10%' (1-90)"),
 }
 
 BAD_CFG = """\
@@ -209,6 +220,9 @@ GOOD_WORKERS = [
     "setup_repo=util.Interpolate('%(prop:repo)s'), setup_branch='main'",
     "setup_repo='https://x/r-1', setup_branch='feature-x'",
     "properties={'a': 1}",
+    "isolation='container', caches={'ccache': '/home/builder/.ccache'}, disk_floor='20G'",
+    "caches={'c': '/cache', 'git': '/home/builder/git'}, max_builds=1, idle_action='stop'",
+    "disk_floor=2.5", "disk_floor='5%'",
 ]
 
 

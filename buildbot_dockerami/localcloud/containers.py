@@ -15,6 +15,7 @@ bootstrap that powers off asks the hypervisor to terminate the instance.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -221,18 +222,26 @@ class _Machine:
         process = self.process
         if process is not None and process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
+        if process is not None:
+            # Nothing of the boot process may outlive it (a `docker run` client, say).
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGKILL)
-        # Powering off takes the containers (one per slot) with it, whatever the clients did.
-        listed = subprocess.run(
-            [self.docker, "ps", "-aq", "--filter", f"name=^/{self.container}"],
-            capture_output=True, text=True, check=False,
-        )
-        if listed.stdout.split():
-            subprocess.run([self.docker, "rm", "-f", *listed.stdout.split()],
-                           capture_output=True, check=False)
+        # Powering off takes the containers (one per slot) with it, whatever the clients
+        # did; a `docker run` the engine was still carrying out shows up a little later.
+        deadline, empty = time.monotonic() + 5, 0
+        while empty < 2 and time.monotonic() < deadline:
+            listed = subprocess.run(
+                [self.docker, "ps", "-aq", "--filter", f"name=^/{self.container}"],
+                capture_output=True, text=True, check=False,
+            ).stdout.split()
+            empty = 0 if listed else empty + 1
+            if listed:
+                subprocess.run([self.docker, "rm", "-f", "-v", *listed], capture_output=True,
+                               check=False)
+            elif empty < 2:
+                time.sleep(0.5)
         self.thread.join(timeout=15)
         detach_mounts_under(self.directory)
         remove_firewall_rules(firewall_tag(self.instance_id))

@@ -9,7 +9,7 @@ why in their worker info. Such an instance takes no new build, its running build
 finish, then it is terminated.
 
 A mixin of DockerAMILatentWorker (worker/latent.py), before buildbot's classes in its
-bases so that ``attached``, ``detached``, ``shutdownRequested``, ``canStartBuild`` and
+bases so that ``detached``, ``shutdownRequested``, ``canStartBuild`` and
 ``maybeShutdown`` wrap buildbot's.
 """
 
@@ -116,14 +116,20 @@ class Losses:
 
     # -- instances that retire themselves (fleet/retirement.py) ----------------------
 
-    def attached(self, conn: Any) -> Any:
-        """A container of a retired instance connects (its bootstrap started it only to
-        say so): the substantiation fails, so a build waiting for it is retried, and the
-        instance ends once its other slots' builds have."""
-        instance = self.instance
+    def _refuse_if_retired(self, conn: Any) -> None:
+        """A container of a retired instance connects (its bootstrap starts them only to
+        say so): refused. If this worker waited for it, the substantiation fails (a build
+        waiting for it is retried) and the instance ends once its other slots' builds
+        have. Called first by Connections.attached."""
         text = retirement.reported(conn.info)
-        if text is None or instance is None:
-            return super().attached(conn)
+        if text is None:
+            return
+        instance = self.instance
+        if instance is None:
+            self._refuse(conn, "its instance retires")
+        reported = str(conn.info.get("instance_id") or "").strip()
+        if reported and reported != instance.instance_id:
+            return  # another instance's: the origin check refuses it
         self._connected = True  # it did connect: not a boot failure
         self._retire(instance, text, insubstantiate=False)
         # Fails the build waiting for it (retried), and ends this substantiation.
@@ -132,7 +138,6 @@ class Losses:
         if self.group is None:
             self._deferwaiter.add(self._builds_after(self.insubstantiate()))
         self._refuse(conn, retirement.message(instance))
-        return None
 
     def _retire(self, instance: Any, text: str, insubstantiate: bool = True) -> None:
         if retirement.record(self.fleet.metrics, instance, text):
