@@ -315,6 +315,7 @@ answer_cache_request() {
         cache_answer="failed: the caches of builder '$cache_builder' could not be attached"
         log "slot $1: $cache_answer"
     fi
+    rm -f "$cache_dir"/host/cache.*  # the last build's answer (isolation=none)
     printf '%s\n' "$cache_answer" > "$cache_dir/host/cache.$cache_id.new"
     chmod 644 "$cache_dir/host/cache.$cache_id.new"
     mv "$cache_dir/host/cache.$cache_id.new" "$cache_dir/host/cache.$cache_id"

@@ -189,6 +189,7 @@ class _Machine:
 
     def __post_init__(self) -> None:
         self.stopping = threading.Event()
+        self.halted = threading.Event()
         self.process: subprocess.Popen | None = None
         self.thread = threading.Thread(target=self._supervise, daemon=True,
                                        name=f"machine-{self.instance_id}")
@@ -271,6 +272,8 @@ class ContainerRuntime:
         self.disk_path = disk_path
         self.disk_poll = disk_poll
         self._machines: dict[str, _Machine] = {}
+        #: Machines being powered off (a start of the same instance waits for them).
+        self._halting: dict[str, _Machine] = {}
         #: Every instance booted, whose disk (cache volumes) exists until discarded.
         self._disks: set[str] = set()
         self._lock = threading.Lock()
@@ -283,6 +286,12 @@ class ContainerRuntime:
         return ["sh", str(self.bootstrap)]
 
     def start(self, booting: Booting) -> None:
+        with self._lock:
+            halting = self._halting.get(booting.instance_id)
+        if halting is not None:
+            # A stopped instance started again: its last boot must be over first (its
+            # containers removed, its mounts undone), as on a machine.
+            halting.halted.wait(60)
         directory = self.state_dir / booting.instance_id
         directory.mkdir(parents=True, exist_ok=True)
         metadata = MetadataService(booting).start()
@@ -323,8 +332,16 @@ class ContainerRuntime:
     def stop(self, instance_id: str) -> None:
         with self._lock:
             machine = self._machines.pop(instance_id, None)
+            if machine is not None:
+                self._halting[instance_id] = machine
         if machine is not None:
-            machine.stop()
+            try:
+                machine.stop()
+            finally:
+                with self._lock:
+                    if self._halting.get(instance_id) is machine:
+                        del self._halting[instance_id]
+                machine.halted.set()
             log.info("%s: machine stopped, container %s removed", instance_id, machine.container)
 
     def running(self) -> list[str]:

@@ -86,19 +86,30 @@ def test_a_builders_cache_outlives_its_containers_and_no_other_builder_sees_it(
 
 
 def test_caches_are_kept_across_a_stop_and_start(make_master, cloud, engine, worker_image):
+    """Without isolation (max_builds=1): one container, re-pointed at each build's builder."""
     master = make_master(master_cfg(image=worker_image, command=CACHE_PROBE,
                                     build_wait_timeout=2,
-                                    worker_extra=f"idle_action='stop', {CACHES}"))
+                                    worker_extra=f"idle_action='stop', {CACHES}")
+                         + SECOND_BUILDER)
     first = master.wait_request(master.force(), 180)
     assert first["results"] == SUCCESS
     instance_id = only_instance(cloud)["InstanceId"]
     wait_for(lambda: state_of(cloud, instance_id) == "stopped", 60, "the idle instance to stop")
     second = master.wait_request(master.force(), 180)
     assert second["results"] == SUCCESS
-    assert instance_ids(cloud) == [instance_id]  # started again, not launched
+    assert instance_ids(cloud) == [instance_id], "\n".join(  # started again, not launched
+        line for line in master.log().splitlines() if "dockerami" in line or "w0" in line)
     (old, cache1, _), (new, cache2, workspace) = seen(master, first), seen(master, second)
     assert new != old and workspace == "no"  # a new container: the workspace is new
     assert (cache1, cache2) == ("", "runtests,")
+
+    other = master.wait_request(master.force("other", "force-other"), 180)
+    third = master.wait_request(master.force(), 180)
+    assert (other["results"], third["results"]) == (SUCCESS, SUCCESS)
+    assert instance_ids(cloud) == [instance_id]
+    (c1, other_cache, _), (c2, cache3, _) = seen(master, other), seen(master, third)
+    assert c1 == c2 == new  # the same container, each time with its build's caches
+    assert (other_cache, cache3) == ("", "runtests,runtests,")
 
 
 @pytest.fixture
