@@ -84,7 +84,10 @@ class Registry:
 
 
 def container_names(client: docker.DockerClient, prefix: str = "dockerami-") -> list[str]:
-    return [c.name for c in client.containers.list(all=True) if c.name.startswith(prefix)]
+    # One listing call: containers.list() inspects each container it lists, and fails
+    # when one goes meanwhile (other tests share the engine).
+    names = (c["Names"][0].lstrip("/") for c in client.api.containers(all=True) if c["Names"])
+    return [name for name in names if name.startswith(prefix)]
 
 
 def instance_ids(cloud: LocalCloud) -> list[str]:
