@@ -26,6 +26,7 @@ from twisted.python import failure, log
 from buildbot_dockerami.cloud import instances
 from buildbot_dockerami.fleet import lost, retirement
 from buildbot_dockerami.fleet.launch import LaunchedInstance
+from buildbot_dockerami.worker.connections import ConnectionRefused
 
 
 class Losses:
@@ -33,6 +34,8 @@ class Losses:
 
     #: The instance whose loss this worker last recorded (see _record_lost).
     _lost_id = ""
+    #: The retired instance whose containers this worker last refused.
+    _retired_refused = ""
 
     def running_builds(self) -> list[Any]:
         return [build for builder in self.botmaster.builders.values()
@@ -125,9 +128,16 @@ class Losses:
         if text is None:
             return
         instance = self.instance
-        if instance is None:
-            self._refuse(conn, "its instance retires")
         reported = str(conn.info.get("instance_id") or "").strip()
+        if instance is None:
+            # Its slot is no longer waiting; the container retries until the instance
+            # ends: said once.
+            if self._retired_refused != reported:
+                self._retired_refused = reported
+                log.msg(f"{self}: refusing the connections of {reported or 'an instance'}: "
+                        "it retires")
+            conn.loseConnection()
+            raise ConnectionRefused(f"{self.name}: its instance retires")
         if reported and reported != instance.instance_id:
             return  # another instance's: the origin check refuses it
         self._connected = True  # it did connect: not a boot failure

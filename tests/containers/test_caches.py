@@ -233,3 +233,29 @@ def test_an_instance_full_at_boot_says_so_and_the_build_is_retried_elsewhere(
     assert final["results"] == SUCCESS
     assert facts(master, final)["instance"] != retired
     assert "never connected" not in master.log()
+
+
+def test_without_isolation_a_retiring_instance_is_terminated_not_stopped(
+        make_master, cloud, engine, worker_image):
+    """One worker, one container for every build (isolation='none'), idle_action='stop':
+    the build running when the disk fills finishes, then the instance is terminated,
+    never stopped for reuse; the next build gets a new instance."""
+    master = make_master(master_cfg(
+        image=worker_image, command=WAIT_FOR_RETIREMENT, build_wait_timeout=60,
+        worker_extra="idle_action='stop', disk_floor='8M',") + SECOND_BUILDER)
+    brid = master.force()
+    build = wait_for(lambda: master.builds_for(brid), 120, "the build to start")[0]
+    wait_for(lambda: "started" in master.step_log(build["buildid"]), 60, "the build to run")
+    instance_id = only_instance(cloud)["InstanceId"]
+    filler = fill(Path(cloud.runtime.disk_path), 12)
+    final = master.wait_request(brid, 120)
+    assert final["results"] == SUCCESS and final["buildid"] == build["buildid"]
+    assert "told: disk_full: " in master.step_log(build["buildid"])
+    wait_for(lambda: state_of(cloud, instance_id) == "terminated", 60, "the termination")
+    assert "stopped for reuse" not in master.log()
+    assert f"instance {instance_id} retired itself: disk_full" in master.log()
+
+    filler.unlink()
+    again = master.wait_request(master.force("other", "force-other"), 180)
+    assert again["results"] == SUCCESS
+    assert len(instance_ids(cloud)) == 2
