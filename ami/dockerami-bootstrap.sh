@@ -17,6 +17,9 @@
 #      Each container gets the memory, pids and CPU limits of the user-data extensions
 #      limits.memory/pids/cpus (container_limits); with several slots, a limit not
 #      given defaults to a share that keeps the slots from starving each other.
+#   5. attach each build's builder's caches (cache.<name>=<path>) to its container, and
+#      keep the disk's free space above a floor (disk.floor=), pruning, else retiring
+#      the instance (see "caches and disk hygiene" below).
 # If the image cannot be pulled at all, it says why on the console and powers the
 # instance off (EC2 then terminates it), so the master sees the failure at once; a
 # registry that refuses the credentials (or their absence) ends it at the first pull,
@@ -53,6 +56,12 @@ SPOT_POLL=${DOCKERAMI_SPOT_POLL:-5}               # seconds between interruption
 # the host keeps for itself beyond this (MiB; at most a quarter of its memory).
 HOST_MEMORY_MB=${DOCKERAMI_HOST_MEMORY_MB:-512}
 DEFAULT_PIDS=${DOCKERAMI_DEFAULT_PIDS:-4096}       # and at most this many tasks each
+DISK_PATH=${DOCKERAMI_DISK_PATH:-}                # kept above the floor (default: Docker's root)
+DISK_FLOOR=${DOCKERAMI_DISK_FLOOR:-10%}           # unless the user data says (disk.floor=)
+DISK_POLL=${DOCKERAMI_DISK_POLL:-60}              # seconds between two free-space checks
+PRUNE_FILTER=${DOCKERAMI_PRUNE_FILTER:-}          # prune only what matches (e.g. label=x)
+VOLUME_PREFIX=${DOCKERAMI_VOLUME_PREFIX:-dockerami}  # names of the cache volumes
+CACHE_POLL=${DOCKERAMI_CACHE_POLL:-0.2}           # seconds between looks for cache requests
 set -eu
 
 log() { echo "dockerami-bootstrap: $*"; }
@@ -406,6 +415,256 @@ write_slot_user_data() {
     mv "$STATE_DIR/slot.$1/user-data.new" "$STATE_DIR/slot.$1/user-data"
 }
 
+# --- caches and disk hygiene --------------------------------------------------------
+# Caches (user data cache.<name>=<path>): one Docker volume per (builder, cache), kept on
+# the instance across builds and across a stop and start. A slot's container starts
+# before its build is known, so each cache path in it is at first an empty, root-owned
+# mount point. When its build starts, the image's worker (before any step runs; images
+# labelled dockerami.host-dir=1) writes its builder's name to its requests directory; the
+# bootstrap mounts that builder's volumes onto the slot's points, and the mounts
+# propagate into the running container. With isolation=container a container gets one
+# builder's caches, once; the points are emptied before the slot's next container.
+cache_root="$STATE_DIR/caches"
+
+lock() { until mkdir "$1" 2>/dev/null; do sleep 0.1; done; }
+unlock() { rmdir "$1" 2>/dev/null || true; }
+
+cache_volume() {  # builder cache-name
+    echo "$VOLUME_PREFIX-cache-$2-$(printf '%s\n%s' "$1" "$2" | sha256sum | cut -c1-16)"
+}
+
+detach_point() { while mountpoint -q "$1"; do umount -l "$1" || return 1; done; }
+
+# The directories slot $1's next container gets: requests (it writes), host (it reads:
+# answers, and "retired"), and its cache mount points, emptied.
+reset_slot() {
+    cache_dir="$STATE_DIR/slot.$1"
+    lock "$cache_dir/lock"
+    for cache_entry in $caches; do
+        if ! detach_point "$cache_root/slot.$1/${cache_entry%%=*}"; then
+            unlock "$cache_dir/lock"
+            return 1
+        fi
+        mkdir -p "$cache_root/slot.$1/${cache_entry%%=*}"
+    done
+    rm -rf "$cache_dir/requests" "$cache_dir/host" "$cache_dir/attached"
+    mkdir -p "$cache_dir/requests" "$cache_dir/host"
+    chmod 1777 "$cache_dir/requests"
+    chmod 755 "$cache_dir/host"
+    [ ! -f "$STATE_DIR/retired" ] || install -m 644 "$STATE_DIR/retired" "$cache_dir/host/retired"
+    unlock "$cache_dir/lock"
+}
+
+# The `docker run` options of slot $1's containers: the hand-over directories, the points.
+slot_options() {
+    printf -- '--mount type=bind,source=%s,target=/run/dockerami/host,readonly ' \
+        "$STATE_DIR/slot.$1/host"
+    printf -- '--env DOCKERAMI_HOST_DIR=/run/dockerami/host '
+    [ -n "$caches" ] || return 0
+    printf -- '--mount type=bind,source=%s,target=/run/dockerami/requests ' \
+        "$STATE_DIR/slot.$1/requests"
+    printf -- '--env DOCKERAMI_CACHE_REQUESTS=/run/dockerami/requests '
+    for cache_entry in $caches; do
+        printf -- '--mount type=bind,source=%s,target=%s,bind-propagation=rslave ' \
+            "$cache_root/slot.$1/${cache_entry%%=*}" "${cache_entry#*=}"
+    done
+}
+
+# Mounts builder $2's volumes onto slot $1's points; new volumes belong to $3 (uid:gid of
+# the container's worker).
+attach_caches() {
+    lock "$STATE_DIR/caches.lock"
+    : > "$STATE_DIR/slot.$1/attached.new"
+    for cache_entry in $caches; do
+        cache_name=${cache_entry%%=*}
+        cache_vol=$(cache_volume "$2" "$cache_name")
+        $DOCKER volume inspect "$cache_vol" >/dev/null 2>&1 \
+            || $DOCKER volume create --label "dockerami.cache=$cache_name" \
+                --label "dockerami.builder=$2" "$cache_vol" >/dev/null \
+            || { unlock "$STATE_DIR/caches.lock"; return 1; }
+        echo "$cache_vol" >> "$STATE_DIR/slot.$1/attached.new"
+        # A new volume is root's: it becomes the worker's. Its time says when it was used.
+        if ! cache_data=$($DOCKER volume inspect -f '{{.Mountpoint}}' "$cache_vol") \
+                || ! { [ "$(stat -c %u "$cache_data")" != 0 ] || chown "$3" "$cache_data"; } \
+                || ! touch "$cache_data" || ! detach_point "$cache_root/slot.$1/$cache_name" \
+                || ! mount --bind "$cache_data" "$cache_root/slot.$1/$cache_name"; then
+            unlock "$STATE_DIR/caches.lock"
+            return 1
+        fi
+    done
+    mv "$STATE_DIR/slot.$1/attached.new" "$STATE_DIR/slot.$1/attached"
+    unlock "$STATE_DIR/caches.lock"
+    log "slot $1: caches of builder '$2' attached: $(tr '\n' ' ' < "$STATE_DIR/slot.$1/attached")"
+}
+
+# Slot $1's request, if any: an id (hex, the worker's) and a builder name. The answer,
+# host/cache.<id>, is "ok" or why not.
+answer_cache_request() {
+    cache_dir="$STATE_DIR/slot.$1"
+    cache_request="$cache_dir/requests/cache"
+    lock "$cache_dir/lock"
+    if [ -L "$cache_request" ] || [ ! -f "$cache_request" ]; then
+        rm -f "$cache_request"
+        unlock "$cache_dir/lock"
+        return 0
+    fi
+    cache_owner=$(stat -c %u:%g "$cache_request")
+    cache_id=$(head -c 1024 "$cache_request" | sed -n 1p)
+    cache_builder=$(head -c 1024 "$cache_request" | sed -n 2p)
+    rm -f "$cache_request"
+    case $cache_id in "" | *[!0-9a-f]*) unlock "$cache_dir/lock"; return 0 ;; esac
+    if [ "$isolation" = container ] && [ -f "$cache_dir/attached" ]; then
+        cache_answer="refused: this container has its builder's caches already"
+    elif [ -z "$cache_builder" ]; then
+        cache_answer="refused: no builder named"
+    elif attach_caches "$1" "$cache_builder" "$cache_owner"; then
+        cache_answer=ok
+    else
+        cache_answer="failed: the caches of builder '$cache_builder' could not be attached"
+        log "slot $1: $cache_answer"
+    fi
+    rm -f "$cache_dir"/host/cache.*  # the last build's answer (isolation=none)
+    printf '%s\n' "$cache_answer" > "$cache_dir/host/cache.$cache_id.new"
+    chmod 644 "$cache_dir/host/cache.$cache_id.new"
+    mv "$cache_dir/host/cache.$cache_id.new" "$cache_dir/host/cache.$cache_id"
+    unlock "$cache_dir/lock"
+}
+
+serve_cache_requests() {
+    while :; do
+        cache_slot=0
+        while [ "$cache_slot" -lt "$slots" ]; do
+            if [ -e "$STATE_DIR/slot.$cache_slot/requests/cache" ]; then
+                answer_cache_request "$cache_slot" || log "slot $cache_slot: bad cache request"
+            fi
+            cache_slot=$((cache_slot + 1))
+        done
+        sleep "$CACHE_POLL"
+    done
+}
+
+# Disk hygiene: the free space of $disk_path (default: Docker's data root) is kept at or
+# above the floor (disk.floor=N% or NM, else $DISK_FLOOR), checked before each container
+# starts and every $DISK_POLL seconds. Below it, what the instance can do without goes,
+# least valuable first, until the floor holds: images other than line 2's; unused
+# volumes that are not caches, and the build cache; then caches no container has, least
+# recently used first. Still below it, the instance retires (see retire).
+
+# The floor in KiB, of a disk of $2 KiB, for the spec $1 ("N%" or "NM").
+disk_floor_kib() {
+    case $1 in
+        *[%]) disk_n=${1%[%]} ;;
+        *M) disk_n=${1%M} ;;
+        *) return 1 ;;
+    esac
+    case $disk_n in "" | *[!0-9]*) return 1 ;; esac
+    case $1 in
+        *[%]) echo $(($2 * disk_n / 100)) ;;
+        *) echo $((disk_n * 1024)) ;;
+    esac
+}
+
+disk_size() {  # KiB, for people
+    LC_ALL=C awk -v k="$1" 'BEGIN {
+        if (k < 1048576) printf "%.0f MiB", k / 1024; else printf "%.1f GiB", k / 1048576 }'
+}
+
+# 0 when the free space is at or above the floor (or cannot be measured).
+disk_ok() {
+    disk_df=$(df -Pk "$disk_path" 2>/dev/null | awk 'NR == 2 { print $2, $4 }')
+    disk_total=${disk_df% *} disk_free=${disk_df#* }
+    case "$disk_total$disk_free" in "" | *[!0-9]*) return 0 ;; esac
+    disk_floor=$(disk_floor_kib "$disk_floor_spec" "$disk_total") || return 0
+    [ "$disk_free" -ge "$disk_floor" ]
+}
+
+prune_images() {
+    # shellcheck disable=SC2086 # the filter option is absent or two words
+    $DOCKER image ls --no-trunc --format '{{.ID}} {{.Repository}}:{{.Tag}}' \
+        ${PRUNE_FILTER:+--filter $PRUNE_FILTER} | while read -r prune_id prune_ref; do
+        [ "$prune_id" != "$image_id" ] || continue
+        [ "$prune_ref" != "<none>:<none>" ] || prune_ref=$prune_id
+        ! $DOCKER image rm "$prune_ref" >/dev/null 2>&1 || log "disk: removed image $prune_ref"
+    done
+}
+
+prune_unused() {
+    # shellcheck disable=SC2086 # the filter option is absent or two words
+    $DOCKER volume prune -f --filter 'label!=dockerami.cache' \
+        ${PRUNE_FILTER:+--filter $PRUNE_FILTER} >/dev/null 2>&1 || true
+    # The build cache cannot be filtered: on a shared engine (PRUNE_FILTER) it stays.
+    [ -n "$PRUNE_FILTER" ] || $DOCKER builder prune -a -f >/dev/null 2>&1 || true
+}
+
+# Removes the least recently used cache volume no container has; 1 when there is none.
+prune_cache() {
+    lock "$STATE_DIR/caches.lock"
+    prune_held=$(cat "$STATE_DIR"/slot.*/attached "$STATE_DIR"/slot.*/attached.new \
+        2>/dev/null || true)
+    prune_vol=$($DOCKER volume ls -q --filter label=dockerami.cache | while read -r vol; do
+        case $vol in "$VOLUME_PREFIX"-cache-*) ;; *) continue ;; esac
+        ! printf '%s\n' "$prune_held" | grep -qx "$vol" || continue
+        data=$($DOCKER volume inspect -f '{{.Mountpoint}}' "$vol") || continue
+        echo "$(stat -c %Y "$data" 2>/dev/null || echo 0) $vol"
+    done | sort -n | head -n 1 | cut -d' ' -f2)
+    if [ -z "$prune_vol" ] || ! $DOCKER volume rm "$prune_vol" >/dev/null 2>&1; then
+        unlock "$STATE_DIR/caches.lock"
+        return 1
+    fi
+    log "disk: removed cache volume $prune_vol (used least recently)"
+    unlock "$STATE_DIR/caches.lock"
+}
+
+# 0 when the floor holds, after pruning if need be; else the instance retires: 1.
+keep_disk() {
+    [ ! -f "$STATE_DIR/retired" ] || return 1
+    lock "$STATE_DIR/disk.lock"
+    disk_step=0
+    until disk_ok; do
+        disk_step=$((disk_step + 1))
+        case $disk_step in
+            1) log "disk: $(disk_size "$disk_free") free on $disk_path, below the floor" \
+                   "($disk_floor_spec: $(disk_size "$disk_floor")); pruning"
+               prune_images ;;
+            2) prune_unused ;;
+            *) prune_cache && continue
+               retire "disk_full: $(disk_size "$disk_free") free on $disk_path after pruning," \
+                   "below the floor ($disk_floor_spec: $(disk_size "$disk_floor"))"
+               unlock "$STATE_DIR/disk.lock"
+               return 1 ;;
+        esac
+    done
+    [ "$disk_step" -eq 0 ] || log "disk: $(disk_size "$disk_free") free after pruning"
+    unlock "$STATE_DIR/disk.lock"
+}
+
+watch_disk() {
+    while sleep "$DISK_POLL"; do
+        keep_disk || return 0
+    done
+}
+
+# The instance cannot serve any longer ($*: "<reason>: <detail>"). It tells the master
+# why through its workers: host/retired, which the image shows as the worker info
+# dockerami_retired, read when a worker asks to shut down (SIGHUP, as for a spot notice)
+# and when one connects. From now on a slot's new container only says so (the master
+# refuses it builds); the master terminates the instance once its running builds end.
+retire() {
+    [ ! -f "$STATE_DIR/retired" ] || return 0
+    printf '%s\n' "$*" > "$STATE_DIR/retired.new"
+    mv "$STATE_DIR/retired.new" "$STATE_DIR/retired"
+    log "RETIRING: $*; the master ends this instance after its running builds"
+    retire_slot=0
+    while [ "$retire_slot" -lt "$slots" ]; do
+        if [ -d "$STATE_DIR/slot.$retire_slot/host" ]; then
+            install -m 644 "$STATE_DIR/retired" "$STATE_DIR/slot.$retire_slot/host/retired"
+        fi
+        $DOCKER kill --signal HUP "$(slot_container "$retire_slot")" >/dev/null 2>&1 || true
+        retire_slot=$((retire_slot + 1))
+    done
+}
+# --- end of caches and disk hygiene ---------------------------------------------------
+
 # A container that exits (a finished isolated build, or a crash) is replaced at once
 # by a fresh one from the same image. A slot's container number only moves on once
 # a container has connected (so the master has spent its password): a container that
@@ -417,6 +676,7 @@ run_slot() {
     # Counted per secret: user data with new secrets (a restarted instance) starts at 0.
     counter="$dir/number.$(extension "secret.$1" | sha256sum | cut -c1-16)"
     number=$(cat "$counter" 2>/dev/null || echo 0)
+    options=$(slot_options "$1")
     while :; do
         # The last container (also one a restarted bootstrap finds) is spent or not.
         if $DOCKER container inspect "$name" >/dev/null 2>&1; then
@@ -426,13 +686,22 @@ run_slot() {
             elif [ "$isolation" = container ]; then
                 sleep 2  # one that fails before connecting must not spin
             fi
-            $DOCKER rm -f "$name" >/dev/null 2>&1 || true
+            $DOCKER rm -f -v "$name" >/dev/null 2>&1 || true
         fi
+        # Retired, a new container tells the master so: only an image that can say it.
+        if ! keep_disk && [ "$host_dir" != 1 ]; then
+            log "$name: not started again: this instance retires"
+            return 0
+        fi
+        until reset_slot "$1"; do
+            log "$name: cannot empty its cache mount points; retrying"
+            sleep 5
+        done
         write_slot_user_data "$1" "$number"
         log "starting $image as $name"
         # shellcheck disable=SC2086 # option lists
         $DOCKER run --name "$name" --network host $container_options $RUN_OPTIONS \
-            $limit_options --mount "type=bind,source=$dir/user-data,target=/run/dockerami/user-data,readonly" \
+            $limit_options $options --mount "type=bind,source=$dir/user-data,target=/run/dockerami/user-data,readonly" \
             --env DOCKERAMI_USER_DATA_FILE=/run/dockerami/user-data \
             --env DOCKERAMI_INSTANCE_ID="$instance_id" --env DOCKERAMI_SLOT="$1" \
             --env DOCKERAMI_IMAGE_READY="$image_ready" --env DOCKERAMI_IMAGE_PULL="$image_pull" \
@@ -472,9 +741,11 @@ stop_slots() {
     for job in $(jobs -p); do kill "$job" 2>/dev/null || true; done
     slot=0
     while [ "$slot" -lt "$slots" ]; do
-        $DOCKER rm -f "$(slot_container "$slot")" >/dev/null 2>&1 || true
+        $DOCKER rm -f -v "$(slot_container "$slot")" >/dev/null 2>&1 || true
+        for entry in $caches; do detach_point "$cache_root/slot.$slot/${entry%%=*}" || true; done
         slot=$((slot + 1))
     done
+    [ -z "$caches" ] || detach_point "$cache_root" || true
     unblock_metadata
     exit 0
 }
@@ -487,10 +758,53 @@ while [ "$slot" -lt "$slots" ]; do
     case $(extension "secret.$slot") in *[!0-9a-f]*) give_up "bad secret.$slot in user data" ;; esac
     slot=$((slot + 1))
 done
+
+# Caches: cache.<name>=<path> lines, checked again here (the paths go into --mount).
+caches=""
+set -f
+# shellcheck disable=SC2013 # one word per line: names and paths have no whitespace
+for entry in $(sed -n '5,$p' "$STATE_DIR/user-data" | sed -n 's/^cache\.//p'); do
+    case ${entry%%=*} in "" | *[!a-z0-9_-]*) give_up "bad cache name in user data: $entry" ;; esac
+    case ${entry#*=} in "" | /*[!A-Za-z0-9._@+/-]* | [!/]*)
+        give_up "bad cache path in user data: $entry" ;;
+    esac
+    caches="$caches $entry"
+done
+set +f
+case $STATE_DIR in *[!A-Za-z0-9._@+/-]*) [ -z "$caches" ] || give_up "caches need a plain $STATE_DIR" ;; esac
+rm -rf "$STATE_DIR"/slot.*/lock "$STATE_DIR/caches.lock" "$STATE_DIR/disk.lock"
+# An image labelled dockerami.host-dir=1 reads /run/dockerami/host (the retirement) and
+# asks for its builder's caches itself (see images/worker-linux/start-worker.sh).
+host_dir=$($DOCKER image inspect -f '{{ index .Config.Labels "dockerami.host-dir" }}' "$image" \
+    2>/dev/null) || host_dir=""
+if [ -n "$caches" ]; then
+    # Only an image whose worker asks for its builder's caches gets them: with another,
+    # a build could ask for any builder's.
+    if [ "$host_dir" != 1 ]; then
+        log "WARNING: caches are off: the image has no label dockerami.host-dir=1 (its worker" \
+            "does not ask for its builder's caches)"
+        caches=""
+    elif ! mkdir -p "$cache_root" || ! { mountpoint -q "$cache_root" \
+            || mount --bind "$cache_root" "$cache_root"; } || ! mount --make-rshared "$cache_root"; then
+        log "WARNING: caches are off: cannot make $cache_root a shared mount"
+        caches=""
+    else
+        log "caches:$caches (a volume per builder, attached when its build starts)"
+    fi
+fi
+disk_floor_spec=$(extension disk.floor)
+disk_floor_spec=${disk_floor_spec:-$DISK_FLOOR}
+disk_path=${DISK_PATH:-$($DOCKER info -f '{{.DockerRootDir}}' 2>/dev/null || echo /var/lib/docker)}
+disk_floor_kib "$disk_floor_spec" 100 >/dev/null || give_up "bad disk floor '$disk_floor_spec'"
+image_id=$($DOCKER image inspect -f '{{.Id}}' "$image")
+log "disk: keeping $disk_floor_spec of $disk_path free (pruning, else retiring)"
+
 slot=0
 while [ "$slot" -lt "$slots" ]; do
     run_slot "$slot" &
     slot=$((slot + 1))
 done
 watch_spot &
+watch_disk &
+[ -z "$caches" ] || serve_cache_requests &
 wait

@@ -126,6 +126,17 @@ BAD_WORKERS = {
                 "'registry_credentials: ", "is not a valid ssm name"),
     "regrender": ("image='org/w:1', registry_credentials=util.Property('r')",
                   "'registry_credentials: ", "cannot be a renderable"),
+    # Caches and the disk floor (issue 20).
+    "cachename": ("image='org/w:1', isolation='container', caches={'C C': '/c'}", "'caches: ",
+                  "name 'C C' must be 1-32 characters"),
+    "cachepath": ("image='org/w:1', isolation='container', caches={'c': '/usr'}", "'caches: ",
+                  "would hide the image's own files"),
+    "cacheinst": ("image='org/w:1', isolation='instance', caches={'c': '/cache'}", "'caches: ",
+                  "not with isolation='instance'"),
+    "cachebuilds": ("image='org/w:1', caches={'c': '/cache'}", "'caches: ",
+                    "with isolation='none' needs max_builds=1"),
+    "floor": ("image='org/w:1', disk_floor='95%'", "'disk_floor: ",
+              "must be a percentage of the disk like '10%' (1-90)"),
 }
 
 BAD_CFG = """\
@@ -283,6 +294,9 @@ GOOD_WORKERS = [
     "registry_credentials='ssm:/ci/registry', instance_profile='buildbot-worker'",
     "registry_credentials='secretsmanager:arn:aws:secretsmanager:eu-west-1:123456789012:"
     "secret:ci/registry-AbCdEf', instance_profile='buildbot-worker'",
+    "isolation='container', caches={'ccache': '/home/builder/.ccache'}, disk_floor='20G'",
+    "caches={'c': '/cache', 'git': '/home/builder/git'}, max_builds=1, idle_action='stop'",
+    "disk_floor=2.5", "disk_floor='5%'",
 ]
 
 

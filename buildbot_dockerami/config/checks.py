@@ -21,7 +21,7 @@ from buildbot_dockerami.fleet import architecture, schedule
 from buildbot_dockerami.fleet.fallback import MARKETS, as_list
 from buildbot_dockerami.fleet.reconcile_plan import MIN_INTERVAL
 from buildbot_dockerami.fleet.stopped_pool import IDLE_ACTIONS
-from buildbot_dockerami.protocol import limits, registry, tls, userdata
+from buildbot_dockerami.protocol import caches, limits, registry, tls, userdata
 from buildbot_dockerami.protocol.userdata import UserData, UserDataError
 
 #: "none": an instance serves builds until idle; "container": a fresh container per
@@ -153,7 +153,7 @@ def settings_problems(name: Any, password: Any, s: WorkerSettings) -> list[str]:
         )
     return problems + fleet_problems(s) + lifecycle_problems(s) + warm_problems(s) + key_problems(
         s.identifier, s.secret_identifier, session) + tls.fingerprint_problems(
-        s.master_tls_fingerprint) + registry_problems(s)
+        s.master_tls_fingerprint) + registry_problems(s) + disk_problems(s)
 
 
 def registry_problems(s: WorkerSettings) -> list[str]:
@@ -260,6 +260,32 @@ def warm_problems(s: WorkerSettings) -> list[str]:
     if s.pool is None:
         return ["min_warm: needs pool= (a warm minimum is a pool's: use worker_pool(...))"]
     return schedule_problems("min_warm", s.min_warm)
+
+
+def disk_problems(s: WorkerSettings) -> list[str]:
+    """Caches and the free-space floor (protocol/caches.py): literal values only, and
+    caches only where an instance serves more than one build."""
+    problems = []
+    for setting, value, check in (("caches", s.caches, caches.cache_problems),
+                                  ("disk_floor", s.disk_floor, caches.disk_floor_problems)):
+        if _is_renderable(value):
+            problems.append(f"{setting}: cannot be a renderable (it is not rendered per build)")
+        else:
+            problems += check(value)
+    if s.caches is not None and s.isolation == "instance":
+        problems.append("caches: not with isolation='instance' (each build's instance is "
+                        "terminated with its disk; use isolation='container')")
+    return problems
+
+
+def cache_builds_problems(s: WorkerSettings, max_builds: Any) -> list[str]:
+    """Without isolation one container serves every build, and holds one builder's caches
+    at a time: builds of two builders must not overlap in it."""
+    if s.caches is not None and s.isolation == "none" and max_builds != 1:
+        return ["caches: with isolation='none' needs max_builds=1 (the worker's one "
+                "container holds one builder's caches at a time), or use "
+                "isolation='container'"]
+    return []
 
 
 def check_not_option(setting: str, value: str) -> None:

@@ -82,6 +82,10 @@ class WorkerSettings:
     #: Where the image's registry credentials live ('ssm:...' or 'secretsmanager:...'),
     #: fetched at boot with the instance role (protocol/registry.py); never the secret.
     registry_credentials: Any = None
+    #: Named caches kept on the instance, one Docker volume per builder (protocol/caches.py).
+    caches: Any = None
+    #: Free space the bootstrap keeps on the instance's disk, pruning, else retiring.
+    disk_floor: Any = None
     # Fleet-wide (FleetWide): still taken per worker for one release, with a warning.
     reconcile_interval: Any = FleetWide.reconcile_interval
     ec2_timeout: Any = FleetWide.ec2_timeout

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet import defer
 from twisted.python import log
 
+from buildbot_dockerami.fleet import retirement
+
 if TYPE_CHECKING:
     from buildbot_dockerami.fleet.launch import LaunchedInstance, Launcher
     from buildbot_dockerami.fleet.service import Fleet
@@ -24,7 +26,8 @@ def stops_for_reuse(fleet: Fleet, *, idle_action: str, connected: bool,
 @defer.inlineCallbacks
 def end(fleet: Fleet, instance: LaunchedInstance, launcher: Launcher, pool: str | None, *,
         reuse: bool, log_prefix: str) -> Any:
-    if reuse and (yield launcher.stop_for_reuse(instance)):
+    # A retired instance (its disk stays too full) is never kept.
+    if reuse and not retirement.retired(instance) and (yield launcher.stop_for_reuse(instance)):
         fleet.after_release()
         return
     state = yield fleet.terminate(instance.client, instance.instance_id)

@@ -48,12 +48,14 @@ class Slot:
 def slot_user_data(slots: Sequence[Slot], master: str, values: Mapping[str, Any], *,
                    isolated: bool, tls_fingerprint: str | None,
                    container_limits: Mapping[str, Any] | None = None,
-                   registry_credentials: str | None = None) -> str:
+                   registry_credentials: str | None = None,
+                   disk: Mapping[str, str] | None = None) -> str:
     """The user data of an instance serving ``slots`` (the first on line 1, the others
     on extension lines), for the rendered per-build ``values``; raises UserDataError.
     ``container_limits`` (checked at checkconfig) apply to each of its containers;
     ``registry_credentials`` is where the bootstrap fetches the registry's credentials
-    (its name only: protocol/registry.py)."""
+    (its name only: protocol/registry.py); ``disk``: the caches' and the disk floor's
+    extensions (protocol/caches.py)."""
     extensions: dict[str, str] = {}
     if isolated:
         extensions["isolation"] = "container"
@@ -69,6 +71,7 @@ def slot_user_data(slots: Sequence[Slot], master: str, values: Mapping[str, Any]
     extensions.update(limits.extensions(container_limits))
     if registry_credentials is not None:
         extensions[registry.EXTENSION] = registry_credentials
+    extensions.update(disk or {})
     return userdata.render(UserData(
         worker_name=slots[0].name, password=slots[0].password, master=master,
         image=values["image"], setup_repo=values["setup_repo"],
@@ -177,6 +180,8 @@ class LaunchedInstance:
     key: str = ""
     #: Its loss is counted: the workers that hear of it again count nothing more.
     lost: bool = False
+    #: Why its bootstrap retired it (fleet/retirement.py); "" while it serves.
+    retired: str = ""
 
 
 class FleetParts(Protocol):

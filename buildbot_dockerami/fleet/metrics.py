@@ -92,6 +92,9 @@ FAMILIES = {
     "dockerami_freed_slot_messages_total": Family(
         "counter", "Other masters' messages that a slot of a capped pool was freed (each "
         "read at once, not at the next pass)."),
+    "dockerami_retirements_total": Family(
+        "counter", "Instances that retired themselves (e.g. the disk stayed too full after "
+        "pruning), by reason.", "reason", ("disk_full", "other")),
     "dockerami_reclaimed_total": Family(
         "counter", "Instances of a dead master (heartbeat expired) this master terminated."),
     # Also labelled ``pool`` (empty outside a worker_pool; each pool's series from the

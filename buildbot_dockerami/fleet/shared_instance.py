@@ -10,7 +10,7 @@ from twisted.internet import defer
 from twisted.python import failure, log
 
 from buildbot_dockerami.cloud.instances import InstanceStatus
-from buildbot_dockerami.fleet import reconcile_plan
+from buildbot_dockerami.fleet import reconcile_plan, retirement
 from buildbot_dockerami.fleet.holdings import Holdings
 from buildbot_dockerami.fleet.termination import Terminator
 
@@ -64,10 +64,8 @@ class InstanceGroup:
     def acquire(self, launch: Callable[[], defer.Deferred]) -> Any:
         """The group's instance, launched by ``launch()`` (-> (instance, values)) if
         there is none; concurrent callers share one launch."""
-        while self.terminating:
-            waiter: defer.Deferred = defer.Deferred()
-            self._gone_waiters.append(waiter)
-            yield waiter
+        while self.terminating or not retirement.takes_builds(self.instance):
+            yield self.when_gone()  # a retiring instance ends after its builds
         if self.instance is not None:
             return self.instance
         if self._launch_waiters is not None:
@@ -98,6 +96,24 @@ class InstanceGroup:
     def build_finished(self) -> None:
         if not any(member.busy for member in self.members.values()):
             self._start_idle_timer()
+        self.end_if_retired()
+
+    def end_if_retired(self) -> None:
+        """A retiring instance (fleet/retirement.py) is terminated once no slot builds."""
+        instance = self.instance
+        if self.terminating or not retirement.may_end(
+                instance, (member.busy for member in self.members.values())):
+            return
+        self.shutdown(retirement.message(instance)).addErrback(
+            log.err, f"dockerami: terminating the retired instance of {self.name}")
+
+    def when_gone(self) -> defer.Deferred:
+        """Fires once the group has no instance (at once if it has none now)."""
+        if self.instance is None and not self.terminating:
+            return defer.succeed(None)
+        waiter: defer.Deferred = defer.Deferred()
+        self._gone_waiters.append(waiter)
+        return waiter
 
     def _start_idle_timer(self) -> None:
         self._cancel_idle_timer()

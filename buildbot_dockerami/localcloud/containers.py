@@ -17,6 +17,7 @@ bootstrap that powers off asks the hypervisor to terminate the instance.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -45,6 +46,32 @@ ROLE_NAME = "dockerami-local-role"
 def firewall_tag(instance_id: str) -> str:
     """The comment on the bootstrap's firewall rules for one local instance."""
     return f"dockerami-{instance_id}"
+
+
+def prune_label(instance_id: str) -> str:
+    """The label of what one local instance's bootstrap may prune from the shared engine
+    (images and volumes carrying it): on EC2 the engine is the instance's own."""
+    return f"dockerami.localcloud.prunable={instance_id}"
+
+
+def volume_prefix(instance_id: str) -> str:
+    """The names of one local instance's cache volumes start with this (its disk)."""
+    return f"dockerami-{instance_id}"
+
+
+def detach_mounts_under(directory: Path) -> int:
+    """Lazily unmount whatever is mounted under ``directory`` (a bootstrap's cache mount
+    points, if it was killed before it could), innermost first."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return 0
+    root = str(directory.resolve())
+    points = [p for p in (line.split()[4].encode().decode("unicode_escape") for line in lines)
+              if p == root or p.startswith(root + "/")]
+    for point in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+    return len(points)
 
 
 def remove_firewall_rules(tag: str, iptables: str = "iptables") -> int:
@@ -173,6 +200,7 @@ class _Machine:
 
     def __post_init__(self) -> None:
         self.stopping = threading.Event()
+        self.halted = threading.Event()
         self.process: subprocess.Popen | None = None
         self.thread = threading.Thread(target=self._supervise, daemon=True,
                                        name=f"machine-{self.instance_id}")
@@ -200,29 +228,35 @@ class _Machine:
                 self.stopping.wait(self.restart_delay)
 
     def stop(self) -> None:
+        """Power off: the boot process and its containers go; its disk (the cache
+        volumes) stays until the instance is discarded."""
         self.stopping.set()
         process = self.process
         if process is not None and process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
+        if process is not None:
+            # Nothing of the boot process may outlive it (a `docker run` client, say).
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGKILL)
-        # Powering off takes the containers (one per slot) with it, whatever the clients did:
-        # until none is left, since a killed client's removal (or run) may still be under
-        # way in the engine when the first one is asked.
-        deadline = time.monotonic() + 30
-        while True:
+        # Powering off takes the containers (one per slot) with it, whatever the clients
+        # did: until none is left twice running, since a killed client's removal (or a
+        # `docker run` the engine was still carrying out) may show up a little later.
+        deadline, empty = time.monotonic() + 30, 0
+        while empty < 2 and time.monotonic() < deadline:
             listed = subprocess.run(
                 [self.docker, "ps", "-aq", "--filter", f"name=^/{self.container}"],
                 capture_output=True, text=True, check=False,
             ).stdout.split()
-            if not listed or time.monotonic() > deadline:
-                break
-            subprocess.run([self.docker, "rm", "-f", *listed], capture_output=True,
-                           check=False)
-            time.sleep(0.2)
+            empty = 0 if listed else empty + 1
+            if listed:
+                subprocess.run([self.docker, "rm", "-f", "-v", *listed], capture_output=True,
+                               check=False)
+            elif empty < 2:
+                time.sleep(0.5)
         self.thread.join(timeout=15)
+        detach_mounts_under(self.directory)
         remove_firewall_rules(firewall_tag(self.instance_id))
         self.metadata.stop()
 
@@ -236,7 +270,8 @@ class ContainerRuntime:
                  bootstrap: Path = AMI_DIR / "dockerami-bootstrap.sh",
                  pull_attempts: int = 12, pull_max_delay: int = 30,
                  restart_delay: float = 2.0, run_options: str = "",
-                 iptables: str = "iptables", env: dict[str, str] | None = None) -> None:
+                 iptables: str = "iptables", env: dict[str, str] | None = None,
+                 disk_path: str | None = None, disk_poll: float | None = None) -> None:
         """``env``: more environment for the boot process (e.g. a PATH with the aws CLI)."""
         self.state_dir = state_dir
         self.env = dict(env or {})
@@ -247,7 +282,14 @@ class ContainerRuntime:
         self.pull_max_delay = pull_max_delay
         self.restart_delay = restart_delay
         self.run_options = run_options
+        #: The file system the bootstraps keep free space on (None: the engine's root).
+        self.disk_path = disk_path
+        self.disk_poll = disk_poll
         self._machines: dict[str, _Machine] = {}
+        #: Machines being powered off (a start of the same instance waits for them).
+        self._halting: dict[str, _Machine] = {}
+        #: Every instance booted, whose disk (cache volumes) exists until discarded.
+        self._disks: set[str] = set()
         self._lock = threading.Lock()
 
     @staticmethod
@@ -258,6 +300,12 @@ class ContainerRuntime:
         return ["sh", str(self.bootstrap)]
 
     def start(self, booting: Booting) -> None:
+        with self._lock:
+            halting = self._halting.get(booting.instance_id)
+        if halting is not None:
+            # A stopped instance started again: its last boot must be over first (its
+            # containers removed, its mounts undone), as on a machine.
+            halting.halted.wait(60)
         directory = self.state_dir / booting.instance_id
         directory.mkdir(parents=True, exist_ok=True)
         metadata = MetadataService(booting).start()
@@ -281,14 +329,22 @@ class ContainerRuntime:
             # The bootstrap closes this instance's metadata port to its containers.
             "DOCKERAMI_FIREWALL_TAG": firewall_tag(booting.instance_id),
             "DOCKERAMI_IPTABLES": self.iptables,
+            # The engine is shared: prune only this instance's, name its volumes apart.
+            "DOCKERAMI_PRUNE_FILTER": f"label={prune_label(booting.instance_id)}",
+            "DOCKERAMI_VOLUME_PREFIX": volume_prefix(booting.instance_id),
             **self.env,
         }
+        if self.disk_path is not None:
+            env["DOCKERAMI_DISK_PATH"] = self.disk_path
+        if self.disk_poll is not None:
+            env["DOCKERAMI_DISK_POLL"] = str(self.disk_poll)
         machine = _Machine(
             booting.instance_id, directory, self.boot_command(metadata, container), env,
             self.restart, self.restart_delay, metadata, container, self.docker,
         )
         with self._lock:
             self._machines[booting.instance_id] = machine
+            self._disks.add(booting.instance_id)
         machine.thread.start()
         log.info("%s: booting with %s (metadata at %s)", booting.instance_id,
                  type(self).__name__, metadata.url)
@@ -296,13 +352,42 @@ class ContainerRuntime:
     def stop(self, instance_id: str) -> None:
         with self._lock:
             machine = self._machines.pop(instance_id, None)
+            if machine is not None:
+                self._halting[instance_id] = machine
         if machine is not None:
-            machine.stop()
+            try:
+                machine.stop()
+            finally:
+                with self._lock:
+                    if self._halting.get(instance_id) is machine:
+                        del self._halting[instance_id]
+                machine.halted.set()
             log.info("%s: machine stopped, container %s removed", instance_id, machine.container)
 
     def running(self) -> list[str]:
         with self._lock:
             return [iid for iid, m in self._machines.items() if m.thread.is_alive()]
+
+    def discard(self, instance_id: str) -> None:
+        """The instance is terminated: its disk goes, and with it its cache volumes."""
+        with self._lock:
+            if instance_id not in self._disks:
+                return
+            self._disks.discard(instance_id)
+        listed = subprocess.run([self.docker, "volume", "ls", "-q"], capture_output=True,
+                                text=True, check=False)
+        prefix = volume_prefix(instance_id) + "-"
+        volumes = [v for v in listed.stdout.split() if v.startswith(prefix)]
+        if volumes:
+            subprocess.run([self.docker, "volume", "rm", "-f", *volumes], capture_output=True,
+                           check=False)
+
+    def close(self) -> None:
+        """The local cloud stops: every instance's disk goes."""
+        with self._lock:
+            disks = list(self._disks)
+        for instance_id in disks:
+            self.discard(instance_id)
 
     def console(self, instance_id: str) -> str | None:
         path = self.state_dir / instance_id / "console.log"

@@ -320,6 +320,9 @@ class Hypervisor:
         for instance_id in list(self.booted):
             self.runtime.stop(instance_id)
         self.booted.clear()
+        close = getattr(self.runtime, "close", None)
+        if close is not None:
+            close()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -366,11 +369,20 @@ class Hypervisor:
                 return
             booted = self.booted.pop(instance_id, None)
         self._first_seen.pop(instance_id, None)
+        discard = getattr(self.runtime, "discard", None)
+        gone = state in ("shutting-down", "terminated") and discard is not None
         if booted is not None:
             log.info("%s: instance is %s, stopping its machine", instance_id, state)
+
+            def halt() -> None:
+                self.runtime.stop(instance_id)
+                if gone:
+                    discard(instance_id)  # a terminated instance's disk goes too
+
             # In a thread: machines power off together, not one after another.
-            threading.Thread(target=self.runtime.stop, args=(instance_id,),
-                             name=f"halt-{instance_id}", daemon=True).start()
+            threading.Thread(target=halt, name=f"halt-{instance_id}", daemon=True).start()
+        elif gone:
+            discard(instance_id)
 
     def _spawn(self, instance_id: str, http_tokens: str, due: float,
                prepare: Callable[[Booting, float], None] | None) -> None:

@@ -25,11 +25,12 @@ from buildbot_dockerami.cloud.ec2 import Credentials
 from buildbot_dockerami.config.checks import (
     accepted_keywords,
     buildbot_settings,
+    cache_builds_problems,
     settings_problems,
     settings_warnings,
 )
 from buildbot_dockerami.config.model import FLEET_WIDE, WorkerSettings
-from buildbot_dockerami.fleet import boot_state, console, ending
+from buildbot_dockerami.fleet import boot_state, console, ending, retirement
 from buildbot_dockerami.fleet.launch import (
     LaunchedInstance,
 )
@@ -119,7 +120,8 @@ class DockerAMILatentWorker(Launching, Connections, Losses, Scheduling,
 
     def checkConfig(self, name: Any = None, password: Any = None, **kwargs: Any) -> None:
         settings, kwargs = WorkerSettings.split(kwargs)
-        problems = settings_problems(name, password, settings)
+        problems = settings_problems(name, password, settings) + cache_builds_problems(
+            settings, kwargs.get("max_builds"))
         bad, kwargs = buildbot_settings(kwargs, accepted_keywords(type(self)))
         for problem in problems + bad:
             config.error(f"DockerAMILatentWorker {name!r}: {problem}")
@@ -349,6 +351,9 @@ class DockerAMILatentWorker(Launching, Connections, Losses, Scheduling,
     def _leave_slot(self, group: InstanceGroup, instance: LaunchedInstance) -> None:
         """This slot's container is spent (build done, container lost) or never came."""
         if group.instance is not instance or group.terminating or self._stopping:
+            return
+        if retirement.retired(instance):  # its bootstrap retired it: it ends once no slot builds
+            group.end_if_retired()
             return
         if not self._connected:
             # Not waited for: shutting the group down releases this very worker.

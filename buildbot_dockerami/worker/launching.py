@@ -32,6 +32,7 @@ from buildbot_dockerami.fleet.launch import (
     slot_user_data,
 )
 from buildbot_dockerami.fleet.shared_instance import InstanceGroup
+from buildbot_dockerami.protocol import caches
 from buildbot_dockerami.protocol.userdata import UserDataError
 
 
@@ -60,6 +61,9 @@ class Launching:
     container_limits: Any = None
     #: The registry_credentials setting (protocol/registry.py): where, never what.
     registry_credentials: str | None = None
+    #: The caches and disk_floor settings (protocol/caches.py).
+    caches: Any = None
+    disk_floor: Any = None
 
     def renderWorkerProps(self, build: Any) -> defer.Deferred:
         """The per-build values; a build whose values differ from the running
@@ -119,7 +123,8 @@ class Launching:
                                   isolated=group is not None,
                                   tls_fingerprint=self.master_tls_fingerprint,
                                   container_limits=self.container_limits,
-                                  registry_credentials=self.registry_credentials)
+                                  registry_credentials=self.registry_credentials,
+                                  disk=caches.extensions(self.caches, self.disk_floor))
         except UserDataError as e:
             self._count_failure("invalid_setting", str(e))
             raise LatentWorkerCannotSubstantiate(self.name, str(e)) from e

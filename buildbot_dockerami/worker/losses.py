@@ -3,22 +3,30 @@
 bootstrap asks to shut down on EC2's interruption notice. Its builds end as RETRY, so
 buildbot builds them again elsewhere, and the worker lets go of the instance.
 
+And for instances that retire themselves (fleet/retirement.py decides and counts): the
+bootstrap found the disk too full after pruning, asks the workers to shut down and says
+why in their worker info. Such an instance takes no new build, its running builds
+finish, then it is terminated.
+
 A mixin of DockerAMILatentWorker (worker/latent.py), before buildbot's classes in its
-bases so that ``detached`` and ``shutdownRequested`` wrap buildbot's.
+bases so that ``detached``, ``shutdownRequested``, ``canStartBuild`` and
+``maybeShutdown`` wrap buildbot's.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from buildbot.interfaces import LatentWorkerFailedToSubstantiate
 from buildbot.process.results import RETRY
 from buildbot.worker.latent import States
 from twisted.internet import defer
-from twisted.python import log
+from twisted.python import failure, log
 
 from buildbot_dockerami.cloud import instances
-from buildbot_dockerami.fleet import lost
+from buildbot_dockerami.fleet import lost, retirement
 from buildbot_dockerami.fleet.launch import LaunchedInstance
+from buildbot_dockerami.worker.connections import ConnectionRefused
 
 
 class Losses:
@@ -26,6 +34,8 @@ class Losses:
 
     #: The instance whose loss this worker last recorded (see _record_lost).
     _lost_id = ""
+    #: The retired instance whose containers this worker last refused.
+    _retired_refused = ""
 
     def running_builds(self) -> list[Any]:
         return [build for builder in self.botmaster.builders.values()
@@ -83,9 +93,21 @@ class Losses:
             self._deferwaiter.add(self.insubstantiate())
 
     def shutdownRequested(self) -> None:
-        """The worker asks to shut down. On a spot instance that is the bootstrap
-        answering EC2's interruption notice: don't wait for the build (the instance
-        has two minutes), retry it elsewhere now."""
+        self._deferwaiter.add(self._shutdown_requested())
+
+    @defer.inlineCallbacks
+    def _shutdown_requested(self) -> Any:
+        """The worker asks to shut down: its instance retires if its info says so."""
+        instance = self.instance
+        text = yield retirement.ask(self.conn)
+        if text is not None and instance is not None and instance is self.instance:
+            self._retire(instance, text)
+        else:
+            self._asked_to_shut_down()
+
+    def _asked_to_shut_down(self) -> None:
+        """On a spot instance that is the bootstrap answering EC2's interruption notice:
+        don't wait for the build (the instance has two minutes), retry it elsewhere now."""
         instance = self.instance
         if instance is None or instance.market != "spot":
             super().shutdownRequested()
@@ -94,3 +116,62 @@ class Losses:
         reason = f"spot interruption: instance {instance.instance_id} is reclaimed by EC2"
         self.last_failure = reason
         self._let_go(reason)
+
+    # -- instances that retire themselves (fleet/retirement.py) ----------------------
+
+    def _refuse_if_retired(self, conn: Any) -> None:
+        """A container of a retired instance connects (its bootstrap starts them only to
+        say so): refused. If this worker waited for it, the substantiation fails (a build
+        waiting for it is retried) and the instance ends once its other slots' builds
+        have. Called first by Connections.attached."""
+        text = retirement.reported(conn.info)
+        if text is None:
+            return
+        instance = self.instance
+        reported = str(conn.info.get("instance_id") or "").strip()
+        if instance is None:
+            # Its slot is no longer waiting; the container retries until the instance
+            # ends: said once.
+            if self._retired_refused != reported:
+                self._retired_refused = reported
+                log.msg(f"{self}: refusing the connections of {reported or 'an instance'}: "
+                        "it retires")
+            conn.loseConnection()
+            raise ConnectionRefused(f"{self.name}: its instance retires")
+        if reported and reported != instance.instance_id:
+            return  # another instance's: the origin check refuses it
+        self._connected = True  # it did connect: not a boot failure
+        self._retire(instance, text, insubstantiate=False)
+        # Fails the build waiting for it (retried), and ends this substantiation.
+        self._substantiation_failed(failure.Failure(
+            LatentWorkerFailedToSubstantiate(self.name, retirement.message(instance))))
+        if self.group is None:
+            self._deferwaiter.add(self._builds_after(self.insubstantiate()))
+        self._refuse(conn, retirement.message(instance))
+
+    def _retire(self, instance: Any, text: str, insubstantiate: bool = True) -> None:
+        if retirement.record(self.fleet.metrics, instance, text):
+            log.msg(f"{self}: {retirement.message(instance)}; it takes no new build and "
+                    "is terminated once its running builds end")
+            if self.group is not None:
+                self._deferwaiter.add(self._builds_after(self.group.when_gone()))
+        self.last_failure = retirement.message(instance)
+        if self.group is not None:
+            self.group.end_if_retired()
+        elif not self.busy and insubstantiate:
+            self._deferwaiter.add(self._builds_after(self.insubstantiate()))
+
+    @defer.inlineCallbacks
+    def _builds_after(self, gone: defer.Deferred) -> Any:
+        """Once the retired instance is gone, builds it held back may start (on a new one)."""
+        yield gone
+        self.botmaster.maybeStartBuildsForAllBuilders()
+
+    def canStartBuild(self) -> bool:
+        return retirement.takes_builds(self.instance) and super().canStartBuild()
+
+    def maybeShutdown(self) -> None:
+        # Called as each build finishes: a retired instance ends when its last one has.
+        if self.group is None and retirement.may_end(self.instance, [self.busy]):
+            self._deferwaiter.add(self._builds_after(self.insubstantiate()))
+        super().maybeShutdown()

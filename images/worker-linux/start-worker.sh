@@ -10,6 +10,9 @@
 # exits when its connection ends, so every build gets a fresh container. With
 # "tls.sha256=<fingerprint>" (or MASTER_TLS_SHA256) it connects over TLS to a master
 # whose certificate has exactly that SHA-256 fingerprint, and to no other.
+# Under the bootstrap (DOCKERAMI_HOST_DIR) the worker reports the instance's retirement
+# (its disk stays too full) as worker info, and (DOCKERAMI_CACHE_REQUESTS) asks for its
+# builder's caches when a build starts, before any step runs.
 # User-data lines: 1 "name password host:port", 2 image, 3 setup repo, 4 setup branch.
 # When a setup repo is given it is cloned and its setup script run (seed behaviour).
 set -eu
@@ -139,6 +142,13 @@ if limits=$(container_limits); then
     printf '%s' "$limits" > "$BASEDIR/info/container_limits"
 else
     rm -f "$BASEDIR/info/container_limits"
+fi
+# Why the instance retires, when its bootstrap says so (worker info dockerami_retired,
+# read by the master whenever the worker asks to shut down, and when it connects).
+if [ -n "${DOCKERAMI_HOST_DIR:-}" ]; then
+    ln -sfn "$DOCKERAMI_HOST_DIR/retired" "$BASEDIR/info/dockerami_retired"
+else
+    rm -f "$BASEDIR/info/dockerami_retired"
 fi
 case $BUILDMASTER_PORT in "" | *[!0-9]*) log "bad master port '$BUILDMASTER_PORT'"; exit 1 ;; esac
 
@@ -288,6 +298,47 @@ def finished_explained(self, sig, rc):
 RunProcess.start = start_counting
 RunProcess._spawnProcess = spawn_oom_first
 RunProcess.finished = finished_explained
+
+
+requests = os.environ.get("DOCKERAMI_CACHE_REQUESTS")
+answers = os.environ.get("DOCKERAMI_HOST_DIR")
+if requests and answers:
+    # Caches that survive isolation: when a build starts (the master's startBuild, before
+    # any step), ask the bootstrap to attach this builder's cache volumes, and start the
+    # build once they are there.
+    import secrets
+
+    from buildbot_worker.pb import WorkerForBuilderPbLike
+    from twisted.internet import reactor, task
+
+    def attach_caches(builder):
+        ident = secrets.token_hex(8)
+        request = os.path.join(requests, "cache")
+        with open(request + ".new", "w") as f:
+            f.write(f"{ident}\n{builder}\n")
+        os.replace(request + ".new", request)
+        answer = os.path.join(answers, f"cache.{ident}")
+        deadline = reactor.seconds() + 120
+
+        def look():
+            if os.path.exists(answer):
+                with open(answer) as f:
+                    text = f.read().strip()
+                if text != "ok":
+                    raise RuntimeError(f"caches of builder {builder!r}: {text}")
+                return None
+            if reactor.seconds() > deadline:
+                raise RuntimeError(f"caches of builder {builder!r}: no answer from the bootstrap")
+            return task.deferLater(reactor, 0.05, look)
+
+        return task.deferLater(reactor, 0, look)
+
+    start_build = WorkerForBuilderPbLike.remote_startBuild
+
+    def remote_startBuild(self):
+        return attach_caches(self.name).addCallback(lambda _: start_build(self))
+
+    WorkerForBuilderPbLike.remote_startBuild = remote_startBuild
 TAC
 unset WORKERPASS USER_DATA
 log "worker $WORKERNAME connecting to $BUILDMASTER:$BUILDMASTER_PORT"

@@ -1,0 +1,85 @@
+"""Instances that retire themselves: the bootstrap found the disk too full even after
+pruning (docs/isolation.md#disk-hygiene), started no new container, asked its workers
+to shut down and said why in the worker info ``dockerami_retired``. The decisions:
+what an instance reported, counted once per instance however many of its workers say
+it, and that a retiring instance takes no new build and ends (terminated, never stopped
+for reuse) once none of its builds runs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from twisted.internet import defer
+
+from buildbot_dockerami.fleet.metrics import Metrics
+
+#: The worker-info key (a file in the worker's info/ directory) the image links to the
+#: bootstrap's word: "<reason>: <detail>".
+RETIRED_INFO = "dockerami_retired"
+#: Reasons the bootstrap gives; another is counted as "other".
+REASONS = ("disk_full",)
+_REASON = re.compile(r"^([a-z_]{1,32}):")
+_MAX_TEXT = 300
+
+
+def reported(info: Mapping[str, Any] | None) -> str | None:
+    """The retirement a worker's info reports ("disk_full: 0.41 GiB free ..."), or None."""
+    text = (info or {}).get(RETIRED_INFO)
+    if not isinstance(text, str):
+        return None
+    line = " ".join(text.strip().splitlines()[:1]).strip()
+    if not line:
+        return None
+    return line if len(line) <= _MAX_TEXT else line[: _MAX_TEXT - 3] + "..."
+
+
+def reason_code(text: str) -> str:
+    """The metric's label for a reported retirement."""
+    match = _REASON.match(text)
+    return match.group(1) if match and match.group(1) in REASONS else "other"
+
+
+def record(metrics: Metrics, instance: Any, text: str) -> bool:
+    """Note that ``instance`` (fleet.launch.LaunchedInstance) retires; True the first time
+    only, when it is counted (dockerami_retirements_total{reason})."""
+    if retired(instance):
+        return False
+    instance.retired = text
+    metrics.inc("dockerami_retirements_total", {"reason": reason_code(text)})
+    return True
+
+
+def message(instance: Any) -> str:
+    """What the operator reads on the Fleet page and in the log."""
+    return f"instance {instance.instance_id} retired itself: {instance.retired}"
+
+
+def retired(instance: Any) -> str:
+    """Why ``instance`` retires ("" while it serves, or for no instance)."""
+    return getattr(instance, "retired", "") or ""
+
+
+def takes_builds(instance: Any) -> bool:
+    """A retiring instance takes no new build (a worker with no instance may launch one)."""
+    return not retired(instance)
+
+
+def may_end(instance: Any, busy: Iterable[bool]) -> bool:
+    """A retiring instance ends once none of the builds on it runs."""
+    return bool(retired(instance)) and not any(busy)
+
+
+@defer.inlineCallbacks
+def ask(conn: Any) -> Any:
+    """A connected worker's retirement, read again from its info (the image reads its
+    info/ files on every request): the reason, or None (not retiring, or no answer)."""
+    if conn is None:
+        return None
+    try:
+        info = yield conn.remoteGetWorkerInfo()
+    except Exception:
+        return None
+    return reported(info)

@@ -1,0 +1,121 @@
+"""Instances that retire themselves (fleet/retirement.py): what an instance reports,
+counted once, no new builds, and the end after the running builds, on a fake clock and
+the in-memory EC2."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+
+from buildbot_dockerami.cloud import instances
+from buildbot_dockerami.fleet import ending, retirement
+from buildbot_dockerami.fleet.launch import LaunchedInstance
+from buildbot_dockerami.fleet.metrics import Metrics
+from buildbot_dockerami.fleet.shared_instance import InstanceGroup
+from tests.test_fleet_parts import launch, parts
+
+DISK_FULL = "disk_full: 0.41 GiB free on /var/lib/docker after pruning, below the floor (10%)"
+
+
+def test_what_a_worker_reports_in_its_info():
+    assert retirement.reported({}) is None
+    assert retirement.reported(None) is None
+    assert retirement.reported({"dockerami_retired": "  \n"}) is None
+    assert retirement.reported({"dockerami_retired": 5}) is None
+    assert retirement.reported({"dockerami_retired": DISK_FULL + "\n"}) == DISK_FULL
+    assert retirement.reported({"dockerami_retired": "a\nsecond line"}) == "a"
+    long = retirement.reported({"dockerami_retired": "x" * 1000})
+    assert long is not None and len(long) == 300 and long.endswith("...")
+    assert retirement.reason_code(DISK_FULL) == "disk_full"
+    assert retirement.reason_code("cosmic_rays: oh") == "other"
+    assert retirement.reason_code("no reason given") == "other"
+
+
+def test_a_retirement_is_counted_once_however_many_workers_report_it():
+    _, fake, client, *_ = parts()
+    metrics = Metrics()
+    instance = LaunchedInstance(client, launch(fake, "w"), "t3.micro", "img", "ami-1")
+    assert retirement.takes_builds(instance) and retirement.takes_builds(None)
+    assert retirement.record(metrics, instance, DISK_FULL)
+    assert not retirement.record(metrics, instance, "disk_full: later, other words")
+    assert instance.retired == DISK_FULL and not retirement.takes_builds(instance)
+    assert metrics.counter("dockerami_retirements_total", {"reason": "disk_full"}) == 1
+    assert retirement.message(instance) == (
+        f"instance {instance.instance_id} retired itself: {DISK_FULL}")
+    assert not retirement.may_end(instance, [True, False])
+    assert retirement.may_end(instance, [False, False])
+
+
+class Slot:
+    pool = None
+
+    def __init__(self, name: str) -> None:
+        self.name, self.busy, self.armed, self.released = name, False, 0, 0
+
+    def arm(self) -> None:
+        self.armed += 1
+
+    def release(self) -> defer.Deferred:
+        self.released += 1
+        return defer.succeed(None)
+
+
+def test_a_retiring_shared_instance_ends_after_its_last_build_and_only_then_is_replaced():
+    clock, fake, client, holdings, terminator, metrics = parts()
+    group = InstanceGroup("g", clock, terminator, holdings, lambda pool, g: None)
+    holdings.groups["g"] = group
+    group.idle_timeout = 60
+    launched: list[str] = []
+
+    def launch_one() -> defer.Deferred:
+        launched.append(launch(fake, "g"))
+        return defer.succeed((LaunchedInstance(client, launched[-1], "t3.micro", "img",
+                                               "ami-1"), {}))
+
+    building, idle = Slot("a"), Slot("b")
+    group.join(building)
+    group.join(idle)
+    first = group.acquire(launch_one).result
+    building.busy = True
+    group.build_started()
+
+    retirement.record(metrics, first, DISK_FULL)
+    group.end_if_retired()  # a slot still builds: the instance stays
+    clock.advance(3600)
+    assert fake.status(first.instance_id).state == "running" and group.instance is first
+
+    # A slot that wants the instance now waits for a new one; none is launched yet.
+    waiting = group.acquire(launch_one)
+    assert not waiting.called and launched == [first.instance_id]
+
+    building.busy = False
+    group.build_finished()  # the last build ended: terminated, not kept idle
+    assert fake.status(first.instance_id).state in instances.GONE_STATES
+    assert (building.released, idle.released) == (1, 1)
+    second = waiting.result
+    assert second.instance_id != first.instance_id and not second.retired
+    assert launched == [first.instance_id, second.instance_id]
+
+
+def test_a_retired_instance_is_terminated_never_stopped_for_reuse():
+    _, fake, client, *_ = parts()
+    instance = LaunchedInstance(client, launch(fake, "w"), "t3.micro", "img", "ami-1")
+    instance.retired = DISK_FULL
+    ended: list[Any] = []
+
+    class Fleet:
+        def terminate(self, client: Any, instance_id: str) -> defer.Deferred:
+            ended.append(("terminate", instance_id))
+            return defer.succeed("shutting-down")
+
+        def released(self, pool: Any) -> None:
+            ended.append(("released", pool))
+
+    class Launcher:
+        def stop_for_reuse(self, instance: Any) -> defer.Deferred:
+            ended.append(("stop", instance.instance_id))
+            return defer.succeed(True)
+
+    ending.end(Fleet(), instance, Launcher(), "p", reuse=True, log_prefix="w")
+    assert ended == [("terminate", instance.instance_id), ("released", "p")]
