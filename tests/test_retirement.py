@@ -10,10 +10,12 @@ from twisted.internet import defer
 
 from buildbot_dockerami.cloud import instances
 from buildbot_dockerami.fleet import ending, retirement
+from buildbot_dockerami.fleet import metrics as metrics_module
 from buildbot_dockerami.fleet.launch import LaunchedInstance
 from buildbot_dockerami.fleet.metrics import Metrics
+from buildbot_dockerami.fleet.reconciler import Reconciler
 from buildbot_dockerami.fleet.shared_instance import InstanceGroup
-from tests.test_fleet_parts import launch, parts
+from tests.test_fleet_parts import MASTER, launch, parts
 
 DISK_FULL = "disk_full: 0.41 GiB free on /var/lib/docker after pruning, below the floor (10%)"
 
@@ -119,3 +121,63 @@ def test_a_retired_instance_is_terminated_never_stopped_for_reuse():
 
     ending.end(Fleet(), instance, Launcher(), "p", reuse=True, log_prefix="w")
     assert ended == [("terminate", instance.instance_id), ("released", "p")]
+
+
+# -- drained by the master: max builds, max age (issue 21) -----------------------------
+
+
+def test_the_master_drains_after_max_builds_or_max_age_on_the_fleet_clock():
+    clock, fake, client, *_ = parts()
+    clock.advance(1000)
+    instance = LaunchedInstance(client, launch(fake, "w"), "t3.micro", "img", "ami-1",
+                                launched_at=clock.seconds())
+    assert retirement.due(instance, clock.seconds(), None, None) is None
+    assert retirement.due(None, clock.seconds(), 1, 1) is None
+    retirement.build_started(instance)
+    assert retirement.due(instance, clock.seconds(), 2, None) is None
+    retirement.build_started(instance)
+    text = retirement.due(instance, clock.seconds(), 2, None)
+    assert text == "max_builds: 2 builds started on it (max_builds_per_instance=2)"
+    assert retirement.reason_code(text) == "max_builds"
+
+    assert retirement.due(instance, clock.seconds(), None, 3600) is None
+    clock.advance(3599)
+    assert retirement.due(instance, clock.seconds(), None, 3600) is None
+    clock.advance(1)
+    text = retirement.due(instance, clock.seconds(), None, 3600)
+    assert text == "max_age: launched 3600s ago (max_instance_age=3600)"
+    metrics = Metrics()
+    assert retirement.record(metrics, instance, text)
+    assert retirement.message(instance) == f"instance {instance.instance_id} drains: {text}"
+    assert metrics.counter("dockerami_retirements_total", {"reason": "max_age"}) == 1
+    # Already draining: nothing more is due (counted once).
+    assert retirement.due(instance, clock.seconds(), 1, 1) is None
+
+
+def test_every_reason_is_seeded_in_the_metric():
+    family = metrics_module.FAMILIES["dockerami_retirements_total"]
+    assert set(family.seeds) == {*retirement.REASONS, "other"}
+
+
+def test_the_reconciler_pass_asks_each_worker_to_drain_on_the_fleet_clock():
+    clock, _fake, client, holdings, terminator, metrics = parts()
+
+    class Draining:
+        def __init__(self) -> None:
+            self.instance, self.asked = None, []
+
+        def ec2_client(self) -> defer.Deferred:
+            return defer.succeed(client)
+
+        def drain_if_due(self) -> None:
+            self.asked.append(clock.seconds())
+
+    worker = Draining()
+    holdings.workers.add(worker)
+    reconciler = Reconciler(clock, MASTER, holdings, terminator=terminator, metrics=metrics,
+                            stopping=lambda: False)
+    reconciler.start(30, first_delay=1)
+    clock.advance(1)
+    clock.advance(30)
+    assert worker.asked == [1.0, 31.0]
+    reconciler.stop()

@@ -86,6 +86,11 @@ class WorkerSettings:
     caches: Any = None
     #: Free space the bootstrap keeps on the instance's disk, pruning, else retiring.
     disk_floor: Any = None
+    #: Builds an instance takes before it drains (no new build, ends after its running
+    #: ones; fleet/retirement.py); slots of a shared instance count together. None: no cap.
+    max_builds_per_instance: Any = None
+    #: Seconds after its launch an instance drains (fleet/retirement.py). None: no cap.
+    max_instance_age: Any = None
     # Fleet-wide (FleetWide): still taken per worker for one release, with a warning.
     reconcile_interval: Any = FleetWide.reconcile_interval
     ec2_timeout: Any = FleetWide.ec2_timeout

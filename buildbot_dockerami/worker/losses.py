@@ -149,13 +149,29 @@ class Losses:
             self._deferwaiter.add(self._builds_after(self.insubstantiate()))
         self._refuse(conn, retirement.message(instance))
 
+    def drain_if_due(self) -> None:
+        """The master drains this worker's instance when it has taken
+        max_builds_per_instance builds or is older than max_instance_age (decided by
+        fleet/retirement.py; asked as builds start and on every reconciler pass)."""
+        instance, text = self.instance, self._drain_due()
+        if instance is not None and text is not None:
+            self._retire(instance, text)
+
+    def _drain_due(self) -> str | None:
+        settings = getattr(self, "settings", None)
+        if settings is None:
+            return None
+        return retirement.due(self.instance, self.master.reactor.seconds(),
+                              settings.max_builds_per_instance, settings.max_instance_age)
+
     def _retire(self, instance: Any, text: str, insubstantiate: bool = True) -> None:
         if retirement.record(self.fleet.metrics, instance, text):
             log.msg(f"{self}: {retirement.message(instance)}; it takes no new build and "
                     "is terminated once its running builds end")
             if self.group is not None:
                 self._deferwaiter.add(self._builds_after(self.group.when_gone()))
-        self.last_failure = retirement.message(instance)
+        if retirement.reason_code(text) not in retirement.DRAIN_REASONS:
+            self.last_failure = retirement.message(instance)  # a drain is no failure
         if self.group is not None:
             self.group.end_if_retired()
         elif not self.busy and insubstantiate:
@@ -168,7 +184,12 @@ class Losses:
         self.botmaster.maybeStartBuildsForAllBuilders()
 
     def canStartBuild(self) -> bool:
-        return retirement.takes_builds(self.instance) and super().canStartBuild()
+        if not retirement.takes_builds(self.instance):
+            return False
+        if self._drain_due() is not None:  # drained at once, not from inside buildbot's loop
+            self.master.reactor.callLater(0, self.drain_if_due)
+            return False
+        return super().canStartBuild()
 
     def maybeShutdown(self) -> None:
         # Called as each build finishes: a retired instance ends when its last one has.
