@@ -16,6 +16,7 @@ from typing import Any
 
 from buildbot_dockerami.cloud.ec2 import DEFAULT_TIMEOUT
 from buildbot_dockerami.fleet.reconcile_plan import DEFAULT_INTERVAL
+from buildbot_dockerami.fleet.refresh import DEFAULT_INTERVAL as DEFAULT_REFRESH_INTERVAL
 from buildbot_dockerami.fleet.stopped_pool import DEFAULT_MAX_STOPPED, DEFAULT_MAX_STOPPED_AGE
 
 #: Settings whose values are secrets: checked, handed on, never kept as attributes.
@@ -37,6 +38,8 @@ class FleetWide:
     launch_on_request: Any = False
     #: On-demand USD per hour by instance type (and ``stopped``), over the default table.
     prices: Any = None
+    #: Seconds between two DescribeImages for the same ami_filters (fleet/refresh.py).
+    ami_refresh_interval: Any = DEFAULT_REFRESH_INTERVAL
 
 
 FLEET_WIDE = tuple(f.name for f in dataclasses.fields(FleetWide))

@@ -24,7 +24,7 @@ from twisted.internet import defer
 from twisted.python import failure, log
 
 from buildbot_dockerami.cloud import instances
-from buildbot_dockerami.fleet import lost, retirement
+from buildbot_dockerami.fleet import lost, refresh, retirement
 from buildbot_dockerami.fleet.launch import LaunchedInstance
 from buildbot_dockerami.worker.connections import ConnectionRefused
 
@@ -156,6 +156,22 @@ class Losses:
         instance, text = self.instance, self._drain_due()
         if instance is not None and text is not None:
             self._retire(instance, text)
+
+    @defer.inlineCallbacks
+    def refresh_if_stale(self) -> Any:
+        """The master drains this worker's instance when its ami_filters now pick another
+        image than the one it was launched from (fleet/refresh.py, asked at most once
+        per ami_refresh_interval). A fixed ``ami`` or a template's image never refresh."""
+        instance = self.instance
+        settings = getattr(self, "settings", None)
+        if (instance is None or settings is None or settings.ami is not None
+                or settings.ami_filters is None or retirement.retired(instance)):
+            return
+        newest = yield self.fleet.refresh.newest_for(instance, settings.ami_filters,
+                                                     settings.ami_owners)
+        if (instance is self.instance and newest is not None
+                and refresh.stale(instance.ami, newest)):
+            self._retire(instance, refresh.reason(instance.ami, newest))
 
     def _drain_due(self) -> str | None:
         settings = getattr(self, "settings", None)
