@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import SUCCESS, master_cfg, wait_for
-from tests.helpers import instances, state_of
+from tests.helpers import instances, pools, state_of
 from tests.test_cost import scrape
 
 pytestmark = pytest.mark.integration
@@ -85,3 +85,27 @@ def test_a_newer_ami_drains_idle_instances_at_once_and_busy_ones_after_their_bui
     assert scrape(master)[("dockerami_retirements_total",
                            frozenset({("reason", "refresh_ami")}))] == 2
     assert f"drains: refresh_ami: launched from {cloud.base_ami_id}" in master.log()
+
+
+FAST_REFRESH = """
+from buildbot_dockerami import FleetSettings
+c['services'] = [FleetSettings(reconcile_interval=5, ami_refresh_interval=5)]
+"""
+
+
+def test_a_warm_instance_of_an_old_ami_ends_only_once_its_replacement_is_ready(
+        make_master, cloud):
+    master = make_master(master_cfg(pool="'pool', count=2, min_warm=1", build_wait_timeout=600,
+                                    plugins=PLUGIN) + FAST_REFRESH)
+    wait_for(lambda: pools(master)["pool"]["idle"] == 1, 120, "the warm minimum to be idle")
+    (old,) = instances(cloud)
+    newer = cloud.register_image("dockerami-base-local-2", "x86_64", "a newer base AMI")
+
+    # Held (draining, no build) while the keeper launches its replacement, then ended.
+    wait_for(lambda: state_of(cloud, old["InstanceId"]) in ("shutting-down", "terminated"),
+             120, "the warm instance of the old AMI to end")
+    assert pools(master)["pool"]["idle"] == 1, "the replacement was ready before it ended"
+    (fresh,) = [i for i in instances(cloud) if i["State"]["Name"] == "running"]
+    assert fresh["ImageId"] == newer
+    assert "warm minimum has its replacement" in master.log()
+    assert "its replacement is ready" in master.log()

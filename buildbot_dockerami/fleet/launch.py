@@ -185,6 +185,8 @@ class LaunchedInstance:
     retired: str = ""
     #: Builds started on it (all its slots): max_builds_per_instance drains it.
     builds_started: int = 0
+    #: Draining but kept (idle) until its pool's warm minimum has its replacement.
+    held: bool = False
 
 
 class FleetParts(Protocol):

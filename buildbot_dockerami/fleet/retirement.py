@@ -98,9 +98,16 @@ def takes_builds(instance: Any) -> bool:
     return not retired(instance)
 
 
+#: Seconds an idle draining instance of a warm minimum waits for its replacement at
+#: most (then it ends anyway: a launch that keeps failing must not keep it forever).
+REPLACE_WAIT = 900.0
+
+
 def may_end(instance: Any, busy: Iterable[bool]) -> bool:
-    """A retiring instance ends once none of the builds on it runs."""
-    return bool(retired(instance)) and not any(busy)
+    """A retiring instance ends once none of the builds on it runs (and, when it held a
+    pool's warm minimum, once its replacement is ready: ``held``)."""
+    return (bool(retired(instance)) and not getattr(instance, "held", False)
+            and not any(busy))
 
 
 @defer.inlineCallbacks

@@ -24,7 +24,7 @@ from twisted.internet import defer
 from twisted.python import failure, log
 
 from buildbot_dockerami.cloud import instances
-from buildbot_dockerami.fleet import lost, refresh, retirement
+from buildbot_dockerami.fleet import lost, pools, refresh, retirement
 from buildbot_dockerami.fleet.launch import LaunchedInstance
 from buildbot_dockerami.worker.connections import ConnectionRefused
 
@@ -186,11 +186,46 @@ class Losses:
                     "is terminated once its running builds end")
             if self.group is not None:
                 self._deferwaiter.add(self._builds_after(self.group.when_gone()))
+            if self._holds_warm_minimum(instance):
+                instance.held = True
+                log.msg(f"{self}: {instance.instance_id} is kept until its pool {self.pool}'s "
+                        "warm minimum has its replacement")
+                self._end_when_replaced(instance, self.master.reactor.seconds())
         if retirement.reason_code(text) not in retirement.DRAIN_REASONS:
             self.last_failure = retirement.message(instance)  # a drain is no failure
         if self.group is not None:
             self.group.end_if_retired()
-        elif not self.busy and insubstantiate:
+        elif not self.busy and insubstantiate and not getattr(instance, "held", False):
+            self._deferwaiter.add(self._builds_after(self.insubstantiate()))
+
+    def _holds_warm_minimum(self, instance: Any) -> bool:
+        """An idle instance of a pool with a warm minimum, drained by the master: ended
+        only once the keeper has its replacement (a retiring disk is not waited for)."""
+        if (self.pool is None or self.fleet.keeper is None
+                or retirement.reason_code(instance.retired) not in retirement.DRAIN_REASONS):
+            return False
+        members = self.group.members.values() if self.group is not None else [self]
+        if any(member.busy for member in members):
+            return False
+        return pools.warm_minimum(self.fleet, self.pool, self.master.reactor.seconds()) > 0
+
+    def _end_when_replaced(self, instance: Any, since: float) -> None:
+        """Checked as often as the keeper tops pools up: the held instance ends once the
+        pool's warm minimum holds without it (or after retirement.REPLACE_WAIT)."""
+        current = self.group.instance if self.group is not None else self.instance
+        if not instance.held or current is not instance:
+            return  # released, or gone meanwhile
+        now = self.master.reactor.seconds()
+        if (not pools.warm_without_draining(self.fleet, self.pool, now)
+                and now - since < retirement.REPLACE_WAIT and not self.fleet.stopping):
+            self.master.reactor.callLater(pools.KEEPER_INTERVAL, self._end_when_replaced,
+                                          instance, since)
+            return
+        instance.held = False
+        log.msg(f"{self}: {retirement.message(instance)}; its replacement is ready")
+        if self.group is not None:
+            self.group.end_if_retired()
+        elif not self.busy:
             self._deferwaiter.add(self._builds_after(self.insubstantiate()))
 
     @defer.inlineCallbacks
