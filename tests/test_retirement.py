@@ -9,7 +9,7 @@ from typing import Any
 from twisted.internet import defer
 
 from buildbot_dockerami.cloud import instances
-from buildbot_dockerami.fleet import ending, retirement
+from buildbot_dockerami.fleet import ending, refresh, retirement
 from buildbot_dockerami.fleet import metrics as metrics_module
 from buildbot_dockerami.fleet.launch import LaunchedInstance
 from buildbot_dockerami.fleet.metrics import Metrics
@@ -184,3 +184,32 @@ def test_the_reconciler_pass_asks_each_worker_to_drain_on_the_fleet_clock():
     clock.advance(30)
     assert worker.asked == [1.0, 31.0]
     reconciler.stop()
+
+
+def test_ami_refresh_asks_ec2_at_most_once_per_interval_and_names_the_newer_image():
+    clock, fake, client, *_ = parts()
+    clock.advance(1_800_000_000)
+    fake.clock = clock.seconds
+    filters = [{"Name": "name", "Values": ["base-*"]}]
+    old = fake.register_image("base-1", "2026-12-01T00:00:00.000Z")
+    instance = LaunchedInstance(client, launch(fake, "w"), "t3.micro", "img", old)
+    checker = refresh.AmiRefresh(clock.seconds, interval=600)
+    # Two instances asking at once share one DescribeImages.
+    first, second = (checker.newest_for(instance, filters, None) for _ in range(2))
+    assert first.result == second.result == old and checker.calls == 1
+    assert not refresh.stale(old, old) and not refresh.stale("", "ami-x")
+    assert not refresh.stale(old, None)  # unknown: no reason to drain
+
+    newer = fake.register_image("base-2", "2026-12-07T00:00:00.000Z")
+    clock.advance(599)
+    assert checker.newest_for(instance, filters, None).result == old  # not asked again
+    assert checker.calls == 1
+    clock.advance(1)
+    assert checker.newest_for(instance, filters, None).result == newer
+    assert checker.calls == 2 and refresh.stale(old, newer)
+    assert retirement.reason_code(refresh.reason(old, newer)) == "refresh_ami"
+    # Filters that match nothing: unknown, remembered for the interval too.
+    nothing = [{"Name": "name", "Values": ["none-*"]}]
+    assert checker.newest_for(instance, nothing, None).result is None
+    assert checker.newest_for(instance, nothing, None).result is None
+    assert checker.calls == 3
