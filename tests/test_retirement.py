@@ -213,3 +213,29 @@ def test_ami_refresh_asks_ec2_at_most_once_per_interval_and_names_the_newer_imag
     assert checker.newest_for(instance, nothing, None).result is None
     assert checker.newest_for(instance, nothing, None).result is None
     assert checker.calls == 3
+
+
+def test_max_builds_counts_the_builds_of_every_slot_of_a_shared_instance():
+    clock, fake, client, holdings, terminator, _ = parts()
+    group = InstanceGroup("g", clock, terminator, holdings, lambda pool, g: None)
+    holdings.groups["g"] = group
+    a, b = Slot("a"), Slot("b")
+    group.join(a)
+    group.join(b)
+    shared = group.acquire(lambda: defer.succeed((LaunchedInstance(
+        client, launch(fake, "g"), "t3.micro", "img", "ami-1"), {}))).result
+    metrics = Metrics()
+    for slot in (a, b):  # one build on each slot, on the same instance
+        slot.busy = True
+        group.build_started()
+        retirement.build_started(shared)
+    text = retirement.due(shared, clock.seconds(), 2, None)
+    assert text is not None and text.startswith("max_builds: 2 builds")
+    retirement.record(metrics, shared, text)
+    assert not retirement.takes_builds(shared)
+    a.busy = False
+    group.build_finished()  # b still builds: the instance stays
+    assert fake.status(shared.instance_id).state == "running"
+    b.busy = False
+    group.build_finished()
+    assert fake.status(shared.instance_id).state in instances.GONE_STATES
