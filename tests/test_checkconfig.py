@@ -137,6 +137,11 @@ BAD_WORKERS = {
                     "with isolation='none' needs max_builds=1"),
     "floor": ("image='org/w:1', disk_floor='95%'", "'disk_floor: ",
               "must be a percentage of the disk like '10%' (1-90)"),
+    # Drained instances (fleet/retirement.py, issue 21).
+    "maxbuilds": ("image='org/w:1', max_builds_per_instance=0", "'max_builds_per_instance: ",
+                  "0 must be a whole number >= 1"),
+    "maxage": ("image='org/w:1', max_instance_age='1d'", "'max_instance_age: ",
+               "'1d' must be seconds > 0"),
 }
 
 BAD_CFG = """\
@@ -297,6 +302,7 @@ GOOD_WORKERS = [
     "isolation='container', caches={'ccache': '/home/builder/.ccache'}, disk_floor='20G'",
     "caches={'c': '/cache', 'git': '/home/builder/git'}, max_builds=1, idle_action='stop'",
     "disk_floor=2.5", "disk_floor='5%'",
+    "max_builds_per_instance=20, max_instance_age=12 * 3600",
 ]
 
 

@@ -221,6 +221,7 @@ def test_fleet_readers_never_drive_ec2(make_master, cloud):
              30, "the build's cost, at the spot price the fleet asked for")
     before = cloud.faults.count("DescribeInstances")
     prices_before = cloud.faults.count("DescribeSpotPriceHistory")
+    images_before = cloud.faults.count("DescribeImages")
     started = time.monotonic()
 
     def get(number: int) -> int:  # the Fleet API, and /metrics every other time
@@ -233,6 +234,9 @@ def test_fleet_readers_never_drive_ec2(make_master, cloud):
     assert calls <= elapsed / INTERVAL + 2, (calls, elapsed)
     # The spot price is known: no reader asked for it again (the fleet does, half-hourly).
     assert cloud.faults.count("DescribeSpotPriceHistory") == prices_before
+    # The AMI refresh asks on the fleet's schedule, once per ami_refresh_interval (600 s):
+    # at most its first check falls into this window, whatever the readers do.
+    assert cloud.faults.count("DescribeImages") - images_before <= 1
     assert requests.get(url, timeout=10).json()["workers"][0]["instance"]["usd_per_hour"] > 0
 
     # EC2 hangs: the page still answers at once, from the master's own view.

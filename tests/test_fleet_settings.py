@@ -36,12 +36,15 @@ def test_fleet_settings_win_over_every_worker_and_can_be_removed() -> None:
     worker = Registered(reconcile_interval=60, max_stopped=3, launch_on_request=False)
     fleet.workers.add(worker)
     fleet.worker_configured(worker.settings)
-    fleet.configure(FleetWide(reconcile_interval=7, max_stopped=1, launch_on_request=True))
+    fleet.configure(FleetWide(reconcile_interval=7, max_stopped=1, launch_on_request=True,
+                              ami_refresh_interval=120))
+    assert fleet.refresh.interval == 120
     fleet.worker_configured(worker.settings)  # a reconfig of the worker changes nothing
     assert (fleet.reconciler.interval, fleet.stopped.max_count) == (7, 1)
     assert fleet.setting(worker.settings, "launch_on_request") is True
     fleet.configure(None)  # FleetSettings removed from the configuration
     assert fleet.reconciler.interval == 60
+    assert fleet.refresh.interval == 600
     assert fleet.setting(worker.settings, "launch_on_request") is False
     fleet.reconciler.stop()
 
@@ -66,12 +69,13 @@ def test_checkconfig_names_fleet_settings_errors_and_moved_worker_keywords(
     assert "FleetSettings: bogus: unknown setting" in output, output
     master.write_config(master_cfg(worker_extra="reconcile_interval=60,") + FLEET_SETTINGS.format(
         settings="reconcile_interval=1, max_stopped=-1, launch_on_request='yes', "
-                 "prices={'t3.micro': -1}"))
+                 "prices={'t3.micro': -1}, ami_refresh_interval=0"))
     output = (result := master.checkconfig()).stdout + result.stderr
     assert "FleetSettings: reconcile_interval: 1 must be a number of seconds >= 5" in output
     assert "FleetSettings: prices: t3.micro: -1 must be USD per hour, a number >= 0" in output
     assert "FleetSettings: max_stopped: -1 must be a whole number >= 0" in output
     assert "FleetSettings: launch_on_request: 'yes' must be True or False" in output
+    assert "FleetSettings: ami_refresh_interval: 0 must be a number of seconds >= 5" in output
     master.write_config(master_cfg(worker_extra="reconcile_interval=60,"))
     result = master.checkconfig()
     assert result.returncode == 0, result.stdout + result.stderr

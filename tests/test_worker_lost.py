@@ -15,6 +15,7 @@ from twisted.internet import defer, task
 from buildbot_dockerami.cloud.ec2 import LaunchSpec
 from buildbot_dockerami.cloud.instances import InstanceStatus
 from buildbot_dockerami.cloud.testing import FakeEc2, InlineThreads
+from buildbot_dockerami.config.model import WorkerSettings
 from buildbot_dockerami.fleet.launch import LaunchedInstance
 from buildbot_dockerami.fleet.service import Fleet
 from buildbot_dockerami.worker.latent import DockerAMILatentWorker
@@ -148,3 +149,36 @@ def test_a_spot_reclaim_is_counted_with_its_loss_once(fleet, fake, threads):
     assert threads.release("DescribeInstances", count=1) == 1
     assert succeeded(why) and released(worker)
     assert fleet.metrics.counter("dockerami_spot_interruptions_total") == 1
+
+
+def test_a_busy_worker_past_max_instance_age_drains_and_ends_only_after_its_build(
+        fleet, fake, threads, instance):
+    """The master's drain (fleet/retirement.py) on the fleet's clock: no new build, the
+    running one is never killed, then the instance is terminated."""
+    threads.release("DescribeInstances")
+    worker = connected_worker(fleet, "w0", instance)
+    worker.botmaster.maybeStartBuildsForAllBuilders = lambda: None
+    worker.settings = WorkerSettings(max_instance_age=3600)
+    fleet.reactor.advance(100)
+    instance.launched_at = fleet.reactor.seconds()
+    class Running:  # a WorkerForBuilder with a build on it
+        running = True
+
+        def isBusy(self) -> bool:
+            return self.running
+
+    build = Running()
+    worker.workerforbuilders = {"b": build}
+    fleet.reactor.advance(3599)
+    worker.drain_if_due()
+    assert not instance.retired
+    fleet.reactor.advance(1)
+    assert not worker.canStartBuild()  # due: no build handed to it, drained at once
+    fleet.reactor.advance(0)
+    assert instance.retired == "max_age: launched 3600s ago (max_instance_age=3600)"
+    assert fleet.metrics.counter("dockerami_retirements_total", {"reason": "max_age"}) == 1
+    assert terminations(fake) == []  # its build runs on
+    assert not worker.last_failure  # a drain is no failure
+    build.running = False
+    worker.maybeShutdown()  # as each build finishes
+    assert instance.instance_id in terminations(fake)

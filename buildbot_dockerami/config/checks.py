@@ -153,7 +153,7 @@ def settings_problems(name: Any, password: Any, s: WorkerSettings) -> list[str]:
         )
     return problems + fleet_problems(s) + lifecycle_problems(s) + warm_problems(s) + key_problems(
         s.identifier, s.secret_identifier, session) + tls.fingerprint_problems(
-        s.master_tls_fingerprint) + registry_problems(s) + disk_problems(s)
+        s.master_tls_fingerprint) + registry_problems(s) + disk_problems(s) + drain_problems(s)
 
 
 def registry_problems(s: WorkerSettings) -> list[str]:
@@ -207,6 +207,11 @@ def fleet_problems(s: FleetWide | WorkerSettings) -> list[str]:
         problems.append(f"launch_on_request: {s.launch_on_request!r} must be True or False")
     if isinstance(s, FleetWide):
         problems += price_problems(s.prices)
+        every = s.ami_refresh_interval
+        if (isinstance(every, bool) or not isinstance(every, int | float)
+                or not MIN_INTERVAL <= every < float("inf")):
+            problems.append(f"ami_refresh_interval: {every!r} must be a number of seconds "
+                            f">= {MIN_INTERVAL:g}")
     return problems
 
 
@@ -275,6 +280,21 @@ def disk_problems(s: WorkerSettings) -> list[str]:
     if s.caches is not None and s.isolation == "instance":
         problems.append("caches: not with isolation='instance' (each build's instance is "
                         "terminated with its disk; use isolation='container')")
+    return problems
+
+
+def drain_problems(s: WorkerSettings) -> list[str]:
+    """When an instance drains (fleet/retirement.py): a whole number of builds, seconds."""
+    problems = []
+    count = s.max_builds_per_instance
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int)
+                              or count < 1):
+        problems.append(f"max_builds_per_instance: {count!r} must be a whole number >= 1 "
+                        "(or None: no cap)")
+    age = s.max_instance_age
+    if age is not None and (isinstance(age, bool) or not isinstance(age, int | float)
+                            or not 0 < age < float("inf")):
+        problems.append(f"max_instance_age: {age!r} must be seconds > 0 (or None: no cap)")
     return problems
 
 

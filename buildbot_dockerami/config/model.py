@@ -16,6 +16,7 @@ from typing import Any
 
 from buildbot_dockerami.cloud.ec2 import DEFAULT_TIMEOUT
 from buildbot_dockerami.fleet.reconcile_plan import DEFAULT_INTERVAL
+from buildbot_dockerami.fleet.refresh import DEFAULT_INTERVAL as DEFAULT_REFRESH_INTERVAL
 from buildbot_dockerami.fleet.stopped_pool import DEFAULT_MAX_STOPPED, DEFAULT_MAX_STOPPED_AGE
 
 #: Settings whose values are secrets: checked, handed on, never kept as attributes.
@@ -37,6 +38,8 @@ class FleetWide:
     launch_on_request: Any = False
     #: On-demand USD per hour by instance type (and ``stopped``), over the default table.
     prices: Any = None
+    #: Seconds between two DescribeImages for the same ami_filters (fleet/refresh.py).
+    ami_refresh_interval: Any = DEFAULT_REFRESH_INTERVAL
 
 
 FLEET_WIDE = tuple(f.name for f in dataclasses.fields(FleetWide))
@@ -86,6 +89,11 @@ class WorkerSettings:
     caches: Any = None
     #: Free space the bootstrap keeps on the instance's disk, pruning, else retiring.
     disk_floor: Any = None
+    #: Builds an instance takes before it drains (no new build, ends after its running
+    #: ones; fleet/retirement.py); slots of a shared instance count together. None: no cap.
+    max_builds_per_instance: Any = None
+    #: Seconds after its launch an instance drains (fleet/retirement.py). None: no cap.
+    max_instance_age: Any = None
     # Fleet-wide (FleetWide): still taken per worker for one release, with a warning.
     reconcile_interval: Any = FleetWide.reconcile_interval
     ec2_timeout: Any = FleetWide.ec2_timeout

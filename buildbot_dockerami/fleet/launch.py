@@ -180,8 +180,13 @@ class LaunchedInstance:
     key: str = ""
     #: Its loss is counted: the workers that hear of it again count nothing more.
     lost: bool = False
-    #: Why its bootstrap retired it (fleet/retirement.py); "" while it serves.
+    #: Why it retires (fleet/retirement.py: its bootstrap said so, or the master drains
+    #: it); "" while it serves.
     retired: str = ""
+    #: Builds started on it (all its slots): max_builds_per_instance drains it.
+    builds_started: int = 0
+    #: Draining but kept (idle) until its pool's warm minimum has its replacement.
+    held: bool = False
 
 
 class FleetParts(Protocol):

@@ -93,8 +93,10 @@ FAMILIES = {
         "counter", "Other masters' messages that a slot of a capped pool was freed (each "
         "read at once, not at the next pass)."),
     "dockerami_retirements_total": Family(
-        "counter", "Instances that retired themselves (e.g. the disk stayed too full after "
-        "pruning), by reason.", "reason", ("disk_full", "other")),
+        "counter", "Instances that retire, by reason: their bootstrap said so (disk_full: "
+        "the disk stayed too full after pruning) or the master drains them (max_builds, "
+        "max_age, refresh_ami).", "reason",
+        ("disk_full", "max_builds", "max_age", "refresh_ami", "other")),
     "dockerami_reclaimed_total": Family(
         "counter", "Instances of a dead master (heartbeat expired) this master terminated."),
     # Also labelled ``pool`` (empty outside a worker_pool; each pool's series from the

@@ -120,6 +120,8 @@ def count(rows: Iterable[Row], pool: str) -> PoolCounts:
 def instance_state(workers: list[FleetWorker]) -> str:
     if any(w.busy for w in workers):
         return "building"
+    if pools.draining(workers):
+        return "draining"  # neither idle (no warm capacity) nor starting
     if any(w.conn is not None for w in workers):
         return "idle"
     group = workers[0].group

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet import defer, task
 from twisted.python import log
 
-from buildbot_dockerami.fleet import schedule
+from buildbot_dockerami.fleet import retirement, schedule
 from buildbot_dockerami.fleet.members import FleetWorker
 
 if TYPE_CHECKING:
@@ -245,6 +245,13 @@ def _counts(fleet: Fleet, pool: str) -> tuple[int, int, int]:
     return len(in_use), idle_count(in_use), starting
 
 
+def warm_without_draining(fleet: Fleet, pool: str, now: float) -> bool:
+    """Whether the pool's warm minimum is met by instances that take builds (a draining
+    one that held it may end: its replacement is ready)."""
+    _, idle, _ = _counts(fleet, pool)
+    return idle >= warm_minimum(fleet, pool, now)
+
+
 def lead(fleet: Fleet, pool: str) -> float:
     """How long before a period its warm minimum is started: the pool's measured
     provisioning time, plus a keeper interval (a launch waits for the next tick)."""
@@ -280,7 +287,17 @@ def pool_status(fleet: Fleet, pool: str) -> dict[str, Any]:
 
 
 def _idle(workers: list[FleetWorker]) -> bool:
-    return not any(w.busy for w in workers) and any(w.conn is not None for w in workers)
+    # A draining instance (fleet/retirement.py) is no warm capacity: it takes no build,
+    # so the keeper launches its replacement while it waits to end.
+    return (not any(w.busy for w in workers) and any(w.conn is not None for w in workers)
+            and not draining(workers))
+
+
+def draining(workers: list[FleetWorker]) -> bool:
+    """Whether the instance these workers share drains (takes no new build)."""
+    group = workers[0].group
+    instance = group.instance if group is not None else workers[0].instance
+    return not retirement.takes_builds(instance)
 
 
 def idle_count(in_use: dict[str, list[Any]]) -> int:

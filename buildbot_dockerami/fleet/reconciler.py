@@ -118,6 +118,7 @@ class Reconciler:
         self.view = view
         self._suspects = suspects
         self._retire_stopped()
+        self._drain_due()
         self.checked_at = self.reactor.seconds()
         self.passes += 1
         if errors:
@@ -155,6 +156,23 @@ class Reconciler:
                     f"{entry.owner}: beyond max_stopped or max_stopped_age")
             self.terminator.terminate(entry.instance.client, entry.instance_id).addErrback(
                 lambda f: log.msg(f"dockerami: {f.getErrorMessage()}"))
+
+    def _drain_due(self) -> None:
+        """Instances past max_instance_age, or launched from an AMI their ami_filters no
+        longer pick (refresh.py, its DescribeImages bounded), drain on the fleet's clock
+        (retirement.py decides; each worker drains its own, never killing a build)."""
+        if self.stopping():
+            return
+        for worker in list(self.holdings.workers):
+            drain = getattr(worker, "drain_if_due", None)
+            if drain is None:
+                continue
+            try:
+                drain()
+                worker.refresh_if_stale().addErrback(
+                    log.err, f"dockerami: reconciler: refreshing {worker}")
+            except Exception:
+                log.err(None, f"dockerami: reconciler: draining {worker}")
 
     def terminate_untracked(self, instance_id: str, claimed_by: str) -> None:
         """A worker connected from ``instance_id``, which no worker tracks: end it if

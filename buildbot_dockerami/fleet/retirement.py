@@ -4,6 +4,11 @@ to shut down and said why in the worker info ``dockerami_retired``. The decision
 what an instance reported, counted once per instance however many of its workers say
 it, and that a retiring instance takes no new build and ends (terminated, never stopped
 for reuse) once none of its builds runs.
+
+And instances the master drains (docs/warm-capacity.md#retire-and-refresh): after
+``max_builds_per_instance`` builds, past ``max_instance_age``, or launched from an AMI
+that ``ami_filters`` no longer pick (fleet/refresh.py). The same path: no new build, the
+running ones finish (a busy worker is never killed), then the instance is terminated.
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ from buildbot_dockerami.fleet.metrics import Metrics
 #: bootstrap's word: "<reason>: <detail>".
 RETIRED_INFO = "dockerami_retired"
 #: Reasons the bootstrap gives; another is counted as "other".
-REASONS = ("disk_full",)
+SELF_REASONS = ("disk_full",)
+#: Reasons the master drains an instance for.
+DRAIN_REASONS = ("max_builds", "max_age", "refresh_ami")
+REASONS = SELF_REASONS + DRAIN_REASONS
 _REASON = re.compile(r"^([a-z_]{1,32}):")
 _MAX_TEXT = 300
 
@@ -54,7 +62,30 @@ def record(metrics: Metrics, instance: Any, text: str) -> bool:
 
 def message(instance: Any) -> str:
     """What the operator reads on the Fleet page and in the log."""
+    if reason_code(instance.retired) in DRAIN_REASONS:
+        return f"instance {instance.instance_id} drains: {instance.retired}"
     return f"instance {instance.instance_id} retired itself: {instance.retired}"
+
+
+def build_started(instance: Any) -> None:
+    """A build started on ``instance`` (told once per build, whichever slot runs it)."""
+    instance.builds_started += 1
+
+
+def due(instance: Any, now: float, max_builds: int | None,
+        max_age: float | None) -> str | None:
+    """Why the master drains ``instance`` now ("max_builds: ...", "max_age: ..."), or
+    None: it serves on (or already retires, or there is none)."""
+    if instance is None or retired(instance):
+        return None
+    if max_builds is not None and instance.builds_started >= max_builds:
+        return (f"max_builds: {instance.builds_started} builds started on it "
+                f"(max_builds_per_instance={max_builds})")
+    launched = getattr(instance, "launched_at", 0.0) or 0.0
+    if max_age is not None and launched and now - launched >= max_age:
+        return (f"max_age: launched {now - launched:.0f}s ago "
+                f"(max_instance_age={max_age:g})")
+    return None
 
 
 def retired(instance: Any) -> str:
@@ -67,9 +98,16 @@ def takes_builds(instance: Any) -> bool:
     return not retired(instance)
 
 
+#: Seconds an idle draining instance of a warm minimum waits for its replacement at
+#: most (then it ends anyway: a launch that keeps failing must not keep it forever).
+REPLACE_WAIT = 900.0
+
+
 def may_end(instance: Any, busy: Iterable[bool]) -> bool:
-    """A retiring instance ends once none of the builds on it runs."""
-    return bool(retired(instance)) and not any(busy)
+    """A retiring instance ends once none of the builds on it runs (and, when it held a
+    pool's warm minimum, once its replacement is ready: ``held``)."""
+    return (bool(retired(instance)) and not getattr(instance, "held", False)
+            and not any(busy))
 
 
 @defer.inlineCallbacks

@@ -33,6 +33,8 @@ from buildbot_dockerami.fleet.metrics import Metrics
 from buildbot_dockerami.fleet.monitor import StateMonitor
 from buildbot_dockerami.fleet.provisioning import ProvisioningTimes
 from buildbot_dockerami.fleet.reconciler import Reconciler
+from buildbot_dockerami.fleet.refresh import DEFAULT_INTERVAL as DEFAULT_REFRESH_INTERVAL
+from buildbot_dockerami.fleet.refresh import AmiRefresh
 from buildbot_dockerami.fleet.shared_instance import InstanceGroup
 from buildbot_dockerami.fleet.spending import Spending
 from buildbot_dockerami.fleet.termination import Terminator
@@ -99,6 +101,8 @@ class Fleet(service.SharedService):
         self.reconciler = Reconciler(reactor, self.master_id, self.holdings,
                                      terminator=self.terminator, metrics=self.metrics,
                                      stopping=lambda: self.stopping)
+        #: The newest image of each worker's ami_filters, asked on a bound (refresh.py).
+        self.refresh = AmiRefresh(reactor.seconds)
         #: Capacity options EC2 recently refused, shared by every worker.
         self.cooldown = fallback.CoolDown()
         self._stopping = False
@@ -227,8 +231,10 @@ class Fleet(service.SharedService):
         if settings is not None:
             self.stopped.max_count = settings.max_stopped
             self.stopped.max_age = settings.max_stopped_age
+            self.refresh.interval = settings.ami_refresh_interval
             interval = settings.reconcile_interval
         else:
+            self.refresh.interval = DEFAULT_REFRESH_INTERVAL
             intervals = [w.settings.reconcile_interval for w in list(self.workers)]
             if not intervals:
                 return

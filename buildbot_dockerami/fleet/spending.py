@@ -138,11 +138,14 @@ class Spending:
 
     # -- builds (told by the glue, worker/scheduling.py) ------------------------------------
 
-    def build_started(self, build: Hashable, instance: Any) -> None:
-        """``build`` runs on ``instance`` (its worker is connected) from now."""
-        if self.ledger.start(build, instance.instance_id, self.reactor.seconds()):
-            self._running[build] = instance
-            self.accrue()
+    def build_started(self, build: Hashable, instance: Any) -> bool:
+        """``build`` runs on ``instance`` (its worker is connected) from now; True the
+        first time it is told."""
+        if not self.ledger.start(build, instance.instance_id, self.reactor.seconds()):
+            return False
+        self._running[build] = instance
+        self.accrue()
+        return True
 
     @defer.inlineCallbacks
     def build_finished(self, build: Hashable, worker: str, about: Mapping[str, Any]) -> Any:

@@ -24,7 +24,7 @@ from twisted.internet import defer
 from twisted.python import failure, log
 
 from buildbot_dockerami.cloud import instances
-from buildbot_dockerami.fleet import lost, retirement
+from buildbot_dockerami.fleet import lost, pools, refresh, retirement
 from buildbot_dockerami.fleet.launch import LaunchedInstance
 from buildbot_dockerami.worker.connections import ConnectionRefused
 
@@ -149,16 +149,83 @@ class Losses:
             self._deferwaiter.add(self._builds_after(self.insubstantiate()))
         self._refuse(conn, retirement.message(instance))
 
+    def drain_if_due(self) -> None:
+        """The master drains this worker's instance when it has taken
+        max_builds_per_instance builds or is older than max_instance_age (decided by
+        fleet/retirement.py; asked as builds start and on every reconciler pass)."""
+        instance, text = self.instance, self._drain_due()
+        if instance is not None and text is not None:
+            self._retire(instance, text)
+
+    @defer.inlineCallbacks
+    def refresh_if_stale(self) -> Any:
+        """The master drains this worker's instance when its ami_filters now pick another
+        image than the one it was launched from (fleet/refresh.py, asked at most once
+        per ami_refresh_interval). A fixed ``ami`` or a template's image never refresh."""
+        instance = self.instance
+        settings = getattr(self, "settings", None)
+        if (instance is None or settings is None or settings.ami is not None
+                or settings.ami_filters is None or retirement.retired(instance)):
+            return
+        newest = yield self.fleet.refresh.newest_for(instance, settings.ami_filters,
+                                                     settings.ami_owners)
+        if (instance is self.instance and newest is not None
+                and refresh.stale(instance.ami, newest)):
+            self._retire(instance, refresh.reason(instance.ami, newest))
+
+    def _drain_due(self) -> str | None:
+        settings = getattr(self, "settings", None)
+        if settings is None:
+            return None
+        return retirement.due(self.instance, self.master.reactor.seconds(),
+                              settings.max_builds_per_instance, settings.max_instance_age)
+
     def _retire(self, instance: Any, text: str, insubstantiate: bool = True) -> None:
         if retirement.record(self.fleet.metrics, instance, text):
             log.msg(f"{self}: {retirement.message(instance)}; it takes no new build and "
                     "is terminated once its running builds end")
             if self.group is not None:
                 self._deferwaiter.add(self._builds_after(self.group.when_gone()))
-        self.last_failure = retirement.message(instance)
+            if self._holds_warm_minimum(instance):
+                instance.held = True
+                log.msg(f"{self}: {instance.instance_id} is kept until its pool {self.pool}'s "
+                        "warm minimum has its replacement")
+                self._end_when_replaced(instance, self.master.reactor.seconds())
+        if retirement.reason_code(text) not in retirement.DRAIN_REASONS:
+            self.last_failure = retirement.message(instance)  # a drain is no failure
         if self.group is not None:
             self.group.end_if_retired()
-        elif not self.busy and insubstantiate:
+        elif not self.busy and insubstantiate and not getattr(instance, "held", False):
+            self._deferwaiter.add(self._builds_after(self.insubstantiate()))
+
+    def _holds_warm_minimum(self, instance: Any) -> bool:
+        """An idle instance of a pool with a warm minimum, drained by the master: ended
+        only once the keeper has its replacement (a retiring disk is not waited for)."""
+        if (self.pool is None or self.fleet.keeper is None
+                or retirement.reason_code(instance.retired) not in retirement.DRAIN_REASONS):
+            return False
+        members = self.group.members.values() if self.group is not None else [self]
+        if any(member.busy for member in members):
+            return False
+        return pools.warm_minimum(self.fleet, self.pool, self.master.reactor.seconds()) > 0
+
+    def _end_when_replaced(self, instance: Any, since: float) -> None:
+        """Checked as often as the keeper tops pools up: the held instance ends once the
+        pool's warm minimum holds without it (or after retirement.REPLACE_WAIT)."""
+        current = self.group.instance if self.group is not None else self.instance
+        if not instance.held or current is not instance:
+            return  # released, or gone meanwhile
+        now = self.master.reactor.seconds()
+        if (not pools.warm_without_draining(self.fleet, self.pool, now)
+                and now - since < retirement.REPLACE_WAIT and not self.fleet.stopping):
+            self.master.reactor.callLater(pools.KEEPER_INTERVAL, self._end_when_replaced,
+                                          instance, since)
+            return
+        instance.held = False
+        log.msg(f"{self}: {retirement.message(instance)}; its replacement is ready")
+        if self.group is not None:
+            self.group.end_if_retired()
+        elif not self.busy:
             self._deferwaiter.add(self._builds_after(self.insubstantiate()))
 
     @defer.inlineCallbacks
@@ -168,7 +235,12 @@ class Losses:
         self.botmaster.maybeStartBuildsForAllBuilders()
 
     def canStartBuild(self) -> bool:
-        return retirement.takes_builds(self.instance) and super().canStartBuild()
+        if not retirement.takes_builds(self.instance):
+            return False
+        if self._drain_due() is not None:  # drained at once, not from inside buildbot's loop
+            self.master.reactor.callLater(0, self.drain_if_due)
+            return False
+        return super().canStartBuild()
 
     def maybeShutdown(self) -> None:
         # Called as each build finishes: a retired instance ends when its last one has.

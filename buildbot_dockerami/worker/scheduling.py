@@ -16,7 +16,7 @@ from buildbot.worker.latent import States
 from twisted.internet import defer
 from twisted.python import log
 
-from buildbot_dockerami.fleet import pools
+from buildbot_dockerami.fleet import pools, retirement
 from buildbot_dockerami.fleet.prewarm import PrewarmTimer
 from buildbot_dockerami.worker import on_request
 
@@ -100,12 +100,17 @@ class Scheduling:
 
     def _builds_on_instance(self) -> None:
         """Builds running with this worker connected run on its instance (their cost's
-        share starts): told once per build."""
-        if self.instance is None or self.conn is None:
+        share starts, they count toward max_builds_per_instance): told once per build."""
+        instance = self.instance
+        if instance is None or self.conn is None:
             return
+        started = False
         for wfb in list(self.workerforbuilders.values()):
-            if wfb.isBusy():
-                self.fleet.spending.build_started(wfb, self.instance)
+            if wfb.isBusy() and self.fleet.spending.build_started(wfb, instance):
+                retirement.build_started(instance)
+                started = True
+        if started:
+            self.drain_if_due()  # worker/losses.py
 
     def buildFinished(self, wfb: Any) -> None:
         build = next((b for b in getattr(getattr(wfb, "builder", None), "building", ())

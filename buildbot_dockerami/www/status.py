@@ -90,8 +90,9 @@ def worker_row(worker: Any, now: float, spending: Spending) -> Any:
             "usd_per_hour": None if price is None else price.usd_per_hour,
             "price_source": None if price is None else price.source,
             "cost_so_far": None if price is None else round(price.of(uptime), 6),
-            # Why its bootstrap retired it (its disk stayed too full): it takes no new
-            # build and is terminated after its running ones (fleet/retirement.py).
+            # Why it retires: its bootstrap said so (its disk stayed too full), or the
+            # master drains it (max_builds, max_age, refresh_ami). It takes no new build
+            # and is terminated after its running ones (fleet/retirement.py).
             "retired": getattr(instance, "retired", "") or None,
         }
     return row
