@@ -215,17 +215,22 @@ class AwsCredentials(BuildStep, CompositeStepMixin):
         return FAILURE
 
 
-class RenewAwsCredentials(BuildStep, CompositeStepMixin):
-    """Added by the session's timer after the running step: a fresh session, the file
-    rewritten. A failure is a warning (the old credentials may still have a while)."""
+class _SessionStep(BuildStep, CompositeStepMixin):
+    """A step AwsCredentials adds to its build, acting on that build's role session."""
 
-    name = "renew aws credentials"
     logEnviron = False
 
     def __init__(self, session: RoleSession, **kwargs: Any) -> None:
         kwargs.setdefault("warnOnWarnings", True)  # the build shows it
         super().__init__(**kwargs)
         self.session = session
+
+
+class RenewAwsCredentials(_SessionStep):
+    """Added by the session's timer after the running step: a fresh session, the file
+    rewritten. A failure is a warning (the old credentials may still have a while)."""
+
+    name = "renew aws credentials"
 
     @defer.inlineCallbacks
     def run(self) -> Any:
@@ -248,17 +253,11 @@ class RenewAwsCredentials(BuildStep, CompositeStepMixin):
         return SUCCESS
 
 
-class RemoveAwsCredentials(BuildStep, CompositeStepMixin):
+class RemoveAwsCredentials(_SessionStep):
     """The build's last step, run even when the build failed or was stopped."""
 
     name = "remove aws credentials"
     alwaysRun = True
-    logEnviron = False
-
-    def __init__(self, session: RoleSession, **kwargs: Any) -> None:
-        kwargs.setdefault("warnOnWarnings", True)  # the build shows it
-        super().__init__(**kwargs)
-        self.session = session
 
     @defer.inlineCallbacks
     def run(self) -> Any:
