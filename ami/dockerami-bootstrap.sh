@@ -722,7 +722,22 @@ run_slot() {
 # shutdown request), which the master takes as the interruption: it retries the builds
 # elsewhere at once instead of losing them with the instance.
 watch_spot() {
+    rebalance_told=no
     while :; do
+        # EC2's rebalance recommendation comes before any interruption notice: the
+        # instance drains (no new build; the running ones finish), if the image can tell
+        # the master (dockerami.host-dir=1); without it, it serves on.
+        if [ "$rebalance_told" = no ] &&
+            advice=$(imds_get meta-data/events/recommendations/rebalance 2>/dev/null) &&
+            [ -n "$advice" ]; then
+            rebalance_told=yes
+            if [ "$host_dir" = 1 ]; then
+                retire "spot_rebalance: EC2 recommends rebalancing this spot instance ($advice)"
+            else
+                log "spot rebalance recommendation: $advice; the image cannot tell the" \
+                    "master (no label dockerami.host-dir=1): it serves on"
+            fi
+        fi
         if notice=$(imds_get meta-data/spot/instance-action 2>/dev/null) && [ -n "$notice" ]; then
             log "spot interruption notice: $notice; asking the workers to shut down"
             slot=0

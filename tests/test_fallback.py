@@ -36,6 +36,20 @@ def test_a_refused_option_cools_down_at_the_back_then_returns():
     assert cool.order([a, b, c], now=100) == [a, b, c]
 
 
+def test_a_rebalance_warning_cools_a_type_and_market_in_every_subnet():
+    cool = fallback.CoolDown(seconds=60)
+    options = fallback.options(["c7g.large", "c6i.large"], ["subnet-1", "subnet-2"],
+                               "spot-or-on-demand")
+    cool.avoid("c7g.large", "spot", now=0)
+    ordered = cool.order(options, now=10)
+    # c7g spot in both subnets last; c7g on-demand and c6i spot untouched, in order.
+    assert ordered[-2:] == [Option("c7g.large", "subnet-1", "spot"),
+                            Option("c7g.large", "subnet-2", "spot")]
+    assert ordered[:-2] == [o for o in options if (o.instance_type, o.market) != (
+        "c7g.large", "spot")]
+    assert cool.order(options, now=61) == options  # back after the cool-down
+
+
 def test_capacity_codes():
     assert fallback.is_capacity_error("InsufficientInstanceCapacity")
     assert fallback.is_capacity_error("SpotMaxPriceTooLow")

@@ -66,16 +66,31 @@ class CoolDown:
     def __init__(self, seconds: float = COOL_DOWN_SECONDS) -> None:
         self.seconds = seconds
         self._until: dict[Option, float] = {}
+        #: (instance type, market) -> until when every subnet's option of it cools.
+        self._kinds: dict[tuple[str, str], float] = {}
 
     def failed(self, option: Option, now: float) -> None:
         self._until[option] = now + self.seconds
 
+    def avoid(self, instance_type: str, market: str, now: float) -> None:
+        """EC2 warned of capacity for this type and market (a spot rebalance
+        recommendation): its options cool in every subnet, as a refused option does."""
+        self._kinds[(instance_type, market)] = now + self.seconds
+
+    def _cooling_until(self, option: Option) -> float | None:
+        times = [t for t in (self._until.get(option),
+                             self._kinds.get((option.instance_type, option.market)))
+                 if t is not None]
+        return max(times) if times else None
+
     def order(self, candidates: Sequence[Option], now: float) -> list[Option]:
         """Fresh options in order, then cooling ones (soonest back first): when every
         option is cooling, trying one beats not launching at all."""
-        for option, until in list(self._until.items()):
-            if until <= now:
-                del self._until[option]
-        fresh = [o for o in candidates if o not in self._until]
-        cooling = sorted((o for o in candidates if o in self._until), key=self._until.get)
+        for table in (self._until, self._kinds):
+            for key, until in list(table.items()):
+                if until <= now:
+                    del table[key]
+        fresh = [o for o in candidates if self._cooling_until(o) is None]
+        cooling = sorted((o for o in candidates if self._cooling_until(o) is not None),
+                         key=self._cooling_until)
         return fresh + cooling

@@ -26,8 +26,9 @@ from buildbot_dockerami.fleet.metrics import Metrics
 RETIRED_INFO = "dockerami_retired"
 #: Reasons the bootstrap gives; another is counted as "other".
 SELF_REASONS = ("disk_full",)
-#: Reasons the master drains an instance for.
-DRAIN_REASONS = ("max_builds", "max_age", "refresh_ami")
+#: Reasons the master drains an instance for (spot_rebalance: its bootstrap passes on
+#: EC2's rebalance recommendation, a drain, not a failure).
+DRAIN_REASONS = ("max_builds", "max_age", "refresh_ami", "spot_rebalance")
 REASONS = SELF_REASONS + DRAIN_REASONS
 _REASON = re.compile(r"^([a-z_]{1,32}):")
 _MAX_TEXT = 300

@@ -128,6 +128,8 @@ class MetadataService:
         self.tokens: set[str] = set()
         #: The spot interruption notice (JSON), once one is given.
         self.spot = ""
+        #: The spot rebalance recommendation (JSON), once one is given.
+        self.rebalance = ""
         self.requests: list[tuple[str, str, bool]] = []  # (method, path, had token)
         service = self
 
@@ -159,6 +161,9 @@ class MetadataService:
                     self.reply(200, service.booting.instance_id)
                 elif self.path == "/latest/meta-data/spot/instance-action" and service.spot:
                     self.reply(200, service.spot)
+                elif (self.path == "/latest/meta-data/events/recommendations/rebalance"
+                      and service.rebalance):
+                    self.reply(200, service.rebalance)
                 elif self.path in service.placement:
                     self.reply(200, service.placement[self.path])
                 elif self.path == f"{ROLE_CREDENTIALS_PATH}/":
@@ -402,6 +407,13 @@ class ContainerRuntime:
         if machine is not None:
             when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 120))
             machine.metadata.spot = json.dumps({"action": "terminate", "time": when})
+
+    def rebalance_recommendation(self, instance_id: str) -> None:
+        with self._lock:
+            machine = self._machines.get(instance_id)
+        if machine is not None:
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            machine.metadata.rebalance = json.dumps({"noticeTime": when})
 
     def metadata_url(self, instance_id: str) -> str | None:
         """Where this instance's metadata service listens (its 169.254.169.254)."""

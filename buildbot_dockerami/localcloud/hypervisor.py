@@ -406,6 +406,16 @@ class Hypervisor:
         timer.daemon = True
         timer.start()
 
+    def recommend_rebalance(self, instance_id: str) -> None:
+        """EC2's spot rebalance recommendation (meta-data/events/recommendations/rebalance),
+        which comes before any interruption notice, if one comes at all. Only runtimes
+        with a metadata service per instance serve it (ContainerRuntime)."""
+        recommend = getattr(self.runtime, "rebalance_recommendation", None)
+        if recommend is None:
+            raise NotImplementedError(
+                f"{type(self.runtime).__name__} serves no rebalance recommendation")
+        recommend(instance_id)
+
     def _reclaim(self, instance_id: str) -> None:
         from moto.ec2.models import ec2_backends
         from moto.ec2.models.instances import StateReason

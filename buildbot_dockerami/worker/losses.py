@@ -184,6 +184,11 @@ class Losses:
         if retirement.record(self.fleet.metrics, instance, text):
             log.msg(f"{self}: {retirement.message(instance)}; it takes no new build and "
                     "is terminated once its running builds end")
+            if retirement.reason_code(text) == "spot_rebalance" and instance.market == "spot":
+                self.fleet.cooldown.avoid(instance.instance_type, "spot",
+                                          self.master.reactor.seconds())
+                log.msg(f"{self}: {instance.instance_type} (spot) goes to the back of the "
+                        f"capacity options for {self.fleet.cooldown.seconds:.0f}s")
             if self.group is not None:
                 self._deferwaiter.add(self._builds_after(self.group.when_gone()))
             if self._holds_warm_minimum(instance):
