@@ -8,11 +8,14 @@ import configparser
 import contextlib
 import json
 import os
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import boto3
+import pytest
 import requests
 from twisted.internet import defer
 
@@ -169,3 +172,18 @@ def run(d: defer.Deferred) -> Any:
     if hasattr(result, "raiseException"):
         result.raiseException()
     return result
+
+
+@contextlib.contextmanager
+def tmpfs(point: Path, size: str = "16m") -> Iterator[Path]:
+    """A small tmpfs mounted at ``point`` (made here) for a test's disk-space checks;
+    the test is skipped where mounting needs root and this is not."""
+    point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", "-l", str(point)], check=False)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import REPO
+from tests.helpers import tmpfs
 
 SECTION = re.compile(r"^# --- caches and disk hygiene -+\n.*?^# --- end of caches and disk "
                      r"hygiene -+\n", re.M | re.S)
@@ -61,16 +62,10 @@ def run(env: dict[str, str], body: str) -> subprocess.CompletedProcess:
 @pytest.fixture
 def disk(tmp_path: Path) -> Iterator[Path]:
     """A 16 MiB tmpfs: the instance's disk."""
-    point = tmp_path / "disk"
-    point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(point)],
-                             capture_output=True, text=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
-    for part in ("images", "anon", "caches"):
-        (point / part).mkdir()
-    yield point
-    subprocess.run(["umount", "-l", str(point)], check=False)
+    with tmpfs(tmp_path / "disk") as point:
+        for part in ("images", "anon", "caches"):
+            (point / part).mkdir()
+        yield point
 
 
 def fill(path: Path, mib: int) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from docker.errors import ImageNotFound
 from buildbot_dockerami.localcloud.containers import ContainerRuntime, prune_label, volume_prefix
 from tests.docker_support import BASE_IMAGE, facts, instance_ids, only_instance
 from tests.harness import RETRY, SUCCESS, master_cfg, wait_for
-from tests.helpers import state_of
+from tests.helpers import state_of, tmpfs
 
 pytestmark = pytest.mark.integration
 
@@ -115,14 +114,8 @@ def test_caches_are_kept_across_a_stop_and_start(make_master, cloud, engine, wor
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 16 MiB tmpfs the bootstraps keep free space on (the engine's root cannot move)."""
-    point = tmp_path / "disk"
-    point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(point)],
-                             capture_output=True, text=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
-    yield point
-    subprocess.run(["umount", "-l", str(point)], check=False)
+    with tmpfs(tmp_path / "disk") as point:
+        yield point
 
 
 @pytest.fixture
