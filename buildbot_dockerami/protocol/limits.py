@@ -65,34 +65,30 @@ def parse_memory(value: Any) -> int:
                               "--memory takes them), e.g. '6g'")
         unit = (match.group(2) or match.group(3) or "").lower()
         size = int(float(match.group(1)) * _UNITS[unit])
-    if size <= 0:
-        raise LimitsError(f"memory: {value!r} must be positive")
-    if size < MIN_MEMORY:
-        raise LimitsError(f"memory: {value!r} is less than {MIN_MEMORY // 1024**2} MiB, too "
-                          "little for the worker itself")
-    return size
+    return _at_least("memory", value, size, MIN_MEMORY,
+                     f"{MIN_MEMORY // 1024**2} MiB, too little for the worker itself")
 
 
 def parse_pids(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise LimitsError(f"pids: {value!r} must be a whole number of tasks, such as 4096")
-    if value <= 0:
-        raise LimitsError(f"pids: {value!r} must be positive")
-    if value < MIN_PIDS:
-        raise LimitsError(f"pids: {value!r} is less than {MIN_PIDS}, too few for the "
-                          "worker itself")
-    return value
+    return _at_least("pids", value, value, MIN_PIDS, f"{MIN_PIDS}, too few for the worker itself")
 
 
 def parse_cpus(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(
             value):
         raise LimitsError(f"cpus: {value!r} must be a number of CPUs, such as 2 or 1.5")
-    if value <= 0:
-        raise LimitsError(f"cpus: {value!r} must be positive")
-    if value < MIN_CPUS:
-        raise LimitsError(f"cpus: {value!r} is less than {MIN_CPUS} (docker's least)")
-    return float(value)
+    return float(_at_least("cpus", value, value, MIN_CPUS, f"{MIN_CPUS} (docker's least)"))
+
+
+def _at_least(key: str, value: Any, amount: Any, least: Any, least_text: str) -> Any:
+    """``amount`` (``value`` as parsed), if positive and at least ``least``."""
+    if amount <= 0:
+        raise LimitsError(f"{key}: {value!r} must be positive")
+    if amount < least:
+        raise LimitsError(f"{key}: {value!r} is less than {least_text}")
+    return amount
 
 
 _PARSERS = {"memory": parse_memory, "pids": parse_pids, "cpus": parse_cpus}
