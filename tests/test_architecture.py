@@ -175,6 +175,18 @@ def test_types_ec2_does_not_describe(fake: FakeEc2, client: AsyncEc2) -> None:
 # -- a launch over the plan: the capacity fallback changes the AMI with the type ----------
 
 
+def launch_mixed(fleet: Fleet, client: AsyncEc2, plan: Any) -> tuple[Any, dict[str, float]]:
+    """One launch of MIXED with ``plan``, and the timeline it noted."""
+    timeline: dict[str, float] = {}
+    launcher = Launcher(fleet, "w0", "<worker 'w0'>", timeline.__setitem__)
+    spec = LaunchSpec(ami="", instance_type="", user_data="w0 pw 127.0.0.1:9989\nimg",
+                      tags={"team": "ci"})
+    instance = run(launcher.launch(client, spec, fallback.options(MIXED, None, "on-demand"),
+                                   image="img", key="k", serves=["w0"], reuse=False,
+                                   plan=plan))
+    return instance, timeline
+
+
 def test_capacity_fallback_from_graviton_launches_the_amd64_ami(
         fake: FakeEc2, client: AsyncEc2) -> None:
     clock = task.Clock()
@@ -184,13 +196,7 @@ def test_capacity_fallback_from_graviton_launches_the_amd64_ami(
     arm = fake.register_image("dockerami-base-arm64-1", architecture="arm64")
     plan = resolve(client, filters=BY_NAME)
     fake.inject("RunInstances", "InsufficientInstanceCapacity", "no c7g.large")
-    timeline: dict[str, float] = {}
-    launcher = Launcher(fleet, "w0", "<worker 'w0'>", timeline.__setitem__)
-    spec = LaunchSpec(ami="", instance_type="", user_data="w0 pw 127.0.0.1:9989\nimg",
-                      tags={"team": "ci"})
-    instance = run(launcher.launch(client, spec, fallback.options(MIXED, None, "on-demand"),
-                                   image="img", key="k", serves=["w0"], reuse=False,
-                                   plan=plan))
+    instance, timeline = launch_mixed(fleet, client, plan)
     tried = [(s.instance_type, s.ami) for s in fake.requests("RunInstances")]
     assert tried == [("c7g.large", arm), ("c6i.large", x86)]
     assert (instance.instance_type, instance.ami) == ("c6i.large", x86)
@@ -202,13 +208,7 @@ def test_a_skipped_type_is_noted_and_never_tried(fake: FakeEc2, client: AsyncEc2
     fleet = Fleet(task.Clock(), "master-a")
     x86 = fake.register_image("base")
     plan = resolve(client, ami=x86)
-    timeline: dict[str, float] = {}
-    launcher = Launcher(fleet, "w0", "<worker 'w0'>", timeline.__setitem__)
-    spec = LaunchSpec(ami="", instance_type="", user_data="w0 pw 127.0.0.1:9989\nimg",
-                      tags={"team": "ci"})
-    instance = run(launcher.launch(client, spec, fallback.options(MIXED, None, "on-demand"),
-                                   image="img", key="k", serves=["w0"], reuse=False,
-                                   plan=plan))
+    instance, timeline = launch_mixed(fleet, client, plan)
     assert [s.instance_type for s in fake.requests("RunInstances")] == ["c6i.large"]
     assert instance.ami == x86
     assert list(timeline) == [f"skipped c7g.large: it is arm64: ami {x86} is x86_64"]
