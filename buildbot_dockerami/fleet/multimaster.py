@@ -206,12 +206,15 @@ class Coordinator:
         if self.masterid is not None:
             self._announce.tick()
 
+    def _mirror(self, now: float) -> defer.Deferred:
+        """This master's rows made true: what it has now."""
+        return self._lock.run(self.master.db.pool.do, shared_tables.mirror, self.masterid,
+                              local_rows(self.fleet), int(now), CLAIM_GRACE)
+
     @defer.inlineCallbacks
     def _mirror_and_announce(self) -> Any:
         yield self._ensure_tables()
-        now = self.master.reactor.seconds()
-        yield self._lock.run(self.master.db.pool.do, shared_tables.mirror, self.masterid,
-                             local_rows(self.fleet), int(now), CLAIM_GRACE)
+        yield self._mirror(self.master.reactor.seconds())
         self.master.mq.produce((*FREED, str(self.masterid)), {"masterid": self.masterid})
 
     def _on_freed(self, _key: Any, message: Any) -> None:
@@ -220,11 +223,18 @@ class Coordinator:
         self.fleet.metrics.inc("dockerami_freed_slot_messages_total", {})
         self._wake.tick()
 
+    def _read_and_wake(self) -> defer.Deferred:
+        return self._read_rows(self.master.reactor.seconds(), forget_stopped=False)
+
     @defer.inlineCallbacks
-    def _read_and_wake(self) -> Any:
+    def _read_rows(self, now: float, forget_stopped: bool) -> Any:
+        """Every master's rows and buildbot's masters, read; those of masters that stopped
+        cleanly left out (and, with ``forget_stopped``, deleted); builds waiting here for
+        a slot freed elsewhere woken."""
         rows, masters = yield self.master.db.pool.do(shared_tables.read)
-        now = self.master.reactor.seconds()
-        stopped = set(stopped_masters(masters, self.masterid, now, expire_after()))
+        stopped = stopped_masters(masters, self.masterid, now, expire_after())
+        if forget_stopped and any(r.masterid in stopped for r in rows):
+            yield self.master.db.pool.do(shared_tables.forget, stopped)
         self.rows = [r for r in rows if r.masterid not in stopped]
         self.masters = masters
         self._wake_if_freed()
@@ -325,16 +335,9 @@ class Coordinator:
         now = master.reactor.seconds()
         self._check_mq(now)
         self.pending = {k: t for k, t in self.pending.items() if now - t < CLAIM_GRACE}
-        yield self._lock.run(master.db.pool.do, shared_tables.mirror, self.masterid,
-                             local_rows(fleet), int(now), CLAIM_GRACE)
-        rows, masters = yield master.db.pool.do(shared_tables.read)
+        yield self._mirror(now)
+        yield self._read_rows(now, forget_stopped=True)
         self.reports = yield master.db.pool.do(shared_tables.reports)
-        stopped = stopped_masters(masters, self.masterid, now, expire_after())
-        if any(r.masterid in stopped for r in rows):
-            yield master.db.pool.do(shared_tables.forget, stopped)
-            rows = [r for r in rows if r.masterid not in stopped]
-        self.rows, self.masters = rows, masters
-        self._wake_if_freed()
         if self.leads() and fleet.keeper is not None:
             yield fleet.keeper.tick()
         if now - self._last_reclaim >= RECLAIM_INTERVAL:
