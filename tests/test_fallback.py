@@ -10,7 +10,7 @@ import pytest
 from buildbot_dockerami.fleet import fallback
 from buildbot_dockerami.fleet.fallback import Option
 from tests.harness import RETRY, SUCCESS, master_cfg, wait_for
-from tests.helpers import instances
+from tests.helpers import instances, state_of
 
 
 def test_options_are_tried_market_then_type_then_subnet():
@@ -106,3 +106,42 @@ def test_spot_interruption_mid_build_retries_the_build_elsewhere(make_master, cl
     assert re.search(r"dockerami_spot_interruptions_total(\{\})? 1(\.0)?\n", metrics), metrics
     status = master.fleet()
     assert status["workers"][0]["instance"]["market"] == "spot"
+
+
+@pytest.mark.integration
+def test_a_rebalance_recommendation_drains_a_process_runtime_instance_after_its_build(
+        make_master, cloud, tmp_path):
+    """The process runtime has no bootstrap: it does what the bootstrap and the image
+    would (the reason as worker info, then SIGHUP). The master drains, not interrupts:
+    the running build finishes, then the instance ends; its type cools down for spot."""
+    go = tmp_path / "go"
+    master = make_master(master_cfg(
+        build_wait_timeout=600, plugins={"dockerami": {}},
+        instance_type=["m5.large", "c5.large"], worker_extra="market='spot',",
+        command=f"echo started; while [ ! -e {go} ]; do sleep 0.2; done"))
+    brid = master.force()
+    build = wait_for(lambda: master.builds_for(brid), 60, "the build to start")[0]
+    wait_for(lambda: "started" in master.step_log(build["buildid"]), 60, "the step to run")
+    (instance,) = instances(cloud)
+    assert instance["InstanceType"] == "m5.large"
+
+    cloud.hypervisor.recommend_rebalance(instance["InstanceId"])
+    retiring = wait_for(lambda: master.fleet()["workers"][0]["instance"]["retired"], 60,
+                        "the Fleet API to show the instance draining")
+    assert retiring.startswith("spot_rebalance: EC2 recommends rebalancing"), retiring
+    assert "m5.large (spot) goes to the back of the capacity options" in master.log()
+    assert state_of(cloud, instance["InstanceId"]) == "running"
+    assert not master.get(f"buildrequests/{brid}")[0]["complete"]
+
+    go.touch()
+    final = master.wait_request(brid, 120)
+    assert final["results"] == SUCCESS and final["buildid"] == build["buildid"]  # no retry
+    wait_for(lambda: state_of(cloud, instance["InstanceId"]) == "terminated", 60,
+             "the drained instance to be terminated after its build")
+    assert 'dockerami_retirements_total{reason="spot_rebalance"} 1.0' in master.metrics().text
+    assert "spot interruption" not in master.log()
+    # The next launch goes to the type that was not recommended against.
+    assert master.wait_request(master.force(), 120)["results"] == SUCCESS
+    fresh = [i for i in instances(cloud) if i["InstanceId"] != instance["InstanceId"]]
+    assert [i["InstanceType"] for i in fresh] == ["c5.large"]
+

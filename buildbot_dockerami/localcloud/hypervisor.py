@@ -103,6 +103,7 @@ class Runtime(Protocol):
     def console(self, instance_id: str) -> str | None: ...
     def poweroff_requested(self, instance_id: str) -> bool: ...
     def spot_notice(self, instance_id: str) -> None: ...
+    def rebalance_recommendation(self, instance_id: str) -> None: ...
 
 
 class ProcessRuntime:
@@ -261,6 +262,24 @@ class ProcessRuntime:
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGHUP)
 
+    def rebalance_recommendation(self, instance_id: str) -> None:
+        """What the bootstrap and the reference image do on EC2's rebalance
+        recommendation: the retirement's reason becomes the worker info
+        ``dockerami_retired`` (the image links it to the bootstrap's word), then the
+        worker is asked to shut down (SIGHUP), which makes the master read it and drain
+        the instance. There is no metadata service here to serve the recommendation."""
+        with self._lock:
+            process = self._processes.get(instance_id)
+        if process is None or process.poll() is not None:
+            return
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        reason = ("spot_rebalance: EC2 recommends rebalancing this spot instance "
+                  f'({{"noticeTime": "{when}"}})')
+        info = self.state_dir / instance_id / "info"
+        (info / "dockerami_retired.new").write_text(reason + "\n")
+        (info / "dockerami_retired.new").rename(info / "dockerami_retired")
+        process.send_signal(signal.SIGHUP)
+
 
 class Hypervisor:
     """Watches the EC2 server's instances and boots/stops runtime machines to match.
@@ -408,13 +427,10 @@ class Hypervisor:
 
     def recommend_rebalance(self, instance_id: str) -> None:
         """EC2's spot rebalance recommendation (meta-data/events/recommendations/rebalance),
-        which comes before any interruption notice, if one comes at all. Only runtimes
-        with a metadata service per instance serve it (ContainerRuntime)."""
-        recommend = getattr(self.runtime, "rebalance_recommendation", None)
-        if recommend is None:
-            raise NotImplementedError(
-                f"{type(self.runtime).__name__} serves no rebalance recommendation")
-        recommend(instance_id)
+        which comes before any interruption notice, if one comes at all: the container
+        runtime serves it from the instance's metadata service to the real bootstrap;
+        the process runtime, which has neither, does what they would."""
+        self.runtime.rebalance_recommendation(instance_id)
 
     def _reclaim(self, instance_id: str) -> None:
         from moto.ec2.models import ec2_backends
