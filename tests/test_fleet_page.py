@@ -319,3 +319,48 @@ def test_configured_limits_are_shown_until_a_container_reports_them(make_master,
         assert page.evaluate(SIDEWAYS) == []
     finally:
         page.close()
+
+
+def test_a_drain_and_a_self_retirement_are_shown_apart(make_master, cloud, browser, tmp_path):
+    """A planned drain (here EC2's rebalance recommendation) is no fault: shown as
+    'draining: <reason>', not red; an instance whose disk stayed full retires itself:
+    'retiring: <reason>' in red. Both still run their builds to the end."""
+    go = tmp_path / "go"
+    master = make_master(master_cfg(
+        workers=2, build_wait_timeout=600, plugins={"dockerami": {}},
+        command=f"echo started; while [ ! -e {go} ]; do sleep 0.2; done"))
+    brids = [master.force(), master.force()]
+
+    def building() -> list[dict] | None:
+        rows = [r for r in master.fleet()["workers"] if "build_started" in r["timeline"]]
+        return rows if len(rows) == 2 else None
+
+    rows = wait_for(building, 120, "both workers' builds to start on their instances")
+    drained, retired = (row["instance"]["id"] for row in sorted(rows, key=lambda r: r["name"]))
+    cloud.hypervisor.recommend_rebalance(drained)
+    cloud.runtime.retire(retired, "disk_full: 0.2 GiB free on /var/lib/docker after pruning, "
+                                  "below the floor (5%: 1.0 GiB)")
+
+    page = browser.new_page(viewport=VIEWPORT)
+    try:
+        page.goto(f"http://127.0.0.1:{master.www_port}/#/dockerami")
+        draining = page.locator("tr[data-worker='w0'] .dockerami-retired")
+        retiring = page.locator("tr[data-worker='w1'] .dockerami-retired")
+        draining.wait_for(timeout=60_000)
+        retiring.wait_for(timeout=60_000)
+        assert draining.inner_text().startswith(
+            "draining: spot_rebalance: EC2 recommends rebalancing"), draining.inner_text()
+        assert retiring.inner_text().startswith("retiring: disk_full: 0.2 GiB free"), \
+            retiring.inner_text()
+        classes = draining.get_attribute("class") or ""
+        assert "text-danger" not in classes and "dockerami-draining" in classes, classes
+        assert "text-danger" in (retiring.get_attribute("class") or "")
+        colour = "e => getComputedStyle(e).color"
+        assert draining.evaluate(colour) != retiring.evaluate(colour)
+        assert page.evaluate(SIDEWAYS) == []
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "fleet-page-draining.png"), full_page=True)
+    finally:
+        page.close()
+    go.touch()
+    assert [master.wait_request(brid, 120)["results"] for brid in brids] == [SUCCESS] * 2

@@ -263,20 +263,22 @@ class ProcessRuntime:
             process.send_signal(signal.SIGHUP)
 
     def rebalance_recommendation(self, instance_id: str) -> None:
-        """What the bootstrap and the reference image do on EC2's rebalance
-        recommendation: the retirement's reason becomes the worker info
-        ``dockerami_retired`` (the image links it to the bootstrap's word), then the
-        worker is asked to shut down (SIGHUP), which makes the master read it and drain
-        the instance. There is no metadata service here to serve the recommendation."""
+        """What the bootstrap does on EC2's rebalance recommendation (there is no metadata
+        service here to serve it): it retires the instance with reason spot_rebalance."""
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.retire(instance_id, "spot_rebalance: EC2 recommends rebalancing this spot "
+                    f'instance ({{"noticeTime": "{when}"}})')
+
+    def retire(self, instance_id: str, text: str) -> None:
+        """What the bootstrap's ``retire`` and the reference image do: ``text``
+        ("<reason>: <detail>") becomes the worker info ``dockerami_retired``, then the
+        worker is asked to shut down (SIGHUP), which makes the master read it."""
         with self._lock:
             process = self._processes.get(instance_id)
         if process is None or process.poll() is not None:
             return
-        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        reason = ("spot_rebalance: EC2 recommends rebalancing this spot instance "
-                  f'({{"noticeTime": "{when}"}})')
         info = self.state_dir / instance_id / "info"
-        (info / "dockerami_retired.new").write_text(reason + "\n")
+        (info / "dockerami_retired.new").write_text(text + "\n")
         (info / "dockerami_retired.new").rename(info / "dockerami_retired")
         process.send_signal(signal.SIGHUP)
 

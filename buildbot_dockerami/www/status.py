@@ -8,7 +8,7 @@ from buildbot.worker.latent import States
 from twisted.internet import defer
 
 from buildbot_dockerami.cloud import instances
-from buildbot_dockerami.fleet import pools
+from buildbot_dockerami.fleet import pools, retirement
 from buildbot_dockerami.fleet.service import Fleet
 from buildbot_dockerami.fleet.spending import Spending
 from buildbot_dockerami.protocol import imageready, limits
@@ -91,9 +91,12 @@ def worker_row(worker: Any, now: float, spending: Spending) -> Any:
             "price_source": None if price is None else price.source,
             "cost_so_far": None if price is None else round(price.of(uptime), 6),
             # Why it retires: its bootstrap said so (its disk stayed too full), or the
-            # master drains it (max_builds, max_age, refresh_ami). It takes no new build
-            # and is terminated after its running ones (fleet/retirement.py).
-            "retired": getattr(instance, "retired", "") or None,
+            # master drains it (retirement.DRAIN_REASONS). It takes no new build and is
+            # terminated after its running ones (fleet/retirement.py). A drain is
+            # planned, no fault: the page shows the two apart.
+            "retired": retirement.retired(instance) or None,
+            "draining": retirement.reason_code(retirement.retired(instance))
+            in retirement.DRAIN_REASONS,
         }
     return row
 

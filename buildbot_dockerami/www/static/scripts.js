@@ -152,8 +152,11 @@
         where ? h("small", {className: "text-muted"}, where) : null,
         limits(w.container_limits) ? h("div", null, h("small",
           {className: "text-muted dockerami-limits"}, limits(w.container_limits))) : null,
-        i.retired ? h("div", {className: "dockerami-retired text-danger", title: i.retired},
-                      "retiring: " + i.retired) : null),
+        // A planned drain (max builds, age, refresh, rebalance) is no fault: not red.
+        i.retired ? h("div", {className: "dockerami-retired " + (i.draining
+                                ? "dockerami-draining text-info" : "text-danger"),
+                              title: i.retired},
+                      (i.draining ? "draining: " : "retiring: ") + i.retired) : null),
       h("td", {className: "dockerami-image"}, i.image || ""),
       h("td", null,
         i.launched_at ? h("div", {className: "dockerami-launched",
