@@ -52,6 +52,8 @@ ACCEPT = ", ".join((
 ))
 _PARAM = re.compile(r'(\w+)="([^"]*)"')
 _ECR_REGION = re.compile(r"\.dkr\.ecr(?:-fips)?\.([a-z0-9-]+)\.amazonaws\.com")
+#: How the master names itself to registries (their access logs show it).
+USER_AGENT = "buildbot-dockerami-image-refresh"
 #: Answers read from a registry are small; a larger one is not a manifest.
 _MAX_BODY = 4 * 1024 * 1024
 
@@ -228,7 +230,8 @@ class ImageDigests:
 
     def _request(self, reference: imagedigest.Reference, method: str, url: str,
                  headers: Mapping[str, str]) -> tuple[int, Mapping[str, str], bytes]:
-        request = urllib.request.Request(url, method=method, headers=dict(headers))
+        request = urllib.request.Request(url, method=method,
+                                         headers={"User-Agent": USER_AGENT, **headers})
         host = urllib.parse.urlsplit(url).hostname or ""
         opener = self._direct if host in ("localhost", "127.0.0.1", "::1") else self._opener
         try:
