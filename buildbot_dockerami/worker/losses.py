@@ -185,8 +185,12 @@ class Losses:
         if (instance is None or settings is None or not instance.image_digest
                 or retirement.retired(instance)):
             return
-        auth = image_digests.Auth(settings.registry_credentials, settings.region,
-                                  settings.session)
+        # The instance's region (its client's, the worker's rendered one): where its
+        # registry_credentials are stored.
+        region = getattr(getattr(instance.client, "ec2", None), "region", None)
+        if not isinstance(region, str):
+            region = settings.region if isinstance(settings.region, str) else None
+        auth = image_digests.Auth(settings.registry_credentials, region, settings.session)
         current = yield self.fleet.image_refresh.current(instance.image, auth)
         if (instance is self.instance
                 and image_refresh.stale(instance.image_digest, current)):
