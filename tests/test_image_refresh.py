@@ -48,6 +48,8 @@ def test_where_the_manifest_is_asked_for() -> None:
     hub = imagedigest.parse("debian:12")
     assert hub is not None and hub.manifest_url() == (
         "https://registry-1.docker.io/v2/library/debian/manifests/12")
+    v6 = imagedigest.parse("[::1]:5000/a/b:c")
+    assert v6 is not None and v6.scheme == "http"
     local = imagedigest.parse("127.0.0.1:5000/a/b:c")
     assert local is not None and local.manifest_url() == "http://127.0.0.1:5000/v2/a/b/manifests/c"
     ghcr = imagedigest.parse("ghcr.io/o/r:1")

@@ -78,8 +78,8 @@ class Reference:
     @property
     def scheme(self) -> str:
         host = self.api_host
-        name = host if host.startswith("[") else host.rsplit(":", 1)[0]
-        return "http" if name in LOOPBACK_HOSTS or host.startswith("[::1]") else "https"
+        name = host.split("]")[0] + "]" if host.startswith("[") else host.rsplit(":", 1)[0]
+        return "http" if name in LOOPBACK_HOSTS else "https"
 
     def manifest_url(self) -> str:
         return f"{self.scheme}://{self.api_host}/v2/{self.repository}/manifests/{self.tag}"

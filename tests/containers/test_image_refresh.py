@@ -123,8 +123,8 @@ def test_basic_auth_with_the_workers_registry_credentials(basic_registry: Regist
 
 def test_credentials_read_from_ssm_and_secrets_manager(basic_registry: Registry, cloud,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The master reads registry_credentials with its own credential chain, as
-    DigestError-free as the instance does at boot, and never says the password."""
+    """The master reads registry_credentials with its own credential chain (here the
+    local cloud's endpoint and keys), and never says the password."""
     for name, value in cloud.env().items():
         if name.startswith("AWS_"):
             monkeypatch.setenv(name, value)
