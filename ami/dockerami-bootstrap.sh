@@ -13,7 +13,9 @@
 #      its own slot's credential (a user-data file with its own line 1), never the
 #      instance's user data nor other slots' secrets. It is told when the image was
 #      ready and how (DOCKERAMI_IMAGE_READY: epoch seconds; DOCKERAMI_IMAGE_PULL:
-#      "present" or the pull's seconds), for the master's provisioning timeline.
+#      "present" or the pull's seconds), for the master's provisioning timeline, and
+#      which image it is (DOCKERAMI_IMAGE_DIGEST: the repository digest of the image
+#      reference, sha256:..., empty if none), for the master's image refresh.
 #      Each container gets the memory, pids and CPU limits of the user-data extensions
 #      limits.memory/pids/cpus (container_limits); with several slots, a limit not
 #      given defaults to a share that keeps the slots from starving each other.
@@ -316,6 +318,33 @@ else
     log "pulled $image in ${pull_seconds} s"
     image_pull=$pull_seconds
 fi
+
+# Which image this is, for the master's image refresh: the repository digest the engine
+# recorded for the reference pulled (RepoDigests' entry for its repository; names
+# compared as Docker shows them: no docker.io/ nor library/). None if it has none (never
+# pushed nor pulled) or several that differ: the master then never refreshes it for it.
+repository_of() {
+    name=${1%%@*}
+    case ${name##*/} in *:*) name=${name%:*} ;; esac
+    first=${name%%/*}
+    hub=yes
+    case $name in */*) case $first in *.* | *:* | localhost) hub=no ;; esac ;; esac
+    case $first in docker.io | index.docker.io) name=${name#*/} hub=yes ;; esac
+    [ "$hub" = no ] || name=${name#library/}
+    printf '%s\n' "$name"
+}
+image_repository=$(repository_of "$image")
+image_digest=$($DOCKER image inspect --format '{{range .RepoDigests}}{{println .}}{{end}}' \
+        "$image" 2>/dev/null | while IFS= read -r entry; do
+    [ "$(repository_of "${entry%%@*}")" = "$image_repository" ] && printf '%s\n' "${entry#*@}"
+done | sort -u)
+case $image_digest in
+    sha256:*[!0-9a-f]* | *"
+"*) log "image $image: several or odd repository digests; not reported"; image_digest="" ;;
+    sha256:????????????????????????????????????????????????????????????????) ;;
+    *) image_digest="" ;;
+esac
+[ -z "$image_digest" ] || log "image $image is $image_digest"
 
 instance_id=$(imds_get meta-data/instance-id) || instance_id=unknown
 
@@ -705,6 +734,7 @@ run_slot() {
             --env DOCKERAMI_USER_DATA_FILE=/run/dockerami/user-data \
             --env DOCKERAMI_INSTANCE_ID="$instance_id" --env DOCKERAMI_SLOT="$1" \
             --env DOCKERAMI_IMAGE_READY="$image_ready" --env DOCKERAMI_IMAGE_PULL="$image_pull" \
+            --env DOCKERAMI_IMAGE_DIGEST="$image_digest" \
             "$image" || log "$name exited with status $?"
         # The kernel's OOM killer ended a process of it (a build past limits.memory).
         if [ "$($DOCKER container inspect -f '{{.State.OOMKilled}}' "$name" 2>/dev/null)" = true ]

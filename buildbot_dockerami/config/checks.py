@@ -207,11 +207,12 @@ def fleet_problems(s: FleetWide | WorkerSettings) -> list[str]:
         problems.append(f"launch_on_request: {s.launch_on_request!r} must be True or False")
     if isinstance(s, FleetWide):
         problems += price_problems(s.prices)
-        every = s.ami_refresh_interval
-        if (isinstance(every, bool) or not isinstance(every, int | float)
-                or not MIN_INTERVAL <= every < float("inf")):
-            problems.append(f"ami_refresh_interval: {every!r} must be a number of seconds "
-                            f">= {MIN_INTERVAL:g}")
+        for setting in ("ami_refresh_interval", "image_refresh_interval"):
+            every = getattr(s, setting)
+            if (isinstance(every, bool) or not isinstance(every, int | float)
+                    or not MIN_INTERVAL <= every < float("inf")):
+                problems.append(f"{setting}: {every!r} must be a number of seconds "
+                                f">= {MIN_INTERVAL:g}")
     return problems
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from buildbot_dockerami.cloud.ec2 import DEFAULT_TIMEOUT
+from buildbot_dockerami.fleet.image_refresh import DEFAULT_INTERVAL as DEFAULT_IMAGE_INTERVAL
 from buildbot_dockerami.fleet.reconcile_plan import DEFAULT_INTERVAL
 from buildbot_dockerami.fleet.refresh import DEFAULT_INTERVAL as DEFAULT_REFRESH_INTERVAL
 from buildbot_dockerami.fleet.stopped_pool import DEFAULT_MAX_STOPPED, DEFAULT_MAX_STOPPED_AGE
@@ -40,6 +41,8 @@ class FleetWide:
     prices: Any = None
     #: Seconds between two DescribeImages for the same ami_filters (fleet/refresh.py).
     ami_refresh_interval: Any = DEFAULT_REFRESH_INTERVAL
+    #: Seconds between two registry checks of the same image tag (fleet/image_refresh.py).
+    image_refresh_interval: Any = DEFAULT_IMAGE_INTERVAL
 
 
 FLEET_WIDE = tuple(f.name for f in dataclasses.fields(FleetWide))

@@ -187,6 +187,9 @@ class LaunchedInstance:
     builds_started: int = 0
     #: Draining but kept (idle) until its pool's warm minimum has its replacement.
     held: bool = False
+    #: The digest of the image it runs, as its image reported it (worker info
+    #: ``image_digest``, protocol/imagedigest.py); "" when it reported none.
+    image_digest: str = ""
 
 
 class FleetParts(Protocol):

@@ -95,8 +95,9 @@ FAMILIES = {
     "dockerami_retirements_total": Family(
         "counter", "Instances that retire, by reason: their bootstrap said so (disk_full: "
         "the disk stayed too full after pruning) or the master drains them (max_builds, "
-        "max_age, refresh_ami, spot_rebalance).", "reason",
-        ("disk_full", "max_builds", "max_age", "refresh_ami", "spot_rebalance", "other")),
+        "max_age, refresh_ami, refresh_image, spot_rebalance).", "reason",
+        ("disk_full", "max_builds", "max_age", "refresh_ami", "refresh_image", "spot_rebalance",
+         "other")),
     "dockerami_reclaimed_total": Family(
         "counter", "Instances of a dead master (heartbeat expired) this master terminated."),
     # Also labelled ``pool`` (empty outside a worker_pool; each pool's series from the

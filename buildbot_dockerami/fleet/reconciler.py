@@ -158,8 +158,9 @@ class Reconciler:
                 lambda f: log.msg(f"dockerami: {f.getErrorMessage()}"))
 
     def _drain_due(self) -> None:
-        """Instances past max_instance_age, or launched from an AMI their ami_filters no
-        longer pick (refresh.py, its DescribeImages bounded), drain on the fleet's clock
+        """Instances past max_instance_age, launched from an AMI their ami_filters no
+        longer pick (refresh.py, its DescribeImages bounded), or running an image whose
+        tag moved (image_refresh.py, its registry checks bounded) drain on the fleet's clock
         (retirement.py decides; each worker drains its own, never killing a build)."""
         if self.stopping():
             return
@@ -171,6 +172,10 @@ class Reconciler:
                 drain()
                 worker.refresh_if_stale().addErrback(
                     log.err, f"dockerami: reconciler: refreshing {worker}")
+                image = getattr(worker, "refresh_image_if_stale", None)
+                if image is not None:
+                    image().addErrback(
+                        log.err, f"dockerami: reconciler: refreshing the image of {worker}")
             except Exception:
                 log.err(None, f"dockerami: reconciler: draining {worker}")
 

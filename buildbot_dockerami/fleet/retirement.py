@@ -6,8 +6,9 @@ it, and that a retiring instance takes no new build and ends (terminated, never 
 for reuse) once none of its builds runs.
 
 And instances the master drains (docs/warm-capacity.md#retire-and-refresh): after
-``max_builds_per_instance`` builds, past ``max_instance_age``, or launched from an AMI
-that ``ami_filters`` no longer pick (fleet/refresh.py). The same path: no new build, the
+``max_builds_per_instance`` builds, past ``max_instance_age``, launched from an AMI
+that ``ami_filters`` no longer pick (fleet/refresh.py), or running an image whose tag now
+points at another digest (fleet/image_refresh.py). The same path: no new build, the
 running ones finish (a busy worker is never killed), then the instance is terminated.
 """
 
@@ -27,8 +28,9 @@ RETIRED_INFO = "dockerami_retired"
 #: Reasons the bootstrap gives; another is counted as "other".
 SELF_REASONS = ("disk_full",)
 #: Reasons the master drains an instance for (spot_rebalance: its bootstrap passes on
-#: EC2's rebalance recommendation, a drain, not a failure).
-DRAIN_REASONS = ("max_builds", "max_age", "refresh_ami", "spot_rebalance")
+#: EC2's rebalance recommendation, a drain, not a failure; refresh_image: its image's
+#: tag points at another digest, fleet/image_refresh.py).
+DRAIN_REASONS = ("max_builds", "max_age", "refresh_ami", "refresh_image", "spot_rebalance")
 REASONS = SELF_REASONS + DRAIN_REASONS
 _REASON = re.compile(r"^([a-z_]{1,32}):")
 _MAX_TEXT = 300

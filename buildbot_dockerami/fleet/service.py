@@ -25,9 +25,12 @@ from twisted.python.threadpool import ThreadPool
 
 from buildbot_dockerami.cloud import instances
 from buildbot_dockerami.cloud.ec2 import CALLS_AT_ONCE, DEFAULT_TIMEOUT, AsyncEc2, Ec2
+from buildbot_dockerami.cloud.image_digests import AsyncImageDigests
 from buildbot_dockerami.fleet import fallback, multimaster, pools, schedule, stopped_pool
 from buildbot_dockerami.fleet.history import History
 from buildbot_dockerami.fleet.holdings import Holdings
+from buildbot_dockerami.fleet.image_refresh import DEFAULT_INTERVAL as DEFAULT_IMAGE_INTERVAL
+from buildbot_dockerami.fleet.image_refresh import ImageRefresh
 from buildbot_dockerami.fleet.members import FleetWorker
 from buildbot_dockerami.fleet.metrics import Metrics
 from buildbot_dockerami.fleet.monitor import StateMonitor
@@ -103,6 +106,10 @@ class Fleet(service.SharedService):
                                      stopping=lambda: self.stopping)
         #: The newest image of each worker's ami_filters, asked on a bound (refresh.py).
         self.refresh = AmiRefresh(reactor.seconds)
+        #: What each image tag points at, asked of its registry on a bound
+        #: (image_refresh.py), in the fleet's thread pool.
+        self.image_refresh = ImageRefresh(
+            reactor.seconds, AsyncImageDigests(reactor, pool=self._thread_pool))
         #: Capacity options EC2 recently refused, shared by every worker.
         self.cooldown = fallback.CoolDown()
         self._stopping = False
@@ -232,9 +239,11 @@ class Fleet(service.SharedService):
             self.stopped.max_count = settings.max_stopped
             self.stopped.max_age = settings.max_stopped_age
             self.refresh.interval = settings.ami_refresh_interval
+            self.image_refresh.interval = settings.image_refresh_interval
             interval = settings.reconcile_interval
         else:
             self.refresh.interval = DEFAULT_REFRESH_INTERVAL
+            self.image_refresh.interval = DEFAULT_IMAGE_INTERVAL
             intervals = [w.settings.reconcile_interval for w in list(self.workers)]
             if not intervals:
                 return

@@ -115,6 +115,7 @@ class Connections:
             if self.image_ready is not None:
                 self.timeline[imageready.STEP] = self.image_ready.at
             self.limits_reported = limits.from_info(conn.info)
+            self._note_image_digest(self.instance, conn.info)
             if self.busy:  # the build that asked for this instance starts now
                 self.timeline["build_started"] = self.timeline["connected"]
             elif self._prewarming and self.group is None:

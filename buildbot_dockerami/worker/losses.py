@@ -23,9 +23,10 @@ from buildbot.worker.latent import States
 from twisted.internet import defer
 from twisted.python import failure, log
 
-from buildbot_dockerami.cloud import instances
-from buildbot_dockerami.fleet import lost, pools, refresh, retirement
+from buildbot_dockerami.cloud import image_digests, instances
+from buildbot_dockerami.fleet import image_refresh, lost, pools, refresh, retirement
 from buildbot_dockerami.fleet.launch import LaunchedInstance
+from buildbot_dockerami.protocol import imagedigest
 from buildbot_dockerami.worker.connections import ConnectionRefused
 
 
@@ -172,6 +173,38 @@ class Losses:
         if (instance is self.instance and newest is not None
                 and refresh.stale(instance.ami, newest)):
             self._retire(instance, refresh.reason(instance.ami, newest))
+
+    @defer.inlineCallbacks
+    def refresh_image_if_stale(self) -> Any:
+        """The master drains this worker's instance when its image's tag now points at
+        another digest than the one the instance reported running (fleet/image_refresh.py,
+        asked at most once per image_refresh_interval). An image that reported no digest,
+        or a reference pinned by digest, never refreshes."""
+        instance = self.instance
+        settings = getattr(self, "settings", None)
+        if (instance is None or settings is None or not instance.image_digest
+                or retirement.retired(instance)):
+            return
+        # The instance's region (its client's, the worker's rendered one): where its
+        # registry_credentials are stored.
+        region = getattr(getattr(instance.client, "ec2", None), "region", None)
+        if not isinstance(region, str):
+            region = settings.region if isinstance(settings.region, str) else None
+        auth = image_digests.Auth(settings.registry_credentials, region, settings.session)
+        current = yield self.fleet.image_refresh.current(instance.image, auth)
+        if (instance is self.instance
+                and image_refresh.stale(instance.image_digest, current)):
+            self._retire(instance, image_refresh.reason(instance.image, instance.image_digest,
+                                                        current))
+
+    def _note_image_digest(self, instance: Any, info: Any) -> None:
+        """The digest of the image a connecting worker runs (its info ``image_digest``,
+        reported by the bootstrap): kept on its instance for the image refresh."""
+        digest = imagedigest.from_info(info)
+        if instance is None or digest is None or digest == instance.image_digest:
+            return
+        instance.image_digest = digest
+        log.msg(f"{self}: instance {instance.instance_id} runs {instance.image} at {digest}")
 
     def _drain_due(self) -> str | None:
         settings = getattr(self, "settings", None)

@@ -113,6 +113,14 @@ case ${DOCKERAMI_IMAGE_PULL:-} in
     "" | *[!0-9.]*) rm -f "$BASEDIR/info/image_pull" ;;
     *) printf '%s' "$DOCKERAMI_IMAGE_PULL" > "$BASEDIR/info/image_pull" ;;
 esac
+# Which image this is (its repository digest, as the bootstrap read it): the master
+# drains the instance once the image's tag points at another one (image refresh).
+case ${DOCKERAMI_IMAGE_DIGEST:-} in
+    sha256:*[!0-9a-f]*) rm -f "$BASEDIR/info/image_digest" ;;
+    sha256:????????????????????????????????????????????????????????????????)
+        printf '%s' "$DOCKERAMI_IMAGE_DIGEST" > "$BASEDIR/info/image_digest" ;;
+    *) rm -f "$BASEDIR/info/image_digest" ;;
+esac
 # The resource limits this container got (container_limits, applied by the bootstrap),
 # as its cgroup says (v2, else v1), for the master's Fleet page:
 # "memory=<bytes> pids=<tasks> cpus=<CPUs>", "max" for no limit.

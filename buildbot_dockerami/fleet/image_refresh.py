@@ -1,0 +1,90 @@
+"""Image refresh: an instance whose image reported the digest it runs (worker info
+``image_digest``, protocol/imagedigest.py) while its image's tag now points at another
+digest is drained (fleet/retirement.py, reason ``refresh_image``): no new build, it ends
+after its running ones, and the next launch pulls the tag again.
+
+Checked on the master's own schedule (the reconciler's pass asks each worker), never per
+page read, and bounded: at most one registry check (cloud/image_digests.py: one HEAD,
+plus a token request where the registry wants one) per (image reference, credentials)
+per ``interval`` seconds, however many workers and instances ask; askers share the check
+in flight. A failed check is remembered as "unknown" for the interval too, and logged
+once: not knowing is no reason to drain. A reference pinned by digest never refreshes,
+nor does an instance whose image reported no digest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.python import log
+
+from buildbot_dockerami.protocol import imagedigest
+
+#: Seconds between two checks of the same image reference (FleetSettings'
+#: ``image_refresh_interval``).
+DEFAULT_INTERVAL = 600.0
+
+
+def stale(running: str | None, current: str | None) -> bool:
+    """Whether an instance running ``running`` is due for refresh: the tag now points
+    at another digest (unknown, or an instance that reported none: no)."""
+    return (imagedigest.valid(running) and imagedigest.valid(current)
+            and running != current)
+
+
+def reason(image: str, running: str, current: str) -> str:
+    """The drain's text (retirement.reason_code reads ``refresh_image``)."""
+    return (f"refresh_image: runs {imagedigest.short(running)}; {image} now points at "
+            f"{imagedigest.short(current)}")
+
+
+class ImageRefresh:
+    """The digest each image tag points at, asked at most once per ``interval`` seconds
+    on ``clock`` (the fleet's reactor) through ``source`` (an object with
+    ``digest(image, auth) -> Deferred[str]``, cloud/image_digests.AsyncImageDigests)."""
+
+    def __init__(self, clock: Callable[[], float], source: Any,
+                 interval: float = DEFAULT_INTERVAL) -> None:
+        self.clock = clock
+        self.source = source
+        self.interval = interval
+        #: key -> (asked at, the digest or None: unknown).
+        self._current: dict[Hashable, tuple[float, str | None]] = {}
+        #: key -> callers waiting for the check in flight.
+        self._asking: dict[Hashable, list[defer.Deferred]] = {}
+        #: Registry checks made (for tests and the bound).
+        self.calls = 0
+
+    def current(self, image: str, auth: Any = None) -> defer.Deferred:
+        """What ``image``'s tag points at now, or None when unknown (or pinned)."""
+        if not image or imagedigest.pinned(image):
+            return defer.succeed(None)
+        key = (image, auth.key() if auth is not None else None)
+        known = self._current.get(key)
+        if known is not None and self.clock() - known[0] < self.interval:
+            return defer.succeed(known[1])
+        waiter: defer.Deferred = defer.Deferred()
+        if key in self._asking:
+            self._asking[key].append(waiter)
+            return waiter
+        self._asking[key] = [waiter]
+        self.calls += 1
+        d = defer.maybeDeferred(self.source.digest, image, auth)
+
+        def unknown(f: Any) -> None:
+            log.msg(f"dockerami: image refresh: what {image} points at is unknown "
+                    f"({f.getErrorMessage()}); no instance drains for it, asked again in "
+                    f"{self.interval:g}s")
+
+        d.addErrback(unknown)
+
+        def answered(digest: str | None) -> None:
+            digest = digest if imagedigest.valid(digest) else None
+            self._current[key] = (self.clock(), digest)
+            for each in self._asking.pop(key, []):
+                each.callback(digest)
+
+        d.addCallback(answered)
+        return waiter

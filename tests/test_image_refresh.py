@@ -1,0 +1,192 @@
+"""Image refresh (fleet/image_refresh.py) on a fake clock: what an instance reports it
+runs (protocol/imagedigest.py), what the tag points at (asked at most once per interval
+per image, the check in flight shared, a failure "unknown"), and the decision the worker
+glue takes on the reconciler's pass: stale -> drained with reason refresh_image; unknown,
+no digest reported or a pinned reference -> never."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet import defer, task
+
+from buildbot_dockerami.cloud.image_digests import Auth, DigestError, challenge
+from buildbot_dockerami.config.checks import fleet_problems
+from buildbot_dockerami.config.model import FleetWide, WorkerSettings
+from buildbot_dockerami.fleet import image_refresh, retirement
+from buildbot_dockerami.fleet import metrics as metrics_module
+from buildbot_dockerami.fleet.image_refresh import ImageRefresh
+from buildbot_dockerami.fleet.launch import LaunchedInstance
+from buildbot_dockerami.fleet.service import Fleet
+from buildbot_dockerami.protocol import imagedigest
+from buildbot_dockerami.worker.losses import Losses
+
+OLD = "sha256:" + "a" * 64
+NEW = "sha256:" + "b" * 64
+IMAGE = "registry.example:5000/ci/linux:stable"
+
+
+@pytest.mark.parametrize(("image", "expected"), [
+    ("debian", ("docker.io", "library/debian", "latest", None)),
+    ("debian:12", ("docker.io", "library/debian", "12", None)),
+    ("docker.io/library/debian:12", ("docker.io", "library/debian", "12", None)),
+    ("org/worker:2015-10-19b", ("docker.io", "org/worker", "2015-10-19b", None)),
+    ("127.0.0.1:5000/dockerami/worker-linux:20261207",
+     ("127.0.0.1:5000", "dockerami/worker-linux", "20261207", None)),
+    ("localhost/w", ("localhost", "w", "latest", None)),
+    ("ghcr.io/o/r@" + OLD, ("ghcr.io", "o/r", "latest", OLD)),
+])
+def test_references_are_read_as_docker_reads_them(image: str, expected: tuple) -> None:
+    reference = imagedigest.parse(image)
+    assert reference is not None
+    assert (reference.registry, reference.repository, reference.tag,
+            reference.digest) == expected
+
+
+def test_where_the_manifest_is_asked_for() -> None:
+    hub = imagedigest.parse("debian:12")
+    assert hub is not None and hub.manifest_url() == (
+        "https://registry-1.docker.io/v2/library/debian/manifests/12")
+    v6 = imagedigest.parse("[::1]:5000/a/b:c")
+    assert v6 is not None and v6.scheme == "http"
+    local = imagedigest.parse("127.0.0.1:5000/a/b:c")
+    assert local is not None and local.manifest_url() == "http://127.0.0.1:5000/v2/a/b/manifests/c"
+    ghcr = imagedigest.parse("ghcr.io/o/r:1")
+    assert ghcr is not None and ghcr.manifest_url() == "https://ghcr.io/v2/o/r/manifests/1"
+    for bad in ("", " x", "Upper/Case:1", "a/b:" + "t" * 200, "a@sha256:short"):
+        assert imagedigest.parse(bad) is None, bad
+    assert imagedigest.pinned("a/b@" + OLD) and not imagedigest.pinned(IMAGE)
+
+
+def test_the_reported_digest_is_validated() -> None:
+    assert imagedigest.from_info({"image_digest": OLD}) == OLD
+    assert imagedigest.from_info({"image_digest": OLD + "\n"}) == OLD
+    assert imagedigest.from_info({"image_digest": OLD.encode()}) == OLD
+    for bad in ("", "sha256:" + "A" * 64, "sha256:abc", "md5:" + "a" * 64, None, 3):
+        assert imagedigest.from_info({"image_digest": bad}) is None
+    assert imagedigest.from_info({}) is None and imagedigest.from_info(None) is None
+    assert imagedigest.short(OLD) == "sha256:aaaaaaaaaaaa…"
+
+
+def test_authentication_challenges_are_read() -> None:
+    assert challenge('Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
+                     'scope="repository:library/debian:pull"') == ("bearer", {
+                         "realm": "https://auth.docker.io/token",
+                         "service": "registry.docker.io",
+                         "scope": "repository:library/debian:pull"})
+    assert challenge('Basic realm="test"') == ("basic", {"realm": "test"})
+    assert challenge("") == ("", {})
+
+
+class Source:
+    """A registry stand-in: answers held until the test gives them; counts the checks."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, Any]] = []
+        self.pending: list[defer.Deferred] = []
+
+    def digest(self, image: str, auth: Any = None) -> defer.Deferred:
+        self.asked.append((image, auth))
+        d: defer.Deferred = defer.Deferred()
+        self.pending.append(d)
+        return d
+
+
+def test_the_registry_is_asked_at_most_once_per_interval_and_a_failure_is_unknown() -> None:
+    clock, source = task.Clock(), Source()
+    clock.advance(1000)
+    checker = ImageRefresh(clock.seconds, source, interval=600)
+    auth = Auth("ssm:/ci/registry", "eu-west-1")
+    # Two workers asking at once share one check.
+    first, second = checker.current(IMAGE, auth), checker.current(IMAGE, auth)
+    assert len(source.asked) == 1 and not first.called
+    source.pending.pop().callback(OLD)
+    assert first.result == second.result == OLD and checker.calls == 1
+    clock.advance(599)
+    assert checker.current(IMAGE, auth).result == OLD and checker.calls == 1
+    clock.advance(1)
+    moved = checker.current(IMAGE, auth)
+    source.pending.pop().callback(NEW)
+    assert moved.result == NEW and checker.calls == 2
+    # No answer: unknown, remembered (and logged) for the interval too.
+    clock.advance(600)
+    failed = checker.current(IMAGE, auth)
+    source.pending.pop().errback(DigestError("registry.example:5000: HTTP 503"))
+    assert failed.result is None
+    assert checker.current(IMAGE, auth).result is None and checker.calls == 3
+    # An answer that is no digest is unknown as well.
+    other = checker.current("other/image:1")
+    source.pending.pop().callback("latest")
+    assert other.result is None
+    # A pinned reference is never asked for.
+    assert checker.current("a/b@" + OLD).result is None and checker.calls == 4
+
+
+def test_the_decision_and_its_reason() -> None:
+    assert image_refresh.stale(OLD, NEW)
+    assert not image_refresh.stale(OLD, OLD)
+    assert not image_refresh.stale(OLD, None)  # unknown: no reason to drain
+    assert not image_refresh.stale("", NEW) and not image_refresh.stale(None, NEW)
+    text = image_refresh.reason(IMAGE, OLD, NEW)
+    assert text == (f"refresh_image: runs sha256:aaaaaaaaaaaa…; {IMAGE} now points at "
+                    "sha256:bbbbbbbbbbbb…")
+    assert retirement.reason_code(text) == "refresh_image"
+    assert "refresh_image" in retirement.DRAIN_REASONS
+    assert "refresh_image" in metrics_module.FAMILIES["dockerami_retirements_total"].seeds
+
+
+class Worker(Losses):
+    """The glue's decision (worker/losses.py) with what it reads of a worker."""
+
+    def __init__(self, checker: ImageRefresh, image: str, digest: str) -> None:
+        self.fleet = type("FleetView", (), {"image_refresh": checker})()
+        self.settings = WorkerSettings(image=image, registry_credentials="ssm:/ci/registry",
+                                       region="eu-west-1")
+        self.instance = LaunchedInstance(None, "i-1", "t3.micro", image, "ami-1",  # type: ignore[arg-type]
+                                         image_digest=digest)
+        self.drained: list[str] = []
+
+    def _retire(self, instance: Any, text: str, insubstantiate: bool = True) -> None:
+        instance.retired = text
+        self.drained.append(text)
+
+
+def test_the_glue_drains_only_an_instance_whose_tag_moved() -> None:
+    clock, source = task.Clock(), Source()
+    checker = ImageRefresh(clock.seconds, source, interval=5)
+    busy, unknown, silent, pinned = (Worker(checker, IMAGE, OLD), Worker(checker, "x/y:1", OLD),
+                                     Worker(checker, IMAGE, ""),
+                                     Worker(checker, "x/y@" + OLD, OLD))
+    for worker in (busy, unknown, silent, pinned):
+        worker.refresh_image_if_stale()
+    # One check per image reference (the silent one and the pinned one ask nothing).
+    assert [image for image, _ in source.asked] == [IMAGE, "x/y:1"]
+    assert source.asked[0][1] == Auth("ssm:/ci/registry", "eu-west-1")
+    source.pending[1].errback(DigestError("x: no answer"))
+    source.pending[0].callback(OLD)
+    assert busy.drained == unknown.drained == []
+    clock.advance(5)
+    source.pending.clear()
+    busy.refresh_image_if_stale()
+    source.pending.pop().callback(NEW)
+    assert busy.drained == [image_refresh.reason(IMAGE, OLD, NEW)]
+    # Draining already: asked no more.
+    busy.refresh_image_if_stale()
+    assert len(source.asked) == 3
+    assert silent.drained == pinned.drained == unknown.drained == []
+
+
+def test_image_refresh_interval_is_a_fleet_setting_checked_like_the_ami_one() -> None:
+    assert "image_refresh_interval: 0 must be a number of seconds >= 5" in fleet_problems(
+        FleetWide(image_refresh_interval=0))
+    assert "image_refresh_interval: 'x' must be a number of seconds >= 5" in fleet_problems(
+        FleetWide(image_refresh_interval="x"))
+    assert not fleet_problems(FleetWide(image_refresh_interval=5))
+    fleet = Fleet(task.Clock(), "host:/basedir")
+    assert fleet.image_refresh.interval == 600
+    fleet.configure(FleetWide(image_refresh_interval=30))
+    assert fleet.image_refresh.interval == 30
+    fleet.configure(None)
+    assert fleet.image_refresh.interval == 600
+    fleet.reconciler.stop()
