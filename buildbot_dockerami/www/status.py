@@ -84,6 +84,8 @@ def worker_row(worker: Any, now: float, spending: Spending) -> Any:
             "availability_zone": instance.availability_zone,
             "market": instance.market,
             "image": instance.image,
+            # What its workers reported running (fleet/image_refresh.py), or null.
+            "image_digest": getattr(instance, "image_digest", "") or None,
             "ami": instance.ami,
             "launched_at": instance.launched_at,
             "uptime_seconds": round(uptime, 1),

@@ -36,7 +36,7 @@ from buildbot_dockerami.cloud.image_digests import (
 from buildbot_dockerami.localcloud.containers import QuietHandler
 from tests.docker_support import Registry, only_instance
 from tests.harness import SUCCESS, free_port, master_cfg, wait_for
-from tests.helpers import state_of
+from tests.helpers import VIEWPORT, state_of
 from tests.test_cost import scrape
 
 pytestmark = pytest.mark.integration
@@ -261,8 +261,8 @@ def refresh_checks(registry: Registry, path: str) -> int:
 
 
 def test_a_tag_pushed_again_drains_the_busy_instance_after_its_build(
-        make_master, cloud, engine: docker.DockerClient, registry: Registry,
-        worker_image: str) -> None:
+        make_master, cloud, *, engine: docker.DockerClient, registry: Registry,
+        worker_image: str, browser) -> None:
     repository = worker_image.rsplit(":", 1)[0]
     tag = f"refresh-{secrets.token_hex(4)}"
     image = f"{repository}:{tag}"
@@ -287,6 +287,7 @@ def test_a_tag_pushed_again_drains_the_busy_instance_after_its_build(
                  30, "the master to record the reported digest")
         assert f"dockerami-bootstrap: image {image} is {running}" in \
             cloud.runtime.console(instance_id)
+        assert master.fleet()["workers"][0]["instance"]["image_digest"] == running
 
         # Readers never drive the registry: the checks follow the fleet's schedule.
         path = f"/v2/{repository.split('/', 1)[1]}/manifests/{tag}"
@@ -316,6 +317,17 @@ def test_a_tag_pushed_again_drains_the_busy_instance_after_its_build(
                             f"{moved[:19]}…"), retiring
         assert state_of(cloud, instance_id) == "running"
         assert not master.get(f"buildrequests/{brid}")[0]["complete"]
+        # The Fleet page shows the digest it runs and why it drains (not as a fault).
+        page = browser.new_page(viewport=VIEWPORT)
+        try:
+            page.goto(f"http://127.0.0.1:{master.www_port}/#/dockerami")
+            row = page.locator("tr[data-worker='w0']")
+            row.locator(".dockerami-draining").wait_for(timeout=30_000)
+            assert row.locator(".dockerami-draining").inner_text() == "draining: " + retiring
+            assert row.locator(".dockerami-image-digest").inner_text() == running[:19] + "…"
+            assert row.locator(".dockerami-image").get_attribute("title") == running
+        finally:
+            page.close()
 
         # The running build is never killed: it finishes, then the instance ends.
         go.ready = True
