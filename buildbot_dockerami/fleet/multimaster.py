@@ -202,9 +202,15 @@ class Coordinator:
     def freed(self) -> None:
         """An instance of a capped pool ended here: its row goes now, and the other
         masters are told over buildbot's message queue, so a build waiting there for
-        the slot starts without waiting for either master's next pass."""
+        the slot starts without waiting for either master's next pass.
+
+        Called from inside the worker's stop_instance, while buildbot still has the
+        worker insubstantiating (so it counts against the cap); buildbot marks it not
+        substantiated as soon as stop_instance returns. The rows are written a reactor
+        turn later: written now, they would still hold the slot, the others would read
+        it taken, and their builds would wait for this master's next pass after all."""
         if self.masterid is not None:
-            self._announce.tick()
+            self.master.reactor.callLater(0, self._announce.tick)
 
     def _mirror(self, now: float) -> defer.Deferred:
         """This master's rows made true: what it has now."""
