@@ -159,6 +159,8 @@ class Coordinator:
         self.masters: list[MasterRow] = []
         #: Instance keys claimed here and not yet running, with when.
         self.pending: dict[str, float] = {}
+        #: Keys claimed right before their RunInstances: the claim ends with the instance.
+        self._launching: set[str] = set()
         self.last_error = ""
         #: Dead master id -> its last reclaim (by any master), as the database says.
         self.reports: dict[int, shared_tables.ReclaimReport] = {}
@@ -167,6 +169,9 @@ class Coordinator:
         self._flight = SingleFlight(self._pass, self._done)
         self._last_reclaim = float("-inf")
         self._free: dict[str, int] = {}
+        #: Pools whose slot the database refused here since the last wake (this master's
+        #: read of the rows may not have shown them full: the next free slot must wake).
+        self._refused: set[str] = set()
         self._loop = task.LoopingCall(self.tick)
         self._loop.clock = master.reactor
         #: Freed slots, told to the others (event-driven: one more after a busy one).
@@ -212,10 +217,22 @@ class Coordinator:
         if self.masterid is not None:
             self.master.reactor.callLater(0, self._announce.tick)
 
+    def _local(self) -> tuple[dict[str, dict[str, Any]], set[str]]:
+        """This master's instances now, and the keys whose launch claim is over: the
+        instance (or the launch) ended, so the slot goes back now, not CLAIM_GRACE after
+        the claim (an instance that ends before a pass saw it left its row "claimed")."""
+        local = local_rows(self.fleet)
+        ended = {k for k in self._launching if k not in local}
+        self._launching -= ended
+        for key in ended:
+            self.pending.pop(key, None)
+        return local, ended
+
     def _mirror(self, now: float) -> defer.Deferred:
         """This master's rows made true: what it has now."""
+        local, ended = self._local()
         return self._lock.run(self.master.db.pool.do, shared_tables.mirror, self.masterid,
-                              local_rows(self.fleet), int(now), CLAIM_GRACE)
+                              local, int(now), CLAIM_GRACE, ended=ended)
 
     @defer.inlineCallbacks
     def _mirror_and_announce(self) -> Any:
@@ -296,12 +313,22 @@ class Coordinator:
         yield self._ensure_tables()
         cap = self.fleet.pool_limits.get(worker.pool, pools.PoolLimits()).cap
         now = self.master.reactor.seconds()
-        local = local_rows(self.fleet)
+        local, ended = self._local()
         want = shared_tables.Claim(self.masterid, key, worker.pool, cap, int(now))
-        ok = yield self._lock.run(self.master.db.pool.do, _mirror_and_claim, local, want)
+        ok = yield self._lock.run(self.master.db.pool.do, _mirror_and_claim, local, want, ended)
         if ok:
             self.pending[key] = now
+        else:
+            self._at_cap(worker.pool, cap)
         return ok
+
+    def _at_cap(self, pool: str, cap: int | None) -> None:
+        """The database refused a slot of ``pool``: builds here wait for one (said once
+        per wait, as the next free slot ends it)."""
+        if pool not in self._refused:
+            log.msg(f"dockerami: pool {pool!r} is at its cap ({cap}) on all masters together: "
+                    "builds here wait for a slot to be freed")
+        self._refused.add(pool)
 
     @defer.inlineCallbacks
     def claim(self, worker: FleetWorker) -> Any:
@@ -317,6 +344,9 @@ class Coordinator:
         ok = yield self._lock.run(self.master.db.pool.do, shared_tables.claim, want)
         if ok:
             self.pending[key] = now
+            self._launching.add(key)
+        elif worker.pool is not None:
+            self._at_cap(worker.pool, cap)
         return ok
 
     def tick(self) -> defer.Deferred:
@@ -351,12 +381,16 @@ class Coordinator:
             yield self._reclaim(now)
 
     def _wake_if_freed(self) -> None:
-        """A slot freed on another master lets builds waiting here start."""
+        """A slot freed on another master lets builds waiting here start: more free
+        slots than at the last read, or a free one in a pool whose slot the database
+        refused here (when the last read had not shown it full yet, or there was none)."""
         free = {}
         for pool, limits in self.fleet.pool_limits.items():
             if limits.cap is not None:
                 free[pool] = limits.cap - self.counts(pool).in_use
-        if any(free[p] > self._free.get(p, free[p]) for p in free):
+        if any(free[p] > self._free.get(p, free[p])
+               or (p in self._refused and free[p] > 0) for p in free):
+            self._refused.clear()
             self.fleet.after_release()
         self._free = free
 
@@ -457,9 +491,9 @@ class Coordinator:
 
 
 def _mirror_and_claim(conn: Any, local: dict[str, dict[str, Any]],
-                      want: shared_tables.Claim) -> bool:
+                      want: shared_tables.Claim, ended: set[str]) -> bool:
     """Rows made true first, so a slot freed here a moment ago counts as free."""
-    shared_tables.mirror(conn, want.masterid, local, want.now, CLAIM_GRACE)
+    shared_tables.mirror(conn, want.masterid, local, want.now, CLAIM_GRACE, ended=ended)
     return shared_tables.claim(conn, want)
 
 
