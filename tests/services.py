@@ -211,6 +211,8 @@ def fleet_env(db_url: str, router: Crossbar) -> dict[str, str]:
 #: for it waits for this master. FLEET_IGNORE_FREED_MESSAGES=1 makes this master deaf to
 #: the others' freed-slot messages (it listens on a routing key nobody sends to), so
 #: only its periodic pass finds slots freed elsewhere: what the message buys.
+#: FLEET_SYNC_INTERVAL=SECONDS sets this master's periodic pass (3600: none in a test's
+#: time, so only a message can tell it of a slot freed elsewhere).
 OWN_BUILDER = """
 # -- appended by tests/services.py OWN_BUILDER (tests and benches only) --
 if env('FLEET_OWN_BUILDER'):
@@ -220,7 +222,9 @@ if env('FLEET_OWN_BUILDER'):
             name='run', command=['sh', '-c', env('FLEET_OWN_COMMAND', 'true')])])))
     c['schedulers'].append(schedulers.ForceScheduler(
         name='force-' + env('FLEET_OWN_BUILDER'), builderNames=[env('FLEET_OWN_BUILDER')]))
+from buildbot_dockerami.fleet import multimaster as _multimaster
 if env('FLEET_IGNORE_FREED_MESSAGES') == '1':
-    from buildbot_dockerami.fleet import multimaster as _multimaster
     _multimaster.FREED = ('dockerami', 'freed-unheard')
+if env('FLEET_SYNC_INTERVAL'):
+    _multimaster.SYNC_INTERVAL = float(env('FLEET_SYNC_INTERVAL'))
 """
