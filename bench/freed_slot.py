@@ -99,17 +99,20 @@ def masters_for(mode: str, root: Path, cloud: LocalCloud, *, db_url: str, router
 
 
 def one_run(a: Master, b: Master, cloud: LocalCloud, go: Path, settle: float) -> Run:
+    """One run; A's build ends ``settle`` seconds after B's request was forced."""
     go.unlink(missing_ok=True)
     brid_a = a.force("only-a", "force-only-a")
     build_stamp(a, brid_a, 120)
     (held,) = [i["InstanceId"] for i in live(cloud)]
-    # B has read A's instance from the shared rows (its Fleet API shows it) ...
+    # B has read A's instance from the shared rows (its Fleet API shows it, right after
+    # one of its passes) ...
     wait_for(lambda: any(r["instance_id"] == held and not r["here"] for r in b.fleet()["fleet"]),
              30, "B to see A's instance")
     launches = len(cloud.faults.timeline("RunInstances"))
     brid_b = b.force("only-b", "force-only-b")
-    # ... and B's build request has waited at the cap for a while (buildbot's distributor
-    # tries it within milliseconds of the force; nothing says it was refused).
+    # ... and B's build request waits at the cap for a while: buildbot's distributor tries
+    # it within milliseconds of the force; B refuses it from the rows it read (nothing
+    # says so), and the checks below say it did not launch.
     time.sleep(settle)
     assert not b.builds_for(brid_b), "B's build started past the cap of 1"
     assert len(cloud.faults.timeline("RunInstances")) == launches, "a launch past the cap"
@@ -133,7 +136,11 @@ def run_mode(mode: str, runs: int, *, root: Path, cloud: LocalCloud, postgres: P
         assert a.control(action="set_pool", pool="linux", cap=1).status_code == 200
         b.start(timeout=180)
         wait_for(lambda: b.fleet()["pools"]["linux"]["cap"] == 1, 30, "B to see the cap")
-        results = [one_run(a, b, cloud, go, settle) for _ in range(runs)]
+        # The runs end A's build at phases spread evenly over B's periodic pass (the
+        # wait for B to see A's instance ends right after one of B's passes).
+        results = [one_run(a, b, cloud, go,
+                           settle + (i + 0.5) / runs * multimaster.SYNC_INTERVAL)
+                   for i in range(runs)]
     finally:
         for master in (a, b):
             if not master.stop():
@@ -160,8 +167,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5, help="runs per mode (default 5)")
     parser.add_argument("--modes", default="message,pass",
                         help="message (as shipped), pass (B deaf to the message)")
-    parser.add_argument("--settle", type=float, default=1.0, metavar="SECONDS",
-                        help="how long B's request waits at the cap before A's build ends")
+    parser.add_argument("--settle", type=float, default=0.5, metavar="SECONDS",
+                        help="how long B's request waits at the cap before A's build ends, "
+                             "plus a part of the periodic pass spread over the runs")
     parser.add_argument("--dir", default="/dev/shm" if Path("/dev/shm").is_dir() else None,
                         help="where the masters live (default /dev/shm)")
     args = parser.parse_args()

@@ -159,8 +159,8 @@ class Coordinator:
         self.masters: list[MasterRow] = []
         #: Instance keys claimed here and not yet running, with when.
         self.pending: dict[str, float] = {}
-        #: Keys claimed right before their RunInstances: the claim ends with the instance.
-        self._launching: set[str] = set()
+        #: Keys whose instance ended here (freed) since the last write of the rows.
+        self._ended: set[str] = set()
         self.last_error = ""
         #: Dead master id -> its last reclaim (by any master), as the database says.
         self.reports: dict[int, shared_tables.ReclaimReport] = {}
@@ -215,15 +215,19 @@ class Coordinator:
         turn later: written now, they would still hold the slot, the others would read
         it taken, and their builds would wait for this master's next pass after all."""
         if self.masterid is not None:
-            self.master.reactor.callLater(0, self._announce.tick)
+            self.master.reactor.callLater(0, self._after_freed, set(local_rows(self.fleet)))
+
+    def _after_freed(self, in_use: set[str]) -> None:
+        self._ended |= in_use - set(local_rows(self.fleet))
+        self._announce.tick()
 
     def _local(self) -> tuple[dict[str, dict[str, Any]], set[str]]:
-        """This master's instances now, and the keys whose launch claim is over: the
-        instance (or the launch) ended, so the slot goes back now, not CLAIM_GRACE after
-        the claim (an instance that ends before a pass saw it left its row "claimed")."""
+        """This master's instances now, and the keys whose instance ended (freed): their
+        claim is over, so the slot goes back now, not CLAIM_GRACE after the claim (an
+        instance that ends before a pass saw it running left its row "claimed")."""
         local = local_rows(self.fleet)
-        ended = {k for k in self._launching if k not in local}
-        self._launching -= ended
+        ended = {k for k in self._ended if k not in local}  # (not launched again since)
+        self._ended.clear()
         for key in ended:
             self.pending.pop(key, None)
         return local, ended
@@ -344,7 +348,6 @@ class Coordinator:
         ok = yield self._lock.run(self.master.db.pool.do, shared_tables.claim, want)
         if ok:
             self.pending[key] = now
-            self._launching.add(key)
         elif worker.pool is not None:
             self._at_cap(worker.pool, cap)
         return ok
