@@ -85,21 +85,17 @@ def crossbar() -> Iterator[Any]:
 @pytest.fixture
 def make_fleet(make_master, postgres, crossbar):
     """``make_fleet(n, **env)``: n masters running multimaster.cfg.example against one
-    fresh PostgreSQL database, the router and the local cloud, as an operator would."""
-    from tests.harness import REPO
+    fresh PostgreSQL database, the router and the local cloud, as an operator would;
+    ``extra`` is Python appended to the example (a test's own builders)."""
+    from tests.services import MULTIMASTER_CFG, fleet_env
 
-    def make(count: int, start: bool = True, **env: str) -> list[Master]:
+    def make(count: int, start: bool = True, extra: str = "", **env: str) -> list[Master]:
         db_url = postgres.new_database()
-        config = (REPO / "multimaster.cfg.example").read_text()
+        config = MULTIMASTER_CFG.read_text() + extra
         masters = []
         for _ in range(count):
             master = make_master(config, start=False)
-            master.env.update({
-                "FLEET_DB_URL": db_url, "FLEET_ROUTER_URL": crossbar.router_url,
-                "FLEET_REALM": crossbar.realm, "FLEET_LISTEN": "127.0.0.1",
-                "FLEET_IMAGE": "localhost/dockerami/worker:test",
-                "FLEET_INSTANCE_TYPE": "t3.micro", "FLEET_ANONYMOUS_CONTROL": "1", **env,
-            })
+            master.env.update({**fleet_env(db_url, crossbar), **env})
             masters.append(master)
         for master in masters if start else []:
             master.start(timeout=180)

@@ -23,6 +23,8 @@ SKIPPED_FOR_SERVICES: list[str] = []
 #: Where dev/crossbar puts Crossbar.io (its pins clash with buildbot's, so apart).
 CROSSBAR = Path(os.environ.get("DOCKERAMI_CROSSBAR", REPO / ".venv-crossbar" / "bin" / "crossbar"))
 TEMPLATE_DB = "dockerami_template"
+#: The configuration every master of a shared fleet runs, unchanged (docs/several-masters.md).
+MULTIMASTER_CFG = REPO / "multimaster.cfg.example"
 
 
 def require(condition: bool, why: str, fix: str) -> None:
@@ -188,3 +190,41 @@ class Crossbar:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def fleet_env(db_url: str, router: Crossbar) -> dict[str, str]:
+    """What multimaster.cfg.example reads from the environment, for one master of a
+    fleet on loopback (the tests' and the benches'): one database, the router, the
+    test image, anonymous Fleet controls (nobody untrusted reaches 127.0.0.1)."""
+    return {
+        "FLEET_DB_URL": db_url, "FLEET_ROUTER_URL": router.router_url,
+        "FLEET_REALM": router.realm, "FLEET_LISTEN": "127.0.0.1",
+        "FLEET_IMAGE": "localhost/dockerami/worker:test",
+        "FLEET_INSTANCE_TYPE": "t3.micro", "FLEET_ANONYMOUS_CONTROL": "1",
+    }
+
+
+#: Python appended to multimaster.cfg.example by tests and benches that need masters to
+#: differ (the example's builder is on every master, so any master may take its
+#: requests). FLEET_OWN_BUILDER names a builder only this master has, on its pool's
+#: workers, forced by the scheduler 'force-<name>', running FLEET_OWN_COMMAND: a request
+#: for it waits for this master. FLEET_IGNORE_FREED_MESSAGES=1 makes this master deaf to
+#: the others' freed-slot messages (it listens on a routing key nobody sends to), so
+#: only its periodic pass finds slots freed elsewhere: what the message buys.
+#: FLEET_SYNC_INTERVAL=SECONDS sets this master's periodic pass (3600: none in a test's
+#: time, so only a message can tell it of a slot freed elsewhere).
+OWN_BUILDER = """
+# -- appended by tests/services.py OWN_BUILDER (tests and benches only) --
+if env('FLEET_OWN_BUILDER'):
+    c['builders'].append(util.BuilderConfig(
+        name=env('FLEET_OWN_BUILDER'), workernames=[w.name for w in c['workers']],
+        factory=util.BuildFactory([steps.ShellCommand(
+            name='run', command=['sh', '-c', env('FLEET_OWN_COMMAND', 'true')])])))
+    c['schedulers'].append(schedulers.ForceScheduler(
+        name='force-' + env('FLEET_OWN_BUILDER'), builderNames=[env('FLEET_OWN_BUILDER')]))
+from buildbot_dockerami.fleet import multimaster as _multimaster
+if env('FLEET_IGNORE_FREED_MESSAGES') == '1':
+    _multimaster.FREED = ('dockerami', 'freed-unheard')
+if env('FLEET_SYNC_INTERVAL'):
+    _multimaster.SYNC_INTERVAL = float(env('FLEET_SYNC_INTERVAL'))
+"""

@@ -12,6 +12,7 @@ import pytest
 from buildbot_dockerami.fleet import multimaster
 from tests.harness import RETRY, SUCCESS, free_port, wait_for
 from tests.helpers import ids, instances, live, peak_of_live
+from tests.services import OWN_BUILDER
 
 pytestmark = pytest.mark.integration
 
@@ -24,6 +25,12 @@ RECLAIM_BOUND = (EXPIRE_AFTER + HEARTBEAT + multimaster.RECLAIM_INTERVAL
 
 def tag(instance: dict, key: str) -> str:
     return next(t["Value"] for t in instance["Tags"] if t["Key"] == key)
+
+
+def freed_slot_messages(master) -> float:
+    return sum(float(m.group(1)) for m in re.finditer(
+        r"^dockerami_freed_slot_messages_total(?:\{[^}]*\})? (\S+)$", master.metrics().text,
+        re.M))
 
 
 def test_a_burst_on_every_master_respects_the_shared_cap(make_fleet, cloud):
@@ -43,10 +50,41 @@ def test_a_burst_on_every_master_respects_the_shared_cap(make_fleet, cloud):
     assert len(owners) >= 2, f"only {owners} launched: the burst did not spread"
     # Slots freed on one master were told to the others over the message queue (read at
     # once, not at their next pass), and every master's queue works.
-    heard = sum(float(m.group(1)) for master in masters for m in re.finditer(
-        r"^dockerami_freed_slot_messages_total(?:\{[^}]*\})? (\S+)$", master.metrics().text, re.M))
+    heard = sum(freed_slot_messages(master) for master in masters)
     assert heard >= 1, "no master heard of a slot freed on another"
     assert [master.fleet()["mq_error"] for master in masters] == ["", "", ""]
+
+
+def test_a_build_waiting_at_the_cap_starts_when_the_freed_slot_message_comes(
+        make_fleet, cloud, tmp_path):
+    """The mechanism, not its timing: B's periodic pass is an hour away
+    (FLEET_SYNC_INTERVAL), so only A's freed-slot message can tell B that A's instance
+    ended; B has never read the shared rows, so only the database refused B's slot."""
+    go = tmp_path / "go"
+    a, b = make_fleet(2, start=False, extra=OWN_BUILDER, FLEET_POOL_SIZE="1", FLEET_IDLE="0")
+    a.env.update(FLEET_OWN_BUILDER="only-a",
+                 FLEET_OWN_COMMAND=f"while [ ! -e {go} ]; do sleep 0.05; done")
+    b.env.update(FLEET_OWN_BUILDER="only-b", FLEET_SYNC_INTERVAL="3600")
+    a.start(timeout=180)
+    assert a.control(action="set_pool", pool="linux", cap=1).status_code == 200
+    b.start(timeout=180)  # reads the cap at its start (its pass would, in an hour)
+    assert b.fleet()["pools"]["linux"]["cap"] == 1
+    held = a.force("only-a", "force-only-a")
+    wait_for(lambda: a.builds_for(held) and live(cloud), 120, "A's build on A's instance")
+    (a_instance,) = ids(live(cloud))
+    waiting = b.force("only-b", "force-only-b")  # only B has this builder
+    wait_for(lambda: "is at its cap (1) on all masters together" in b.log(), 60,
+             "B's build request to wait at the cap")
+    assert not b.builds_for(waiting) and freed_slot_messages(b) == 0
+    go.touch()  # A's build ends; the idle timeout of 0 ends its instance
+    assert b.wait_request(waiting, 120)["results"] == SUCCESS
+    assert a.wait_request(held, 60)["results"] == SUCCESS
+    assert freed_slot_messages(b) >= 1
+    (b_instance,) = [i for i in instances(cloud) if i["InstanceId"] != a_instance]
+    assert tag(b_instance, "buildbot:master") == b.fleet()["master"]["tag"]
+    terminated = cloud.faults.timeline("TerminateInstances", a_instance)[0].at
+    launched = cloud.faults.timeline("RunInstances", b_instance["InstanceId"])[0].at
+    assert terminated < launched  # the cap held: B launched once A's instance had ended
 
 
 def test_a_master_that_cannot_reach_the_router_says_so(make_fleet, cloud):

@@ -33,9 +33,9 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine
     eng.dispose()
 
 
-def run(engine: sa.Engine, fn, *args):
+def run(engine: sa.Engine, fn, *args, **kwargs):
     with engine.connect() as conn:
-        return fn(conn, *args)
+        return fn(conn, *args, **kwargs)
 
 
 def test_racing_masters_never_take_more_slots_than_the_cap(engine):
@@ -80,6 +80,16 @@ def test_mirror_gives_back_unused_claims_and_records_running_instances(engine):
     run(engine, shared_tables.mirror, 1, local, 200, 30.0)  # b never launched: given back
     assert {r.owner for r in run(engine, shared_tables.read)[0]} == {"a", "solo"}
     assert run(engine, shared_tables.claim, Claim(2, "a", "pool", 2, 200))  # master 2 gets b's slot
+
+
+def test_mirror_gives_back_at_once_the_claim_of_an_instance_that_came_and_went(engine):
+    # Claimed right before its launch, ended before any mirror saw it running: its row
+    # still says "claimed", but its master knows it ended; the slot is free now.
+    assert run(engine, shared_tables.claim, Claim(1, "a", "pool", 1, 100))
+    assert run(engine, shared_tables.claim, Claim(1, "b", "pool", 2, 100))
+    run(engine, shared_tables.mirror, 1, {}, 101, 30.0, ended={"a"})
+    assert {r.owner for r in run(engine, shared_tables.read)[0]} == {"b"}  # b: within grace
+    assert run(engine, shared_tables.claim, Claim(2, "c", "pool", 2, 101))
 
 
 def test_one_live_master_reclaims_a_dead_one_and_a_dead_reclaimer_is_taken_over(engine):

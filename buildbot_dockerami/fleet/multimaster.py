@@ -159,6 +159,8 @@ class Coordinator:
         self.masters: list[MasterRow] = []
         #: Instance keys claimed here and not yet running, with when.
         self.pending: dict[str, float] = {}
+        #: Keys whose instance ended here (freed) since the last write of the rows.
+        self._ended: set[str] = set()
         self.last_error = ""
         #: Dead master id -> its last reclaim (by any master), as the database says.
         self.reports: dict[int, shared_tables.ReclaimReport] = {}
@@ -167,6 +169,9 @@ class Coordinator:
         self._flight = SingleFlight(self._pass, self._done)
         self._last_reclaim = float("-inf")
         self._free: dict[str, int] = {}
+        #: Pools whose slot the database refused here since the last wake (this master's
+        #: read of the rows may not have shown them full: the next free slot must wake).
+        self._refused: set[str] = set()
         self._loop = task.LoopingCall(self.tick)
         self._loop.clock = master.reactor
         #: Freed slots, told to the others (event-driven: one more after a busy one).
@@ -202,14 +207,36 @@ class Coordinator:
     def freed(self) -> None:
         """An instance of a capped pool ended here: its row goes now, and the other
         masters are told over buildbot's message queue, so a build waiting there for
-        the slot starts without waiting for either master's next pass."""
+        the slot starts without waiting for either master's next pass.
+
+        Called from inside the worker's stop_instance, while buildbot still has the
+        worker insubstantiating (so it counts against the cap); buildbot marks it not
+        substantiated as soon as stop_instance returns. The rows are written a reactor
+        turn later: written now, they would still hold the slot, the others would read
+        it taken, and their builds would wait for this master's next pass after all."""
         if self.masterid is not None:
-            self._announce.tick()
+            self.master.reactor.callLater(0, self._after_freed, set(local_rows(self.fleet)))
+
+    def _after_freed(self, in_use: set[str]) -> None:
+        self._ended |= in_use - set(local_rows(self.fleet))
+        self._announce.tick()
+
+    def _local(self) -> tuple[dict[str, dict[str, Any]], set[str]]:
+        """This master's instances now, and the keys whose instance ended (freed): their
+        claim is over, so the slot goes back now, not CLAIM_GRACE after the claim (an
+        instance that ends before a pass saw it running left its row "claimed")."""
+        local = local_rows(self.fleet)
+        ended = {k for k in self._ended if k not in local}  # (not launched again since)
+        self._ended.clear()
+        for key in ended:
+            self.pending.pop(key, None)
+        return local, ended
 
     def _mirror(self, now: float) -> defer.Deferred:
         """This master's rows made true: what it has now."""
+        local, ended = self._local()
         return self._lock.run(self.master.db.pool.do, shared_tables.mirror, self.masterid,
-                              local_rows(self.fleet), int(now), CLAIM_GRACE)
+                              local, int(now), CLAIM_GRACE, ended=ended)
 
     @defer.inlineCallbacks
     def _mirror_and_announce(self) -> Any:
@@ -290,12 +317,22 @@ class Coordinator:
         yield self._ensure_tables()
         cap = self.fleet.pool_limits.get(worker.pool, pools.PoolLimits()).cap
         now = self.master.reactor.seconds()
-        local = local_rows(self.fleet)
+        local, ended = self._local()
         want = shared_tables.Claim(self.masterid, key, worker.pool, cap, int(now))
-        ok = yield self._lock.run(self.master.db.pool.do, _mirror_and_claim, local, want)
+        ok = yield self._lock.run(self.master.db.pool.do, _mirror_and_claim, local, want, ended)
         if ok:
             self.pending[key] = now
+        else:
+            self._at_cap(worker.pool, cap)
         return ok
+
+    def _at_cap(self, pool: str, cap: int | None) -> None:
+        """The database refused a slot of ``pool``: builds here wait for one (said once
+        per wait, as the next free slot ends it)."""
+        if pool not in self._refused:
+            log.msg(f"dockerami: pool {pool!r} is at its cap ({cap}) on all masters together: "
+                    "builds here wait for a slot to be freed")
+        self._refused.add(pool)
 
     @defer.inlineCallbacks
     def claim(self, worker: FleetWorker) -> Any:
@@ -311,6 +348,8 @@ class Coordinator:
         ok = yield self._lock.run(self.master.db.pool.do, shared_tables.claim, want)
         if ok:
             self.pending[key] = now
+        elif worker.pool is not None:
+            self._at_cap(worker.pool, cap)
         return ok
 
     def tick(self) -> defer.Deferred:
@@ -345,12 +384,16 @@ class Coordinator:
             yield self._reclaim(now)
 
     def _wake_if_freed(self) -> None:
-        """A slot freed on another master lets builds waiting here start."""
+        """A slot freed on another master lets builds waiting here start: more free
+        slots than at the last read, or a free one in a pool whose slot the database
+        refused here (when the last read had not shown it full yet, or there was none)."""
         free = {}
         for pool, limits in self.fleet.pool_limits.items():
             if limits.cap is not None:
                 free[pool] = limits.cap - self.counts(pool).in_use
-        if any(free[p] > self._free.get(p, free[p]) for p in free):
+        if any(free[p] > self._free.get(p, free[p])
+               or (p in self._refused and free[p] > 0) for p in free):
+            self._refused.clear()
             self.fleet.after_release()
         self._free = free
 
@@ -451,9 +494,9 @@ class Coordinator:
 
 
 def _mirror_and_claim(conn: Any, local: dict[str, dict[str, Any]],
-                      want: shared_tables.Claim) -> bool:
+                      want: shared_tables.Claim, ended: set[str]) -> bool:
     """Rows made true first, so a slot freed here a moment ago counts as free."""
-    shared_tables.mirror(conn, want.masterid, local, want.now, CLAIM_GRACE)
+    shared_tables.mirror(conn, want.masterid, local, want.now, CLAIM_GRACE, ended=ended)
     return shared_tables.claim(conn, want)
 
 

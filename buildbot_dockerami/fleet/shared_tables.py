@@ -15,7 +15,7 @@ its own database.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,9 +165,10 @@ def claim(conn: Any, want: Claim) -> bool:
 
 
 def mirror(conn: Any, masterid: int, local: Mapping[str, dict[str, Any]], now: int,
-           claim_grace: float) -> None:
+           claim_grace: float, *, ended: Collection[str] = ()) -> None:
     """Make this master's rows say what its instances are now. A claim that led to no
-    instance within ``claim_grace`` seconds is given back."""
+    instance within ``claim_grace`` seconds is given back, and at once one whose owner
+    is in ``ended`` (its instance came and went before a mirror saw it running)."""
     rows = {r.owner: r for r in
             (_row(x) for x in conn.execute(
                 sa.select(instances).where(instances.c.masterid == masterid)).fetchall())}
@@ -175,7 +176,8 @@ def mirror(conn: Any, masterid: int, local: Mapping[str, dict[str, Any]], now: i
         where = sa.and_(instances.c.masterid == masterid, instances.c.owner == owner)
         values = local.get(owner)
         if values is None:
-            if row.state == "claimed" and now - row.claimed_at < claim_grace:
+            if (row.state == "claimed" and now - row.claimed_at < claim_grace
+                    and owner not in ended):
                 continue
             conn.execute(instances.delete().where(where))
             continue

@@ -14,7 +14,7 @@ import re
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +34,8 @@ HYPERVISOR_ACCESS_KEY = "AKIDLOCALHYPERVISOR"
 #: Calls that launch or start instances (timed from their arrival: BootClock).
 LAUNCHES = ("RunInstances", "StartInstances")
 _CREDENTIAL = re.compile(r"Credential=([^/,\s]+)/")
+#: How many calls ``FaultInjector.history`` keeps (the oldest are dropped).
+HISTORY = 10_000
 _INSTANCE_ID = re.compile(rb"<instanceId>(i-[0-9a-f]+)</instanceId>")
 #: An instance item's id up to its state, when that state is running (moto's XML puts
 #: instanceState after instanceId, and never another instanceId between them).
@@ -57,6 +59,19 @@ class Fault:
     status: int = 400
 
 
+@dataclass(frozen=True)
+class Call:
+    """One call as the server saw it: when it arrived (``time.time()``, so that it
+    compares with what the build machines and buildbot stamp), whose, which, and the
+    instances it named (for RunInstances: the instances it launched)."""
+
+    at: float
+    access_key: str
+    action: str
+    instance_ids: tuple[str, ...] = ()
+    ok: bool = True
+
+
 @dataclass
 class Stall:
     """An answer that comes late (``delay``), is lost after EC2 acted (``drop``), or
@@ -75,6 +90,9 @@ class FaultInjector:
     def __init__(self, app: Callable) -> None:
         self.app = app
         self.calls: Counter[tuple[str, str]] = Counter()
+        #: The calls of everyone but the hypervisor, in arrival order, with their time
+        #: (benchmarks time what a master did when from it).
+        self.history: deque[Call] = deque(maxlen=HISTORY)
         self._faults: list[Fault] = []
         self._stalls: list[Stall] = []
         #: RunInstances answers by ClientToken: EC2 answers a repeated token with the
@@ -138,8 +156,28 @@ class FaultInjector:
                 and key != HYPERVISOR_ACCESS_KEY
             )
 
+    def timeline(self, action: str, instance_id: str | None = None) -> list[Call]:
+        """The recorded calls of ``action`` (naming ``instance_id``, if given)."""
+        with self._lock:
+            return [c for c in self.history if c.action == action
+                    and (instance_id is None or instance_id in c.instance_ids)]
+
+    def _record(self, at: float, key: str, action: str, body: bytes, *, answer: bytes,
+                ok: bool) -> None:
+        if key == HYPERVISOR_ACCESS_KEY:
+            return
+        if action == "RunInstances":
+            ids = tuple(m.decode() for m in _INSTANCE_ID.findall(answer)) if ok else ()
+        else:
+            params = parse_qs(body.decode("utf-8", "replace"))
+            ids = tuple(v for k, vs in sorted(params.items()) if k.startswith("InstanceId")
+                        for v in vs)
+        with self._lock:
+            self.history.append(Call(at, key, action, ids, ok))
+
     def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
         arrived = self.clock.clock()
+        arrived_at = time.time()
         length = int(environ.get("CONTENT_LENGTH") or 0)
         body = environ["wsgi.input"].read(length) if length else b""
         environ["wsgi.input"] = io.BytesIO(body)
@@ -176,11 +214,14 @@ class FaultInjector:
                 status, headers, answer = self._answer(action, body, environ)
                 if status.startswith("200"):
                     answer, headers = self._timed(action, body, answer, headers, arrived)
+            self._record(arrived_at, key, action, body, answer=answer,
+                         ok=status.startswith("200"))
             if stall is not None and stall.kind == "drop":
                 self._released.wait(stall.seconds)
                 raise ConnectionAbortedError(f"{action}: answer lost")
             start_response(status, headers)
             return [answer]
+        self._record(arrived_at, key, action, body, answer=b"", ok=False)
         payload = (
             f"<?xml version='1.0' encoding='UTF-8'?><Response><Errors><Error>"
             f"<Code>{fault.code}</Code><Message>{fault.message}</Message></Error></Errors>"
