@@ -7,8 +7,9 @@ digest is). Authentication as Docker does it, with nothing the operator did not 
 configure for the instances:
 
 * anonymous first; a ``401`` with a ``Bearer realm=...,service=...,scope=...`` challenge
-  fetches a token (anonymous, or with the credentials below when there are any) and
-  asks again (Docker Hub, GHCR, Quay, most registries with token auth);
+  fetches a token and asks again (Docker Hub, GHCR, Quay, most registries with token
+  auth): with the credentials below only when the realm is HTTPS on the registry's own
+  host or its known token service (TOKEN_SERVICES), else anonymously;
 * a ``Basic`` challenge is answered with the worker's ``registry_credentials`` (an SSM
   parameter or a Secrets Manager secret, ``{"username": ..., "password": ...}``), read
   by the master with its own credential chain (the worker's ``session`` if it has one,
@@ -56,6 +57,16 @@ _ECR_REGION = re.compile(r"\.dkr\.ecr(?:-fips)?\.([a-z0-9-]+)\.amazonaws\.com")
 USER_AGENT = "buildbot-dockerami-image-refresh"
 #: Answers read from a registry are small; a larger one is not a manifest.
 _MAX_BODY = 4 * 1024 * 1024
+#: Token services on another host than their registry that get its credentials (the
+#: registry's Bearer challenge names them): Docker Hub's and GitLab.com's. Any other
+#: realm host than the registry's own gets an anonymous token request only.
+TOKEN_SERVICES: Mapping[str, tuple[str, ...]] = {
+    "registry-1.docker.io": ("auth.docker.io",),
+    "ghcr.io": ("ghcr.io",),
+    "registry.gitlab.com": ("gitlab.com",),
+    "quay.io": ("quay.io",),
+}
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 
 class DigestError(Exception):
@@ -80,6 +91,25 @@ def challenge(header: str) -> tuple[str, dict[str, str]]:
     """A ``WWW-Authenticate`` header read: its scheme (lower case) and parameters."""
     scheme, _, rest = header.strip().partition(" ")
     return scheme.lower(), dict(_PARAM.findall(rest))
+
+
+def _hostname(url: str) -> str:
+    return (urllib.parse.urlsplit(url).hostname or "").lower()
+
+
+def realm_gets_credentials(api_host: str, realm: str) -> bool:
+    """Whether the token service at ``realm``, named by the Bearer challenge of the
+    registry at ``api_host``, may be sent the registry credentials: only the registry's
+    own host or its known token service (TOKEN_SERVICES). A realm in plain HTTP is
+    refused (DigestError) unless registry and realm are both loopback: a challenge is
+    no reason to send a password anywhere, nor in the clear."""
+    scheme = urllib.parse.urlsplit(realm).scheme
+    if scheme not in ("http", "https"):
+        raise DigestError(f"{api_host}: token realm is not an HTTP URL")
+    registry_name, realm_name = _hostname(f"//{api_host}"), _hostname(realm)
+    if scheme != "https" and not (registry_name in _LOOPBACK and realm_name in _LOOPBACK):
+        raise DigestError(f"{api_host}: token realm {realm_name} is not HTTPS")
+    return realm_name == registry_name or realm_name in TOKEN_SERVICES.get(registry_name, ())
 
 
 def _session(auth: Auth) -> Any:
@@ -207,13 +237,12 @@ class ImageDigests:
     def _token(self, reference: imagedigest.Reference, auth: Auth,
                params: Mapping[str, str]) -> str:
         realm = params["realm"]
-        if urllib.parse.urlsplit(realm).scheme not in ("http", "https"):
-            raise DigestError(f"{reference.api_host}: token realm is not an HTTP URL")
+        trusted = realm_gets_credentials(reference.api_host, realm)
         query = {key: params[key] for key in ("service", "scope") if params.get(key)}
         query.setdefault("scope", f"repository:{reference.repository}:pull")
         url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(query)
         headers: dict[str, str] = {}
-        found = self.credentials(reference, auth)
+        found = self.credentials(reference, auth) if trusted else None
         if found is not None:
             headers["Authorization"] = _basic(*found)
         status, _, body = self._request(reference, "GET", url, headers)
@@ -233,7 +262,7 @@ class ImageDigests:
         request = urllib.request.Request(url, method=method,
                                          headers={"User-Agent": USER_AGENT, **headers})
         host = urllib.parse.urlsplit(url).hostname or ""
-        opener = self._direct if host in ("localhost", "127.0.0.1", "::1") else self._opener
+        opener = self._direct if host in _LOOPBACK else self._opener
         try:
             with opener.open(request, timeout=self.timeout) as answer:
                 return answer.status, answer.headers, answer.read(_MAX_BODY)
