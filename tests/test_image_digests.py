@@ -141,3 +141,28 @@ def test_a_token_service_on_another_host_never_gets_the_credentials(
     own = bearer_registry(servers, f"http://127.0.0.1:{token.port}/token")
     assert with_credentials().digest(f"127.0.0.1:{own.port}/a/b:1") == DIGEST
     assert [auth for _, _, auth in token.requests] == ["", BASIC]
+
+
+def test_a_redirect_to_another_origin_is_not_followed(servers: list[Server]) -> None:
+    elsewhere = Server(lambda h: send(h, 200, b"", {"Docker-Content-Digest": DIGEST}))
+    servers.append(elsewhere)
+
+    def answer(h: Any) -> None:
+        if not h.headers.get("Authorization"):
+            return send(h, 401, b"", {"WWW-Authenticate": 'Basic realm="r"'})
+        if h.path.startswith("/moved/"):
+            return send(h, 200, b"", {"Docker-Content-Digest": DIGEST})
+        host = "localhost" if "/a/" in h.path else "127.0.0.1"
+        port = elsewhere.port if "/a/" in h.path or "/b/" in h.path else registry.port
+        send(h, 307, b"", {"Location": f"http://{host}:{port}/moved{h.path}"})
+    registry = Server(answer)
+    servers.append(registry)
+    client = with_credentials()
+    # Another host, or the same host on another port: refused, nothing sent there.
+    for repository in ("a", "b"):
+        with pytest.raises(DigestError, match="HTTP 307 to another origin"):
+            client.digest(f"127.0.0.1:{registry.port}/{repository}/x:1")
+    assert elsewhere.requests == []
+    # The same origin: followed, as the same method, with the credentials.
+    assert client.digest(f"127.0.0.1:{registry.port}/c/x:1") == DIGEST
+    assert registry.requests[-1] == ("HEAD", "/moved/v2/c/x/manifests/1", BASIC)

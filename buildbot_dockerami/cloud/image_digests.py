@@ -112,6 +112,33 @@ def realm_gets_credentials(api_host: str, realm: str) -> bool:
     return realm_name == registry_name or realm_name in TOKEN_SERVICES.get(registry_name, ())
 
 
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    return parts.scheme, _hostname(url), port or {"http": 80, "https": 443}.get(parts.scheme)
+
+
+class SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to the same scheme, host and port, keeping the method
+    (urllib's own follows anywhere, https to http, a HEAD as a GET, with the
+    Authorization header): anything else is a failed check, never a leaked credential."""
+
+    def redirect_request(  # noqa: PLR0917 (urllib calls it so)
+            self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+            headers: Any, newurl: str) -> urllib.request.Request | None:
+        if _origin(newurl) != _origin(req.full_url):
+            fp.close()
+            raise DigestError(f"{urllib.parse.urlsplit(req.full_url).netloc}: HTTP {code} "
+                              f"to another origin ({_hostname(newurl) or newurl!r}), not followed")
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            new.method = req.get_method()
+        return new
+
+
 def _session(auth: Auth) -> Any:
     return auth.session or boto3.session.Session()
 
@@ -176,8 +203,8 @@ class ImageDigests:
         self.timeout = timeout
         self.credentials = credentials or self._stored
         no_proxy = urllib.request.ProxyHandler({})
-        self._direct = urllib.request.build_opener(no_proxy)
-        self._opener = urllib.request.build_opener()
+        self._direct = urllib.request.build_opener(no_proxy, SameOriginRedirects)
+        self._opener = urllib.request.build_opener(SameOriginRedirects)
 
     @staticmethod
     def _stored(reference: imagedigest.Reference, auth: Auth) -> tuple[str, str] | None:
