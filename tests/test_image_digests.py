@@ -6,6 +6,7 @@ tests/containers/test_image_refresh.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -166,3 +167,19 @@ def test_a_redirect_to_another_origin_is_not_followed(servers: list[Server]) -> 
     # The same origin: followed, as the same method, with the credentials.
     assert client.digest(f"127.0.0.1:{registry.port}/c/x:1") == DIGEST
     assert registry.requests[-1] == ("HEAD", "/moved/v2/c/x/manifests/1", BASIC)
+
+
+def test_a_manifest_hashed_from_its_body_is_whole_or_unknown(servers: list[Server]) -> None:
+    """A registry that leaves Docker-Content-Digest out is asked with GET and the body
+    hashed; a body too large to be a manifest is no digest (never a hash of its start)."""
+    sizes = {"small": 100, "huge": 4 * 1024 * 1024 + 1}
+
+    def answer(h: Any) -> None:
+        send(h, 200, b"m" * sizes[h.path.split("/")[2]])
+    registry = Server(answer)
+    servers.append(registry)
+    client = ImageDigests(timeout=5)
+    expected = "sha256:" + hashlib.sha256(b"m" * 100).hexdigest()
+    assert client.digest(f"127.0.0.1:{registry.port}/small/x:1") == expected
+    with pytest.raises(DigestError, match="larger than"):
+        client.digest(f"127.0.0.1:{registry.port}/huge/x:1")

@@ -177,6 +177,43 @@ def test_the_glue_drains_only_an_instance_whose_tag_moved() -> None:
     assert silent.drained == pinned.drained == unknown.drained == []
 
 
+def test_a_cached_answer_older_than_an_instances_report_never_drains_it() -> None:
+    """The tag moves after a check: an instance that boots and pulls the new image before
+    the next check runs the newest image, however the cached (older) answer reads."""
+    clock, source = task.Clock(), Source()
+    clock.advance(1000)
+    checker = ImageRefresh(clock.seconds, source, interval=600)
+    old = Worker(checker, IMAGE, "")
+    old._note_image_digest(old.instance, {"image_digest": OLD})
+    old.refresh_image_if_stale()
+    source.pending.pop().callback(OLD)  # cached: OLD, asked at 1000
+    clock.advance(10)  # the tag moves to NEW; a fresh instance pulls it, reports at 1060
+    clock.advance(50)
+    fresh = Worker(checker, IMAGE, "")
+    fresh._note_image_digest(fresh.instance, {"image_digest": NEW})
+    assert fresh.instance.image_digest_at == 1060
+    fresh.refresh_image_if_stale()
+    fresh.refresh_image_if_stale()
+    assert fresh.drained == [] and checker.calls == 1
+    # The next check (asked after its report) says NEW: the fresh one stays, the old drains.
+    clock.advance(600)
+    for worker in (fresh, old):
+        worker.refresh_image_if_stale()
+    source.pending.pop().callback(NEW)
+    assert fresh.drained == [] and old.drained == [image_refresh.reason(IMAGE, OLD, NEW)]
+    # A check in flight when an instance reports is no newer than its report either.
+    clock.advance(600)
+    late = Worker(checker, IMAGE, "")
+    late.refresh_image_if_stale()  # no digest yet: asks nothing
+    fresh.refresh_image_if_stale()  # asks at 2260
+    late._note_image_digest(late.instance, {"image_digest": OLD})
+    late.refresh_image_if_stale()  # shares the check asked before its report
+    source.pending.pop().callback(NEW)
+    assert late.drained == [] and checker.calls == 3
+    assert image_refresh.newer(2.0, 1.0) and not image_refresh.newer(1.0, 1.0)
+    assert not image_refresh.newer(None, 0.0)
+
+
 def test_image_refresh_interval_is_a_fleet_setting_checked_like_the_ami_one() -> None:
     assert "image_refresh_interval: 0 must be a number of seconds >= 5" in fleet_problems(
         FleetWide(image_refresh_interval=0))

@@ -292,7 +292,11 @@ class ImageDigests:
         opener = self._direct if host in _LOOPBACK else self._opener
         try:
             with opener.open(request, timeout=self.timeout) as answer:
-                return answer.status, answer.headers, answer.read(_MAX_BODY)
+                body = answer.read(_MAX_BODY + 1)
+                if len(body) > _MAX_BODY:  # not a manifest; never hash part of one
+                    raise DigestError(f"{urllib.parse.urlsplit(url).netloc}: answer larger "
+                                      f"than {_MAX_BODY} bytes")
+                return answer.status, answer.headers, body
         except urllib.error.HTTPError as e:
             with e:
                 return e.code, e.headers, b""

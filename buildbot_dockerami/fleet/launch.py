@@ -190,6 +190,9 @@ class LaunchedInstance:
     #: The digest of the image it runs, as its image reported it (worker info
     #: ``image_digest``, protocol/imagedigest.py); "" when it reported none.
     image_digest: str = ""
+    #: When it reported ``image_digest`` (the fleet's clock): only a registry answer asked
+    #: later may drain it (fleet/image_refresh.newer).
+    image_digest_at: float = 0.0
 
 
 class FleetParts(Protocol):
