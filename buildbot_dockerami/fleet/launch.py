@@ -351,7 +351,9 @@ class Launcher:
                 "fresh credential")
         self.fleet.metrics.inc("dockerami_stopped_starts_total", {})
         self.note("started_from_stopped", now)
-        return dataclasses.replace(instance, launched_at=now)
+        # It pulls its image again: what it reported running before it stopped is past.
+        return dataclasses.replace(instance, launched_at=now, image_digest="",
+                                   image_digest_at=0.0)
 
     @defer.inlineCallbacks
     def _wait_stopped(self, instance: LaunchedInstance) -> Any:
