@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import ThreadingHTTPServer
 from typing import Any
@@ -183,3 +184,33 @@ def test_a_manifest_hashed_from_its_body_is_whole_or_unknown(servers: list[Serve
     assert client.digest(f"127.0.0.1:{registry.port}/small/x:1") == expected
     with pytest.raises(DigestError, match="larger than"):
         client.digest(f"127.0.0.1:{registry.port}/huge/x:1")
+
+
+def test_one_check_ends_by_its_deadline_however_slowly_the_registry_answers(
+        servers: list[Server]) -> None:
+    """Each socket operation has the request timeout; the whole check (a body trickled a
+    byte at a time included) has one deadline."""
+    stop = threading.Event()
+
+    def answer(h: Any) -> None:
+        if h.command == "HEAD":
+            return send(h, 200)  # no Docker-Content-Digest: the body is asked for
+        h.send_response(200)
+        h.send_header("Content-Length", "100000")
+        h.end_headers()
+        while not stop.wait(0.02):
+            try:
+                h.wfile.write(b"m")
+                h.wfile.flush()
+            except OSError:
+                return
+    registry = Server(answer)
+    servers.append(registry)
+    client = ImageDigests(timeout=5, deadline=0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(DigestError, match=r"no answer within the check's 0.5s"):
+            client.digest(f"127.0.0.1:{registry.port}/slow/x:1")
+    finally:
+        stop.set()
+    assert time.monotonic() - started < 3  # far below the 5 s a socket read may take

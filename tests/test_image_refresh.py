@@ -123,6 +123,28 @@ def test_the_registry_is_asked_at_most_once_per_interval_and_a_failure_is_unknow
     assert checker.current("a/b@" + OLD).result is None and checker.calls == 4
 
 
+def test_at_most_a_few_registry_checks_run_at_once() -> None:
+    """Checks run in the fleet's thread pool, shared with EC2 calls: however many images
+    are due, at most CHECKS_AT_ONCE are asked at once; the others wait their turn, and
+    their answer counts as asked when the registry was asked."""
+    clock, source = task.Clock(), Source()
+    checker = ImageRefresh(clock.seconds, source, interval=600)
+    images = [f"registry.example/ci/image{n}:1" for n in range(7)]
+    answers = [checker.answer(image) for image in images]
+    assert image_refresh.CHECKS_AT_ONCE == 4
+    assert [image for image, _ in source.asked] == images[:4]
+    clock.advance(30)
+    source.pending[0].callback(OLD)
+    source.pending[1].errback(DigestError("registry.example: HTTP 503"))  # a failure too
+    assert [image for image, _ in source.asked] == images[:6]
+    for d in source.pending[2:]:
+        d.callback(NEW)
+    assert [image for image, _ in source.asked] == images
+    source.pending[-1].callback(NEW)
+    assert answers[0].result == (0, OLD) and answers[1].result == (0, None)
+    assert answers[4].result == (30, NEW) and answers[6].result == (30, NEW)
+
+
 def test_the_decision_and_its_reason() -> None:
     assert image_refresh.stale(OLD, NEW)
     assert not image_refresh.stale(OLD, OLD)

@@ -29,6 +29,7 @@ import base64
 import hashlib
 import json
 import re
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -43,8 +44,12 @@ from twisted.internet import threads
 from buildbot_dockerami.cloud.ec2 import boto_config, resolve_region
 from buildbot_dockerami.protocol import imagedigest, registry
 
-#: Seconds one HTTP request to a registry (or its token service) may take.
+#: Seconds one socket operation of a request to a registry (or its token service) may take.
 DEFAULT_TIMEOUT = 10.0
+#: Seconds one whole check (its requests, a token's included, and reading their bodies)
+#: may take; a registry that trickles its answer is cut off there.
+DEFAULT_DEADLINE = 30.0
+_CHUNK = 64 * 1024
 ACCEPT = ", ".join((
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
@@ -199,8 +204,10 @@ class ImageDigests:
 
     def __init__(self, timeout: float = DEFAULT_TIMEOUT,
                  credentials: Callable[[imagedigest.Reference, Auth],
-                                       tuple[str, str] | None] | None = None) -> None:
+                                       tuple[str, str] | None] | None = None,
+                 deadline: float = DEFAULT_DEADLINE) -> None:
         self.timeout = timeout
+        self.deadline = deadline
         self.credentials = credentials or self._stored
         no_proxy = urllib.request.ProxyHandler({})
         self._direct = urllib.request.build_opener(no_proxy, SameOriginRedirects)
@@ -223,16 +230,18 @@ class ImageDigests:
         if reference.digest is not None:
             return reference.digest  # pinned
         url = reference.manifest_url()
-        status, headers, _ = self._request(reference, "HEAD", url, {"Accept": ACCEPT})
+        until = time.monotonic() + self.deadline
+        status, headers, _ = self._request(until, "HEAD", url, {"Accept": ACCEPT})
         if status == 401:
-            authorization = self._authorize(reference, auth, headers.get("WWW-Authenticate", ""))
-            status, headers, _ = self._request(reference, "HEAD", url,
+            authorization = self._authorize(reference, auth,
+                                            headers.get("WWW-Authenticate", ""), until)
+            status, headers, _ = self._request(until, "HEAD", url,
                                                {"Accept": ACCEPT, "Authorization": authorization})
             if status == 200 and not headers.get("Docker-Content-Digest"):
-                return self._hashed(reference, url, {"Accept": ACCEPT,
-                                                     "Authorization": authorization})
+                return self._hashed(until, url, {"Accept": ACCEPT,
+                                                 "Authorization": authorization})
         elif status == 200 and not headers.get("Docker-Content-Digest"):
-            return self._hashed(reference, url, {"Accept": ACCEPT})
+            return self._hashed(until, url, {"Accept": ACCEPT})
         if status != 200:
             raise DigestError(f"{url}: HTTP {status}")
         found = headers.get("Docker-Content-Digest", "").strip()
@@ -240,18 +249,18 @@ class ImageDigests:
             raise DigestError(f"{url}: no sha256 Docker-Content-Digest")
         return found
 
-    def _hashed(self, reference: imagedigest.Reference, url: str,
-                headers: Mapping[str, str]) -> str:
-        status, _, body = self._request(reference, "GET", url, headers)
+    def _hashed(self, until: float, url: str, headers: Mapping[str, str]) -> str:
+        status, _, body = self._request(until, "GET", url, headers)
         if status != 200:
             raise DigestError(f"{url}: HTTP {status}")
         return "sha256:" + hashlib.sha256(body).hexdigest()
 
-    def _authorize(self, reference: imagedigest.Reference, auth: Auth, header: str) -> str:
+    def _authorize(self, reference: imagedigest.Reference, auth: Auth, header: str,
+                   until: float) -> str:
         """The Authorization header a 401's challenge asks for."""
         scheme, params = challenge(header)
         if scheme == "bearer" and params.get("realm"):
-            return "Bearer " + self._token(reference, auth, params)
+            return "Bearer " + self._token(reference, auth, params, until)
         if scheme == "basic":
             found = self.credentials(reference, auth)
             if found is None:
@@ -262,7 +271,7 @@ class ImageDigests:
                           f"{scheme or '(none)'!r}")
 
     def _token(self, reference: imagedigest.Reference, auth: Auth,
-               params: Mapping[str, str]) -> str:
+               params: Mapping[str, str], until: float) -> str:
         realm = params["realm"]
         trusted = realm_gets_credentials(reference.api_host, realm)
         query = {key: params[key] for key in ("service", "scope") if params.get(key)}
@@ -272,7 +281,7 @@ class ImageDigests:
         found = self.credentials(reference, auth) if trusted else None
         if found is not None:
             headers["Authorization"] = _basic(*found)
-        status, _, body = self._request(reference, "GET", url, headers)
+        status, _, body = self._request(until, "GET", url, headers)
         if status != 200:
             raise DigestError(f"{reference.api_host}: token service answered HTTP {status}")
         try:
@@ -284,25 +293,40 @@ class ImageDigests:
             raise DigestError(f"{reference.api_host}: token service gave no token")
         return token
 
-    def _request(self, reference: imagedigest.Reference, method: str, url: str,
+    def _request(self, until: float, method: str, url: str,
                  headers: Mapping[str, str]) -> tuple[int, Mapping[str, str], bytes]:
+        """One request, within the check's deadline ``until`` (time.monotonic): checked
+        before it and between the chunks of its body; each socket operation also ends
+        within ``timeout``."""
+        netloc = urllib.parse.urlsplit(url).netloc
         request = urllib.request.Request(url, method=method,
                                          headers={"User-Agent": USER_AGENT, **headers})
         host = urllib.parse.urlsplit(url).hostname or ""
         opener = self._direct if host in _LOOPBACK else self._opener
         try:
-            with opener.open(request, timeout=self.timeout) as answer:
-                body = answer.read(_MAX_BODY + 1)
-                if len(body) > _MAX_BODY:  # not a manifest; never hash part of one
-                    raise DigestError(f"{urllib.parse.urlsplit(url).netloc}: answer larger "
-                                      f"than {_MAX_BODY} bytes")
-                return answer.status, answer.headers, body
+            with opener.open(request, timeout=min(self.timeout, self._left(until, netloc))) \
+                    as answer:
+                chunks: list[bytes] = []
+                size = 0
+                while chunk := answer.read1(_CHUNK):
+                    size += len(chunk)
+                    if size > _MAX_BODY:  # not a manifest; never hash part of one
+                        raise DigestError(f"{netloc}: answer larger than {_MAX_BODY} bytes")
+                    chunks.append(chunk)
+                    self._left(until, netloc)
+                return answer.status, answer.headers, b"".join(chunks)
         except urllib.error.HTTPError as e:
             with e:
                 return e.code, e.headers, b""
         except (OSError, ValueError) as e:
             reason = getattr(e, "reason", None) or e.__class__.__name__
-            raise DigestError(f"{urllib.parse.urlsplit(url).netloc}: {reason}") from None
+            raise DigestError(f"{netloc}: {reason}") from None
+
+    def _left(self, until: float, netloc: str) -> float:
+        left = until - time.monotonic()
+        if left <= 0:
+            raise DigestError(f"{netloc}: no answer within the check's {self.deadline:g}s")
+        return left
 
 
 class AsyncImageDigests:

@@ -7,9 +7,10 @@ Checked on the master's own schedule (the reconciler's pass asks each worker), n
 page read, and bounded: at most one registry check (cloud/image_digests.py: one HEAD,
 plus a token request where the registry wants one) per (image reference, credentials)
 per ``interval`` seconds, however many workers and instances ask; askers share the check
-in flight. A failed check is remembered as "unknown" for the interval too, and logged
-once: not knowing is no reason to drain. A reference pinned by digest never refreshes,
-nor does an instance whose image reported no digest.
+in flight; at most CHECKS_AT_ONCE checks run at once (each within the client's deadline).
+A failed check is remembered as "unknown" for the interval too, and logged once: not
+knowing is no reason to drain. A reference pinned by digest never refreshes, nor does an
+instance whose image reported no digest.
 
 An answer drains only the instances that reported their digest before it was asked
 (``newer``): a cached answer older than an instance's report may predate what it pulled
@@ -30,6 +31,8 @@ from buildbot_dockerami.protocol import imagedigest
 #: Seconds between two checks of the same image reference (FleetSettings'
 #: ``image_refresh_interval``).
 DEFAULT_INTERVAL = 600.0
+#: Registry checks at once (they run in the fleet's thread pool, which EC2 calls share).
+CHECKS_AT_ONCE = 4
 
 
 def stale(running: str | None, current: str | None) -> bool:
@@ -69,6 +72,7 @@ class ImageRefresh:
         self._asking: dict[Hashable, list[defer.Deferred]] = {}
         #: Registry checks made (for tests and the bound).
         self.calls = 0
+        self._at_once = defer.DeferredSemaphore(CHECKS_AT_ONCE)
 
     def current(self, image: str, auth: Any = None) -> defer.Deferred:
         """What ``image``'s tag points at now, or None when unknown (or pinned)."""
@@ -89,8 +93,13 @@ class ImageRefresh:
             return waiter
         self._asking[key] = [waiter]
         self.calls += 1
-        asked_at = self.clock()
-        d = defer.maybeDeferred(self.source.digest, image, auth)
+        asked: list[float] = []
+
+        def ask() -> defer.Deferred:
+            asked.append(self.clock())
+            return defer.maybeDeferred(self.source.digest, image, auth)
+
+        d = self._at_once.run(ask)
 
         def unknown(f: Any) -> None:
             log.msg(f"dockerami: image refresh: what {image} points at is unknown "
@@ -101,9 +110,9 @@ class ImageRefresh:
 
         def answered(digest: str | None) -> None:
             digest = digest if imagedigest.valid(digest) else None
-            self._current[key] = (self.clock(), asked_at, digest)
+            self._current[key] = (self.clock(), asked[0], digest)
             for each in self._asking.pop(key, []):
-                each.callback((asked_at, digest))
+                each.callback((asked[0], digest))
 
         d.addCallback(answered)
         return waiter
