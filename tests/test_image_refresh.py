@@ -145,6 +145,17 @@ def test_at_most_a_few_registry_checks_run_at_once() -> None:
     assert answers[4].result == (30, NEW) and answers[6].result == (30, NEW)
 
 
+def test_workers_with_other_aws_sessions_share_no_answer() -> None:
+    clock, source = task.Clock(), Source()
+    checker = ImageRefresh(clock.seconds, source, interval=600)
+    one, other = object(), object()
+    for session in (one, other, one, None):
+        checker.current(IMAGE, Auth("ssm:/ci/registry", "eu-west-1", session))
+    assert [auth.session for _, auth in source.asked] == [one, other, None]
+    assert Auth("ssm:/x", "r", one).key() == Auth("ssm:/x", "r", one).key()
+    assert Auth("ssm:/x", "r", one).key() != Auth("ssm:/x", "r", other).key()
+
+
 def test_the_decision_and_its_reason() -> None:
     assert image_refresh.stale(OLD, NEW)
     assert not image_refresh.stale(OLD, OLD)

@@ -88,8 +88,11 @@ class Auth:
     #: The worker's own boto3 session, if it has one.
     session: Any = field(default=None, compare=False, repr=False)
 
-    def key(self) -> tuple[str | None, str | None]:
-        return (self.credentials, self.region)
+    def key(self) -> tuple[str | None, str | None, int | None]:
+        """What an answer is shared by: the same credentials, read in the same region
+        through the same session (another session may read other credentials)."""
+        return (self.credentials, self.region,
+                id(self.session) if self.session is not None else None)
 
 
 def challenge(header: str) -> tuple[str, dict[str, str]]:
