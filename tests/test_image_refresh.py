@@ -6,6 +6,9 @@ no digest reported or a pinned reference -> never."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,6 +45,33 @@ def test_references_are_read_as_docker_reads_them(image: str, expected: tuple) -
     assert reference is not None
     assert (reference.registry, reference.repository, reference.tag,
             reference.digest) == expected
+
+
+BOOTSTRAP = Path(__file__).resolve().parent.parent / "ami" / "dockerami-bootstrap.sh"
+
+
+def test_the_bootstrap_names_repositories_as_the_master_does() -> None:
+    """The bootstrap picks the RepoDigests entry of the repository it pulled with its own
+    sh function; it reads each reference as protocol/imagedigest.py does (Docker Hub's
+    names included), or an instance would report no digest, or another repository's."""
+    script = BOOTSTRAP.read_text()
+    function = re.search(r"^repository_of\(\) \{\n.*?^\}\n", script, re.M | re.S)
+    assert function is not None
+    images = ["debian", "debian:12", "library/debian:12", "docker.io/library/debian:12",
+              "index.docker.io/debian", "registry-1.docker.io/library/debian:12",
+              "registry-1.docker.io/debian", "org/worker:2015-10-19b", "docker.io/org/w",
+              "127.0.0.1:5000/dockerami/worker-linux:1", "localhost/w", "localhost:5000/w:2",
+              "ghcr.io/o/r@" + OLD, "ghcr.io/o/r:1@" + OLD, "registry.example:5000/ci/linux"]
+    shown = subprocess.run(
+        ["sh", "-c", function.group(0) + 'for i in "$@"; do repository_of "$i"; done', "sh",
+         *images], capture_output=True, text=True, check=True).stdout.splitlines()
+    for image, name in zip(images, shown, strict=True):
+        reference = imagedigest.parse(image)
+        assert reference is not None
+        hub = reference.registry in imagedigest.HUB_NAMES
+        expected = (reference.repository.removeprefix("library/") if hub
+                    else f"{reference.registry}/{reference.repository}")
+        assert name == expected, image
 
 
 def test_where_the_manifest_is_asked_for() -> None:
