@@ -321,15 +321,16 @@ fi
 
 # Which image this is, for the master's image refresh: the repository digest the engine
 # recorded for the reference pulled (RepoDigests' entry for its repository; names
-# compared as Docker shows them: no docker.io/ nor library/). None if it has none (never
-# pushed nor pulled) or several that differ: the master then never refreshes it for it.
+# compared as Docker shows them: no docker.io/ (nor Docker Hub's other names, as the
+# master reads them) nor library/). None if it has none (never pushed nor pulled) or
+# several that differ: the master then never refreshes it for it.
 repository_of() {
     name=${1%%@*}
     case ${name##*/} in *:*) name=${name%:*} ;; esac
     first=${name%%/*}
     hub=yes
     case $name in */*) case $first in *.* | *:* | localhost) hub=no ;; esac ;; esac
-    case $first in docker.io | index.docker.io) name=${name#*/} hub=yes ;; esac
+    case $first in docker.io | index.docker.io | registry-1.docker.io) name=${name#*/} hub=yes ;; esac
     [ "$hub" = no ] || name=${name#library/}
     printf '%s\n' "$name"
 }

@@ -6,6 +6,9 @@ no digest reported or a pinned reference -> never."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,6 +45,33 @@ def test_references_are_read_as_docker_reads_them(image: str, expected: tuple) -
     assert reference is not None
     assert (reference.registry, reference.repository, reference.tag,
             reference.digest) == expected
+
+
+BOOTSTRAP = Path(__file__).resolve().parent.parent / "ami" / "dockerami-bootstrap.sh"
+
+
+def test_the_bootstrap_names_repositories_as_the_master_does() -> None:
+    """The bootstrap picks the RepoDigests entry of the repository it pulled with its own
+    sh function; it reads each reference as protocol/imagedigest.py does (Docker Hub's
+    names included), or an instance would report no digest, or another repository's."""
+    script = BOOTSTRAP.read_text()
+    function = re.search(r"^repository_of\(\) \{\n.*?^\}\n", script, re.M | re.S)
+    assert function is not None
+    images = ["debian", "debian:12", "library/debian:12", "docker.io/library/debian:12",
+              "index.docker.io/debian", "registry-1.docker.io/library/debian:12",
+              "registry-1.docker.io/debian", "org/worker:2015-10-19b", "docker.io/org/w",
+              "127.0.0.1:5000/dockerami/worker-linux:1", "localhost/w", "localhost:5000/w:2",
+              "ghcr.io/o/r@" + OLD, "ghcr.io/o/r:1@" + OLD, "registry.example:5000/ci/linux"]
+    shown = subprocess.run(
+        ["sh", "-c", function.group(0) + 'for i in "$@"; do repository_of "$i"; done', "sh",
+         *images], capture_output=True, text=True, check=True).stdout.splitlines()
+    for image, name in zip(images, shown, strict=True):
+        reference = imagedigest.parse(image)
+        assert reference is not None
+        hub = reference.registry in imagedigest.HUB_NAMES
+        expected = (reference.repository.removeprefix("library/") if hub
+                    else f"{reference.registry}/{reference.repository}")
+        assert name == expected, image
 
 
 def test_where_the_manifest_is_asked_for() -> None:
@@ -123,6 +153,39 @@ def test_the_registry_is_asked_at_most_once_per_interval_and_a_failure_is_unknow
     assert checker.current("a/b@" + OLD).result is None and checker.calls == 4
 
 
+def test_at_most_a_few_registry_checks_run_at_once() -> None:
+    """Checks run in the fleet's thread pool, shared with EC2 calls: however many images
+    are due, at most CHECKS_AT_ONCE are asked at once; the others wait their turn, and
+    their answer counts as asked when the registry was asked."""
+    clock, source = task.Clock(), Source()
+    checker = ImageRefresh(clock.seconds, source, interval=600)
+    images = [f"registry.example/ci/image{n}:1" for n in range(7)]
+    answers = [checker.answer(image) for image in images]
+    assert image_refresh.CHECKS_AT_ONCE == 4
+    assert [image for image, _ in source.asked] == images[:4]
+    clock.advance(30)
+    source.pending[0].callback(OLD)
+    source.pending[1].errback(DigestError("registry.example: HTTP 503"))  # a failure too
+    assert [image for image, _ in source.asked] == images[:6]
+    for d in source.pending[2:]:
+        d.callback(NEW)
+    assert [image for image, _ in source.asked] == images
+    source.pending[-1].callback(NEW)
+    assert answers[0].result == (0, OLD) and answers[1].result == (0, None)
+    assert answers[4].result == (30, NEW) and answers[6].result == (30, NEW)
+
+
+def test_workers_with_other_aws_sessions_share_no_answer() -> None:
+    clock, source = task.Clock(), Source()
+    checker = ImageRefresh(clock.seconds, source, interval=600)
+    one, other = object(), object()
+    for session in (one, other, one, None):
+        checker.current(IMAGE, Auth("ssm:/ci/registry", "eu-west-1", session))
+    assert [auth.session for _, auth in source.asked] == [one, other, None]
+    assert Auth("ssm:/x", "r", one).key() == Auth("ssm:/x", "r", one).key()
+    assert Auth("ssm:/x", "r", one).key() != Auth("ssm:/x", "r", other).key()
+
+
 def test_the_decision_and_its_reason() -> None:
     assert image_refresh.stale(OLD, NEW)
     assert not image_refresh.stale(OLD, OLD)
@@ -175,6 +238,43 @@ def test_the_glue_drains_only_an_instance_whose_tag_moved() -> None:
     busy.refresh_image_if_stale()
     assert len(source.asked) == 3
     assert silent.drained == pinned.drained == unknown.drained == []
+
+
+def test_a_cached_answer_older_than_an_instances_report_never_drains_it() -> None:
+    """The tag moves after a check: an instance that boots and pulls the new image before
+    the next check runs the newest image, however the cached (older) answer reads."""
+    clock, source = task.Clock(), Source()
+    clock.advance(1000)
+    checker = ImageRefresh(clock.seconds, source, interval=600)
+    old = Worker(checker, IMAGE, "")
+    old._note_image_digest(old.instance, {"image_digest": OLD})
+    old.refresh_image_if_stale()
+    source.pending.pop().callback(OLD)  # cached: OLD, asked at 1000
+    clock.advance(10)  # the tag moves to NEW; a fresh instance pulls it, reports at 1060
+    clock.advance(50)
+    fresh = Worker(checker, IMAGE, "")
+    fresh._note_image_digest(fresh.instance, {"image_digest": NEW})
+    assert fresh.instance.image_digest_at == 1060
+    fresh.refresh_image_if_stale()
+    fresh.refresh_image_if_stale()
+    assert fresh.drained == [] and checker.calls == 1
+    # The next check (asked after its report) says NEW: the fresh one stays, the old drains.
+    clock.advance(600)
+    for worker in (fresh, old):
+        worker.refresh_image_if_stale()
+    source.pending.pop().callback(NEW)
+    assert fresh.drained == [] and old.drained == [image_refresh.reason(IMAGE, OLD, NEW)]
+    # A check in flight when an instance reports is no newer than its report either.
+    clock.advance(600)
+    late = Worker(checker, IMAGE, "")
+    late.refresh_image_if_stale()  # no digest yet: asks nothing
+    fresh.refresh_image_if_stale()  # asks at 2260
+    late._note_image_digest(late.instance, {"image_digest": OLD})
+    late.refresh_image_if_stale()  # shares the check asked before its report
+    source.pending.pop().callback(NEW)
+    assert late.drained == [] and checker.calls == 3
+    assert image_refresh.newer(2.0, 1.0) and not image_refresh.newer(1.0, 1.0)
+    assert not image_refresh.newer(None, 0.0)
 
 
 def test_image_refresh_interval_is_a_fleet_setting_checked_like_the_ami_one() -> None:

@@ -99,11 +99,11 @@ def test_a_launch_that_never_reached_ec2_fails_as_not_launched(fleet, fake, clie
 
 
 def stopped_instance(fleet: Fleet, fake: FakeEc2, client: AsyncEc2,
-                     key: str) -> LaunchedInstance:
+                     key: str, **fields: Any) -> LaunchedInstance:
     """The owner's instance, launched with an older credential, stopped for reuse."""
     old = fake.run_instance(dataclasses.replace(SPEC, user_data="w0 old 127.0.0.1:9989\nimg"))
     instance = LaunchedInstance(client, old.instance_id, "t3.micro", "org/img:1", "ami-1",
-                                launched_at=1.0, key=key)
+                                launched_at=1.0, key=key, **fields)
     assert run(Launcher(fleet, "w0", "w0", lambda *_: None).stop_for_reuse(instance))
     assert fleet.stopped.by_instance().keys() == {old.instance_id}
     return instance
@@ -119,6 +119,16 @@ def test_a_matching_stopped_instance_is_started_with_the_new_user_data(fleet, fa
     assert fake.requests("StartInstances") == [[old]] and fake.status(old).state == "running"
     assert fake.count("RunInstances") == 1  # the old one's own launch: none since
     assert "started_from_stopped" in timeline and not fleet.stopped.entries
+
+
+def test_a_restarted_stopped_instance_forgets_the_image_digest_it_ran(fleet, fake, client):
+    """Started again it pulls the tag anew: the digest its image reported before it
+    stopped says nothing of what it will run, so no image refresh drains it for that."""
+    old = stopped_instance(fleet, fake, client, "k1", image_digest="sha256:" + "a" * 64,
+                           image_digest_at=5.0).instance_id
+    instance = launch(fleet, client, reuse=True)
+    assert instance.instance_id == old
+    assert instance.image_digest == "" and instance.image_digest_at == 0.0
 
 
 def test_a_stale_stopped_instance_is_terminated_and_a_new_one_launched(fleet, fake, client):

@@ -7,8 +7,9 @@ digest is). Authentication as Docker does it, with nothing the operator did not 
 configure for the instances:
 
 * anonymous first; a ``401`` with a ``Bearer realm=...,service=...,scope=...`` challenge
-  fetches a token (anonymous, or with the credentials below when there are any) and
-  asks again (Docker Hub, GHCR, Quay, most registries with token auth);
+  fetches a token and asks again (Docker Hub, GHCR, Quay, most registries with token
+  auth): with the credentials below only when the realm is HTTPS on the registry's own
+  host or its known token service (TOKEN_SERVICES), else anonymously;
 * a ``Basic`` challenge is answered with the worker's ``registry_credentials`` (an SSM
   parameter or a Secrets Manager secret, ``{"username": ..., "password": ...}``), read
   by the master with its own credential chain (the worker's ``session`` if it has one,
@@ -28,6 +29,7 @@ import base64
 import hashlib
 import json
 import re
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -42,8 +44,12 @@ from twisted.internet import threads
 from buildbot_dockerami.cloud.ec2 import boto_config, resolve_region
 from buildbot_dockerami.protocol import imagedigest, registry
 
-#: Seconds one HTTP request to a registry (or its token service) may take.
+#: Seconds one socket operation of a request to a registry (or its token service) may take.
 DEFAULT_TIMEOUT = 10.0
+#: Seconds one whole check (its requests, a token's included, and reading their bodies)
+#: may take; a registry that trickles its answer is cut off there.
+DEFAULT_DEADLINE = 30.0
+_CHUNK = 64 * 1024
 ACCEPT = ", ".join((
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
@@ -56,6 +62,16 @@ _ECR_REGION = re.compile(r"\.dkr\.ecr(?:-fips)?\.([a-z0-9-]+)\.amazonaws\.com")
 USER_AGENT = "buildbot-dockerami-image-refresh"
 #: Answers read from a registry are small; a larger one is not a manifest.
 _MAX_BODY = 4 * 1024 * 1024
+#: Token services on another host than their registry that get its credentials (the
+#: registry's Bearer challenge names them): Docker Hub's and GitLab.com's. Any other
+#: realm host than the registry's own gets an anonymous token request only.
+TOKEN_SERVICES: Mapping[str, tuple[str, ...]] = {
+    "registry-1.docker.io": ("auth.docker.io",),
+    "ghcr.io": ("ghcr.io",),
+    "registry.gitlab.com": ("gitlab.com",),
+    "quay.io": ("quay.io",),
+}
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 
 class DigestError(Exception):
@@ -72,14 +88,63 @@ class Auth:
     #: The worker's own boto3 session, if it has one.
     session: Any = field(default=None, compare=False, repr=False)
 
-    def key(self) -> tuple[str | None, str | None]:
-        return (self.credentials, self.region)
+    def key(self) -> tuple[str | None, str | None, int | None]:
+        """What an answer is shared by: the same credentials, read in the same region
+        through the same session (another session may read other credentials)."""
+        return (self.credentials, self.region,
+                id(self.session) if self.session is not None else None)
 
 
 def challenge(header: str) -> tuple[str, dict[str, str]]:
     """A ``WWW-Authenticate`` header read: its scheme (lower case) and parameters."""
     scheme, _, rest = header.strip().partition(" ")
     return scheme.lower(), dict(_PARAM.findall(rest))
+
+
+def _hostname(url: str) -> str:
+    return (urllib.parse.urlsplit(url).hostname or "").lower()
+
+
+def realm_gets_credentials(api_host: str, realm: str) -> bool:
+    """Whether the token service at ``realm``, named by the Bearer challenge of the
+    registry at ``api_host``, may be sent the registry credentials: only the registry's
+    own host or its known token service (TOKEN_SERVICES). A realm in plain HTTP is
+    refused (DigestError) unless registry and realm are both loopback: a challenge is
+    no reason to send a password anywhere, nor in the clear."""
+    scheme = urllib.parse.urlsplit(realm).scheme
+    if scheme not in ("http", "https"):
+        raise DigestError(f"{api_host}: token realm is not an HTTP URL")
+    registry_name, realm_name = _hostname(f"//{api_host}"), _hostname(realm)
+    if scheme != "https" and not (registry_name in _LOOPBACK and realm_name in _LOOPBACK):
+        raise DigestError(f"{api_host}: token realm {realm_name} is not HTTPS")
+    return realm_name == registry_name or realm_name in TOKEN_SERVICES.get(registry_name, ())
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    return parts.scheme, _hostname(url), port or {"http": 80, "https": 443}.get(parts.scheme)
+
+
+class SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to the same scheme, host and port, keeping the method
+    (urllib's own follows anywhere, https to http, a HEAD as a GET, with the
+    Authorization header): anything else is a failed check, never a leaked credential."""
+
+    def redirect_request(  # noqa: PLR0917 (urllib calls it so)
+            self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+            headers: Any, newurl: str) -> urllib.request.Request | None:
+        if _origin(newurl) != _origin(req.full_url):
+            fp.close()
+            raise DigestError(f"{urllib.parse.urlsplit(req.full_url).netloc}: HTTP {code} "
+                              f"to another origin ({_hostname(newurl) or newurl!r}), not followed")
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            new.method = req.get_method()
+        return new
 
 
 def _session(auth: Auth) -> Any:
@@ -142,12 +207,14 @@ class ImageDigests:
 
     def __init__(self, timeout: float = DEFAULT_TIMEOUT,
                  credentials: Callable[[imagedigest.Reference, Auth],
-                                       tuple[str, str] | None] | None = None) -> None:
+                                       tuple[str, str] | None] | None = None,
+                 deadline: float = DEFAULT_DEADLINE) -> None:
         self.timeout = timeout
+        self.deadline = deadline
         self.credentials = credentials or self._stored
         no_proxy = urllib.request.ProxyHandler({})
-        self._direct = urllib.request.build_opener(no_proxy)
-        self._opener = urllib.request.build_opener()
+        self._direct = urllib.request.build_opener(no_proxy, SameOriginRedirects)
+        self._opener = urllib.request.build_opener(SameOriginRedirects)
 
     @staticmethod
     def _stored(reference: imagedigest.Reference, auth: Auth) -> tuple[str, str] | None:
@@ -166,16 +233,18 @@ class ImageDigests:
         if reference.digest is not None:
             return reference.digest  # pinned
         url = reference.manifest_url()
-        status, headers, _ = self._request(reference, "HEAD", url, {"Accept": ACCEPT})
+        until = time.monotonic() + self.deadline
+        status, headers, _ = self._request(until, "HEAD", url, {"Accept": ACCEPT})
         if status == 401:
-            authorization = self._authorize(reference, auth, headers.get("WWW-Authenticate", ""))
-            status, headers, _ = self._request(reference, "HEAD", url,
+            authorization = self._authorize(reference, auth,
+                                            headers.get("WWW-Authenticate", ""), until)
+            status, headers, _ = self._request(until, "HEAD", url,
                                                {"Accept": ACCEPT, "Authorization": authorization})
             if status == 200 and not headers.get("Docker-Content-Digest"):
-                return self._hashed(reference, url, {"Accept": ACCEPT,
-                                                     "Authorization": authorization})
+                return self._hashed(until, url, {"Accept": ACCEPT,
+                                                 "Authorization": authorization})
         elif status == 200 and not headers.get("Docker-Content-Digest"):
-            return self._hashed(reference, url, {"Accept": ACCEPT})
+            return self._hashed(until, url, {"Accept": ACCEPT})
         if status != 200:
             raise DigestError(f"{url}: HTTP {status}")
         found = headers.get("Docker-Content-Digest", "").strip()
@@ -183,18 +252,18 @@ class ImageDigests:
             raise DigestError(f"{url}: no sha256 Docker-Content-Digest")
         return found
 
-    def _hashed(self, reference: imagedigest.Reference, url: str,
-                headers: Mapping[str, str]) -> str:
-        status, _, body = self._request(reference, "GET", url, headers)
+    def _hashed(self, until: float, url: str, headers: Mapping[str, str]) -> str:
+        status, _, body = self._request(until, "GET", url, headers)
         if status != 200:
             raise DigestError(f"{url}: HTTP {status}")
         return "sha256:" + hashlib.sha256(body).hexdigest()
 
-    def _authorize(self, reference: imagedigest.Reference, auth: Auth, header: str) -> str:
+    def _authorize(self, reference: imagedigest.Reference, auth: Auth, header: str,
+                   until: float) -> str:
         """The Authorization header a 401's challenge asks for."""
         scheme, params = challenge(header)
         if scheme == "bearer" and params.get("realm"):
-            return "Bearer " + self._token(reference, auth, params)
+            return "Bearer " + self._token(reference, auth, params, until)
         if scheme == "basic":
             found = self.credentials(reference, auth)
             if found is None:
@@ -205,18 +274,17 @@ class ImageDigests:
                           f"{scheme or '(none)'!r}")
 
     def _token(self, reference: imagedigest.Reference, auth: Auth,
-               params: Mapping[str, str]) -> str:
+               params: Mapping[str, str], until: float) -> str:
         realm = params["realm"]
-        if urllib.parse.urlsplit(realm).scheme not in ("http", "https"):
-            raise DigestError(f"{reference.api_host}: token realm is not an HTTP URL")
+        trusted = realm_gets_credentials(reference.api_host, realm)
         query = {key: params[key] for key in ("service", "scope") if params.get(key)}
         query.setdefault("scope", f"repository:{reference.repository}:pull")
         url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(query)
         headers: dict[str, str] = {}
-        found = self.credentials(reference, auth)
+        found = self.credentials(reference, auth) if trusted else None
         if found is not None:
             headers["Authorization"] = _basic(*found)
-        status, _, body = self._request(reference, "GET", url, headers)
+        status, _, body = self._request(until, "GET", url, headers)
         if status != 200:
             raise DigestError(f"{reference.api_host}: token service answered HTTP {status}")
         try:
@@ -228,21 +296,40 @@ class ImageDigests:
             raise DigestError(f"{reference.api_host}: token service gave no token")
         return token
 
-    def _request(self, reference: imagedigest.Reference, method: str, url: str,
+    def _request(self, until: float, method: str, url: str,
                  headers: Mapping[str, str]) -> tuple[int, Mapping[str, str], bytes]:
+        """One request, within the check's deadline ``until`` (time.monotonic): checked
+        before it and between the chunks of its body; each socket operation also ends
+        within ``timeout``."""
+        netloc = urllib.parse.urlsplit(url).netloc
         request = urllib.request.Request(url, method=method,
                                          headers={"User-Agent": USER_AGENT, **headers})
         host = urllib.parse.urlsplit(url).hostname or ""
-        opener = self._direct if host in ("localhost", "127.0.0.1", "::1") else self._opener
+        opener = self._direct if host in _LOOPBACK else self._opener
         try:
-            with opener.open(request, timeout=self.timeout) as answer:
-                return answer.status, answer.headers, answer.read(_MAX_BODY)
+            with opener.open(request, timeout=min(self.timeout, self._left(until, netloc))) \
+                    as answer:
+                chunks: list[bytes] = []
+                size = 0
+                while chunk := answer.read1(_CHUNK):
+                    size += len(chunk)
+                    if size > _MAX_BODY:  # not a manifest; never hash part of one
+                        raise DigestError(f"{netloc}: answer larger than {_MAX_BODY} bytes")
+                    chunks.append(chunk)
+                    self._left(until, netloc)
+                return answer.status, answer.headers, b"".join(chunks)
         except urllib.error.HTTPError as e:
             with e:
                 return e.code, e.headers, b""
         except (OSError, ValueError) as e:
             reason = getattr(e, "reason", None) or e.__class__.__name__
-            raise DigestError(f"{urllib.parse.urlsplit(url).netloc}: {reason}") from None
+            raise DigestError(f"{netloc}: {reason}") from None
+
+    def _left(self, until: float, netloc: str) -> float:
+        left = until - time.monotonic()
+        if left <= 0:
+            raise DigestError(f"{netloc}: no answer within the check's {self.deadline:g}s")
+        return left
 
 
 class AsyncImageDigests:

@@ -7,9 +7,15 @@ Checked on the master's own schedule (the reconciler's pass asks each worker), n
 page read, and bounded: at most one registry check (cloud/image_digests.py: one HEAD,
 plus a token request where the registry wants one) per (image reference, credentials)
 per ``interval`` seconds, however many workers and instances ask; askers share the check
-in flight. A failed check is remembered as "unknown" for the interval too, and logged
-once: not knowing is no reason to drain. A reference pinned by digest never refreshes,
-nor does an instance whose image reported no digest.
+in flight; at most CHECKS_AT_ONCE checks run at once (each within the client's deadline).
+A failed check is remembered as "unknown" for the interval too, and logged once: not
+knowing is no reason to drain. A reference pinned by digest never refreshes, nor does an
+instance whose image reported no digest.
+
+An answer drains only the instances that reported their digest before it was asked
+(``newer``): a cached answer older than an instance's report may predate what it pulled
+(the tag moved after the check, the instance pulled the new image), so that instance
+waits for the next check rather than being drained for running the newest image.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from buildbot_dockerami.protocol import imagedigest
 #: Seconds between two checks of the same image reference (FleetSettings'
 #: ``image_refresh_interval``).
 DEFAULT_INTERVAL = 600.0
+#: Registry checks at once (they run in the fleet's thread pool, which EC2 calls share).
+CHECKS_AT_ONCE = 4
 
 
 def stale(running: str | None, current: str | None) -> bool:
@@ -32,6 +40,12 @@ def stale(running: str | None, current: str | None) -> bool:
     at another digest (unknown, or an instance that reported none: no)."""
     return (imagedigest.valid(running) and imagedigest.valid(current)
             and running != current)
+
+
+def newer(asked_at: float | None, reported_at: float) -> bool:
+    """Whether an answer asked of the registry at ``asked_at`` is newer than what an
+    instance that reported its digest at ``reported_at`` pulled (same clock)."""
+    return asked_at is not None and asked_at > reported_at
 
 
 def reason(image: str, running: str, current: str) -> str:
@@ -50,28 +64,42 @@ class ImageRefresh:
         self.clock = clock
         self.source = source
         self.interval = interval
-        #: key -> (asked at, the digest or None: unknown).
-        self._current: dict[Hashable, tuple[float, str | None]] = {}
+        #: key -> (answered at, asked at, the digest or None: unknown).
+        self._current: dict[Hashable, tuple[float, float, str | None]] = {}
+        #: instance id -> the answer it was told it is not drained for (logged once).
+        self._told: dict[str, str] = {}
         #: key -> callers waiting for the check in flight.
         self._asking: dict[Hashable, list[defer.Deferred]] = {}
         #: Registry checks made (for tests and the bound).
         self.calls = 0
+        self._at_once = defer.DeferredSemaphore(CHECKS_AT_ONCE)
 
     def current(self, image: str, auth: Any = None) -> defer.Deferred:
         """What ``image``'s tag points at now, or None when unknown (or pinned)."""
+        return self.answer(image, auth).addCallback(lambda answer: answer[1])
+
+    def answer(self, image: str, auth: Any = None) -> defer.Deferred:
+        """``(asked_at, digest)``: what ``image``'s tag points at (None when unknown or
+        pinned) and when the registry was asked it (None: never), on ``clock``."""
         if not image or imagedigest.pinned(image):
-            return defer.succeed(None)
+            return defer.succeed((None, None))
         key = (image, auth.key() if auth is not None else None)
         known = self._current.get(key)
         if known is not None and self.clock() - known[0] < self.interval:
-            return defer.succeed(known[1])
+            return defer.succeed(known[1:])
         waiter: defer.Deferred = defer.Deferred()
         if key in self._asking:
             self._asking[key].append(waiter)
             return waiter
         self._asking[key] = [waiter]
         self.calls += 1
-        d = defer.maybeDeferred(self.source.digest, image, auth)
+        asked: list[float] = []
+
+        def ask() -> defer.Deferred:
+            asked.append(self.clock())
+            return defer.maybeDeferred(self.source.digest, image, auth)
+
+        d = self._at_once.run(ask)
 
         def unknown(f: Any) -> None:
             log.msg(f"dockerami: image refresh: what {image} points at is unknown "
@@ -82,9 +110,21 @@ class ImageRefresh:
 
         def answered(digest: str | None) -> None:
             digest = digest if imagedigest.valid(digest) else None
-            self._current[key] = (self.clock(), digest)
+            self._current[key] = (self.clock(), asked[0], digest)
             for each in self._asking.pop(key, []):
-                each.callback(digest)
+                each.callback((asked[0], digest))
 
         d.addCallback(answered)
         return waiter
+
+    def not_yet(self, instance_id: str, image: str, current: str) -> None:
+        """Log (once per instance and answer) that an instance is not drained because
+        the answer predates its report."""
+        if self._told.get(instance_id) == current:
+            return
+        if len(self._told) > 4096:  # instance ids of a long-lived master
+            self._told.clear()
+        self._told[instance_id] = current
+        log.msg(f"dockerami: image refresh: {instance_id} reported its digest after "
+                f"{image} was last asked ({imagedigest.short(current)}); no drain before "
+                "a newer answer")

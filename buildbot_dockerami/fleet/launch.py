@@ -190,6 +190,9 @@ class LaunchedInstance:
     #: The digest of the image it runs, as its image reported it (worker info
     #: ``image_digest``, protocol/imagedigest.py); "" when it reported none.
     image_digest: str = ""
+    #: When it reported ``image_digest`` (the fleet's clock): only a registry answer asked
+    #: later may drain it (fleet/image_refresh.newer).
+    image_digest_at: float = 0.0
 
 
 class FleetParts(Protocol):
@@ -348,7 +351,9 @@ class Launcher:
                 "fresh credential")
         self.fleet.metrics.inc("dockerami_stopped_starts_total", {})
         self.note("started_from_stopped", now)
-        return dataclasses.replace(instance, launched_at=now)
+        # It pulls its image again: what it reported running before it stopped is past.
+        return dataclasses.replace(instance, launched_at=now, image_digest="",
+                                   image_digest_at=0.0)
 
     @defer.inlineCallbacks
     def _wait_stopped(self, instance: LaunchedInstance) -> Any:

@@ -191,11 +191,17 @@ class Losses:
         if not isinstance(region, str):
             region = settings.region if isinstance(settings.region, str) else None
         auth = image_digests.Auth(settings.registry_credentials, region, settings.session)
-        current = yield self.fleet.image_refresh.current(instance.image, auth)
-        if (instance is self.instance
-                and image_refresh.stale(instance.image_digest, current)):
-            self._retire(instance, image_refresh.reason(instance.image, instance.image_digest,
-                                                        current))
+        checker = self.fleet.image_refresh
+        asked_at, current = yield checker.answer(instance.image, auth)
+        if (instance is not self.instance
+                or not image_refresh.stale(instance.image_digest, current)):
+            return
+        if not image_refresh.newer(asked_at, instance.image_digest_at):
+            # The answer may predate what the instance pulled: wait for a newer one.
+            checker.not_yet(instance.instance_id, instance.image, current)
+            return
+        self._retire(instance, image_refresh.reason(instance.image, instance.image_digest,
+                                                    current))
 
     def _note_image_digest(self, instance: Any, info: Any) -> None:
         """The digest of the image a connecting worker runs (its info ``image_digest``,
@@ -204,6 +210,9 @@ class Losses:
         if instance is None or digest is None or digest == instance.image_digest:
             return
         instance.image_digest = digest
+        # When, on the image refresh's clock (the fleet's reactor): only a registry
+        # answer asked after this may drain it.
+        instance.image_digest_at = self.fleet.image_refresh.clock()
         log.msg(f"{self}: instance {instance.instance_id} runs {instance.image} at {digest}")
 
     def _drain_due(self) -> str | None:

@@ -115,10 +115,15 @@ def test_basic_auth_with_the_workers_registry_credentials(basic_registry: Regist
         ImageDigests(timeout=5).digest(image)
     given = ImageDigests(timeout=5, credentials=lambda reference, auth: (USER, PASSWORD))
     assert given.digest(image) == pushed
-    wrong = ImageDigests(timeout=5, credentials=lambda reference, auth: (USER, "wrong"))
+    # A wrong password, really sent (Basic) and refused: the error names neither it nor
+    # the header that carried it.
+    sent = "pw-" + secrets.token_urlsafe(18)
+    wrong = ImageDigests(timeout=5, credentials=lambda reference, auth: (USER, sent))
     with pytest.raises(DigestError) as refused:
         wrong.digest(image)
-    assert "HTTP 401" in str(refused.value) and PASSWORD not in str(refused.value)
+    header = base64.b64encode(f"{USER}:{sent}".encode()).decode()
+    assert "HTTP 401" in str(refused.value)
+    assert sent not in str(refused.value) and header not in str(refused.value)
 
 
 def test_credentials_read_from_ssm_and_secrets_manager(basic_registry: Registry, cloud,
