@@ -93,6 +93,14 @@ class Registry:
             wait_for(lambda: not self.up(), 10, "the registry to stop answering")
 
 
+def refresh_checks(registry: Registry, path: str) -> int:
+    """The master's registry checks of ``path`` (its access log shows each request)."""
+    from buildbot_dockerami.cloud.image_digests import USER_AGENT
+
+    return sum(1 for line in registry.log.read_text().splitlines()
+               if f'"HEAD {path} ' in line and USER_AGENT in line)
+
+
 def container_names(client: docker.DockerClient, prefix: str = "dockerami-") -> list[str]:
     """One listing call: docker-py's ``containers.list`` inspects each container after
     listing them, and fails on one removed in between (another test's, or a slot's)."""

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
+from tests.docker_support import Registry, refresh_checks
 from tests.harness import EXCEPTION, RETRY, SUCCESS, master_cfg, wait_for
 from tests.helpers import NOT_ENDED, ids, instances, live
 
@@ -210,15 +212,31 @@ c['workers'] += worker_pool('weekly', count=1, min_warm={{'{day} 10:00-11:00 UTC
 """
 
 
-def test_fleet_readers_never_drive_ec2(make_master, cloud):
+@pytest.fixture
+def registry(tmp_path) -> Iterator[Registry]:
+    """Debian's docker-registry on loopback, empty."""
+    registry = Registry(tmp_path / "registry").start()
+    yield registry
+    registry.stop()
+
+
+def test_fleet_readers_never_drive_ec2(make_master, cloud, registry):
     day = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")[(time.gmtime().tm_wday + 3) % 7]
+    # The image's tag is checked in a real (loopback, empty) registry: its instance
+    # reports a digest, as the reference image does, so the fleet asks the registry.
+    image = f"{registry.address}/dockerami/worker:test"
+    cloud.runtime.image_digests[image] = "sha256:" + "a" * 64
     # A spot worker: its price comes from DescribeSpotPriceHistory, asked by the fleet.
     master = make_master(master_cfg(build_wait_timeout=600, worker_extra=FAST + "market='spot',",
-                                    plugins=PLUGIN) + SCHEDULED_POOL.format(day=day))
+                                    image=image, plugins=PLUGIN) + SCHEDULED_POOL.format(day=day))
     assert master.wait_request(master.force(), 90)["results"] == SUCCESS
     url = master.plugin_url("api/fleet")
     wait_for(lambda: requests.get(url, timeout=10).json()["workers"][0]["last_build_cost"],
              30, "the build's cost, at the spot price the fleet asked for")
+    manifest = "/v2/dockerami/worker/manifests/test"
+    wait_for(lambda: refresh_checks(registry, manifest) >= 1, 30,
+             "the fleet's first check of the image's tag")
+    checks_before = refresh_checks(registry, manifest)
     before = cloud.faults.count("DescribeInstances")
     prices_before = cloud.faults.count("DescribeSpotPriceHistory")
     images_before = cloud.faults.count("DescribeImages")
@@ -237,6 +255,8 @@ def test_fleet_readers_never_drive_ec2(make_master, cloud):
     # The AMI refresh asks on the fleet's schedule, once per ami_refresh_interval (600 s):
     # at most its first check falls into this window, whatever the readers do.
     assert cloud.faults.count("DescribeImages") - images_before <= 1
+    # The image refresh likewise: once per image_refresh_interval (600 s), asked already.
+    assert refresh_checks(registry, manifest) == checks_before
     assert requests.get(url, timeout=10).json()["workers"][0]["instance"]["usd_per_hour"] > 0
 
     # EC2 hangs: the page still answers at once, from the master's own view.

@@ -124,6 +124,10 @@ class ProcessRuntime:
     def __init__(self, state_dir: Path, idle_priority: bool = False) -> None:
         self.state_dir = state_dir
         self.idle_priority = idle_priority
+        #: Image -> the digest its emulated pull gives, reported as the worker info
+        #: ``image_digest`` as the bootstrap and reference image do (none by default:
+        #: there is no registry here, and such an image is never refreshed).
+        self.image_digests: dict[str, str] = {}
         self._processes: dict[str, subprocess.Popen] = {}
         self._spares: list[subprocess.Popen] = []
         self._lock = threading.Lock()
@@ -215,6 +219,8 @@ class ProcessRuntime:
         (basedir / "info" / "image_ready").write_text(f"{ready_at:.3f}")
         (basedir / "info" / "image_pull").write_text(
             f"{booting.pull_seconds:.1f}" if booting.pull_seconds > 0 else "present")
+        if data.image in self.image_digests:
+            (basedir / "info" / "image_digest").write_text(self.image_digests[data.image])
         process = self._hand_to_spare(basedir)
         if process is None:
             process = subprocess.Popen(

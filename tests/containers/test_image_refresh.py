@@ -27,14 +27,13 @@ import pytest
 import requests
 
 from buildbot_dockerami.cloud.image_digests import (
-    USER_AGENT,
     Auth,
     DigestError,
     ImageDigests,
     stored_credentials,
 )
 from buildbot_dockerami.localcloud.containers import QuietHandler
-from tests.docker_support import Registry, only_instance
+from tests.docker_support import Registry, only_instance, refresh_checks
 from tests.harness import SUCCESS, free_port, master_cfg, wait_for
 from tests.helpers import VIEWPORT, state_of
 from tests.test_cost import scrape
@@ -257,12 +256,6 @@ class Go:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-def refresh_checks(registry: Registry, path: str) -> int:
-    """The master's registry checks of ``path`` (its access log shows each request)."""
-    return sum(1 for line in registry.log.read_text().splitlines()
-               if f'"HEAD {path} ' in line and USER_AGENT in line)
 
 
 def test_a_tag_pushed_again_drains_the_busy_instance_after_its_build(
