@@ -21,6 +21,7 @@ from buildbot_dockerami.fleet import image_refresh, retirement
 from buildbot_dockerami.fleet import metrics as metrics_module
 from buildbot_dockerami.fleet.image_refresh import ImageRefresh
 from buildbot_dockerami.fleet.launch import LaunchedInstance
+from buildbot_dockerami.fleet.remembered import Remembered
 from buildbot_dockerami.fleet.service import Fleet
 from buildbot_dockerami.protocol import imagedigest
 from buildbot_dockerami.worker.losses import Losses
@@ -290,3 +291,27 @@ def test_image_refresh_interval_is_a_fleet_setting_checked_like_the_ami_one() ->
     fleet.configure(None)
     assert fleet.image_refresh.interval == 600
     fleet.reconciler.stop()
+
+
+def test_remembered_answers_are_shared_while_asked_and_kept_for_the_interval() -> None:
+    """fleet/remembered.py, the bound of both refreshes, alone on a fake clock."""
+    clock = task.Clock()
+    remembered = Remembered(clock.seconds)
+    pending: list[defer.Deferred] = []
+
+    def ask() -> defer.Deferred:
+        pending.append(defer.Deferred())
+        return pending[-1]
+
+    first, second = remembered.get("k", 10, ask), remembered.get("k", 10, ask)
+    other = remembered.get("other", 10, ask)
+    assert len(pending) == 2 and remembered.calls == 2 and not first.called
+    pending[0].callback("a")
+    assert first.result == second.result == "a" and not other.called
+    clock.advance(9.9)
+    assert remembered.get("k", 10, ask).result == "a" and remembered.calls == 2
+    # An asker with a shorter interval finds it too old: asked again, then remembered.
+    again = remembered.get("k", 5, ask)
+    assert remembered.calls == 3 and not again.called
+    pending[2].callback("b")
+    assert again.result == "b" and remembered.get("k", 10, ask).result == "b"

@@ -20,12 +20,13 @@ waits for the next check rather than being drained for running the newest image.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
 from twisted.python import log
 
+from buildbot_dockerami.fleet.remembered import Remembered
 from buildbot_dockerami.protocol import imagedigest
 
 #: Seconds between two checks of the same image reference (FleetSettings'
@@ -64,15 +65,16 @@ class ImageRefresh:
         self.clock = clock
         self.source = source
         self.interval = interval
-        #: key -> (answered at, asked at, the digest or None: unknown).
-        self._current: dict[Hashable, tuple[float, float, str | None]] = {}
+        #: key -> (asked at, the digest or None: unknown).
+        self._answers = Remembered(clock)
         #: instance id -> the answer it was told it is not drained for (logged once).
         self._told: dict[str, str] = {}
-        #: key -> callers waiting for the check in flight.
-        self._asking: dict[Hashable, list[defer.Deferred]] = {}
-        #: Registry checks made (for tests and the bound).
-        self.calls = 0
         self._at_once = defer.DeferredSemaphore(CHECKS_AT_ONCE)
+
+    @property
+    def calls(self) -> int:
+        """Registry checks made (for tests and the bound)."""
+        return self._answers.calls
 
     def current(self, image: str, auth: Any = None) -> defer.Deferred:
         """What ``image``'s tag points at now, or None when unknown (or pinned)."""
@@ -84,38 +86,21 @@ class ImageRefresh:
         if not image or imagedigest.pinned(image):
             return defer.succeed((None, None))
         key = (image, auth.key() if auth is not None else None)
-        known = self._current.get(key)
-        if known is not None and self.clock() - known[0] < self.interval:
-            return defer.succeed(known[1:])
-        waiter: defer.Deferred = defer.Deferred()
-        if key in self._asking:
-            self._asking[key].append(waiter)
-            return waiter
-        self._asking[key] = [waiter]
-        self.calls += 1
-        asked: list[float] = []
+        return self._answers.get(key, self.interval, lambda: self._at_once.run(
+            self._check, image, auth))
 
-        def ask() -> defer.Deferred:
-            asked.append(self.clock())
-            return defer.maybeDeferred(self.source.digest, image, auth)
-
-        d = self._at_once.run(ask)
+    def _check(self, image: str, auth: Any) -> defer.Deferred:
+        asked_at = self.clock()  # when the check really starts, not when it queued
 
         def unknown(f: Any) -> None:
             log.msg(f"dockerami: image refresh: what {image} points at is unknown "
                     f"({f.getErrorMessage()}); no instance drains for it, asked again in "
                     f"{self.interval:g}s")
 
+        d = defer.maybeDeferred(self.source.digest, image, auth)
         d.addErrback(unknown)
-
-        def answered(digest: str | None) -> None:
-            digest = digest if imagedigest.valid(digest) else None
-            self._current[key] = (self.clock(), asked[0], digest)
-            for each in self._asking.pop(key, []):
-                each.callback((asked[0], digest))
-
-        d.addCallback(answered)
-        return waiter
+        return d.addCallback(
+            lambda digest: (asked_at, digest if imagedigest.valid(digest) else None))
 
     def not_yet(self, instance_id: str, image: str, current: str) -> None:
         """Log (once per instance and answer) that an instance is not drained because

@@ -18,6 +18,7 @@ from typing import Any
 from twisted.internet import defer
 
 from buildbot_dockerami.fleet import architecture
+from buildbot_dockerami.fleet.remembered import Remembered
 
 #: Seconds between two DescribeImages for the same filters (FleetSettings'
 #: ``ami_refresh_interval``).
@@ -45,14 +46,14 @@ class AmiRefresh:
     per ``interval`` seconds on ``clock`` (the fleet's reactor)."""
 
     def __init__(self, clock: Callable[[], float], interval: float = DEFAULT_INTERVAL) -> None:
-        self.clock = clock
         self.interval = interval
-        #: key -> (asked at, the newest image id or None: unknown).
-        self._newest: dict[Hashable, tuple[float, str | None]] = {}
-        #: key -> callers waiting for the DescribeImages in flight.
-        self._asking: dict[Hashable, list[defer.Deferred]] = {}
-        #: DescribeImages calls made (for tests and the bound).
-        self.calls = 0
+        #: key -> the newest image id, or None: unknown.
+        self._newest = Remembered(clock)
+
+    @property
+    def calls(self) -> int:
+        """DescribeImages calls made (for tests and the bound)."""
+        return self._newest.calls
 
     @defer.inlineCallbacks
     def newest_for(self, instance: Any, filters: Sequence[Mapping[str, Any]],
@@ -76,23 +77,8 @@ class AmiRefresh:
 
     def newest(self, client: Any, filters: Sequence[Mapping[str, Any]],
                owners: Sequence[str] | None, arch: str) -> defer.Deferred:
-        key = _key(client, filters, owners, arch)
-        known = self._newest.get(key)
-        if known is not None and self.clock() - known[0] < self.interval:
-            return defer.succeed(known[1])
-        waiter: defer.Deferred = defer.Deferred()
-        if key in self._asking:
-            self._asking[key].append(waiter)
-            return waiter
-        self._asking[key] = [waiter]
-        self.calls += 1
-        d = client.newest_image(filters, owners, arch or None)
-        d.addErrback(lambda _: None)  # no image, or no answer: unknown
+        def ask() -> defer.Deferred:
+            d = client.newest_image(filters, owners, arch or None)
+            return d.addErrback(lambda _: None)  # no image, or no answer: unknown
 
-        def answered(newest: str | None) -> None:
-            self._newest[key] = (self.clock(), newest)
-            for each in self._asking.pop(key, []):
-                each.callback(newest)
-
-        d.addCallback(answered)
-        return waiter
+        return self._newest.get(_key(client, filters, owners, arch), self.interval, ask)
