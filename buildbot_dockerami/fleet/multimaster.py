@@ -204,21 +204,26 @@ class Coordinator:
             defer.maybeDeferred(consumer.stopConsuming).addErrback(
                 log.err, "dockerami: no longer listening for freed slots")
 
-    def freed(self) -> None:
-        """An instance of a capped pool ended here: its row goes now, and the other
-        masters are told over buildbot's message queue, so a build waiting there for
-        the slot starts without waiting for either master's next pass.
+    def freed(self, key: str) -> None:
+        """The instance ``key`` (a worker's name, or its slot group's) of a capped pool
+        ended here: its row goes now, and the other masters are told over buildbot's
+        message queue, so a build waiting there for the slot starts without waiting for
+        either master's next pass.
 
         Called from inside the worker's stop_instance, while buildbot still has the
         worker insubstantiating (so it counts against the cap); buildbot marks it not
         substantiated as soon as stop_instance returns. The rows are written a reactor
         turn later: written now, they would still hold the slot, the others would read
-        it taken, and their builds would wait for this master's next pass after all."""
+        it taken, and their builds would wait for this master's next pass after all.
+        Only ``key``'s claim ends with it: another key that dropped out meanwhile may be
+        a launch that failed, whose instance a lost answer may hide (its claim keeps
+        its CLAIM_GRACE)."""
         if self.masterid is not None:
-            self.master.reactor.callLater(0, self._after_freed, set(local_rows(self.fleet)))
+            self.master.reactor.callLater(0, self._after_freed, key)
 
-    def _after_freed(self, in_use: set[str]) -> None:
-        self._ended |= in_use - set(local_rows(self.fleet))
+    def _after_freed(self, key: str) -> None:
+        if key not in local_rows(self.fleet):  # (not launched again within the turn)
+            self._ended.add(key)
         self._announce.tick()
 
     def _local(self) -> tuple[dict[str, dict[str, Any]], set[str]]:
