@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from twisted.internet import defer, task
+from twisted.python import log
 
 from buildbot_dockerami.fleet import multimaster, pools, shared_tables
 from buildbot_dockerami.fleet.metrics import Metrics
+from buildbot_dockerami.fleet.shared_tables import Claim
 
 ME, OTHER = 1, 2
 
@@ -94,8 +96,9 @@ class Group:
 class Worker:
     """A FleetWorker as far as the Coordinator looks at one."""
 
-    def __init__(self, name: str, fleet: Fleet, group: Group | None = None) -> None:
-        self.name, self.fleet, self.pool, self.group = name, fleet, "p", group
+    def __init__(self, name: str, fleet: Fleet, group: Group | None = None,
+                 pool: str = "p") -> None:
+        self.name, self.fleet, self.pool, self.group = name, fleet, pool, group
         self.instance: Any = None
         self.conn: Any = None
         self.active = self.busy = False
@@ -140,6 +143,28 @@ def coordinator(engine: sa.Engine, cap: int = 2) -> tuple[task.Clock, Fleet, DbP
     fleet.shared = shared
     shared.start()
     return clock, fleet, db, shared
+
+
+@pytest.fixture
+def logged() -> Iterator[list[str]]:
+    lines: list[str] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        lines.append(" ".join(str(m) for m in event.get("message", ())))
+
+    log.addObserver(observer)
+    yield lines
+    log.removeObserver(observer)
+
+
+def at_cap(lines: list[str], pool: str) -> int:
+    return sum(f"pool {pool!r} is at its cap" in line for line in lines)
+
+
+def freed_elsewhere(shared: multimaster.Coordinator, db: DbPool, owner: str) -> None:
+    """Another master's instance ``owner`` ended: its rows written, its message heard."""
+    db.run(shared_tables.mirror, OTHER, {}, 1000, multimaster.CLAIM_GRACE, ended={owner})
+    shared.master.mq.consumer(("dockerami", "freed", str(OTHER)), {"masterid": OTHER})
 
 
 def owners(db: DbPool) -> set[str]:
@@ -255,3 +280,22 @@ def test_the_fleet_names_the_instance_that_ended_a_workers_or_a_slot_groups():
     group.instance = Ended()
     group.shutdown("idle")
     assert told.keys == ["w0", "g"]
+
+
+def test_a_free_slot_in_one_pool_ends_only_that_pools_wait(engine, logged):
+    clock, fleet, db, shared = coordinator(engine, cap=1)
+    fleet.pool_limits["q"] = pools.PoolLimits(cap=1)
+    wp, wq = Worker("wp", fleet), Worker("wq", fleet, pool="q")
+    db.run(shared_tables.claim, Claim(OTHER, "x", "p", 1, 1000))
+    db.run(shared_tables.claim, Claim(OTHER, "y", "q", 1, 1000))
+    clock.advance(multimaster.SYNC_INTERVAL)  # a pass reads both full
+    assert not claimed(shared, wp) and not claimed(shared, wq)
+    assert (at_cap(logged, "p"), at_cap(logged, "q"), fleet.woken) == (1, 1, 0)
+    freed_elsewhere(shared, db, "x")
+    assert fleet.woken == 1  # p's builds woken; they take the slot
+    assert claimed(shared, wp)
+    assert not claimed(shared, wq)  # q's build tried again: still waiting, said once
+    assert at_cap(logged, "q") == 1
+    freed_elsewhere(shared, db, "y")
+    assert fleet.woken == 2 and claimed(shared, wq)
+    shared.stop()

@@ -169,8 +169,8 @@ class Coordinator:
         self._flight = SingleFlight(self._pass, self._done)
         self._last_reclaim = float("-inf")
         self._free: dict[str, int] = {}
-        #: Pools whose slot the database refused here since the last wake (this master's
-        #: read of the rows may not have shown them full: the next free slot must wake).
+        #: Pools whose slot the database refused here, until a read shows one free (this
+        #: master's read of the rows may not have shown them full: a free slot must wake).
         self._refused: set[str] = set()
         self._loop = task.LoopingCall(self.tick)
         self._loop.clock = master.reactor
@@ -398,8 +398,9 @@ class Coordinator:
                 free[pool] = limits.cap - self.counts(pool).in_use
         if any(free[p] > self._free.get(p, free[p])
                or (p in self._refused and free[p] > 0) for p in free):
-            self._refused.clear()
             self.fleet.after_release()
+        # A pool still full keeps its wait (and says it no second time).
+        self._refused = {p for p in self._refused if p in free and free[p] <= 0}
         self._free = free
 
     @defer.inlineCallbacks
