@@ -299,3 +299,25 @@ def test_a_free_slot_in_one_pool_ends_only_that_pools_wait(engine, logged):
     freed_elsewhere(shared, db, "y")
     assert fleet.woken == 2 and claimed(shared, wq)
     shared.stop()
+
+
+@pytest.mark.parametrize("asking", ["reserve", "claim"])
+def test_a_refusal_that_raced_a_read_showing_a_free_slot_wakes_at_once(engine, asking):
+    clock, fleet, db, shared = coordinator(engine, cap=1)
+    wp = Worker("wp", fleet)
+    clock.advance(multimaster.SYNC_INTERVAL)  # a pass reads the slot free
+    db.run(shared_tables.claim, Claim(OTHER, "x", "p", 1, 1000))  # another takes it
+    db.held = {shared_tables.claim, multimaster._mirror_and_claim}
+    d = getattr(shared, asking)(wp)
+    results: list[bool] = []
+    d.addCallback(results.append)
+    # While the refusal is on its way back, the other master's instance ends: this
+    # master reads the slot free, as its last read did, and had no refusal yet.
+    freed_elsewhere(shared, db, "x")
+    assert fleet.woken == 0
+    db.held = set()
+    db.answer()
+    assert results == [False]
+    assert fleet.woken == 1  # now, not at the next pass
+    assert claimed(shared, wp)
+    shared.stop()

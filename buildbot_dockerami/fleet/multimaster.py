@@ -172,6 +172,8 @@ class Coordinator:
         #: Pools whose slot the database refused here, until a read shows one free (this
         #: master's read of the rows may not have shown them full: a free slot must wake).
         self._refused: set[str] = set()
+        #: Reads of the rows finished so far: a refusal that raced one reads again.
+        self._reads = 0
         self._loop = task.LoopingCall(self.tick)
         self._loop.clock = master.reactor
         #: Freed slots, told to the others (event-driven: one more after a busy one).
@@ -270,6 +272,7 @@ class Coordinator:
         self.rows = [r for r in rows if r.masterid not in stopped]
         self.masters = masters
         self._wake_if_freed()
+        self._reads += 1
 
     def _check_mq(self, now: float) -> None:
         wamp = getattr(self.master, "wamp", None)
@@ -324,20 +327,26 @@ class Coordinator:
         now = self.master.reactor.seconds()
         local, ended = self._local()
         want = shared_tables.Claim(self.masterid, key, worker.pool, cap, int(now))
+        reads = self._reads
         ok = yield self._lock.run(self.master.db.pool.do, _mirror_and_claim, local, want, ended)
         if ok:
             self.pending[key] = now
         else:
-            self._at_cap(worker.pool, cap)
+            self._at_cap(worker.pool, cap, reads)
         return ok
 
-    def _at_cap(self, pool: str, cap: int | None) -> None:
+    def _at_cap(self, pool: str, cap: int | None, reads: int) -> None:
         """The database refused a slot of ``pool``: builds here wait for one (said once
-        per wait, as the next free slot ends it)."""
+        per wait, as the next free slot ends it). ``reads``: the reads of the rows
+        finished when the claim was asked; one that finished since, showing a slot
+        free, woke nothing (the pool was not refused yet), and its freed-slot message
+        is spent: the rows are read again now, not at the next pass."""
         if pool not in self._refused:
             log.msg(f"dockerami: pool {pool!r} is at its cap ({cap}) on all masters together: "
                     "builds here wait for a slot to be freed")
         self._refused.add(pool)
+        if self._reads != reads and self._free.get(pool, 0) > 0:
+            self._wake.tick()
 
     @defer.inlineCallbacks
     def claim(self, worker: FleetWorker) -> Any:
@@ -350,11 +359,12 @@ class Coordinator:
         now = self.master.reactor.seconds()
         key = pools.instance_key(worker)
         want = shared_tables.Claim(self.masterid, key, worker.pool, cap, int(now))
+        reads = self._reads
         ok = yield self._lock.run(self.master.db.pool.do, shared_tables.claim, want)
         if ok:
             self.pending[key] = now
         elif worker.pool is not None:
-            self._at_cap(worker.pool, cap)
+            self._at_cap(worker.pool, cap, reads)
         return ok
 
     def tick(self) -> defer.Deferred:
