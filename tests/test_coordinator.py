@@ -321,3 +321,16 @@ def test_a_refusal_that_raced_a_read_showing_a_free_slot_wakes_at_once(engine, a
     assert fleet.woken == 1  # now, not at the next pass
     assert claimed(shared, wp)
     shared.stop()
+
+
+def test_an_instance_stopped_for_reuse_frees_its_slot_for_the_other_masters_too():
+    from buildbot_dockerami.fleet import ending
+
+    fleet, told = told_fleet()
+    woken: list[bool] = []
+    fleet.after_release = lambda: woken.append(True)
+    reuse = type("L", (), {"stop_for_reuse": lambda self, i: defer.succeed(True)})()
+    ending.end(fleet, Ended(), reuse, "p", key="w0", reuse=True, log_prefix="w0")
+    assert (told.keys, woken) == (["w0"], [True])
+    ending.end(fleet, Ended(), reuse, None, key="w1", reuse=True, log_prefix="w1")
+    assert (told.keys, woken) == (["w0"], [True, True])  # no pool: no cap, nobody to tell

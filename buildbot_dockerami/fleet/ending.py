@@ -30,7 +30,7 @@ def end(fleet: Fleet, instance: LaunchedInstance, launcher: Launcher, pool: str 
     group) of ``pool``."""
     # A retired instance (its disk stays too full) is never kept.
     if reuse and not retirement.retired(instance) and (yield launcher.stop_for_reuse(instance)):
-        fleet.after_release()
+        fleet.stopped_for_reuse(pool, key)
         return
     state = yield fleet.terminate(instance.client, instance.instance_id)
     log.msg(f"{log_prefix}: instance {instance.instance_id} is {state}")

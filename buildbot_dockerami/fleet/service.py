@@ -347,6 +347,15 @@ class Fleet(service.SharedService):
             if self.shared is not None and key is not None:
                 self.shared.freed(key)
 
+    def stopped_for_reuse(self, pool: str | None, key: str) -> None:
+        """The worker ``key``'s instance was stopped for reuse: any worker's build may
+        start it again, so buildbot schedules again whatever the caps; it no longer
+        counts against its pool's cap, so with one the other masters are told, as for
+        a termination."""
+        self.after_release()
+        if pools.capped(pool, self) and self.shared is not None:
+            self.shared.freed(key)
+
     def tracked(self) -> dict[str, list[Any]]:
         """Instance id -> the workers (or slot groups) that own it (Holdings.tracked)."""
         return self.holdings.tracked()
