@@ -334,3 +334,18 @@ def test_an_instance_stopped_for_reuse_frees_its_slot_for_the_other_masters_too(
     assert (told.keys, woken) == (["w0"], [True])
     ending.end(fleet, Ended(), reuse, None, key="w1", reuse=True, log_prefix="w1")
     assert (told.keys, woken) == (["w0"], [True, True])  # no pool: no cap, nobody to tell
+
+
+def test_a_coordinator_stopped_within_the_turn_writes_and_sends_nothing_after(engine):
+    clock, fleet, db, shared = coordinator(engine)
+    j = Worker("j", fleet)
+    j.active = True
+    assert claimed(shared, j)
+    shared.freed("j")
+    j.active = False
+    shared.stop()  # the master stops within the same reactor turn
+    calls = len(db.calls)
+    clock.advance(0)
+    shared.freed("j")  # and an instance ending while the master stops
+    clock.advance(multimaster.SYNC_INTERVAL)
+    assert (len(db.calls), shared.master.mq.sent, owners(db)) == (calls, [], {"j"})

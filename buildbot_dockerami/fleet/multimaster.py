@@ -161,6 +161,8 @@ class Coordinator:
         self.pending: dict[str, float] = {}
         #: Keys whose instance ended here (freed) since the last write of the rows.
         self._ended: set[str] = set()
+        #: freed()'s calls a reactor turn later, not yet run (stop() cancels them).
+        self._freed_calls: list[Any] = []
         self.last_error = ""
         #: Dead master id -> its last reclaim (by any master), as the database says.
         self.reports: dict[int, shared_tables.ReclaimReport] = {}
@@ -201,6 +203,10 @@ class Coordinator:
     def stop(self) -> None:
         if self._loop.running:
             self._loop.stop()
+        calls, self._freed_calls = self._freed_calls, []
+        for call in calls:
+            if call.active():
+                call.cancel()
         if self._consumer is not None:
             consumer, self._consumer = self._consumer, None
             defer.maybeDeferred(consumer.stopConsuming).addErrback(
@@ -219,9 +225,11 @@ class Coordinator:
         it taken, and their builds would wait for this master's next pass after all.
         Only ``key``'s claim ends with it: another key that dropped out meanwhile may be
         a launch that failed, whose instance a lost answer may hide (its claim keeps
-        its CLAIM_GRACE)."""
-        if self.masterid is not None:
-            self.master.reactor.callLater(0, self._after_freed, key)
+        its CLAIM_GRACE). Once stopped (the master stops), nothing more is written or
+        sent from here."""
+        if self.masterid is not None and self._loop.running:
+            self._freed_calls = [c for c in self._freed_calls if c.active()]
+            self._freed_calls.append(self.master.reactor.callLater(0, self._after_freed, key))
 
     def _after_freed(self, key: str) -> None:
         if key not in local_rows(self.fleet):  # (not launched again within the turn)
@@ -247,6 +255,8 @@ class Coordinator:
 
     @defer.inlineCallbacks
     def _mirror_and_announce(self) -> Any:
+        if not self._loop.running:  # stopped since it was asked for
+            return
         yield self._ensure_tables()
         yield self._mirror(self.master.reactor.seconds())
         self.master.mq.produce((*FREED, str(self.masterid)), {"masterid": self.masterid})
