@@ -19,8 +19,9 @@ per run, on one clock (this machine's):
       (buildbot's REST ``started_at`` has whole seconds only)
 
 Modes: ``message`` (as shipped: A says so over the message queue, B reads the rows at
-once) and ``pass`` (B deaf to the message, FLEET_IGNORE_FREED_MESSAGES=1: only its
-periodic pass, every multimaster.SYNC_INTERVAL seconds, finds the slot).
+once) and ``pass`` (B deaf to the message, FLEET_IGNORE_FREED_MESSAGES=1, which also
+keeps B's own messages from A: only B's periodic pass, every multimaster.SYNC_INTERVAL
+seconds, finds the slot; nothing waits on B's messages).
 """
 
 from __future__ import annotations
