@@ -208,9 +208,10 @@ def fleet_env(db_url: str, router: Crossbar) -> dict[str, str]:
 #: differ (the example's builder is on every master, so any master may take its
 #: requests). FLEET_OWN_BUILDER names a builder only this master has, on its pool's
 #: workers, forced by the scheduler 'force-<name>', running FLEET_OWN_COMMAND: a request
-#: for it waits for this master. FLEET_IGNORE_FREED_MESSAGES=1 makes this master deaf to
-#: the others' freed-slot messages (it listens on a routing key nobody sends to), so
-#: only its periodic pass finds slots freed elsewhere: what the message buys.
+#: for it waits for this master. FLEET_IGNORE_FREED_MESSAGES=1 moves this master's
+#: freed-slot messages to a routing key the others do not use, both ways: it hears none
+#: of theirs (only its periodic pass finds slots freed elsewhere: what the message
+#: buys), and they hear none of its (theirs find its freed slots at their passes).
 #: FLEET_SYNC_INTERVAL=SECONDS sets this master's periodic pass (3600: none in a test's
 #: time, so only a message can tell it of a slot freed elsewhere).
 OWN_BUILDER = """

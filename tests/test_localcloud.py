@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 
 from buildbot_dockerami.cli.main import _pull_delay
 from buildbot_dockerami.cloud.ec2 import Credentials, Ec2, LaunchSpec
@@ -104,6 +105,20 @@ def test_defaults_are_instant(timed_cloud: LocalCloud, runtime: RecordingRuntime
     wait_for(lambda: iid in runtime.started, 5, "the worker to start")
     # No emulated delay: only this machine's own latency.
     assert runtime.started[iid] - launched < 3.0
+
+
+def test_the_timeline_tells_failed_calls_apart_and_count_counts_them_all(
+        timed_cloud: LocalCloud) -> None:
+    timed_cloud.faults.inject("RunInstances", "InsufficientInstanceCapacity", "none left")
+    with pytest.raises(ClientError, match="InsufficientInstanceCapacity"):
+        launch(timed_cloud)
+    (iid,), _ = launch(timed_cloud)
+    assert [c.instance_ids for c in timed_cloud.faults.timeline("RunInstances", ok=True)] == [
+        (iid,)]
+    (failed,) = timed_cloud.faults.timeline("RunInstances", ok=False)
+    assert (failed.ok, failed.instance_ids) == (False, ())
+    assert len(timed_cloud.faults.timeline("RunInstances")) == 2
+    assert timed_cloud.faults.count("RunInstances") == 2
 
 
 def test_pending_until_the_pending_delay(timed_cloud: LocalCloud) -> None:

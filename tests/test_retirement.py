@@ -111,7 +111,7 @@ def test_a_retired_instance_is_terminated_never_stopped_for_reuse():
             ended.append(("terminate", instance_id))
             return defer.succeed("shutting-down")
 
-        def released(self, pool: Any) -> None:
+        def released(self, pool: Any, *, key: str) -> None:
             ended.append(("released", pool))
 
     class Launcher:
@@ -119,7 +119,7 @@ def test_a_retired_instance_is_terminated_never_stopped_for_reuse():
             ended.append(("stop", instance.instance_id))
             return defer.succeed(True)
 
-    ending.end(Fleet(), instance, Launcher(), "p", reuse=True, log_prefix="w")
+    ending.end(Fleet(), instance, Launcher(), "p", key="w", reuse=True, log_prefix="w")
     assert ended == [("terminate", instance.instance_id), ("released", "p")]
 
 

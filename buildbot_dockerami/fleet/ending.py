@@ -25,11 +25,13 @@ def stops_for_reuse(fleet: Fleet, *, idle_action: str, connected: bool,
 
 @defer.inlineCallbacks
 def end(fleet: Fleet, instance: LaunchedInstance, launcher: Launcher, pool: str | None, *,
-        reuse: bool, log_prefix: str) -> Any:
+        key: str, reuse: bool, log_prefix: str) -> Any:
+    """End the instance of the worker named ``key`` (its instance key: it has no slot
+    group) of ``pool``."""
     # A retired instance (its disk stays too full) is never kept.
     if reuse and not retirement.retired(instance) and (yield launcher.stop_for_reuse(instance)):
-        fleet.after_release()
+        fleet.stopped_for_reuse(pool, key)
         return
     state = yield fleet.terminate(instance.client, instance.instance_id)
     log.msg(f"{log_prefix}: instance {instance.instance_id} is {state}")
-    fleet.released(pool)
+    fleet.released(pool, key=key)

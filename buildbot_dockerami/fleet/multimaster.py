@@ -161,6 +161,8 @@ class Coordinator:
         self.pending: dict[str, float] = {}
         #: Keys whose instance ended here (freed) since the last write of the rows.
         self._ended: set[str] = set()
+        #: freed()'s calls a reactor turn later, not yet run (stop() cancels them).
+        self._freed_calls: list[Any] = []
         self.last_error = ""
         #: Dead master id -> its last reclaim (by any master), as the database says.
         self.reports: dict[int, shared_tables.ReclaimReport] = {}
@@ -169,9 +171,11 @@ class Coordinator:
         self._flight = SingleFlight(self._pass, self._done)
         self._last_reclaim = float("-inf")
         self._free: dict[str, int] = {}
-        #: Pools whose slot the database refused here since the last wake (this master's
-        #: read of the rows may not have shown them full: the next free slot must wake).
+        #: Pools whose slot the database refused here, until a read shows one free (this
+        #: master's read of the rows may not have shown them full: a free slot must wake).
         self._refused: set[str] = set()
+        #: Reads of the rows finished so far: a refusal that raced one reads again.
+        self._reads = 0
         self._loop = task.LoopingCall(self.tick)
         self._loop.clock = master.reactor
         #: Freed slots, told to the others (event-driven: one more after a busy one).
@@ -199,26 +203,37 @@ class Coordinator:
     def stop(self) -> None:
         if self._loop.running:
             self._loop.stop()
+        calls, self._freed_calls = self._freed_calls, []
+        for call in calls:
+            if call.active():
+                call.cancel()
         if self._consumer is not None:
             consumer, self._consumer = self._consumer, None
             defer.maybeDeferred(consumer.stopConsuming).addErrback(
                 log.err, "dockerami: no longer listening for freed slots")
 
-    def freed(self) -> None:
-        """An instance of a capped pool ended here: its row goes now, and the other
-        masters are told over buildbot's message queue, so a build waiting there for
-        the slot starts without waiting for either master's next pass.
+    def freed(self, key: str) -> None:
+        """The instance ``key`` (a worker's name, or its slot group's) of a capped pool
+        ended here: its row goes now, and the other masters are told over buildbot's
+        message queue, so a build waiting there for the slot starts without waiting for
+        either master's next pass.
 
         Called from inside the worker's stop_instance, while buildbot still has the
         worker insubstantiating (so it counts against the cap); buildbot marks it not
         substantiated as soon as stop_instance returns. The rows are written a reactor
         turn later: written now, they would still hold the slot, the others would read
-        it taken, and their builds would wait for this master's next pass after all."""
-        if self.masterid is not None:
-            self.master.reactor.callLater(0, self._after_freed, set(local_rows(self.fleet)))
+        it taken, and their builds would wait for this master's next pass after all.
+        Only ``key``'s claim ends with it: another key that dropped out meanwhile may be
+        a launch that failed, whose instance a lost answer may hide (its claim keeps
+        its CLAIM_GRACE). Once stopped (the master stops), nothing more is written or
+        sent from here."""
+        if self.masterid is not None and self._loop.running:
+            self._freed_calls = [c for c in self._freed_calls if c.active()]
+            self._freed_calls.append(self.master.reactor.callLater(0, self._after_freed, key))
 
-    def _after_freed(self, in_use: set[str]) -> None:
-        self._ended |= in_use - set(local_rows(self.fleet))
+    def _after_freed(self, key: str) -> None:
+        if key not in local_rows(self.fleet):  # (not launched again within the turn)
+            self._ended.add(key)
         self._announce.tick()
 
     def _local(self) -> tuple[dict[str, dict[str, Any]], set[str]]:
@@ -240,6 +255,8 @@ class Coordinator:
 
     @defer.inlineCallbacks
     def _mirror_and_announce(self) -> Any:
+        if not self._loop.running:  # stopped since it was asked for
+            return
         yield self._ensure_tables()
         yield self._mirror(self.master.reactor.seconds())
         self.master.mq.produce((*FREED, str(self.masterid)), {"masterid": self.masterid})
@@ -265,6 +282,7 @@ class Coordinator:
         self.rows = [r for r in rows if r.masterid not in stopped]
         self.masters = masters
         self._wake_if_freed()
+        self._reads += 1
 
     def _check_mq(self, now: float) -> None:
         wamp = getattr(self.master, "wamp", None)
@@ -319,20 +337,26 @@ class Coordinator:
         now = self.master.reactor.seconds()
         local, ended = self._local()
         want = shared_tables.Claim(self.masterid, key, worker.pool, cap, int(now))
+        reads = self._reads
         ok = yield self._lock.run(self.master.db.pool.do, _mirror_and_claim, local, want, ended)
         if ok:
             self.pending[key] = now
         else:
-            self._at_cap(worker.pool, cap)
+            self._at_cap(worker.pool, cap, reads)
         return ok
 
-    def _at_cap(self, pool: str, cap: int | None) -> None:
+    def _at_cap(self, pool: str, cap: int | None, reads: int) -> None:
         """The database refused a slot of ``pool``: builds here wait for one (said once
-        per wait, as the next free slot ends it)."""
+        per wait, as the next free slot ends it). ``reads``: the reads of the rows
+        finished when the claim was asked; one that finished since, showing a slot
+        free, woke nothing (the pool was not refused yet), and its freed-slot message
+        is spent: the rows are read again now, not at the next pass."""
         if pool not in self._refused:
             log.msg(f"dockerami: pool {pool!r} is at its cap ({cap}) on all masters together: "
                     "builds here wait for a slot to be freed")
         self._refused.add(pool)
+        if self._reads != reads and self._free.get(pool, 0) > 0:
+            self._wake.tick()
 
     @defer.inlineCallbacks
     def claim(self, worker: FleetWorker) -> Any:
@@ -345,11 +369,12 @@ class Coordinator:
         now = self.master.reactor.seconds()
         key = pools.instance_key(worker)
         want = shared_tables.Claim(self.masterid, key, worker.pool, cap, int(now))
+        reads = self._reads
         ok = yield self._lock.run(self.master.db.pool.do, shared_tables.claim, want)
         if ok:
             self.pending[key] = now
         elif worker.pool is not None:
-            self._at_cap(worker.pool, cap)
+            self._at_cap(worker.pool, cap, reads)
         return ok
 
     def tick(self) -> defer.Deferred:
@@ -393,8 +418,9 @@ class Coordinator:
                 free[pool] = limits.cap - self.counts(pool).in_use
         if any(free[p] > self._free.get(p, free[p])
                or (p in self._refused and free[p] > 0) for p in free):
-            self._refused.clear()
             self.fleet.after_release()
+        # A pool still full keeps its wait (and says it no second time).
+        self._refused = {p for p in self._refused if p in free and free[p] <= 0}
         self._free = free
 
     @defer.inlineCallbacks

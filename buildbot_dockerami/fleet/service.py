@@ -335,15 +335,26 @@ class Fleet(service.SharedService):
         for waiter in waiters:
             waiter.callback(client)
 
-    def released(self, pool: str | None, group: Any = None) -> None:
-        """An instance of ``pool`` is gone. Only a cap holds builds back until then, so
-        only then is buildbot asked to schedule again (a pass over every builder)."""
+    def released(self, pool: str | None, group: Any = None, *, key: str | None = None) -> None:
+        """An instance of ``pool`` is gone: a slot group's, or the worker ``key``'s. Only
+        a cap holds builds back until then, so only then is buildbot asked to schedule
+        again (a pass over every builder), and the other masters told."""
         if group is not None:
             self.in_use.group_changed(group)
+            key = group.name
         if pools.capped(pool, self):
             self.after_release()
-            if self.shared is not None:
-                self.shared.freed()
+            if self.shared is not None and key is not None:
+                self.shared.freed(key)
+
+    def stopped_for_reuse(self, pool: str | None, key: str) -> None:
+        """The worker ``key``'s instance was stopped for reuse: any worker's build may
+        start it again, so buildbot schedules again whatever the caps; it no longer
+        counts against its pool's cap, so with one the other masters are told, as for
+        a termination."""
+        self.after_release()
+        if pools.capped(pool, self) and self.shared is not None:
+            self.shared.freed(key)
 
     def tracked(self) -> dict[str, list[Any]]:
         """Instance id -> the workers (or slot groups) that own it (Holdings.tracked)."""

@@ -156,11 +156,15 @@ class FaultInjector:
                 and key != HYPERVISOR_ACCESS_KEY
             )
 
-    def timeline(self, action: str, instance_id: str | None = None) -> list[Call]:
-        """The recorded calls of ``action`` (naming ``instance_id``, if given)."""
+    def timeline(self, action: str, instance_id: str | None = None, *,
+                 ok: bool | None = None) -> list[Call]:
+        """The recorded calls of ``action`` (naming ``instance_id``, if given; only those
+        EC2 carried out, or only those that failed, with ``ok``), of the last HISTORY
+        calls: to count calls, use ``count``."""
         with self._lock:
             return [c for c in self.history if c.action == action
-                    and (instance_id is None or instance_id in c.instance_ids)]
+                    and (instance_id is None or instance_id in c.instance_ids)
+                    and (ok is None or c.ok == ok)]
 
     def _record(self, at: float, key: str, action: str, body: bytes, *, answer: bytes,
                 ok: bool) -> None:

@@ -339,8 +339,8 @@ class DockerAMILatentWorker(Launching, Connections, Losses, Scheduling,
         reuse = idle and ending.stops_for_reuse(
             self.fleet, idle_action=self.idle_action, connected=self._connected,
             cancelled=cancelled)
-        yield ending.end(self.fleet, instance, self._launcher(), self.pool, reuse=reuse,
-                         log_prefix=str(self))
+        yield ending.end(self.fleet, instance, self._launcher(), self.pool, key=self.name,
+                         reuse=reuse, log_prefix=str(self))
         return True
 
     def _soft_disconnect(self, fast: bool = False, stopping_service: bool = False) -> Any:
