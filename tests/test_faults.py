@@ -6,6 +6,7 @@ the EC2 API: nothing of this master may be left running."""
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.docker_support import Registry, refresh_checks
+from tests.docker_support import Registry, refresh_checks, require
 from tests.harness import EXCEPTION, RETRY, SUCCESS, master_cfg, wait_for
 from tests.helpers import NOT_ENDED, ids, instances, live
 
@@ -215,6 +216,8 @@ c['workers'] += worker_pool('weekly', count=1, min_warm={{'{day} 10:00-11:00 UTC
 @pytest.fixture
 def registry(tmp_path) -> Iterator[Registry]:
     """Debian's docker-registry on loopback, empty."""
+    require(shutil.which("docker-registry") is not None,
+            "docker-registry is not installed (dev/engine installs it)")
     registry = Registry(tmp_path / "registry").start()
     yield registry
     registry.stop()
