@@ -349,3 +349,25 @@ def test_a_coordinator_stopped_within_the_turn_writes_and_sends_nothing_after(en
     shared.freed("j")  # and an instance ending while the master stops
     clock.advance(multimaster.SYNC_INTERVAL)
     assert (len(db.calls), shared.master.mq.sent, owners(db)) == (calls, [], {"j"})
+
+
+def reserved(shared: multimaster.Coordinator, worker: Worker) -> bool:
+    results: list[bool] = []
+    shared.reserve(worker).addCallback(results.append)  # type: ignore[arg-type]
+    return results[0]
+
+
+def test_a_pool_read_full_says_its_builds_wait_once_and_wakes_when_a_slot_frees(engine, logged):
+    """No claim is even asked when the last read shows the pool full: the wait is said
+    all the same, once, and the next free slot ends it."""
+    clock, fleet, db, shared = coordinator(engine, cap=1)
+    worker = Worker("w", fleet)
+    db.run(shared_tables.claim, Claim(OTHER, "x", "p", 1, 1000))
+    clock.advance(multimaster.SYNC_INTERVAL)  # a pass reads the pool full
+    asked = len(db.calls)
+    assert not reserved(shared, worker) and not reserved(shared, worker)
+    assert len(db.calls) == asked  # refused from the read, the database not asked
+    assert at_cap(logged, "p") == 1 and fleet.woken == 0
+    freed_elsewhere(shared, db, "x")
+    assert fleet.woken == 1 and reserved(shared, worker)
+    shared.stop()

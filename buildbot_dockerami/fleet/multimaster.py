@@ -330,10 +330,13 @@ class Coordinator:
         key = pools.instance_key(worker)
         if key in pools.instances_in_use(pools.members(self.fleet, worker.pool)):
             return True
-        if not pools.may_launch(worker) or self.masterid is None:
+        if self.masterid is None:
+            return False
+        cap = self.fleet.pool_limits.get(worker.pool, pools.PoolLimits()).cap
+        if not pools.may_launch(worker):  # the last read shows the pool full already
+            self._at_cap(worker.pool, cap, self._reads)
             return False
         yield self._ensure_tables()
-        cap = self.fleet.pool_limits.get(worker.pool, pools.PoolLimits()).cap
         now = self.master.reactor.seconds()
         local, ended = self._local()
         want = shared_tables.Claim(self.masterid, key, worker.pool, cap, int(now))
@@ -346,8 +349,9 @@ class Coordinator:
         return ok
 
     def _at_cap(self, pool: str, cap: int | None, reads: int) -> None:
-        """The database refused a slot of ``pool``: builds here wait for one (said once
-        per wait, as the next free slot ends it). ``reads``: the reads of the rows
+        """The database refused a slot of ``pool``, or the last read showed it full:
+        builds here wait for one (said once per wait, as the next free slot ends it,
+        and a free slot then wakes them whatever the counts). ``reads``: the reads of the rows
         finished when the claim was asked; one that finished since, showing a slot
         free, woke nothing (the pool was not refused yet), and its freed-slot message
         is spent: the rows are read again now, not at the next pass."""
