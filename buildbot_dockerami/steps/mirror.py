@@ -153,16 +153,20 @@ class MirroredGit(Git):
             self.reference = yield self._update_mirror()
         return (yield super()._clone(shallowClone))
 
+    def _note(self, text: str) -> Any:
+        """A line of the step's own in its log, with the build's secrets masked as
+        buildbot masks them in commands' output (URLs are masked() too)."""
+        return self.stdio_log.addHeader(self.build.properties.cleanupTextFromSecrets(text))
+
     @defer.inlineCallbacks
     def _update_mirror(self) -> Any:
         """The mirror's path once up to date, else None (said in the log)."""
         url = str(self.repourl)
         if self.build.path_module is not posixpath:
-            yield self.stdio_log.addHeader("mirror: not on a Windows worker; cloning "
-                                           "without a mirror\n")
+            yield self._note("mirror: needs a POSIX worker (sh); cloning without one\n")
             return None
         mirror = posixpath.join(self.mirrors, mirror_name(url))
-        yield self.stdio_log.addHeader(f"mirror of {masked(url)}: {mirror}\n")
+        yield self._note(f"mirror of {masked(url)}: {mirror}\n")
         git = ["git"]
         env = dict(self.env) if self.env else {}
         for key, value in (self.config or {}).items():
@@ -184,9 +188,8 @@ class MirroredGit(Git):
         yield self.runCommand(cmd)
         rc = cmd.rc
         if rc == 0:
-            yield self.stdio_log.addHeader(f"mirror: up to date; cloning with "
-                                           f"--reference {mirror}\n")
+            yield self._note(f"mirror: up to date; cloning with --reference {mirror}\n")
             return mirror
         why = OUTCOMES.get(rc, f"the update ended with exit code {rc}")
-        yield self.stdio_log.addHeader(f"mirror: {why}; cloning without it\n")
+        yield self._note(f"mirror: {why}; cloning without it\n")
         return None
