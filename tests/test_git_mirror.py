@@ -6,7 +6,7 @@ runtime (its workers run on this host, so a file:// origin serves them): the fir
 build creates the mirror and borrows from it, the next one updates it and checks out
 a new commit, a corrupt mirror is removed without failing the build and re-created by
 the next one, and a password in the URL appears in no log. The same on a real Docker
-engine, in fresh containers with the mirror in a cache: tests/containers/test_caches.py.
+engine, in fresh containers with the mirror in a cache: tests/containers/test_git_mirror.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 from buildbot.config.errors import capture_config_errors
@@ -22,6 +21,7 @@ from buildbot.process.properties import Interpolate
 
 from buildbot_dockerami.steps import mirror
 from tests.harness import FAILURE, SUCCESS, free_port, master_cfg
+from tests.helpers import MIRRORED_BUILDER, git_commit, git_origin, mirrored_build
 
 # -- without a master ---------------------------------------------------------------
 
@@ -78,32 +78,11 @@ def test_good_settings_and_a_renderable_repourl_pass():
         assert errors.errors == [], kwargs
 
 
-def _origin(root: Path) -> tuple[Path, Path]:
-    """A bare origin with one commit on main, and a clone to push more from."""
-    origin, work = root / "origin.git", root / "work"
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
-    subprocess.run([*git, "init", "-q", "--bare", "-b", "main", str(origin)], check=True)
-    subprocess.run([*git, "clone", "-q", str(origin), str(work)], check=True,
-                   capture_output=True)
-    _commit(work, "one")
-    return origin, work
-
-
-def _commit(work: Path, subject: str) -> str:
-    git = ["git", "-C", str(work), "-c", "user.name=t", "-c", "user.email=t@example.com"]
-    (work / "file.txt").write_text(subject + "\n")
-    subprocess.run([*git, "add", "file.txt"], check=True)
-    subprocess.run([*git, "commit", "-q", "-m", subject], check=True)
-    subprocess.run([*git, "push", "-q", "origin", "HEAD:main"], check=True, capture_output=True)
-    return subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True,
-                          text=True).stdout.strip()
-
-
 @pytest.mark.skipif(not shutil.which("flock"), reason="flock (util-linux) is not installed")
 def test_the_update_waits_for_another_builds_lock(tmp_path):
     """The update script itself, as the worker runs it: while another build holds the
     mirror's lock it says so and waits; once that is released it creates the mirror."""
-    origin, _ = _origin(tmp_path)
+    origin, _ = git_origin(tmp_path)
     target = tmp_path / "mirrors" / "app.git"
     target.parent.mkdir()
     lock = f"{target}.lock"
@@ -137,37 +116,18 @@ def test_the_update_waits_for_another_builds_lock(tmp_path):
 
 # -- with a real master and the process runtime's workers -----------------------------
 
-#: Appended to a master_cfg: a builder cloning ORIGIN through MIRRORS, then saying what
-#: its clone borrows from and what it checked out.
-BUILDER = """
-from buildbot_dockerami import MirroredGit
-c['builders'].append(util.BuilderConfig(
-    name='app', workernames=[w.name for w in c['workers']],
-    factory=util.BuildFactory([
-        MirroredGit(repourl={repourl}, mirrors={mirrors!r}, mode='full', method='clobber'),
-        steps.ShellCommand(name='show', command=['sh', '-c',
-            'echo "alternates=$(cat .git/objects/info/alternates 2>/dev/null)"; '
-            'echo "head=$(git rev-parse HEAD) $(cat file.txt)"']),
-    ])))
-c['schedulers'].append(schedulers.ForceScheduler(name='app', builderNames=['app']))
-"""
-
-
 def _build(master) -> tuple[dict, str, str]:
-    """Force a build of 'app': the build, its git step's log and its show step's."""
-    build = master.wait_request(master.force("app", "app"), 120)
-    return (build, master.step_log(build["buildid"], "git"),
-            master.step_log(build["buildid"], "show"))
+    return mirrored_build(master, 120)
 
 
 @pytest.mark.integration
 def test_builds_clone_through_the_mirror_and_a_corrupt_one_is_replaced(make_master, tmp_path):
-    origin, work = _origin(tmp_path)
+    origin, work = git_origin(tmp_path)
     url = f"file://{origin}"
     mirrors = tmp_path / "mirrors"
     target = mirrors / mirror.mirror_name(url)
     master = make_master(master_cfg(build_wait_timeout=60)
-                         + BUILDER.format(repourl=repr(url), mirrors=str(mirrors)))
+                         + MIRRORED_BUILDER.format(repourl=repr(url), mirrors=str(mirrors)))
 
     # 1: the mirror is created, and the clone borrows its objects.
     build, git_log, show = _build(master)
@@ -178,7 +138,7 @@ def test_builds_clone_through_the_mirror_and_a_corrupt_one_is_replaced(make_mast
     assert " one\n" in show, show
 
     # 2: a new commit: the mirror is updated, and the build checks it out.
-    second = _commit(work, "two")
+    second = git_commit(work, "two")
     build, git_log, show = _build(master)
     assert build["results"] == SUCCESS, git_log + show
     assert f"mirror: updating {target}" in git_log, git_log
@@ -230,7 +190,7 @@ def test_a_password_in_the_url_is_in_no_log(make_master, tmp_path):
     repourl = f"util.Interpolate('http://ci:%(secret:gitpw)s@127.0.0.1:{port}/app.git')"
     master = make_master(
         master_cfg(build_wait_timeout=60)
-        + BUILDER.format(repourl=repourl, mirrors=str(tmp_path / "mirrors"))
+        + MIRRORED_BUILDER.format(repourl=repourl, mirrors=str(tmp_path / "mirrors"))
         + f"from buildbot.plugins import secrets\n"
           f"c['secretsProviders'] = [secrets.SecretInAFile(dirname={str(secrets)!r})]\n")
     build, git_log, _ = _build(master)
