@@ -96,8 +96,9 @@ def masked(url: str) -> str:
 
 def mirror_name(url: str) -> str:
     """The mirror's directory name for ``url``: readable host and path, plus a hash of
-    them and the scheme so that two URLs never share one. User information is left out, so a changed
-    password or token keeps the mirror; so are a trailing ``.git`` and ``/``."""
+    them and the scheme so that two URLs never share one. User information is left
+    out, so a changed password or token keeps the mirror; so are a trailing ``.git``
+    and ``/``."""
     parts = urlsplit(url)
     if parts.scheme and parts.netloc:
         where = f"{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
