@@ -187,3 +187,82 @@ def tmpfs(point: Path, size: str = "16m") -> Iterator[Path]:
         yield point
     finally:
         subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+# -- git repositories for the MirroredGit step (steps/mirror.py) -------------------------
+
+#: Appended to a master_cfg: a builder 'app' (scheduler 'app') cloning ``repourl`` (Python
+#: source) through ``mirrors``, then saying what its clone borrows from and what it
+#: checked out.
+MIRRORED_BUILDER = """
+from buildbot_dockerami import MirroredGit
+c['builders'].append(util.BuilderConfig(
+    name='app', workernames=[w.name for w in c['workers']],
+    factory=util.BuildFactory([
+        MirroredGit(repourl={repourl}, mirrors={mirrors!r}, mode='full', method='clobber'),
+        steps.ShellCommand(name='show', command=['sh', '-c',
+            'echo "alternates=$(cat .git/objects/info/alternates 2>/dev/null)"; '
+            'echo "head=$(git rev-parse HEAD) $(cat file.txt)"']),
+    ])))
+c['schedulers'].append(schedulers.ForceScheduler(name='app', builderNames=['app']))
+"""
+
+_GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+
+
+def git_origin(root: Path) -> tuple[Path, Path]:
+    """A bare origin (``root``/origin.git) with one commit on main ("one"), and a clone
+    to push more from."""
+    origin, work = root / "origin.git", root / "work"
+    subprocess.run([*_GIT, "init", "-q", "--bare", "-b", "main", str(origin)], check=True)
+    subprocess.run([*_GIT, "clone", "-q", str(origin), str(work)], check=True,
+                   capture_output=True)
+    git_commit(work, "one")
+    return origin, work
+
+
+def git_commit(work: Path, subject: str) -> str:
+    """Commit ``subject`` as file.txt's content, push it to main; its hash."""
+    git = [*_GIT, "-C", str(work)]
+    (work / "file.txt").write_text(subject + "\n")
+    subprocess.run([*git, "add", "file.txt"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", subject], check=True)
+    subprocess.run([*git, "push", "-q", "origin", "HEAD:main"], check=True, capture_output=True)
+    return subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def mirrored_build(master: Master, timeout: float) -> tuple[dict, str, str]:
+    """Force a build of MIRRORED_BUILDER's 'app': the build, its git step's log and its
+    show step's."""
+    build = master.wait_request(master.force("app", "app"), timeout)
+    return (build, master.step_log(build["buildid"], "git"),
+            master.step_log(build["buildid"], "show"))
+
+
+@contextlib.contextmanager
+def git_daemon(base: Path) -> Iterator[str]:
+    """``git daemon`` serving the repositories under ``base`` on 127.0.0.1 (read-only);
+    yields its git:// URL prefix once it serves ``base``/origin.git."""
+    from tests.harness import free_port
+
+    port = free_port()
+    daemon = subprocess.Popen(
+        ["git", "daemon", "--reuseaddr", f"--base-path={base}", "--export-all",
+         "--listen=127.0.0.1", f"--port={port}", str(base)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"git://127.0.0.1:{port}"
+    try:
+        def answers() -> bool:
+            assert daemon.poll() is None, "git daemon exited"
+            return subprocess.run(["git", "ls-remote", f"{url}/origin.git"],
+                                  capture_output=True, check=False).returncode == 0
+        wait_for(answers, 30, "git daemon to answer")
+        yield url
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
