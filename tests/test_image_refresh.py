@@ -24,7 +24,7 @@ from buildbot_dockerami.fleet.launch import LaunchedInstance
 from buildbot_dockerami.fleet.remembered import Remembered
 from buildbot_dockerami.fleet.service import Fleet
 from buildbot_dockerami.protocol import imagedigest
-from buildbot_dockerami.worker.losses import Losses
+from buildbot_dockerami.worker.retiring import Retiring
 
 OLD = "sha256:" + "a" * 64
 NEW = "sha256:" + "b" * 64
@@ -200,8 +200,8 @@ def test_the_decision_and_its_reason() -> None:
     assert "refresh_image" in metrics_module.FAMILIES["dockerami_retirements_total"].seeds
 
 
-class Worker(Losses):
-    """The glue's decision (worker/losses.py) with what it reads of a worker."""
+class Worker(Retiring):
+    """The glue's decision (worker/retiring.py) with what it reads of a worker."""
 
     def __init__(self, checker: ImageRefresh, image: str, digest: str) -> None:
         self.fleet = type("FleetView", (), {"image_refresh": checker})()

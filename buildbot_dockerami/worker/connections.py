@@ -84,7 +84,7 @@ class Connections:
 
     @defer.inlineCallbacks
     def attached(self, conn: Any) -> Any:
-        self._refuse_if_retired(conn)  # worker/losses.py
+        self._refuse_if_retired(conn)  # worker/retiring.py
         self._check_origin(conn)
         recycling = self.state in REARMING_STATES or (
             self.state == States.SUBSTANTIATED and self.conn is None  # lost, not yet cleaned up

@@ -41,12 +41,13 @@ from buildbot_dockerami.worker import on_request
 from buildbot_dockerami.worker.connections import Connections
 from buildbot_dockerami.worker.launching import Launching
 from buildbot_dockerami.worker.losses import Losses
+from buildbot_dockerami.worker.retiring import Retiring
 from buildbot_dockerami.worker.scheduling import Scheduling
 
 DEFAULT_BUILD_WAIT_TIMEOUT = 10 * 60
 
 
-class DockerAMILatentWorker(Launching, Connections, Losses, Scheduling,
+class DockerAMILatentWorker(Launching, Connections, Losses, Retiring, Scheduling,
                             CompatibleLatentWorkerMixin, AbstractLatentWorker):
     """A latent worker that boots a base AMI which runs ``image`` as the worker.
 

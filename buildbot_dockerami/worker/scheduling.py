@@ -110,7 +110,7 @@ class Scheduling:
                 retirement.build_started(instance)
                 started = True
         if started:
-            self.drain_if_due()  # worker/losses.py
+            self.drain_if_due()  # worker/retiring.py
 
     def buildFinished(self, wfb: Any) -> None:
         build = next((b for b in getattr(getattr(wfb, "builder", None), "building", ())
