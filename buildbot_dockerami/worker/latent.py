@@ -52,7 +52,10 @@ class DockerAMILatentWorker(Launching, Connections, Losses, Retiring, Scheduling
     """A latent worker that boots a base AMI which runs ``image`` as the worker.
 
     Settings are described in docs/configuration.md; every one of them is applied
-    again on ``buildbot reconfig`` and used from the next launch on.
+    again on ``buildbot reconfig`` and used from the next launch on. This class keeps
+    the configuration and buildbot's start/check/stop of an instance; the rest of
+    buildbot's hooks are in the mixins of its bases, one module each under worker/
+    (launching, connections, losses, retiring, scheduling), over the fleet service.
     """
 
     _instance: LaunchedInstance | None = None
