@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     cloud.add_argument("--api-delay", type=float, default=0.0, metavar="SECONDS",
                        help="how long every EC2 call takes to be answered (default 0)")
     cloud.add_argument("--state-dir", type=Path, default=None,
-                       help="where instance worker directories go (default: a temp dir)")
+                       help="where instance worker directories go, kept after exit "
+                            "(default: a temp dir, removed on exit)")
     cloud.add_argument("--env-file", type=Path, default=None,
                        help="also write the AWS_* exports for the master to this file")
     cloud.add_argument("--runtime", choices=RUNTIMES, default="process",
