@@ -6,6 +6,8 @@ a missing one (KeyError at load) only showed after minutes of set-up otherwise.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 
 from bench import burst, coldstart
 from buildbot_dockerami.localcloud import LocalCloud
-from tests.harness import Master
+from tests.harness import REPO, Master
 
 #: name -> (the bench's master.cfg, the env the bench starts that master with)
 CONFIGS: dict[str, tuple[Callable[[], str], Callable[[dict[str, str], str], dict[str, str]]]] = {
@@ -35,3 +37,10 @@ def test_bench_config_loads_with_the_bench_env(name: str, cloud: LocalCloud, mas
     monkeypatch.chdir(master.basedir)  # burst's probe writes probe.txt where it runs
     result = master.checkconfig()
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_force_helper_prints_its_usage() -> None:
+    shown = subprocess.run([sys.executable, "-m", "bench.force", "--help"], cwd=REPO,
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("usage: python -m bench.force"), shown.stdout
