@@ -12,6 +12,8 @@ from prometheus_client import parser as text_format
 from prometheus_client.openmetrics import parser as openmetrics_format
 from twisted.internet import task
 
+from buildbot_dockerami.cloud.ec2 import AsyncEc2
+from buildbot_dockerami.cloud.testing import ACTIONS
 from buildbot_dockerami.fleet import metrics
 from buildbot_dockerami.fleet.metrics import Metrics
 from buildbot_dockerami.fleet.service import Fleet
@@ -59,6 +61,16 @@ def test_every_reason_but_ec2_codes_is_seeded() -> None:
         exposition(Fleet(task.Clock(), "seeds"), "")[0].decode()))
     for reason in metrics.FAILURE_REASONS:
         assert sample(found, "dockerami_launch_failures_total", reason=reason) == 0, reason
+
+
+def test_every_ec2_operation_the_plugin_calls_is_seeded_in_both_families() -> None:
+    assert set(metrics.EC2_OPERATIONS) == set(ACTIONS.values())
+    assert set(ACTIONS) == {n for n in vars(AsyncEc2) if not n.startswith("_")}
+    found = samples(text_format.text_string_to_metric_families(
+        exposition(Fleet(task.Clock(), "seeds"), "")[0].decode()))
+    for family in ("dockerami_ec2_requests_total", "dockerami_ec2_throttles_total"):
+        for operation in ACTIONS.values():
+            assert sample(found, family, operation=operation) == 0, (family, operation)
 
 
 def fleet_with_counts() -> Fleet:

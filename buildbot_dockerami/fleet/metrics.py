@@ -35,9 +35,13 @@ Labels = tuple[tuple[str, str], ...]
 #: Provisioning latency buckets, seconds: from a launch request to the worker connecting.
 LATENCY_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 
-#: The EC2 operations the plugin calls: their request counters exist from the start.
-EC2_OPERATIONS = ("DescribeImages", "DescribeInstances", "DescribeSpotPriceHistory",
-                  "GetConsoleOutput", "RunInstances", "TerminateInstances")
+#: The EC2 operations the plugin calls (every AsyncEc2 method's, tests/test_metrics.py
+#: holds it to cloud/testing.ACTIONS): their request and throttle counters exist from
+#: the start.
+EC2_OPERATIONS = ("DescribeImages", "DescribeInstanceTypes", "DescribeInstances",
+                  "DescribeLaunchTemplateVersions", "DescribeSpotPriceHistory",
+                  "GetConsoleOutput", "ModifyInstanceAttribute", "RunInstances",
+                  "StartInstances", "StopInstances", "TerminateInstances")
 #: Launch failure reasons (dockerami_launch_failures_total) the plugin names itself, the
 #: one place they are spelled: ``RunInstances:<EC2 error code>`` are EC2's.
 INVALID_SETTING = "invalid_setting"  # a rendered setting that can never launch
