@@ -203,13 +203,21 @@ def wait_build(master: Master, brid: int, timeout: float) -> dict:
     return wait_for(done, timeout, f"build request {brid}", interval=1)
 
 
-def run_kind(kind: str, cloud: LocalCloud, root: Path, workers: int, idle: float, *,
-             profile: float = 0.0, db_url: str | None = None,
-             launch_on_request: bool = False, settle: float = 12.0) -> Result:
-    env = {**cloud.env(), "BENCH_WORKERS": str(workers), "BENCH_AMI": cloud.base_ami_id,
+def master_env(cloud_env: dict[str, str], ami: str, workers: int, *,
+               db_url: str | None = None, launch_on_request: bool = False) -> dict[str, str]:
+    """Every BENCH_* variable master_config() reads (tests/test_bench.py loads it so)."""
+    env = {**cloud_env, "BENCH_WORKERS": str(workers), "BENCH_AMI": ami,
            "BENCH_LAUNCH_ON_REQUEST": "1" if launch_on_request else "0"}
     if db_url:
         env["BENCH_DB_URL"] = db_url
+    return env
+
+
+def run_kind(kind: str, cloud: LocalCloud, root: Path, workers: int, idle: float, *,
+             profile: float = 0.0, db_url: str | None = None,
+             launch_on_request: bool = False, settle: float = 12.0) -> Result:
+    env = master_env(cloud.env(), cloud.base_ami_id, workers, db_url=db_url,
+                     launch_on_request=launch_on_request)
     master = Master(root, f"master-{kind}", env)
     master.write_config(master_config(kind, idle))
     master.start(timeout=600)  # 50 EC2LatentWorkers each make boto3 sessions at load

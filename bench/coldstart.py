@@ -30,7 +30,16 @@ from pathlib import Path
 
 import requests
 
-from bench.burst import BUILDER, HEADER, IMAGE, PASSWORD, WORKERS, retrying, wait_build
+from bench import burst
+from bench.burst import (
+    BUILDER,
+    HEADER,
+    IMAGE,
+    PASSWORD,
+    WORKERS,
+    retrying,
+    wait_build,
+)
 from buildbot_dockerami.localcloud import Delays, LocalCloud
 from buildbot_dockerami.localcloud.hypervisor import ProcessRuntime
 from tests.harness import SUCCESS, Master, wait_for
@@ -59,6 +68,11 @@ def config(kind: str) -> str:
     if pool:
         workers = workers.replace("max_builds=1)", "max_builds=1, idle_action='stop')")
     return HEADER + workers + BUILDER + STATIC % {"password": PASSWORD}
+
+
+def master_env(cloud_env: dict[str, str], ami: str) -> dict[str, str]:
+    """burst's env for one worker: the config is burst's, so is every variable it reads."""
+    return burst.master_env(cloud_env, ami, 1)
 
 
 def force_and_time(master: Master, builder: str, scheduler: str,
@@ -111,7 +125,7 @@ def stopped_path(cloud: LocalCloud, master: Master, rounds: int) -> list[float]:
 
 def run_kind(kind: str, cloud: LocalCloud, root: Path, rounds: int,
              paths: list[str]) -> dict[str, list[float]]:
-    env = {**cloud.env(), "BENCH_WORKERS": "1", "BENCH_AMI": cloud.base_ami_id}
+    env = master_env(cloud.env(), cloud.base_ami_id)
     master = Master(root, f"master-{kind}", env)
     master.write_config(config(kind))
     master.start(timeout=600)

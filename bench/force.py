@@ -7,6 +7,7 @@ client sharing that process's interpreter would measure moto's work as the maste
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import json
 import sys
@@ -34,7 +35,14 @@ def force(api: str, builderid: int) -> int:
 
 
 def main() -> int:
-    api, builderid, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    parser = argparse.ArgumentParser(prog="python -m bench.force",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("api", metavar="API_URL", help="the master's REST API, .../api/v2")
+    parser.add_argument("builderid", metavar="BUILDERID", type=int)
+    parser.add_argument("count", metavar="N", type=int, help="builds to force at once, "
+                        "after a line on stdin; prints their request ids as JSON")
+    args = parser.parse_args()
+    api, builderid, count = args.api, args.builderid, args.count
     sys.stdin.readline()
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(16) as pool:

@@ -24,6 +24,7 @@ import itertools
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -34,7 +35,7 @@ import docker
 
 from buildbot_dockerami.localcloud import LocalCloud
 from buildbot_dockerami.localcloud.containers import ContainerRuntime
-from tests.docker_support import BASE_IMAGE, Registry
+from tests.docker_support import BASE_IMAGE, Registry, remove_repository
 from tests.harness import BIN, REPO, SUCCESS, Master, master_cfg
 
 STAMPS = """
@@ -109,8 +110,10 @@ def main() -> int:
             p90 = gaps[min(len(gaps) - 1, round(0.9 * (len(gaps) - 1)))]
             print(f"{mode:<10} {statistics.median(gaps):8.2f} {p90:8.2f} {gaps[0]:8.2f} "
                   f"{gaps[-1]:8.2f} {statistics.pstdev(gaps):8.2f}", flush=True)
-    finally:
+    finally:  # the image (~450 MB), its instances' containers, the registry, root
+        remove_repository(docker.from_env(), f"{registry.address}/")
         registry.stop()
+        shutil.rmtree(root, ignore_errors=True)
     print("# reproduce: .venv/bin/python -m bench.isolation  (see bench/isolation.py)")
     return 0
 

@@ -62,6 +62,19 @@ def test_image_push_needs_a_tag() -> None:
     assert result.returncode == 1 and "has no tag" in result.stderr
 
 
+def test_image_build_wheels_that_pip_cannot_fetch_is_one_line(tmp_path: Path) -> None:
+    # No index (PIP_NO_INDEX): pip download fails at once, without the network.
+    result = subprocess.run(
+        [str(BIN / "buildbot-dockerami"), "image", "build", str(tmp_path), "--wheels"],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**ENV, "PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": "/dev/null"})
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    *pip_said, line = result.stderr.splitlines()
+    assert line.startswith("buildbot-dockerami: pip download of buildbot-worker=="), line
+    assert any("Could not find" in said or "No matching" in said for said in pip_said)
+
+
 def test_image_build_without_a_dockerfile_says_so(tmp_path: Path) -> None:
     # Checked before the engine is asked for: runs without Docker.
     missing = run("image", "build", str(tmp_path / "nowhere"))

@@ -109,9 +109,19 @@ def test_orphans_can_be_terminated_only_by_controllers_and_only_if_orphaned(
 
 def test_controls_want_json(make_master, cloud):
     master = make_master(config_with_authz())
-    form = requests.post(master.plugin_url("api/control"),
-                         data={"action": "prewarm", "worker": "w0"}, timeout=10)
+    # A logged-in user's browser (a cross-site form, say) must send JSON.
+    form = session(master, "admin", "adminpw").post(
+        master.plugin_url("api/control"), data={"action": "prewarm", "worker": "w0"},
+        timeout=10)
     assert form.status_code == 415
+    # An anonymous visitor is refused before anything of the request is looked at
+    # (`curl -X POST -d x`: a form body, docs/security.md).
+    for anonymous in (requests.post(master.plugin_url("api/control"), data="x", timeout=10),
+                      requests.post(master.plugin_url("api/control"), data="x" * 300_000,
+                                    timeout=10)):
+        assert anonymous.status_code == 403, anonymous.text
+        assert "log in first" in anonymous.json()["error"]
+    assert instances(cloud) == []
 
 
 def test_pool_settings_need_the_control_role(make_master, cloud):

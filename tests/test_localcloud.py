@@ -339,3 +339,16 @@ def test_bad_delays_are_refused(tmp_path: Path) -> None:
     assert _pull_delay("127.0.0.1:5000/img:1=3") == ("127.0.0.1:5000/img:1", 3.0, "*")
     with pytest.raises(SystemExit, match="IMAGE=SECONDS"):
         _pull_delay("img:1")
+
+
+def test_a_cloud_removes_the_state_dir_it_made_and_keeps_a_given_one(tmp_path: Path) -> None:
+    own = LocalCloud()
+    with own:
+        assert own.state_dir.is_dir() and own.state_dir.name.startswith("dockerami-cloud-")
+        (own.state_dir / "instances" / "i-made").mkdir(parents=True)
+    assert not own.state_dir.exists()
+    given = tmp_path / "given"
+    (given / "instances" / "i-kept").mkdir(parents=True)
+    with LocalCloud(state_dir=given):
+        pass
+    assert (given / "instances" / "i-kept").is_dir()

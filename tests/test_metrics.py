@@ -3,6 +3,7 @@ the www plugin on a real master."""
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Iterable
 from typing import Any
 
@@ -11,12 +12,65 @@ from prometheus_client import parser as text_format
 from prometheus_client.openmetrics import parser as openmetrics_format
 from twisted.internet import task
 
+from buildbot_dockerami.cloud.ec2 import AsyncEc2
+from buildbot_dockerami.cloud.testing import ACTIONS
+from buildbot_dockerami.fleet import metrics
 from buildbot_dockerami.fleet.metrics import Metrics
 from buildbot_dockerami.fleet.service import Fleet
 from buildbot_dockerami.www.metrics import exposition
-from tests.harness import SUCCESS, master_cfg, wait_for
+from tests.harness import REPO, SUCCESS, master_cfg, wait_for
 
 PROMETHEUS_ACCEPT = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+
+
+#: Where a launch failure's reason is given: the call and the argument that names it.
+REASON_GIVERS = {"_count_failure": 0, "LaunchFailed": 0, "LaunchRefused": 0}
+#: Arguments that pass on a reason given elsewhere (a LaunchFailed's, a BootState's).
+PASSED_ON = {"e.reason", "state.failure"}
+
+
+def emitted_reasons() -> set[str]:
+    """Every launch failure reason in the plugin's code that is not an EC2 error code
+    (``RunInstances:{code}``), read from the source: a reason spelled as a literal
+    instead of a metrics constant fails here."""
+    found: set[str] = set()
+    for path in sorted((REPO / "buildbot_dockerami").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = ast.unparse(node.func).rsplit(".", 1)[-1]
+            args = ([node.args[REASON_GIVERS[name]]]
+                    if name in REASON_GIVERS and len(node.args) > REASON_GIVERS[name] else [])
+            args += [k.value for k in node.keywords if name == "BootState" and k.arg == "failure"]
+            for arg in args:
+                text = ast.unparse(arg)
+                where = f"{path.relative_to(REPO)}:{node.lineno}: {text}"
+                if text in PASSED_ON or text.startswith("f'RunInstances:{"):
+                    continue
+                if isinstance(arg, ast.Name) and arg.id == "failed":  # boot_state's died()
+                    found.update([metrics.died(None), *map(metrics.died, metrics.DEAD_STATES)])
+                    continue
+                assert text.startswith("metrics.") and not isinstance(arg, ast.Call), where
+                found.add(getattr(metrics, text.split(".", 1)[1]))
+    return found
+
+
+def test_every_reason_but_ec2_codes_is_seeded() -> None:
+    assert emitted_reasons() == set(metrics.FAILURE_REASONS)
+    found = samples(text_format.text_string_to_metric_families(
+        exposition(Fleet(task.Clock(), "seeds"), "")[0].decode()))
+    for reason in metrics.FAILURE_REASONS:
+        assert sample(found, "dockerami_launch_failures_total", reason=reason) == 0, reason
+
+
+def test_every_ec2_operation_the_plugin_calls_is_seeded_in_both_families() -> None:
+    assert set(metrics.EC2_OPERATIONS) == set(ACTIONS.values())
+    assert set(ACTIONS) == {n for n in vars(AsyncEc2) if not n.startswith("_")}
+    found = samples(text_format.text_string_to_metric_families(
+        exposition(Fleet(task.Clock(), "seeds"), "")[0].decode()))
+    for family in ("dockerami_ec2_requests_total", "dockerami_ec2_throttles_total"):
+        for operation in ACTIONS.values():
+            assert sample(found, family, operation=operation) == 0, (family, operation)
 
 
 def fleet_with_counts() -> Fleet:

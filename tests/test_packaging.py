@@ -56,8 +56,12 @@ def test_sdist_has_the_tests_and_their_support_files(sdist: Path) -> None:
                    "ami/packer/base-ami.json", "images/worker-linux/Dockerfile",
                    "images/worker-linux/wheels/.gitignore", "master.cfg.example",
                    "MANIFEST.in", "dev/test", "buildbot_dockerami/www/VERSION",
-                   "grafana/dockerami.json", "grafana/provisioning/dashboards.yaml"):
+                   "grafana/dockerami.json", "grafana/provisioning/dashboards.yaml",
+                   "multimaster.cfg.example"):
         assert needed in names, needed
+    # Every example config the tests and benches read (tests/services.py, bench/).
+    examples = {p.name for p in REPO.glob("*.cfg.example")}
+    assert examples <= names, examples - names
     assert not [n for n in names if n.endswith(".whl") or "__pycache__" in n]
 
 

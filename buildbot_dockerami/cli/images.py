@@ -77,12 +77,16 @@ def fetch_wheels(context: Path, *requirements: str, python_version: str = "3.11"
     arch = WHEEL_MACHINES.get(architecture or "", architecture) or platform.machine()
     out(f"fetching wheels for {' '.join(requirements)} (CPython {python_version}, {arch}) "
         f"into {target}")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(target),
-         "--only-binary=:all:", "--platform", f"manylinux2014_{arch}",
-         "--python-version", python_version, "--implementation", "cp", *requirements],
-        check=True,
-    )
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(target),
+             "--only-binary=:all:", "--platform", f"manylinux2014_{arch}",
+             "--python-version", python_version, "--implementation", "cp", *requirements],
+            check=True,
+        )
+    except subprocess.CalledProcessError as e:  # pip said why above: no traceback here
+        raise ImageError(f"pip download of {' '.join(requirements)} failed (exit "
+                         f"{e.returncode}; pip's error is above)") from None
 
 
 def _follow(stream: Iterable[dict[str, Any]], out: Printer) -> None:

@@ -50,8 +50,10 @@ def _local_cloud(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in cloud.env().items())
-    if args.env_file:
-        Path(args.env_file).write_text(exports)
+    if args.env_file:  # whole or not at all: scripts wait for it to be non-empty
+        partial = Path(f"{args.env_file}.partial")
+        partial.write_text(exports)
+        partial.replace(args.env_file)
     print(f"local cloud: EC2 endpoint {cloud.endpoint_url}, base AMI {cloud.base_ami_id}")
     print("point a master at it with:\n" + exports, flush=True)
     stopped = threading.Event()
@@ -148,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     cloud.add_argument("--api-delay", type=float, default=0.0, metavar="SECONDS",
                        help="how long every EC2 call takes to be answered (default 0)")
     cloud.add_argument("--state-dir", type=Path, default=None,
-                       help="where instance worker directories go (default: a temp dir)")
+                       help="where instance worker directories go, kept after exit "
+                            "(default: a temp dir, removed on exit)")
     cloud.add_argument("--env-file", type=Path, default=None,
                        help="also write the AWS_* exports for the master to this file")
     cloud.add_argument("--runtime", choices=RUNTIMES, default="process",

@@ -11,7 +11,7 @@ from twisted.internet import defer
 from twisted.python import log
 
 from buildbot_dockerami.cloud.instances import InstanceStatus
-from buildbot_dockerami.fleet import boot, console
+from buildbot_dockerami.fleet import boot, console, metrics
 from buildbot_dockerami.fleet.monitor import StateMonitor
 
 #: What ``check`` waits for stands for "the worker connected first".
@@ -63,6 +63,6 @@ def check(monitor: StateMonitor, instance: Any, max_age: float, connected: defer
         return BootState(True, status=status)
     # The boot's last words (e.g. the bootstrap's "cannot pull image") say why.
     output = yield console.output(instance, password, log_prefix)
-    failed = f"instance_{status.state if status is not None else 'not_found'}"
+    failed = metrics.died(status.state if status is not None else None)
     return BootState(False, console.explained(reason, output), status,
                      failure=failed, console=output)

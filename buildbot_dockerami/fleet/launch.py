@@ -24,7 +24,7 @@ from twisted.python import log
 
 from buildbot_dockerami.cloud import instances
 from buildbot_dockerami.cloud.ec2 import AsyncEc2, CloudError, LaunchSpec
-from buildbot_dockerami.fleet import architecture, fallback, stopped_pool, templates
+from buildbot_dockerami.fleet import architecture, fallback, metrics, stopped_pool, templates
 from buildbot_dockerami.fleet.metrics import Metrics
 from buildbot_dockerami.protocol import limits, registry, tls, userdata
 from buildbot_dockerami.protocol.passwords import SECRET_KEY
@@ -136,11 +136,11 @@ def plan_launch(client: AsyncEc2, values: Mapping[str, Any], settings: Any,
         try:
             found = yield templates.data(client, template_ref, now)
         except Exception as e:
-            raise LaunchFailed("launch_template", "launch_template: DescribeLaunchTemplate"
+            raise LaunchFailed(metrics.LAUNCH_TEMPLATE, "launch_template: DescribeLaunchTemplate"
                                f"Versions failed: {_ec2_error(e)}") from e
         problems = templates.problems(found, settings, has_ami=has_ami)
         if problems:
-            raise LaunchRefused("launch_template", "; ".join(problems))
+            raise LaunchRefused(metrics.LAUNCH_TEMPLATE, "; ".join(problems))
     types = [o.instance_type for o in fallback.options(values["instance_type"], None,
                                                         "on-demand")]
     try:
@@ -148,7 +148,7 @@ def plan_launch(client: AsyncEc2, values: Mapping[str, Any], settings: Any,
             client, types, values["ami"], settings.ami_filters, settings.ami_owners,
             template_image=(found or {}).get("ImageId"))
     except CloudError as e:
-        raise LaunchFailed("no_ami", str(e)) from e
+        raise LaunchFailed(metrics.NO_AMI, str(e)) from e
     if not plan.amis:
         reasons = "; ".join(f"{t}: {why}" for t, why in plan.skipped.items())
         # Fixed AMIs never change by themselves; filters may match a new image soon.
@@ -322,7 +322,7 @@ class Launcher:
         # token but no worker, so the reconciler terminates it on its next pass.
         message = f"RunInstances gave no answer ({error}); {outcome}"
         log.msg(f"{self.prefix}: {message}")
-        raise LaunchFailed("RunInstances:no_answer", message)
+        raise LaunchFailed(metrics.NO_ANSWER, message)
 
     # -- the stopped warm pool (stopped_pool.py decides, this does the EC2 calls) ----------
 

@@ -35,13 +35,34 @@ Labels = tuple[tuple[str, str], ...]
 #: Provisioning latency buckets, seconds: from a launch request to the worker connecting.
 LATENCY_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 
-#: The EC2 operations the plugin calls: their request counters exist from the start.
-EC2_OPERATIONS = ("DescribeImages", "DescribeInstances", "DescribeSpotPriceHistory",
-                  "GetConsoleOutput", "RunInstances", "TerminateInstances")
-#: Launch failure reasons that are not EC2 error codes (``RunInstances:<code>`` are).
-FAILURE_REASONS = ("instance_not_found", "instance_shutting-down", "instance_stopped",
-                   "instance_stopping", "instance_terminated", "invalid_setting",
-                   "never_connected")
+#: The EC2 operations the plugin calls (every AsyncEc2 method's, tests/test_metrics.py
+#: holds it to cloud/testing.ACTIONS): their request and throttle counters exist from
+#: the start.
+EC2_OPERATIONS = ("DescribeImages", "DescribeInstanceTypes", "DescribeInstances",
+                  "DescribeLaunchTemplateVersions", "DescribeSpotPriceHistory",
+                  "GetConsoleOutput", "ModifyInstanceAttribute", "RunInstances",
+                  "StartInstances", "StopInstances", "TerminateInstances")
+#: Launch failure reasons (dockerami_launch_failures_total) the plugin names itself, the
+#: one place they are spelled: ``RunInstances:<EC2 error code>`` are EC2's.
+INVALID_SETTING = "invalid_setting"  # a rendered setting that can never launch
+POOL_CAP = "pool_cap"  # the pool is at its cap on all masters
+LAUNCH_TEMPLATE = "launch_template"  # the template cannot be read or sets user data
+NO_AMI = "no_ami"  # no AMI found for the instance type(s)
+NO_ANSWER = "RunInstances:no_answer"  # RunInstances never answered, no instance found
+NEVER_CONNECTED = "never_connected"  # missing_timeout passed
+#: EC2 states a booting instance can die into (besides not being found at all).
+DEAD_STATES = ("shutting-down", "stopped", "stopping", "terminated")
+
+
+def died(state: str | None) -> str:
+    """The reason for an instance that died while booting: ``instance_<state>``."""
+    return f"instance_{state if state is not None else 'not_found'}"
+
+
+#: Every reason that is not an EC2 error code: each counter exists (at 0) from the start.
+FAILURE_REASONS = tuple(sorted(
+    (INVALID_SETTING, POOL_CAP, LAUNCH_TEMPLATE, NO_AMI, NO_ANSWER, NEVER_CONNECTED,
+     died(None), *map(died, DEAD_STATES))))
 ISOLATION_MODES = ("none", "container", "instance")
 INSTANCE_STATES = ("booting", "connected", "building", "idle", "terminating", "stopped")
 

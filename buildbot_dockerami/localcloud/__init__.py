@@ -10,6 +10,7 @@ except that instances are free and, unless ``delays`` say otherwise (see
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import urllib.request
 from pathlib import Path
@@ -54,6 +55,9 @@ class LocalCloud:
                  runtime: str | Runtime = "process", *, delays: Delays | None = None) -> None:
         """``boot_delay`` is a shorthand for ``delays.boot``."""
         self.region = region
+        #: A state dir the cloud made itself is its to remove when it stops; a given one
+        #: is the caller's (kept, e.g. to read the instances' logs after a run).
+        self._owns_state_dir = not state_dir
         self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="dockerami-cloud-"))
         self.server = Ec2Server(port=port)
         self.delays = delays if delays is not None else Delays()
@@ -136,6 +140,8 @@ class LocalCloud:
     def stop(self) -> None:
         self.hypervisor.stop()
         self.server.stop()
+        if self._owns_state_dir:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalCloud:
         return self.start()

@@ -30,7 +30,7 @@ from buildbot_dockerami.config.checks import (
     settings_warnings,
 )
 from buildbot_dockerami.config.model import FLEET_WIDE, WorkerSettings
-from buildbot_dockerami.fleet import boot_state, console, ending, retirement
+from buildbot_dockerami.fleet import boot_state, console, ending, metrics, retirement
 from buildbot_dockerami.fleet.launch import (
     LaunchedInstance,
 )
@@ -331,7 +331,7 @@ class DockerAMILatentWorker(Launching, Connections, Losses, Retiring, Scheduling
         cancelled = self._stopping or (self.group is not None and self.group.terminating)
         if not self._connected and not cancelled:
             if not self._failure_counted:
-                self._count_failure("never_connected", "the worker never connected")
+                self._count_failure(metrics.NEVER_CONNECTED, "the worker never connected")
             output = self._failed_console
             if output is None:
                 output = yield console.output(instance, self.password, str(self))

@@ -20,7 +20,7 @@ from twisted.internet import defer
 
 from buildbot_dockerami.cloud import address
 from buildbot_dockerami.config.checks import rendered_problems
-from buildbot_dockerami.fleet import fallback, pools
+from buildbot_dockerami.fleet import fallback, metrics, pools
 from buildbot_dockerami.fleet.launch import (
     Launcher,
     LaunchFailed,
@@ -104,7 +104,7 @@ class Launching:
         problems = rendered_problems(values)
         if problems:
             # A value that will never work fails the build once, instead of a retry loop.
-            self._count_failure("invalid_setting", "; ".join(problems))
+            self._count_failure(metrics.INVALID_SETTING, "; ".join(problems))
             raise LatentWorkerCannotSubstantiate(self.name, "; ".join(problems))
         client = yield self.ec2_client()
         try:  # each instance type's AMI, and the launch template read and checked
@@ -126,13 +126,13 @@ class Launching:
                                   registry_credentials=self.registry_credentials,
                                   disk=caches.extensions(self.caches, self.disk_floor))
         except UserDataError as e:
-            self._count_failure("invalid_setting", str(e))
+            self._count_failure(metrics.INVALID_SETTING, str(e))
             raise LatentWorkerCannotSubstantiate(self.name, str(e)) from e
         owner = group.name if group is not None else self.name
         key = launch_key(values, plan.amis, self)
         if not (yield pools.claim_for_launch(self)):
             message = f"pool {self.pool} is at its cap on all masters"
-            self._count_failure("pool_cap", message)
+            self._count_failure(metrics.POOL_CAP, message)
             raise LatentWorkerFailedToSubstantiate(self.name, message)
         spec = launch_spec("", text, self, template)
         try:

@@ -16,7 +16,6 @@ from typing import Any
 from buildbot.www.authz.authz import Forbidden
 from twisted.internet import defer
 from twisted.python import log
-from twisted.web import server
 from twisted.web.error import Error as WwwError
 
 from buildbot_dockerami.fleet import pools
@@ -28,7 +27,6 @@ from buildbot_dockerami.www.jsonapi import (
     body_size,
     parse_object,
     quote,
-    reply,
 )
 from buildbot_dockerami.www.status import orphans
 
@@ -198,7 +196,13 @@ def _pool_limits(body: dict[str, Any]) -> pools.PoolLimits:
 
 @defer.inlineCallbacks
 def _handle(app: Any, request: Any) -> Any:
+    # Who asks comes first: an anonymous visitor learns nothing of the body's checks.
     yield _logged_in(app.master, request, app.config)
+    if body_size(request) > MAX_BODY_BYTES:
+        raise ApiError(413, f"body larger than {MAX_BODY_BYTES} bytes")
+    # JSON only: a cross-site form cannot send it without a CORS preflight.
+    if not (request.getHeader(b"content-type") or b"").startswith(b"application/json"):
+        raise ApiError(415, "send application/json")
     body = parse_object(request.content.read(MAX_BODY_BYTES + 1))
     result = yield control(app.master, request, body)
     return result
@@ -206,11 +210,4 @@ def _handle(app: Any, request: Any) -> Any:
 
 class ControlResource(AppResource):
     def render_POST(self, request: Any) -> Any:
-        if body_size(request) > MAX_BODY_BYTES:
-            reply(request, 413, {"error": f"body larger than {MAX_BODY_BYTES} bytes"})
-            return server.NOT_DONE_YET
-        # JSON only: a cross-site form cannot send it without a CORS preflight.
-        if not (request.getHeader(b"content-type") or b"").startswith(b"application/json"):
-            reply(request, 415, {"error": "send application/json"})
-            return server.NOT_DONE_YET
         return answer(request, _handle(self.app, request), "fleet control")
