@@ -21,6 +21,7 @@ import datetime
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -178,15 +179,19 @@ def main() -> int:
     print(f"# load before: {load.strip()}")
     print(f"{'kind':<10} {'path':<12} {'median':>7} {'min':>7} {'max':>7}  "
           "force -> build running (s)")
-    with LocalCloud(state_dir=root / "cloud", runtime=runtime, delays=delays) as cloud:
-        for kind in args.kinds.split(","):
-            # buildbot's EC2LatentWorker cannot start a stopped instance.
-            paths = (["stopped pool"] if kind == "pool" else
-                     ["full pull", "baked image"] + (["stopped"] if kind == "dockerami" else []))
-            for path, times in run_kind(kind, cloud, root, args.rounds, paths).items():
-                label = {"stopped": "static+Start", "stopped pool": "dockerami"}.get(path, kind)
-                print(f"{label:<10} {path:<12} {statistics.median(times):7.1f} "
-                      f"{min(times):7.1f} {max(times):7.1f}", flush=True)
+    try:
+        with LocalCloud(state_dir=root / "cloud", runtime=runtime, delays=delays) as cloud:
+            for kind in args.kinds.split(","):
+                # buildbot's EC2LatentWorker cannot start a stopped instance.
+                stopped = ["stopped"] if kind == "dockerami" else []
+                paths = (["stopped pool"] if kind == "pool"
+                         else ["full pull", "baked image", *stopped])
+                for path, times in run_kind(kind, cloud, root, args.rounds, paths).items():
+                    label = {"stopped": "static+Start", "stopped pool": "dockerami"}.get(path, kind)
+                    print(f"{label:<10} {path:<12} {statistics.median(times):7.1f} "
+                          f"{min(times):7.1f} {max(times):7.1f}", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)  # the masters' and instances' dirs
     load = subprocess.run(["uptime"], check=False, capture_output=True, text=True).stdout
     print(f"# load after: {load.strip()}")
     print("# reproduce: .venv/bin/python -m bench.coldstart  (see bench/coldstart.py)")
