@@ -69,13 +69,16 @@ def test_checkconfig_names_fleet_settings_errors_and_moved_worker_keywords(
     assert "FleetSettings: bogus: unknown setting" in output, output
     master.write_config(master_cfg(worker_extra="reconcile_interval=60,") + FLEET_SETTINGS.format(
         settings="reconcile_interval=1, max_stopped=-1, launch_on_request='yes', "
-                 "prices={'t3.micro': -1}, ami_refresh_interval=0"))
+                 "prices={'t3.micro': -1}, ami_refresh_interval=0, "
+                 "registry_token_services={'registry.example.com': 'https://gitlab.example'}"))
     output = (result := master.checkconfig()).stdout + result.stderr
     assert "FleetSettings: reconcile_interval: 1 must be a number of seconds >= 5" in output
     assert "FleetSettings: prices: t3.micro: -1 must be USD per hour, a number >= 0" in output
     assert "FleetSettings: max_stopped: -1 must be a whole number >= 0" in output
     assert "FleetSettings: launch_on_request: 'yes' must be True or False" in output
     assert "FleetSettings: ami_refresh_interval: 0 must be a number of seconds >= 5" in output
+    assert ("FleetSettings: registry_token_services: 'https://gitlab.example' is not a host "
+            "name in lowercase without scheme, port or path") in output
     master.write_config(master_cfg(worker_extra="reconcile_interval=60,"))
     result = master.checkconfig()
     assert result.returncode == 0, result.stdout + result.stderr

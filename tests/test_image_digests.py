@@ -16,11 +16,14 @@ from typing import Any
 
 import pytest
 
+from buildbot_dockerami.cloud import image_digests
 from buildbot_dockerami.cloud.image_digests import (
     DigestError,
     ImageDigests,
     realm_gets_credentials,
 )
+from buildbot_dockerami.config.checks import fleet_problems
+from buildbot_dockerami.config.model import FleetWide
 from buildbot_dockerami.localcloud.containers import QuietHandler
 
 DIGEST = "sha256:" + "c" * 64
@@ -120,6 +123,41 @@ def test_which_token_services_get_the_registry_credentials(registry: str, realm:
     assert realm_gets_credentials(registry, realm) is gets
 
 
+def test_the_operators_token_services_get_the_credentials_too() -> None:
+    """FleetSettings(registry_token_services=...): a self-hosted GitLab's registry and
+    token service on two host names; still only over HTTPS, never for another registry."""
+    gitlab = image_digests.token_services({"registry.example.com": "gitlab.example.com",
+                                           "harbor.example": ["a.example", "b.example"]})
+    assert gitlab == {"registry.example.com": ("gitlab.example.com",),
+                      "harbor.example": ("a.example", "b.example")}
+    realm = "https://gitlab.example.com/jwt/auth"
+    assert not realm_gets_credentials("registry.example.com", realm)
+    assert realm_gets_credentials("registry.example.com", realm, gitlab)
+    assert realm_gets_credentials("harbor.example:8443", "https://b.example/t", gitlab)
+    assert not realm_gets_credentials("other.example", realm, gitlab)
+    with pytest.raises(DigestError, match="not HTTPS"):
+        realm_gets_credentials("registry.example.com", "http://gitlab.example.com/t", gitlab)
+
+
+@pytest.mark.parametrize(("services", "fragment"), [
+    (None, None),
+    ({"registry.example.com": "gitlab.example.com"}, None),
+    ({"registry.example.com": ["a.example", "b.example"]}, None),
+    ("gitlab.example.com", "must be a dict of registry host -> token service host"),
+    ({"registry.example.com": []}, "must be a host name or a list of them"),
+    ({"registry.example.com:5000": "gitlab.example.com"}, "'registry.example.com:5000' is not"),
+    ({"registry.example.com": "https://gitlab.example.com"}, "'https://gitlab.example.com'"),
+    ({"Registry.Example.com": "gitlab.example.com"}, "'Registry.Example.com' is not a host"),
+])
+def test_registry_token_services_are_checked(services: Any, fragment: str | None) -> None:
+    problems = fleet_problems(FleetWide(registry_token_services=services))
+    if fragment is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and fragment in problems[0], problems
+        assert problems[0].startswith("registry_token_services: ")
+
+
 @pytest.mark.parametrize(("registry", "realm"), [
     ("registry.example", "http://registry.example/token"),
     ("registry-1.docker.io", "http://auth.docker.io/token"),
@@ -143,6 +181,11 @@ def test_a_token_service_on_another_host_never_gets_the_credentials(
     own = bearer_registry(servers, f"http://127.0.0.1:{token.port}/token")
     assert with_credentials().digest(f"127.0.0.1:{own.port}/a/b:1") == DIGEST
     assert [auth for _, _, auth in token.requests] == ["", BASIC]
+    # ... and a token service the operator names for that registry host.
+    named = with_credentials()
+    named.token_services = image_digests.token_services({"127.0.0.1": "localhost"})
+    assert named.digest(image) == DIGEST
+    assert [auth for _, _, auth in token.requests] == ["", BASIC, BASIC]
 
 
 def test_a_redirect_to_another_origin_is_not_followed(servers: list[Server]) -> None:

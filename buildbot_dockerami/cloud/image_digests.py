@@ -105,10 +105,20 @@ def _hostname(url: str) -> str:
     return (urllib.parse.urlsplit(url).hostname or "").lower()
 
 
-def realm_gets_credentials(api_host: str, realm: str) -> bool:
+def token_services(services: Mapping[str, Any] | None) -> dict[str, tuple[str, ...]]:
+    """FleetSettings' ``registry_token_services`` (checked: config/checks.py) as
+    realm_gets_credentials takes it: registry host -> token service hosts."""
+    return {registry_host: ((hosts,) if isinstance(hosts, str) else tuple(hosts))
+            for registry_host, hosts in (services or {}).items()}
+
+
+def realm_gets_credentials(api_host: str, realm: str,
+                           also: Mapping[str, tuple[str, ...]] | None = None) -> bool:
     """Whether the token service at ``realm``, named by the Bearer challenge of the
     registry at ``api_host``, may be sent the registry credentials: only the registry's
-    own host or its known token service (TOKEN_SERVICES). A realm in plain HTTP is
+    own host or its known token service (TOKEN_SERVICES, and ``also``: the operator's
+    FleetSettings ``registry_token_services``, registry host -> token service hosts,
+    e.g. a self-hosted GitLab's). A realm in plain HTTP is
     refused (DigestError) unless registry and realm are both loopback: a challenge is
     no reason to send a password anywhere, nor in the clear."""
     scheme = urllib.parse.urlsplit(realm).scheme
@@ -117,7 +127,8 @@ def realm_gets_credentials(api_host: str, realm: str) -> bool:
     registry_name, realm_name = _hostname(f"//{api_host}"), _hostname(realm)
     if scheme != "https" and not (registry_name in _LOOPBACK and realm_name in _LOOPBACK):
         raise DigestError(f"{api_host}: token realm {realm_name} is not HTTPS")
-    return realm_name == registry_name or realm_name in TOKEN_SERVICES.get(registry_name, ())
+    known = (*TOKEN_SERVICES.get(registry_name, ()), *(also or {}).get(registry_name, ()))
+    return realm_name == registry_name or realm_name in known
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -212,6 +223,8 @@ class ImageDigests:
         self.timeout = timeout
         self.deadline = deadline
         self.credentials = credentials or self._stored
+        #: The operator's token services beyond TOKEN_SERVICES (realm_gets_credentials).
+        self.token_services: Mapping[str, tuple[str, ...]] = {}
         no_proxy = urllib.request.ProxyHandler({})
         self._direct = urllib.request.build_opener(no_proxy, SameOriginRedirects)
         self._opener = urllib.request.build_opener(SameOriginRedirects)
@@ -276,7 +289,7 @@ class ImageDigests:
     def _token(self, reference: imagedigest.Reference, auth: Auth,
                params: Mapping[str, str], until: float) -> str:
         realm = params["realm"]
-        trusted = realm_gets_credentials(reference.api_host, realm)
+        trusted = realm_gets_credentials(reference.api_host, realm, self.token_services)
         query = {key: params[key] for key in ("service", "scope") if params.get(key)}
         query.setdefault("scope", f"repository:{reference.repository}:pull")
         url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(query)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -207,12 +208,40 @@ def fleet_problems(s: FleetWide | WorkerSettings) -> list[str]:
         problems.append(f"launch_on_request: {s.launch_on_request!r} must be True or False")
     if isinstance(s, FleetWide):
         problems += price_problems(s.prices)
+        problems += token_service_problems(s.registry_token_services)
         for setting in ("ami_refresh_interval", "image_refresh_interval"):
             every = getattr(s, setting)
             if (isinstance(every, bool) or not isinstance(every, int | float)
                     or not MIN_INTERVAL <= every < float("inf")):
                 problems.append(f"{setting}: {every!r} must be a number of seconds "
                                 f">= {MIN_INTERVAL:g}")
+    return problems
+
+
+_HOST = re.compile(r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+                   r"(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+
+
+def token_service_problems(services: Any) -> list[str]:
+    """FleetSettings' ``registry_token_services``: registry host -> token service host
+    (or a list of them), host names only (no scheme, port or path)."""
+    if services is None:
+        return []
+    example = "{'registry.example.com': 'gitlab.example.com'}"
+    if not isinstance(services, Mapping):
+        return [f"registry_token_services: {services!r} must be a dict of registry host -> "
+                f"token service host, e.g. {example}"]
+    problems = []
+    for registry_host, hosts in services.items():
+        named = [hosts] if isinstance(hosts, str) else hosts
+        if not isinstance(named, list | tuple) or not named:
+            problems.append(f"registry_token_services: {registry_host!r}: {hosts!r} must be "
+                            "a host name or a list of them")
+            continue
+        for host in (registry_host, *named):
+            if not isinstance(host, str) or not _HOST.match(host):
+                problems.append(f"registry_token_services: {host!r} is not a host name in "
+                                f"lowercase without scheme, port or path, e.g. {example}")
     return problems
 
 

@@ -43,6 +43,9 @@ class FleetWide:
     ami_refresh_interval: Any = DEFAULT_REFRESH_INTERVAL
     #: Seconds between two registry checks of the same image tag (fleet/image_refresh.py).
     image_refresh_interval: Any = DEFAULT_IMAGE_INTERVAL
+    #: Registry host -> the host (or hosts) of its token service that may be sent the
+    #: registry credentials, beyond the built-in ones (cloud/image_digests.py).
+    registry_token_services: Any = None
 
 
 FLEET_WIDE = tuple(f.name for f in dataclasses.fields(FleetWide))

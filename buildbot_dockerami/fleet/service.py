@@ -25,7 +25,11 @@ from twisted.python.threadpool import ThreadPool
 
 from buildbot_dockerami.cloud import instances
 from buildbot_dockerami.cloud.ec2 import CALLS_AT_ONCE, DEFAULT_TIMEOUT, AsyncEc2, Ec2
-from buildbot_dockerami.cloud.image_digests import AsyncImageDigests
+from buildbot_dockerami.cloud.image_digests import (
+    AsyncImageDigests,
+    ImageDigests,
+    token_services,
+)
 from buildbot_dockerami.fleet import fallback, multimaster, pools, schedule, stopped_pool
 from buildbot_dockerami.fleet.history import History
 from buildbot_dockerami.fleet.holdings import Holdings
@@ -108,8 +112,9 @@ class Fleet(service.SharedService):
         self.refresh = AmiRefresh(reactor.seconds)
         #: What each image tag points at, asked of its registry on a bound
         #: (image_refresh.py), in the fleet's thread pool.
+        self._digests = ImageDigests()
         self.image_refresh = ImageRefresh(
-            reactor.seconds, AsyncImageDigests(reactor, pool=self._thread_pool))
+            reactor.seconds, AsyncImageDigests(reactor, self._digests, pool=self._thread_pool))
         #: Capacity options EC2 recently refused, shared by every worker.
         self.cooldown = fallback.CoolDown()
         self._stopping = False
@@ -240,10 +245,12 @@ class Fleet(service.SharedService):
             self.stopped.max_age = settings.max_stopped_age
             self.refresh.interval = settings.ami_refresh_interval
             self.image_refresh.interval = settings.image_refresh_interval
+            self._digests.token_services = token_services(settings.registry_token_services)
             interval = settings.reconcile_interval
         else:
             self.refresh.interval = DEFAULT_REFRESH_INTERVAL
             self.image_refresh.interval = DEFAULT_IMAGE_INTERVAL
+            self._digests.token_services = {}
             intervals = [w.settings.reconcile_interval for w in list(self.workers)]
             if not intervals:
                 return
