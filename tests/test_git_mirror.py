@@ -33,6 +33,8 @@ from tests.helpers import MIRRORED_BUILDER, git_commit, git_origin, mirrored_bui
     ("https://git.example.com/app.git", "https://git.example.com/app.git"),
     ("git@git.example.com:org/app.git", "git@git.example.com:org/app.git"),  # no secret
     ("file:///srv/git/app.git", "file:///srv/git/app.git"),
+    ("https://user:p@ss@git.example.com/app", "https://***@git.example.com/app"),
+    ("https://git.example.com/app?access_token=s3cret", "https://git.example.com/app?***"),
 ])
 def test_printed_urls_have_their_user_information_masked(url, expected):
     assert mirror.masked(url) == expected
@@ -49,6 +51,9 @@ def test_a_mirror_is_named_after_host_and_path_whatever_the_credentials():
         "https://git.example.com/org-app.git", "ssh://git@git.example.com/org/app.git",
         "git@git.example.com:org/app.git", "file:///srv/git/app.git", "/srv/git/app.git")}
     assert len(others) == 7
+    # A malformed port does not raise (urlsplit's port would, quoting the password).
+    assert "pa" not in mirror.mirror_name("https://user:pa/ss@host/r")
+    assert mirror.mirror_name("https://h:99999/r").startswith("h_99999_r-")
     assert all(n.endswith(".git") and "/" not in n and len(n) <= 100 for n in others)
 
 
@@ -60,6 +65,9 @@ def test_a_mirror_is_named_after_host_and_path_whatever_the_credentials():
     ({"repourl": None}, "MirroredGit: repourl: must be a repository URL"),
     ({"repourl": 7}, "MirroredGit: repourl: must be a repository URL (a string or a "
                      "renderable), not int"),
+    ({"repourl": "--upload-pack=touch /tmp/x"}, "would be read by git as an option or a "
+                                                 "command"),
+    ({"repourl": "ext::sh -c touch% /tmp/x"}, "would be read by git as an option"),
     ({"repourl": "https://git.example.com/app.git", "reference": "/srv/ref.git"},
      "MirroredGit: reference: the mirror is the step's reference"),
 ])
@@ -164,6 +172,17 @@ def test_builds_clone_through_the_mirror_and_a_corrupt_one_is_replaced(make_mast
     assert build["results"] == SUCCESS, git_log + show
     assert f"mirror: creating {target} (first clone)" in git_log, git_log
     assert f"alternates={target}/objects\n" in show, show
+
+    # 4b: refs intact but an object gone (the update passes, the clone through it
+    # cannot check out): the build clones once more without the mirror and succeeds.
+    blob = subprocess.run(["git", "--git-dir", str(target), "rev-parse", "main:file.txt"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    (target / "objects" / blob[:2] / blob[2:]).unlink()  # a small fetch keeps it loose
+    build, git_log, show = _build(master)
+    assert build["results"] == SUCCESS, git_log + show
+    assert "mirror: the clone with --reference failed; cloning again without the mirror" \
+        in git_log, git_log
+    assert "alternates=\n" in show and f"head={second} two\n" in show, show
 
     # 5: the origin unreachable: the update fails, the mirror is kept for later; the
     # build's own clone fails too (nothing to clone from), as it would without a mirror.

@@ -32,8 +32,9 @@ from urllib.parse import urlsplit
 
 from buildbot import config
 from buildbot.interfaces import IRenderable
-from buildbot.process import remotecommand
+from buildbot.process import buildstep, remotecommand
 from buildbot.steps.source.git import Git
+from buildbot.util.git import RC_SUCCESS
 from twisted.internet import defer
 
 #: The default directory of the mirrors (where a cache would keep them).
@@ -53,19 +54,27 @@ UPDATE = r"""
 mirror=$1 lock=$2 url=$DOCKERAMI_MIRROR_URL progress=$DOCKERAMI_MIRROR_PROGRESS
 shift 2
 mkdir -p "${mirror%/*}" || exit 2
+locked=no
 if command -v flock >/dev/null 2>&1; then
   exec 9>>"$lock" || exit 2
   if ! flock -n 9; then
     echo "mirror: another build is updating $mirror; waiting for it"
     flock 9 || exit 2
   fi
+  locked=yes
 else
   echo "mirror: flock not found on the worker; updating without a lock"
+fi
+if [ "$locked" = yes ]; then
+  # Holding the lock, nobody else writes here: what a stopped or killed update left
+  # (a partial first clone, git's own lock files) is stale.
+  rm -rf "$mirror".new.*
+  [ -d "$mirror" ] && find "$mirror" -name '*.lock' -type f -exec rm -f {} + 2>/dev/null
 fi
 [ -e "$mirror" ] && [ ! -d "$mirror" ] && rm -f "$mirror"
 if [ -d "$mirror" ]; then
   echo "mirror: updating $mirror"
-  "$@" --git-dir="$mirror" fetch --prune $progress "$url" '+refs/*:refs/*' && exit 0
+  "$@" --git-dir="$mirror" fetch --prune $progress -- "$url" '+refs/*:refs/*' && exit 0
   if "$@" --git-dir="$mirror" rev-list --no-walk --all >/dev/null; then
     exit 3
   fi
@@ -76,8 +85,8 @@ echo "mirror: creating $mirror (first clone)"
 new="$mirror.new.$$"
 rm -rf "$new"
 if "$@" init --quiet --bare "$new" \
-    && "$@" --git-dir="$new" fetch $progress "$url" '+refs/*:refs/*'; then
-  if [ -e "$mirror" ]; then rm -rf "$new"; else mv "$new" "$mirror" || exit 5; fi
+    && "$@" --git-dir="$new" fetch $progress -- "$url" '+refs/*:refs/*'; then
+  if [ -e "$mirror" ]; then rm -rf "$new"; else mv -T "$new" "$mirror" || exit 5; fi
   exit 0
 fi
 rm -rf "$new"
@@ -91,7 +100,8 @@ SCRIPT_SHOWN = "<MirroredGit's update script (buildbot_dockerami/steps/mirror.py
 def masked(url: str) -> str:
     """``url`` with any user information (a user, a password, a token) replaced by
     ``***``, for anything the step prints."""
-    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1***@", url)
+    url = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/]*@", r"\1***@", url)
+    return re.sub(r"\?.*$", "?***", url)  # a query may carry a token too
 
 
 def mirror_name(url: str) -> str:
@@ -101,7 +111,14 @@ def mirror_name(url: str) -> str:
     and ``/``."""
     parts = urlsplit(url)
     if parts.scheme and parts.netloc:
-        where = f"{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
+        # The authority after its user information, port as written (urlsplit's port
+        # raises on a bad one, with part of the password in its message).
+        host = parts.netloc.rpartition("@")[2]
+        if ":" in host and not host.endswith("]") and not host.rsplit(":", 1)[1].isdigit():
+            # Not a port: a password with an unescaped '/' split the authority.
+            where = url.split("://", 1)[1].rpartition("@")[2].lower()
+        else:
+            where = host.lower() + parts.path
     else:  # a local path, or scp-like user@host:path
         where = url.rpartition("@")[2] if ":" in url else url
     where = where.rstrip("/")
@@ -109,6 +126,12 @@ def mirror_name(url: str) -> str:
     digest = hashlib.sha256(f"{parts.scheme}|{where}".encode()).hexdigest()[:10]
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", where).strip("._-")[-80:] or "repo"
     return f"{readable}-{digest}.git"
+
+
+def unsafe_url(url: str) -> bool:
+    """Whether git would take ``url`` as an option (``--upload-pack=...``) or run a
+    command for it (``ext::``): never a repository to mirror."""
+    return url.lstrip().startswith("-") or url.lstrip().lower().startswith("ext::")
 
 
 class MirroredGit(Git):
@@ -136,6 +159,9 @@ class MirroredGit(Git):
                 and not IRenderable.providedBy(self.repourl):
             found.append(f"repourl: must be a repository URL (a string or a renderable), "
                          f"not {type(self.repourl).__name__}")
+        if isinstance(self.repourl, str) and unsafe_url(self.repourl):
+            found.append(f"repourl: {masked(self.repourl)!r:.80} would be read by git as an "
+                         "option or a command (a leading '-', or 'ext::'), not a URL")
         if not isinstance(self.mirrors, str) or not posixpath.isabs(self.mirrors) \
                 or "\n" in self.mirrors:
             found.append(f"mirrors: must be an absolute path on the worker "
@@ -148,10 +174,25 @@ class MirroredGit(Git):
     @defer.inlineCallbacks
     def _clone(self, shallowClone: Any) -> Any:
         """Bring the mirror up to date, once per step (Git retries call _clone again),
-        and clone with it as reference when that worked."""
+        and clone with it as reference when that worked. A clone through the mirror
+        that fails (another slot removed a corrupt mirror meanwhile, or it lacks
+        objects its refs need) is done once more without it: the mirror never fails
+        the build."""
         if not self._mirror_tried:
             self._mirror_tried = True
             self.reference = yield self._update_mirror()
+        if self.reference is None:
+            return (yield super()._clone(shallowClone))
+        try:
+            res = yield super()._clone(shallowClone)
+        except buildstep.BuildStepFailed:  # a shallow clone gives up at once
+            res = None
+        if self.stopped or res == RC_SUCCESS or self.reference is None:
+            return res
+        yield self._note("mirror: the clone with --reference failed; cloning again "
+                         "without the mirror\n")
+        self.reference = None
+        yield self._doClobber()
         return (yield super()._clone(shallowClone))
 
     def _note(self, text: str) -> Any:
@@ -162,7 +203,19 @@ class MirroredGit(Git):
     @defer.inlineCallbacks
     def _update_mirror(self) -> Any:
         """The mirror's path once up to date, else None (said in the log)."""
+        try:
+            return (yield self._try_update_mirror())
+        except Exception as e:  # never the build's failure; the type only (no URL)
+            yield self._note(f"mirror: not used ({type(e).__name__}); cloning without it\n")
+            return None
+
+    @defer.inlineCallbacks
+    def _try_update_mirror(self) -> Any:
         url = str(self.repourl)
+        if unsafe_url(url):
+            yield self._note("mirror: the repository URL would be read by git as an option "
+                             "or a command; cloning without a mirror\n")
+            return None
         if self.build.path_module is not posixpath:
             yield self._note("mirror: needs a POSIX worker (sh); cloning without one\n")
             return None
