@@ -63,9 +63,15 @@ def record(metrics: Metrics, instance: Any, text: str) -> bool:
     return True
 
 
+def planned(text: str) -> bool:
+    """Whether a retirement's text is a drain the master planned (DRAIN_REASONS), no
+    fault: not a failure of the worker, and shown apart on the Fleet page."""
+    return reason_code(text) in DRAIN_REASONS
+
+
 def message(instance: Any) -> str:
     """What the operator reads on the Fleet page and in the log."""
-    if reason_code(instance.retired) in DRAIN_REASONS:
+    if planned(instance.retired):
         return f"instance {instance.instance_id} drains: {instance.retired}"
     return f"instance {instance.instance_id} retired itself: {instance.retired}"
 

@@ -149,7 +149,7 @@ class Retiring:
                 log.msg(f"{self}: {instance.instance_id} is kept until its pool {self.pool}'s "
                         "warm minimum has its replacement")
                 self._end_when_replaced(instance, self.master.reactor.seconds())
-        if retirement.reason_code(text) not in retirement.DRAIN_REASONS:
+        if not retirement.planned(text):
             self.last_failure = retirement.message(instance)  # a drain is no failure
         if self.group is not None:
             self.group.end_if_retired()
@@ -160,7 +160,7 @@ class Retiring:
         """An idle instance of a pool with a warm minimum, drained by the master: ended
         only once the keeper has its replacement (a retiring disk is not waited for)."""
         if (self.pool is None or self.fleet.keeper is None
-                or retirement.reason_code(instance.retired) not in retirement.DRAIN_REASONS):
+                or not retirement.planned(instance.retired)):
             return False
         members = self.group.members.values() if self.group is not None else [self]
         if any(member.busy for member in members):

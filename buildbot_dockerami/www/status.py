@@ -97,8 +97,7 @@ def worker_row(worker: Any, now: float, spending: Spending) -> Any:
             # terminated after its running ones (fleet/retirement.py). A drain is
             # planned, no fault: the page shows the two apart.
             "retired": retirement.retired(instance) or None,
-            "draining": retirement.reason_code(retirement.retired(instance))
-            in retirement.DRAIN_REASONS,
+            "draining": retirement.planned(retirement.retired(instance)),
         }
     return row
 
