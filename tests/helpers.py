@@ -43,6 +43,11 @@ def instances(cloud: LocalCloud, **filters: str) -> list[dict]:
     return [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
 
 
+def held_until(path: Path) -> str:
+    """A build command that says "started", then runs until the test creates ``path``."""
+    return f"echo started; while [ ! -e {path} ]; do sleep 0.2; done"
+
+
 def state_of(cloud: LocalCloud, instance_id: str) -> str:
     return instances(cloud, **{"instance-id": instance_id})[0]["State"]["Name"]
 

@@ -10,7 +10,7 @@ import pytest
 from buildbot_dockerami.fleet import fallback
 from buildbot_dockerami.fleet.fallback import Option
 from tests.harness import RETRY, SUCCESS, master_cfg, wait_for
-from tests.helpers import instances, state_of
+from tests.helpers import held_until, instances, state_of
 
 
 def test_options_are_tried_market_then_type_then_subnet():
@@ -118,7 +118,7 @@ def test_a_rebalance_recommendation_drains_a_process_runtime_instance_after_its_
     master = make_master(master_cfg(
         build_wait_timeout=600, plugins={"dockerami": {}},
         instance_type=["m5.large", "c5.large"], worker_extra="market='spot',",
-        command=f"echo started; while [ ! -e {go} ]; do sleep 0.2; done"))
+        command=held_until(go)))
     brid = master.force()
     build = wait_for(lambda: master.builds_for(brid), 60, "the build to start")[0]
     wait_for(lambda: "started" in master.step_log(build["buildid"]), 60, "the step to run")

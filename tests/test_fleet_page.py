@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.harness import PLUGIN_PATH, SUCCESS, master_cfg, wait_for
-from tests.helpers import ARTIFACTS, VIEWPORT, instances
+from tests.helpers import ARTIFACTS, VIEWPORT, held_until, instances
 
 pytestmark = pytest.mark.integration
 
@@ -328,7 +328,7 @@ def test_a_drain_and_a_self_retirement_are_shown_apart(make_master, cloud, brows
     go = tmp_path / "go"
     master = make_master(master_cfg(
         workers=2, build_wait_timeout=600, plugins={"dockerami": {}},
-        command=f"echo started; while [ ! -e {go} ]; do sleep 0.2; done"))
+        command=held_until(go)))
     brids = [master.force(), master.force()]
 
     def building() -> list[dict] | None:
