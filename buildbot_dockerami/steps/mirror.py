@@ -131,7 +131,8 @@ def mirror_name(url: str) -> str:
 def unsafe_url(url: str) -> bool:
     """Whether git would take ``url`` as an option (``--upload-pack=...``) or run a
     command for it (``ext::``): never a repository to mirror."""
-    return url.lstrip().startswith("-") or url.lstrip().lower().startswith("ext::")
+    start = url.lstrip().lower()
+    return start.startswith("-") or start.startswith("ext::")
 
 
 class MirroredGit(Git):
