@@ -71,7 +71,6 @@ TOKEN_SERVICES: Mapping[str, tuple[str, ...]] = {
     "registry.gitlab.com": ("gitlab.com",),
     "quay.io": ("quay.io",),
 }
-_LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 
 class DigestError(Exception):
@@ -125,7 +124,8 @@ def realm_gets_credentials(api_host: str, realm: str,
     if scheme not in ("http", "https"):
         raise DigestError(f"{api_host}: token realm is not an HTTP URL")
     registry_name, realm_name = _hostname(f"//{api_host}"), _hostname(realm)
-    if scheme != "https" and not (registry_name in _LOOPBACK and realm_name in _LOOPBACK):
+    if scheme != "https" and not (registry_name in imagedigest.LOOPBACK_HOSTS
+                                    and realm_name in imagedigest.LOOPBACK_HOSTS):
         raise DigestError(f"{api_host}: token realm {realm_name} is not HTTPS")
     known = (*TOKEN_SERVICES.get(registry_name, ()), *(also or {}).get(registry_name, ()))
     return realm_name == registry_name or realm_name in known
@@ -318,7 +318,7 @@ class ImageDigests:
         request = urllib.request.Request(url, method=method,
                                          headers={"User-Agent": USER_AGENT, **headers})
         host = urllib.parse.urlsplit(url).hostname or ""
-        opener = self._direct if host in _LOOPBACK else self._opener
+        opener = self._direct if host in imagedigest.LOOPBACK_HOSTS else self._opener
         try:
             with opener.open(request, timeout=min(self.timeout, self._left(until, netloc))) \
                     as answer:

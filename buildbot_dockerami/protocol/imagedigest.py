@@ -36,8 +36,9 @@ HUB_API = "registry-1.docker.io"
 _TAG = re.compile(r"^[\w][\w.-]{0,127}$")
 _REPOSITORY = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
                          r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
-#: Loopback registries are spoken to in plain HTTP (as Docker allows), others in HTTPS.
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+#: Loopback registries are spoken to in plain HTTP (as Docker allows), others in HTTPS;
+#: host names as urlsplit gives them (no port, no brackets).
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 def valid(digest: object) -> bool:
@@ -78,7 +79,7 @@ class Reference:
     @property
     def scheme(self) -> str:
         host = self.api_host
-        name = host.split("]")[0] + "]" if host.startswith("[") else host.rsplit(":", 1)[0]
+        name = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0]
         return "http" if name in LOOPBACK_HOSTS else "https"
 
     def manifest_url(self) -> str:
