@@ -314,11 +314,12 @@ class ImageDigests:
         """One request, within the check's deadline ``until`` (time.monotonic): checked
         before it and between the chunks of its body; each socket operation also ends
         within ``timeout``."""
-        netloc = urllib.parse.urlsplit(url).netloc
+        parts = urllib.parse.urlsplit(url)
+        netloc = parts.netloc
         request = urllib.request.Request(url, method=method,
                                          headers={"User-Agent": USER_AGENT, **headers})
-        host = urllib.parse.urlsplit(url).hostname or ""
-        opener = self._direct if host in imagedigest.LOOPBACK_HOSTS else self._opener
+        direct = (parts.hostname or "") in imagedigest.LOOPBACK_HOSTS
+        opener = self._direct if direct else self._opener
         try:
             with opener.open(request, timeout=min(self.timeout, self._left(until, netloc))) \
                     as answer:
